@@ -1,0 +1,51 @@
+# vfs — two commands: `make test` and `make demo`. Both install what they need, idempotently.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-system-x86 qemu-utils nginx-light fio openssl \
+                curl fuse-overlayfs rsync git xz-utils
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup deps venv test lint demo bench clean
+
+all: test
+
+# System packages: installed only when something is missing (the second run is quick).
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: deps $(STAMP)
+
+setup: venv
+
+lint: venv
+	$(VENV)/bin/ruff check vfs vmctl tools tests
+	$(VENV)/bin/ruff format --check vfs vmctl tools tests
+
+# pytest exits 5 when it collected nothing: that must never pass as green.
+test: setup lint
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+demo: setup
+	$(PY) tools/demo.py
+
+bench: setup
+	$(PY) -m tools.bench.redirect
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

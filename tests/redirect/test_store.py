@@ -1,0 +1,223 @@
+"""LocalStore: durability, accounting, quota/LRU, pins, corruption, crashes, full disks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from vfs.errors import BusyError, IntegrityError, ObjectNotFound, StoreFull, UsageError
+from vfs.redirect import LocalStore, object_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    with LocalStore(tmp_path / "store") as s:
+        yield s
+
+
+def test_put_get_read_has(store):
+    data = os.urandom(200_000)
+    oid = store.put(data)
+    assert oid == object_id(data)
+    assert store.has(oid)
+    assert store.get(oid) == data
+    assert store.read(oid, 70_000, 100_000) == data[70_000:170_000]
+    assert store.size(oid) == len(data)
+    assert store.put(data) == oid  # idempotent
+    assert store.stats().objects == 1
+
+
+def test_missing_object_and_bad_ids(store):
+    with pytest.raises(ObjectNotFound):
+        store.get("0" * 64)
+    with pytest.raises(UsageError):
+        store.has("../../etc/passwd")
+
+
+def test_put_file_streams_large_file(store, tmp_path):
+    src = tmp_path / "big"
+    with open(src, "wb") as f:
+        for _ in range(20):
+            f.write(os.urandom(1 << 20))
+    oid = store.put_file(src)
+    data = src.read_bytes()
+    assert oid == object_id(data)
+    assert store.read(oid, 19 << 20, 2 << 20) == data[19 << 20 :]
+
+
+def test_compression_at_rest_is_transparent_and_smaller(tmp_path):
+    with LocalStore(tmp_path / "z", compress=True) as s:
+        data = b"the same line again\n" * 50_000
+        oid = s.put(data)
+        assert s.get(oid) == data
+        st = s.stats()
+        assert st.stored_bytes < st.logical_bytes / 10
+
+
+def test_usage_survives_reopen_and_is_rebuilt_from_files(tmp_path):
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        oids = [s.put(os.urandom(10_000 + i)) for i in range(5)]
+        before = s.stats()
+    (root / "index.db").unlink()
+    for p in root.glob("index.db-*"):
+        p.unlink()
+    with LocalStore(root) as s:
+        after = s.stats()
+    # A lost index is not a clean store: the first opener rescans.
+    assert (root / "clean").exists()
+    (root / "clean").unlink()
+    with LocalStore(root) as s:
+        after = s.stats()
+        assert all(s.has(o) for o in oids)
+    assert (after.objects, after.stored_bytes) == (before.objects, before.stored_bytes)
+
+
+def test_quota_evicts_least_recently_used_unpinned(tmp_path):
+    with LocalStore(tmp_path / "q", quota=350_000) as s:
+        a = s.put(os.urandom(100_000))
+        b = s.put(os.urandom(100_000))
+        s.pin(a, "test")
+        time.sleep(1.1)  # atimes have 1 s resolution
+        s.read(b, 0, 1)
+        s._flush_atimes()
+        c = s.put(os.urandom(100_000))
+        time.sleep(1.1)
+        d = s.put(os.urandom(100_000))  # over quota: the LRU unpinned (b, then c) must go
+        assert s.has(a) and s.has(d)
+        assert not (s.has(b) and s.has(c))
+        assert s.stats().stored_bytes <= 350_000
+        with pytest.raises(StoreFull):
+            s.put(os.urandom(400_000))
+        with pytest.raises(BusyError):
+            s.delete(a)
+        s.unpin(a, "test")
+        s.delete(a)
+        assert not s.has(a)
+
+
+def test_gc_keeps_pinned(store):
+    a = store.put(b"a" * 1000)
+    b = store.put(b"b" * 1000)
+    store.pin(a, "vee:x")
+    res = store.gc()
+    assert res["removed"] == 1
+    assert store.has(a) and not store.has(b)
+
+
+def test_flipped_bit_on_disk_is_refused_quarantined_and_found_by_verify(tmp_path):
+    root = tmp_path / "s"
+    data = os.urandom(300_000)
+    with LocalStore(root) as s:
+        oid = s.put(data)
+        other = s.put(b"fine")
+    path = root / "objects" / oid[:2] / oid
+    with open(path, "r+b") as f:
+        f.seek(150_000)
+        byte = f.read(1)
+        f.seek(150_000)
+        f.write(bytes([byte[0] ^ 1]))
+    with LocalStore(root) as s:
+        rep = s.verify()
+        assert rep.bad == [oid] and rep.checked == 2
+        with pytest.raises(IntegrityError, match=oid):
+            s.read(oid, 140_000, 20_000)
+        assert not s.has(oid)  # quarantined: a resolver will fetch a good copy
+        assert s.get(other) == b"fine"
+
+
+def _run(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_mid_put_leaves_no_partial_object_and_next_start_cleans(tmp_path):
+    root = tmp_path / "s"
+    with LocalStore(root) as s:
+        kept = s.put(b"acknowledged before the crash")
+    # A writer that acknowledges one object, then streams a second one forever.
+    proc = _run(
+        """
+        import sys, os
+        from vfs.redirect import LocalStore
+        s = LocalStore(sys.argv[1])
+        print(s.put(b"acked"), flush=True)
+        with s.new_object() as p:
+            while True:
+                p.write(os.urandom(1 << 16))
+        """,
+        str(root),
+    )
+    acked = proc.stdout.readline().decode().strip()
+    deadline = time.monotonic() + 10
+    while not any((root / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any((root / "tmp").iterdir()), "the killed writer left its temp file"
+    with LocalStore(root) as s:
+        assert list((root / "tmp").iterdir()) == []
+        assert s.get(kept) == b"acknowledged before the crash"
+        assert s.get(acked) == b"acked"
+        st = s.stats()
+        assert st.objects == 2
+        assert st.stored_bytes == sum(p.stat().st_size for p in (root / "objects").rglob("*") if p.is_file())
+        assert s.verify().bad == []
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 2 MiB tmpfs: writes beyond it fail with ENOSPC."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)])
+    if r.returncode != 0:
+        pytest.skip("cannot mount tmpfs (not root?)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_partial_object(tiny_fs):
+    with LocalStore(tiny_fs / "s") as s:
+        small = s.put(b"x" * 1000)
+        with pytest.raises(StoreFull):
+            s.put(os.urandom(4 << 20))
+        assert list((tiny_fs / "s" / "tmp").iterdir()) == []
+        assert s.get(small) == b"x" * 1000
+        assert s.verify().bad == []
+        assert s.stats().objects == 1
+
+
+def test_concurrent_processes_share_one_store(tmp_path):
+    root = tmp_path / "s"
+    LocalStore(root).close()
+    code = """
+        import sys, os
+        from vfs.redirect import LocalStore
+        s = LocalStore(sys.argv[1])
+        ids = [s.put(bytes([i]) * 50_000) for i in range(30)]
+        ids.append(s.put(os.urandom(50_000)))
+        s.close()
+        print(len(set(ids)))
+        """
+    procs = [_run(code, str(root)) for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+        assert out.strip() == b"31"
+    with LocalStore(root) as s:
+        st = s.stats()
+        assert st.objects == 30 + 4
+        assert s.verify().bad == []

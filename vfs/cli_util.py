@@ -1,0 +1,91 @@
+"""What every CLI edge shares: VfsError → one line on stderr + exit code, JSON output, logging.
+
+Library code raises :mod:`vfs.errors`; only this module turns them into process exit codes, so a
+user never sees a traceback for a condition they caused (bad input, corrupt data, dead server).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from vfs.errors import VfsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("vfs")
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
+    )
+
+
+def fail(message: str, exit_code: int = 1) -> None:
+    """Print one line to stderr and exit (for conditions found in the CLI itself)."""
+    click.echo(f"{click.get_current_context().info_name or 'vfs'}: error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def handle_errors(fn: F) -> F:
+    """Wrap a click command: VfsError/OSError become one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VfsError as e:
+            log.debug("command failed", exc_info=True)
+            prog = _prog()
+            click.echo(f"{prog}: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            log.debug("command failed", exc_info=True)
+            prog = _prog()
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"{prog}: error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo(f"{_prog()}: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _prog() -> str:
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return "vfs"
+    root = ctx.find_root()
+    return root.info_name or "vfs"
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def parse_size(text: str) -> int:
+    """'64k', '1M', '10G', '512' → bytes (binary units, as qemu-img)."""
+    from vfs.errors import UsageError
+
+    t = text.strip()
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    num = t.rstrip("bBkKmMgGtTpPiI")
+    suffix = t[len(num) :].lower().replace("ib", "").replace("i", "")
+    if suffix not in units:
+        raise UsageError(f"invalid size {text!r}")
+    try:
+        value = float(num)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}") from None
+    if value < 0:
+        raise UsageError(f"invalid size {text!r}: negative")
+    return int(value * units[suffix])

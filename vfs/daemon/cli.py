@@ -1,0 +1,24 @@
+"""`vfsd`: the daemon and its administrative commands.
+
+Subcommand groups live in their own modules (store/repo, template, serve/vee) so that each part of
+the system owns its own CLI surface; this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import click
+
+from vfs.cli_util import setup_logging
+from vfs.daemon import cli_redirect, cli_template, cli_vee
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """vfs daemon: local object store, repositories, templates and VEE trees over FUSE."""
+    setup_logging(verbose)
+
+
+cli_redirect.register(main)
+cli_template.register(main)
+cli_vee.register(main)

@@ -1,0 +1,106 @@
+"""The one error hierarchy of vfs.
+
+Every layer raises these (never a bare OSError or ValueError for a condition the user can cause),
+and only the edges translate them: the FUSE/NBD adapters to an errno (``.errno``), the CLIs to a
+one-line message and an exit code (``.exit_code``).
+
+::
+
+    VfsError                      exit 1, EIO
+    ├── UsageError                exit 2, EINVAL   bad arguments, bad paths, wrong flags
+    │   └── InvalidObjectId       exit 2, EINVAL   not a well-formed object id ('../x', 'zz')
+    ├── NotFound                  exit 4, ENOENT
+    │   └── ObjectNotFound        exit 4, ENOENT   neither the store nor the remote has it
+    ├── AlreadyExists             exit 4, EEXIST
+    ├── IntegrityError            exit 5, EIO      bytes do not match their digest/checksum
+    │   └── CorruptionError       exit 5, EIO      on-disk metadata is inconsistent
+    ├── FormatError               exit 6, EIO      not our format, or a malformed structure
+    │   └── UnsupportedFeature    exit 6, EIO      a newer writer set a feature we cannot read
+    ├── RemoteError               exit 7, EIO      the repository misbehaved (HTTP 5xx, TLS)
+    │   └── RemoteUnavailable     exit 7, EIO      unreachable after bounded retries
+    ├── StoreFull                 exit 8, ENOSPC   disk full or quota cannot be met
+    ├── BusyError                 exit 9, EBUSY    in use (pinned, locked, mounted)
+    └── ReadOnlyError             exit 10, EROFS
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class VfsError(Exception):
+    """Base of every error vfs raises on purpose."""
+
+    errno: int = _errno.EIO
+    exit_code: int = 1
+
+    def __init__(self, message: str, **context: object) -> None:
+        super().__init__(message)
+        self.message = message
+        #: Structured facts (object id, offset, path...) for logs and ``--json`` output.
+        self.context = context
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(VfsError):
+    errno = _errno.EINVAL
+    exit_code = 2
+
+
+class InvalidObjectId(UsageError):
+    pass
+
+
+class NotFound(VfsError):
+    errno = _errno.ENOENT
+    exit_code = 4
+
+
+class ObjectNotFound(NotFound):
+    pass
+
+
+class AlreadyExists(VfsError):
+    errno = _errno.EEXIST
+    exit_code = 4
+
+
+class IntegrityError(VfsError):
+    exit_code = 5
+
+
+class CorruptionError(IntegrityError):
+    pass
+
+
+class FormatError(VfsError):
+    exit_code = 6
+
+
+class UnsupportedFeature(FormatError):
+    pass
+
+
+class RemoteError(VfsError):
+    exit_code = 7
+
+
+class RemoteUnavailable(RemoteError):
+    pass
+
+
+class StoreFull(VfsError):
+    errno = _errno.ENOSPC
+    exit_code = 8
+
+
+class BusyError(VfsError):
+    errno = _errno.EBUSY
+    exit_code = 9
+
+
+class ReadOnlyError(VfsError):
+    errno = _errno.EROFS
+    exit_code = 10

@@ -1,0 +1,25 @@
+"""vfs.redirect — where bytes live.
+
+A content-addressed :class:`LocalStore` shared by every tree and image on a host (first
+redirection), remote repositories reached through :func:`open_remote` (``file://`` directories and
+``http(s)://`` static servers), and the :class:`Resolver` that serves an object locally or
+fetches, verifies and stores it first (second redirection). This package knows nothing of trees,
+images or FUSE. The formats are specified in docs/redirect.md.
+"""
+
+from vfs.redirect.objectid import check_object_id, object_id
+from vfs.redirect.remote import FileRemote, HttpRemote, Remote, check_ref_name, open_remote
+from vfs.redirect.resolver import Resolver
+from vfs.redirect.store import LocalStore
+
+__all__ = [
+    "FileRemote",
+    "HttpRemote",
+    "LocalStore",
+    "Remote",
+    "Resolver",
+    "check_object_id",
+    "check_ref_name",
+    "object_id",
+    "open_remote",
+]

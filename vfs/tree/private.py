@@ -1,0 +1,411 @@
+"""The private layer of one VEE: a plain host directory in overlayfs "upper" format.
+
+Why this representation: an operator can inspect, back up (``tar --xattrs``, ``rsync -aHAX``) and
+migrate it with ordinary tools, and it is the format kernel overlayfs itself uses, so the same
+directory can be mounted as ``upperdir`` over an extracted template for forensics
+(``docs/vee-layer.md``). Layout under the state directory::
+
+    vees/<name>/upper/   the private layer: files the VEE created or changed, with their real
+                         owner, mode, times and xattrs
+    vees/<name>/work/    scratch space on the same file system (copy-up temp files; emptied at start)
+
+Markers (exactly overlayfs's):
+
+- whiteout: a character device 0/0 at the deleted name hides the template entry of that name;
+- opaque directory: xattr ``trusted.overlay.opaque = "y"`` hides the whole template directory
+  below it (a directory deleted and recreated);
+- redirect: xattr ``trusted.overlay.redirect = "/old/path"`` on a directory renamed away from
+  its template location says where its template content lives (rename without EXDEV).
+
+Safety: every path is walked component by component with ``O_NOFOLLOW``, so a symlink a VEE
+planted in its own layer can never lead an operation outside that layer; names with ``/``,
+NUL, ``.``/``..`` or over 255 bytes are refused before any system call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from vfs.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+REDIRECT_XATTR = b"trusted.overlay.redirect"
+#: xattrs in this namespace are ours: hidden from the VEE and refused when it sets them.
+PRIVATE_XATTR_PREFIX = b"trusted.overlay."
+NAME_MAX = 255
+COPY_CHUNK = 1 << 20
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_name(name: bytes) -> bytes:
+    """A single path component the layer may create: no '/', NUL, '.', '..', at most 255 bytes."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > NAME_MAX:
+        raise UsageError(f"invalid file name {name!r}")
+    return name
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def fsync_dir(fd: int) -> None:
+    """fsync a directory given an O_PATH (or normal) fd to it."""
+    dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class PrivateLayer:
+    """Operations on one VEE's private directory, addressed by component tuples.
+
+    A path is a tuple of ``bytes`` components relative to the upper root (``()`` = the root).
+    Methods raise ``OSError`` with the errno the VEE should see (ENOENT, ENOTDIR, EEXIST...), as
+    a local file system would: the view passes these through unchanged.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.upper = self.root / "upper"
+        self.work = self.root / "work"
+        for d in (self.root, self.upper, self.work):
+            d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self._clean_work()
+
+    def _clean_work(self) -> None:
+        """Remove copy-up leftovers of a crash: they were never renamed into place, so no VEE
+        ever saw them and nothing acknowledged lives only there."""
+        for p in self.work.iterdir():
+            log.info("removing copy-up leftover %s", p)
+            if p.is_dir() and not p.is_symlink():
+                for sub in sorted(p.rglob("*"), reverse=True):
+                    if sub.is_dir() and not sub.is_symlink():
+                        sub.rmdir()
+                    else:
+                        sub.unlink()
+                p.rmdir()
+            else:
+                p.unlink()
+
+    # -- walking ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def dirfd(self, path: tuple[bytes, ...]) -> Iterator[int]:
+        """An O_PATH fd of directory ``path``, walked without following any symlink."""
+        fd = os.open(self.upper, _DIR_FLAGS)
+        try:
+            for comp in path:
+                check_name(comp)
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def workfd(self) -> Iterator[int]:
+        fd = os.open(self.work, _DIR_FLAGS)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def lstat(self, path: tuple[bytes, ...]) -> os.stat_result | None:
+        """lstat of ``path`` in the layer, or None when it (or a parent) is absent."""
+        if not path:
+            return os.lstat(self.upper)
+        try:
+            with self.dirfd(path[:-1]) as fd:
+                return os.stat(check_name(path[-1]), dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink where a directory was expected
+                return None
+            raise
+
+    def listdir(self, path: tuple[bytes, ...]) -> list[tuple[bytes, os.stat_result]]:
+        with self.dirfd(path) as pfd:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                names = os.listdir(fd)
+            finally:
+                os.close(fd)
+            out = []
+            for n in names:
+                nb = os.fsencode(n)
+                with contextlib.suppress(FileNotFoundError):
+                    out.append((nb, os.stat(nb, dir_fd=pfd, follow_symlinks=False)))
+            return out
+
+    # -- markers ---------------------------------------------------------------------------
+
+    def _getxattr(self, path: tuple[bytes, ...], name: bytes) -> bytes | None:
+        try:
+            with self.dirfd(path) as fd:
+                return os.getxattr(f"/proc/self/fd/{fd}", name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+
+    def is_opaque(self, path: tuple[bytes, ...]) -> bool:
+        return self._getxattr(path, OPAQUE_XATTR) == b"y"
+
+    def redirect(self, path: tuple[bytes, ...]) -> bytes | None:
+        return self._getxattr(path, REDIRECT_XATTR)
+
+    def set_dir_marker(self, path: tuple[bytes, ...], name: bytes, value: bytes | None) -> None:
+        with self.dirfd(path) as fd:
+            p = f"/proc/self/fd/{fd}"
+            if value is None:
+                with contextlib.suppress(OSError):
+                    os.removexattr(p, name)
+            else:
+                os.setxattr(p, name, value)
+
+    def whiteout(self, path: tuple[bytes, ...]) -> None:
+        """Hide the template entry at ``path`` (replacing whatever private entry is there)."""
+        with self.dirfd(path[:-1]) as fd:
+            name = check_name(path[-1])
+            tmp = b".wh-tmp-" + secrets.token_hex(8).encode()
+            os.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            fsync_dir(fd)
+
+    # -- creating entries ------------------------------------------------------------------
+
+    def remove(self, path: tuple[bytes, ...]) -> None:
+        """Remove a private entry (file, marker or empty dir); absent is fine."""
+        with self.dirfd(path[:-1]) as fd:
+            name = check_name(path[-1])
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(st.st_mode):
+                self._rmtree_at(fd, name)
+            else:
+                os.unlink(name, dir_fd=fd)
+
+    def _rmtree_at(self, pfd: int, name: bytes) -> None:
+        """Remove a private directory and its content (whiteouts of an opaque-replaced dir)."""
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                names = os.listdir(rfd)
+            finally:
+                os.close(rfd)
+            for n in names:
+                st = os.stat(n, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    self._rmtree_at(fd, os.fsencode(n))
+                else:
+                    os.unlink(n, dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=pfd)
+
+    def make_dir(
+        self,
+        path: tuple[bytes, ...],
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        xattrs: dict[bytes, bytes] | None = None,
+        times_ns: tuple[int, int] | None = None,
+        opaque: bool = False,
+        redirect: bytes | None = None,
+        replace_marker: bool = False,
+    ) -> None:
+        """Create a directory atomically with its final metadata and markers.
+
+        Built in ``work/`` and renamed into place, so after a crash the name either does not
+        exist or is a complete directory with its owner, mode and opaque/redirect markers (a
+        half-made directory without its opaque marker would show template entries a VEE
+        deleted). ``replace_marker``: a whiteout may be at the name and is replaced.
+        """
+        tmp = b"dir-" + secrets.token_hex(8).encode()
+        with self.workfd() as wfd, self.dirfd(path[:-1]) as pfd:
+            name = check_name(path[-1])
+            os.mkdir(tmp, 0o700, dir_fd=wfd)
+            p = f"/proc/self/fd/{wfd}/{os.fsdecode(tmp)}"
+            os.chown(p, uid, gid)
+            os.chmod(p, stat.S_IMODE(mode))
+            for k, v in (xattrs or {}).items():
+                os.setxattr(p, k, v)
+            if opaque:
+                os.setxattr(p, OPAQUE_XATTR, b"y")
+            if redirect is not None:
+                os.setxattr(p, REDIRECT_XATTR, redirect)
+            if times_ns is not None:
+                os.utime(p, ns=times_ns)
+            if not replace_marker and _exists_at(pfd, name):
+                os.rmdir(tmp, dir_fd=wfd)
+                raise FileExistsError(errno.EEXIST, "File exists", os.fsdecode(name))
+            if replace_marker:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    if not is_whiteout(st):
+                        os.rmdir(tmp, dir_fd=wfd)
+                        raise FileExistsError(errno.EEXIST, "File exists", os.fsdecode(name))
+            os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
+            fsync_dir(pfd)
+
+    def copy_file(
+        self,
+        path: tuple[bytes, ...],
+        meta: FileMeta,
+        fill: Callable[[int], None] | None,
+    ) -> None:
+        """Create a regular file at ``path`` atomically: temp in ``work/``, content written by
+        ``fill(fd)``, metadata set, fsync, rename into place, fsync the directory.
+
+        This is the copy-up: a crash leaves either no private file (the template one still
+        shows) or the complete copy, never a truncated one.
+        """
+        tmp = b"copy-" + secrets.token_hex(8).encode()
+        with self.workfd() as wfd:
+            fd = os.open(
+                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd
+            )
+            try:
+                if fill is not None:
+                    fill(fd)
+                os.fchown(fd, meta.uid, meta.gid)
+                os.fchmod(fd, stat.S_IMODE(meta.mode))
+                for k, v in meta.xattrs.items():
+                    os.setxattr(fd, k, v)
+                os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp, dir_fd=wfd)
+                raise
+            os.close(fd)
+            with self.dirfd(path[:-1]) as pfd:
+                os.rename(tmp, check_name(path[-1]), src_dir_fd=wfd, dst_dir_fd=pfd)
+                fsync_dir(pfd)
+
+    def make_special(
+        self, path: tuple[bytes, ...], meta: FileMeta, *, target: bytes | None = None
+    ) -> None:
+        """Create a symlink, fifo, socket or device node atomically with its metadata."""
+        tmp = b"spec-" + secrets.token_hex(8).encode()
+        with self.workfd() as wfd:
+            if stat.S_ISLNK(meta.mode):
+                os.symlink(target or b"", tmp, dir_fd=wfd)
+            else:
+                os.mknod(tmp, stat.S_IFMT(meta.mode) | 0o600, meta.rdev, dir_fd=wfd)
+            os.chown(tmp, meta.uid, meta.gid, dir_fd=wfd, follow_symlinks=False)
+            if not stat.S_ISLNK(meta.mode):
+                os.chmod(f"/proc/self/fd/{wfd}/{os.fsdecode(tmp)}", stat.S_IMODE(meta.mode))
+                for k, v in meta.xattrs.items():
+                    os.setxattr(f"/proc/self/fd/{wfd}/{os.fsdecode(tmp)}", k, v)
+            os.utime(tmp, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=wfd, follow_symlinks=False)
+            with self.dirfd(path[:-1]) as pfd:
+                name = check_name(path[-1])
+                st = None
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if st is not None and not is_whiteout(st):
+                    os.unlink(tmp, dir_fd=wfd)
+                    raise FileExistsError(errno.EEXIST, "File exists", os.fsdecode(name))
+                os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
+                fsync_dir(pfd)
+
+    def open(self, path: tuple[bytes, ...], flags: int, mode: int = 0o600) -> int:
+        with self.dirfd(path[:-1]) as fd:
+            return os.open(
+                check_name(path[-1]), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd
+            )
+
+    def create(
+        self, path: tuple[bytes, ...], flags: int, mode: int, uid: int, gid: int, *, replace: bool
+    ) -> int:
+        """Create a new regular file (O_EXCL) owned by uid:gid; ``replace`` drops a whiteout."""
+        with self.dirfd(path[:-1]) as pfd:
+            name = check_name(path[-1])
+            if replace:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    if is_whiteout(st):
+                        os.unlink(name, dir_fd=pfd)
+            fd = os.open(
+                name,
+                (flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            return fd
+
+    @contextlib.contextmanager
+    def at(self, path: tuple[bytes, ...]) -> Iterator[tuple[int, bytes]]:
+        """(parent O_PATH fd, checked name) of ``path`` for *at system calls."""
+        with self.dirfd(path[:-1]) as fd:
+            yield fd, check_name(path[-1])
+
+    @contextlib.contextmanager
+    def handle(self, path: tuple[bytes, ...]) -> Iterator[str]:
+        """A ``/proc/self/fd/N`` path naming exactly the entry at ``path`` (not following a
+        final symlink), for calls that take no dir_fd (chmod, xattrs)."""
+        if not path:
+            fd = os.open(self.upper, _DIR_FLAGS)
+        else:
+            with self.dirfd(path[:-1]) as pfd:
+                fd = os.open(
+                    check_name(path[-1]), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+                )
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+
+
+def _exists_at(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class FileMeta:
+    """Metadata to give a private copy (from a template entry or an existing private file)."""
+
+    __slots__ = ("mode", "uid", "gid", "rdev", "atime_ns", "mtime_ns", "xattrs")
+
+    def __init__(
+        self,
+        mode: int,
+        uid: int,
+        gid: int,
+        atime_ns: int,
+        mtime_ns: int,
+        xattrs: dict[bytes, bytes] | None = None,
+        rdev: int = 0,
+    ) -> None:
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.rdev = rdev
+        self.atime_ns = atime_ns
+        self.mtime_ns = mtime_ns
+        self.xattrs = dict(xattrs or {})

@@ -1,0 +1,250 @@
+"""Publish a directory or a tar archive as a template: objects, then manifest, then ref.
+
+The order is the crash story (``docs/template-format.md``, "Publishing"): every content object
+is durably in the repository before the manifest that names it, and the manifest before the ref
+that names it. A publish killed at any point leaves only unreferenced objects (harmless, reused
+by the next publish) and the previous ref untouched.
+
+Only objects the repository lacks are sent (``remote.has``), so publishing the same tree twice
+uploads nothing, and a new version uploads only the files that changed. Big files are streamed,
+never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from vfs.errors import IntegrityError, NotFound, UsageError
+from vfs.tree import manifest
+from vfs.tree.manifest_build import build_tables
+
+log = logging.getLogger(__name__)
+
+#: Files up to this size are read into memory and sent with ``put``; bigger ones are streamed.
+SMALL_FILE = 4 << 20
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+
+Progress = Callable[[int, int], None]  # (files done, content bytes done)
+
+
+@dataclass
+class PublishResult:
+    """What a publish did: the template digest and how much it had to send."""
+
+    digest: str
+    name: str | None
+    entries: int  # inodes in the template (hard links count once)
+    paths: int  # names in the template, the root included
+    objects: int  # distinct objects the template references, its manifest included
+    objects_uploaded: int
+    objects_skipped: int  # already in the repository
+    bytes_total: int  # bytes of those distinct objects
+    bytes_uploaded: int
+    manifest_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ObjectSink:
+    """Puts content objects into the repository (and optionally a local store) once each.
+
+    ``remote`` and ``store`` need ``has``, ``put`` and ``put_file``; the sink computes each
+    object's SHA-256 itself and checks that the target agrees (a mismatch means the source
+    changed under us or the target is broken: either way the publish stops).
+    """
+
+    def __init__(
+        self, remote: Any, store: Any = None, progress: Progress | None = None, spool_dir=None
+    ) -> None:
+        self.remote = remote
+        self.store = store
+        self.progress = progress
+        self.spool_dir = spool_dir
+        self.seen: dict[str, int] = {}  # oid -> size, every distinct object of this publish
+        self.uploaded = 0
+        self.bytes_uploaded = 0
+        self.files = 0
+        self.file_bytes = 0
+
+    # -- entry points used by the sources --------------------------------------------------
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store a small object held in memory; return its id."""
+        oid = hashlib.sha256(data).hexdigest()
+        self._tick(len(data))
+        if oid in self.seen:
+            return oid
+        self.seen[oid] = len(data)
+        if not self.remote.has(oid):
+            self._check(oid, self.remote.put(data))
+            self.uploaded += 1
+            self.bytes_uploaded += len(data)
+        if self.store is not None and not self.store.has(oid):
+            self._check(oid, self.store.put(data))
+        return oid
+
+    def put_stream(self, f: BinaryIO, size_hint: int) -> tuple[str, int]:
+        """Store the content of a stream that can be read only once (a tar member)."""
+        if size_hint <= SMALL_FILE:
+            data = _read_all(f)
+            return self.put_bytes(data), len(data)
+        with self._spool() as spool:
+            h = hashlib.sha256()
+            n = _copy(f, spool, h)
+            spool.flush()
+            oid = h.hexdigest()
+            self._tick(n)
+            if oid not in self.seen:
+                self.seen[oid] = n
+                self._put_path(oid, n, spool.name)
+            return oid, n
+
+    def put_file(self, opener: Callable[[], BinaryIO], size_hint: int) -> tuple[str, int]:
+        """Store the content of a file that can be reopened (a directory source): hash it
+        first, and read it a second time only if some target lacks the object."""
+        with opener() as f:
+            if size_hint <= SMALL_FILE:
+                data = _read_all(f)
+                return self.put_bytes(data), len(data)
+            h = hashlib.sha256()
+            n = 0
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+        oid = h.hexdigest()
+        self._tick(n)
+        if oid in self.seen:
+            return oid, n
+        self.seen[oid] = n
+        if self.remote.has(oid) and (self.store is None or self.store.has(oid)):
+            return oid, n
+        with opener() as f, self._spool() as spool:
+            h2 = hashlib.sha256()
+            _copy(f, spool, h2)
+            spool.flush()
+            if h2.hexdigest() != oid:
+                raise IntegrityError("a source file changed while it was being published")
+            self._put_path(oid, n, spool.name)
+        return oid, n
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _put_path(self, oid: str, n: int, path: str) -> None:
+        if not self.remote.has(oid):
+            self._check(oid, self.remote.put_file(path))
+            self.uploaded += 1
+            self.bytes_uploaded += n
+        if self.store is not None and not self.store.has(oid):
+            self._check(oid, self.store.put_file(path))
+
+    def _spool(self):
+        return tempfile.NamedTemporaryFile(prefix="vfs-publish-", dir=self.spool_dir)
+
+    def _tick(self, n: int) -> None:
+        self.files += 1
+        self.file_bytes += n
+        if self.progress is not None:
+            self.progress(self.files, self.file_bytes)
+
+    @staticmethod
+    def _check(want: str, got: str) -> None:
+        if got != want:
+            raise IntegrityError(f"repository stored object {got[:16]}… for {want[:16]}…")
+
+
+def _read_all(f: BinaryIO) -> bytes:
+    parts = []
+    while chunk := f.read(_CHUNK):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, h) -> int:
+    """Copy while hashing; runs of zeros become holes, so a sparse file stays sparse."""
+    n = 0
+    hole = False
+    while chunk := src.read(_CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+        if len(chunk) == _CHUNK and chunk == _ZEROS:
+            dst.seek(_CHUNK, os.SEEK_CUR)
+            hole = True
+        else:
+            dst.write(chunk)
+            hole = False
+    if hole:
+        dst.truncate(n)
+    return n
+
+
+def publish_template(
+    src: Path | str,
+    remote: Any,
+    *,
+    name: str | None = None,
+    store: Any = None,
+    progress: Progress | None = None,
+    spool_dir: str | Path | None = None,
+) -> PublishResult:
+    """Publish ``src`` (a directory, or a tar archive of any compression tarfile reads).
+
+    Uploads what ``remote`` lacks, then the manifest, then (with ``name``) sets the ref
+    ``name`` → digest. With ``store`` (a LocalStore), the objects are also put there, so a
+    daemon on this host serves the template without fetching it back.
+    """
+    from vfs.tree.dirsource import read_directory
+    from vfs.tree.tarsource import read_tar
+
+    src = Path(src)
+    sink = ObjectSink(remote, store, progress, spool_dir)
+    if src.is_dir():
+        root = read_directory(src, sink)
+    elif src.is_file():
+        root = read_tar(src, sink)
+    elif src.exists():
+        raise UsageError(f"{src}: neither a directory nor a tar archive")
+    else:
+        raise NotFound(f"{src}: no such file or directory")
+    entries, dirents = build_tables(root)
+    data = manifest.encode(entries, dirents)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in sink.seen:
+        sink.seen[digest] = len(data)
+        if not remote.has(digest):
+            ObjectSink._check(digest, remote.put(data))
+            sink.uploaded += 1
+            sink.bytes_uploaded += len(data)
+        if store is not None and not store.has(digest):
+            ObjectSink._check(digest, store.put(data))
+    if name is not None:
+        remote.set_ref(name, digest)  # last: only now does the name see the new template
+    n_obj = len(sink.seen)
+    result = PublishResult(
+        digest=digest,
+        name=name,
+        entries=len(entries),
+        paths=len(dirents) + 1,
+        objects=n_obj,
+        objects_uploaded=sink.uploaded,
+        objects_skipped=n_obj - sink.uploaded,
+        bytes_total=sum(sink.seen.values()),
+        bytes_uploaded=sink.bytes_uploaded,
+        manifest_bytes=len(data),
+    )
+    log.info(
+        "published %s: %d entries, %d/%d objects uploaded",
+        digest,
+        result.entries,
+        result.objects_uploaded,
+        result.objects,
+    )
+    return result

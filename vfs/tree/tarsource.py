@@ -1,0 +1,188 @@
+"""Read a tar archive into manifest nodes (for ``publish_template``).
+
+The archive is read as a stream (any compression :mod:`tarfile` knows), each member once, so a
+compressed archive of any size is never held in memory. What a tar can carry is kept exactly:
+numeric owners, modes with setuid/setgid/sticky, device numbers, hard links, PAX nanosecond
+times (``mtime``/``atime``/``ctime`` records), and xattrs in both common PAX spellings
+(``SCHILY.xattr.NAME`` as GNU tar/star write them, ``LIBARCHIVE.xattr.NAME`` base64 as bsdtar).
+
+Member names are normalised like ``tar -x`` does (leading ``/`` and ``./`` dropped); a name with a
+``..`` component is refused (a template never contains a path that escapes its root). A parent
+directory the archive does not list is created with mode 0755, owner 0:0 and time 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import tarfile
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+from vfs.errors import FormatError
+from vfs.tree import manifest_layout as L
+from vfs.tree.manifest_build import Node
+from vfs.tree.publish import ObjectSink
+
+log = logging.getLogger(__name__)
+
+_ENC = "utf-8"
+_ERR = "surrogateescape"
+
+
+def _b(text: str) -> bytes:
+    return text.encode(_ENC, _ERR)
+
+
+def _split(name: str, what: str) -> list[bytes]:
+    parts = [p for p in _b(name).split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise FormatError(f"tar member {what} {name!r}: '..' in path, refusing the archive")
+    for p in parts:
+        if len(p) > L.MAX_NAME or b"\0" in p:
+            raise FormatError(f"tar member {name!r}: illegal name component")
+    if len(parts) > L.MAX_DEPTH:
+        raise FormatError(f"tar member {name!r}: nested deeper than {L.MAX_DEPTH}")
+    return parts
+
+
+def _ns(pax: dict[str, str], key: str, default: int) -> int:
+    text = pax.get(key)
+    if text is None:
+        return default
+    try:
+        return int(Decimal(text) * 1_000_000_000)
+    except (InvalidOperation, ValueError):
+        raise FormatError(f"tar: bad PAX {key} record {text!r}") from None
+
+
+def _xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in pax.items():
+        if key.startswith("SCHILY.xattr."):
+            out[_b(key[len("SCHILY.xattr.") :])] = _b(value)
+        elif key.startswith("LIBARCHIVE.xattr."):
+            try:
+                name = unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+                out[name] = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+            except binascii.Error:
+                raise FormatError(f"tar: bad base64 xattr value for {key!r}") from None
+    bad = [k for k in out if not k.startswith(L.XATTR_NAMESPACES)]
+    for k in bad:
+        log.warning("tar: skipping xattr %r (namespace not supported)", k)
+        del out[k]
+    return out
+
+
+class _Tree:
+    def __init__(self) -> None:
+        self.root = Node(kind="dir", mode=0o755)
+
+    def parent_of(self, parts: list[bytes]) -> Node:
+        d = self.root
+        for p in parts[:-1]:
+            assert d.children is not None
+            nxt = d.children.get(p)
+            if nxt is None:
+                nxt = Node(kind="dir", mode=0o755)
+                d.children[p] = nxt
+            elif nxt.kind != "dir":
+                raise FormatError(f"tar: {b'/'.join(parts)!r} lies below a non-directory")
+            d = nxt
+        return d
+
+    def find(self, parts: list[bytes]) -> Node | None:
+        d: Node | None = self.root
+        for p in parts:
+            if d is None or d.children is None:
+                return None
+            d = d.children.get(p)
+        return d
+
+
+def _kind(m: tarfile.TarInfo) -> str:
+    if m.isreg():
+        return "reg"
+    if m.isdir():
+        return "dir"
+    if m.issym():
+        return "lnk"
+    if m.isfifo():
+        return "fifo"
+    if m.ischr():
+        return "chr"
+    if m.isblk():
+        return "blk"
+    raise FormatError(f"tar member {m.name!r}: unsupported type {m.type!r}")
+
+
+def read_tar(src: Path, sink: ObjectSink) -> Node:
+    """Stream the archive ``src`` and return the root node of its tree."""
+    tree = _Tree()
+    try:
+        with tarfile.open(src, mode="r|*", encoding=_ENC, errors=_ERR) as tf:
+            for m in tf:
+                _add(tree, tf, m, sink)
+    except tarfile.TarError as e:
+        raise FormatError(f"{src}: not a readable tar archive ({e})") from None
+    except EOFError:
+        raise FormatError(f"{src}: tar archive is truncated") from None
+    return tree.root
+
+
+def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink) -> None:
+    parts = _split(m.name, "")
+    pax = m.pax_headers
+    mtime = _ns(pax, "mtime", int(m.mtime) * 1_000_000_000)
+    if m.islnk():
+        tparts = _split(m.linkname, "link target")
+        target = tree.find(tparts)
+        if target is None or target.kind == "dir" or not parts:
+            raise FormatError(f"tar: hard link {m.name!r} -> {m.linkname!r}: no such file")
+        parent = tree.parent_of(parts)
+        assert parent.children is not None
+        old = parent.children.get(parts[-1])
+        if old is not None and old.kind == "dir":
+            raise FormatError(f"tar: hard link {m.name!r} would replace a directory")
+        parent.children[parts[-1]] = target
+        return
+    kind = _kind(m)
+    node = Node(
+        kind=kind,
+        mode=m.mode & 0o7777,
+        uid=m.uid,
+        gid=m.gid,
+        mtime_ns=mtime,
+        atime_ns=_ns(pax, "atime", mtime),
+        ctime_ns=_ns(pax, "ctime", mtime),
+        rdev=os.makedev(m.devmajor, m.devminor) if kind in ("chr", "blk") else 0,
+        xattrs=_xattrs(pax),
+    )
+    if kind == "lnk":
+        node.target = _b(m.linkname)
+        if not node.target or len(node.target) > L.MAX_TARGET or b"\0" in node.target:
+            raise FormatError(f"tar member {m.name!r}: illegal symlink target")
+    elif kind == "reg" and m.size > 0:
+        f = tf.extractfile(m)
+        assert f is not None
+        node.oid, node.size = sink.put_stream(f, m.size)
+        if node.size == 0:
+            node.oid = None
+    if not parts:  # the archive's "." entry describes the root
+        if kind != "dir":
+            raise FormatError(f"tar member {m.name!r}: the root must be a directory")
+        for f in Node.__slots__:
+            if f != "children":
+                setattr(tree.root, f, getattr(node, f))
+        return
+    parent = tree.parent_of(parts)
+    assert parent.children is not None
+    old = parent.children.get(parts[-1])
+    if old is not None and (old.kind == "dir") != (kind == "dir"):
+        raise FormatError(f"tar: {m.name!r} appears both as a directory and as a file")
+    if old is not None and kind == "dir":
+        node.children = old.children  # a directory listed again: new metadata, same contents
+    parent.children[parts[-1]] = node
