@@ -1,176 +1,30 @@
 """Shared fixtures: a real nginx on 127.0.0.1 serving repositories over HTTP, HTTPS and mutual TLS.
 
-nginx is started once per session with a throw-away CA (openssl) and stopped at the end, whatever
-happens. Tests publish into ``nginx.webroot / NAME`` (a file:// repository) and fetch through
-``nginx.url(NAME, kind)``.
+nginx is started once per session (tools/nginx.py) and stopped at the end, whatever happens.
+Tests publish into ``nginx.webroot / NAME`` (a file:// repository) and fetch through
+``nginx.url(NAME, kind)`` with kind in http, slow (2 MB/s), https, mtls.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise TimeoutError(f"port {port} did not open in {timeout}s")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(d: Path) -> Path:
-    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate signed by the CA,
-    and a client certificate from another (untrusted) CA."""
-    d.mkdir(parents=True, exist_ok=True)
-    for ca in ("ca", "rogue-ca"):
-        _openssl(
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-subj", f"/CN=vfs test {ca}",
-            cwd=d,
-        )  # fmt: skip
-    (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-    )
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, ca, ext in (
-        ("server", "ca", "server.ext"),
-        ("client", "ca", "client.ext"),
-        ("rogue-client", "rogue-ca", "client.ext"),
-    ):
-        _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", f"/CN=vfs test {name}", cwd=d,
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", ext, cwd=d,
-        )  # fmt: skip
-    return d
-
-
-@dataclass
-class Nginx:
-    webroot: Path
-    pki: Path
-    ports: dict[str, int]
-
-    def url(self, name: str, kind: str = "http") -> str:
-        scheme = "http" if kind in ("http", "slow") else "https"
-        return f"{scheme}://127.0.0.1:{self.ports[kind]}/{name}"
-
-    @property
-    def ca(self) -> str:
-        return str(self.pki / "ca.pem")
-
-    @property
-    def client_cert(self) -> str:
-        return str(self.pki / "client.pem")
-
-    @property
-    def client_key(self) -> str:
-        return str(self.pki / "client.key")
-
-
-NGINX_CONF = """
-user root;
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    keepalive_timeout 65;
-    keepalive_requests 100000;
-    default_type application/octet-stream;
-    client_body_temp_path {prefix}/tmp;
-    proxy_temp_path {prefix}/tmp;
-    fastcgi_temp_path {prefix}/tmp;
-    uwsgi_temp_path {prefix}/tmp;
-    scgi_temp_path {prefix}/tmp;
-    server {{
-        listen 127.0.0.1:{http};
-        root {webroot};
-    }}
-    server {{
-        listen 127.0.0.1:{slow};
-        root {webroot};
-        limit_rate 2m;
-    }}
-    server {{
-        listen 127.0.0.1:{https} ssl;
-        root {webroot};
-        ssl_certificate {pki}/server.pem;
-        ssl_certificate_key {pki}/server.key;
-    }}
-    server {{
-        listen 127.0.0.1:{mtls} ssl;
-        root {webroot};
-        ssl_certificate {pki}/server.pem;
-        ssl_certificate_key {pki}/server.key;
-        ssl_client_certificate {pki}/ca.pem;
-        ssl_verify_client on;
-    }}
-}}
-"""
+from tools.nginx import Nginx, start_nginx, stop_nginx
 
 
 @pytest.fixture(scope="session")
 def nginx(tmp_path_factory: pytest.TempPathFactory):
     """A real nginx on 127.0.0.1: plain HTTP, a rate-limited HTTP (2 MB/s), HTTPS, mutual TLS."""
-    exe = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(exe):
-        pytest.fail("nginx is not installed (make test installs nginx-light)")
-    base = tmp_path_factory.mktemp("nginx")
-    webroot = base / "www"
-    webroot.mkdir()
-    (base / "tmp").mkdir()
-    pki = base / "pki"
-    make_pki(pki)
-    ports = {k: free_port() for k in ("http", "slow", "https", "mtls")}
-    conf = base / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=base, webroot=webroot, pki=pki, **ports))
-    proc = subprocess.Popen(
-        [exe, "-p", str(base), "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
     try:
-        for port in ports.values():
-            wait_for_port(port, proc=proc)
-        yield Nginx(webroot, pki, ports)
+        proc, server = start_nginx(tmp_path_factory.mktemp("nginx"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield server
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGQUIT)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_nginx(proc)
 
 
 @pytest.fixture

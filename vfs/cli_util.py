@@ -23,7 +23,8 @@ log = logging.getLogger("vfs")
 
 
 def setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
+    # Errors reach the user as the one-line message; logs are for -v (info) and -vv (debug).
+    level = logging.ERROR if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
     )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,22 +62,27 @@ def test_https_with_ca_and_mutual_tls(nginx, nginx_repo, store):
 
 def test_tls_refusals_are_clear_errors(nginx, nginx_repo):
     oid, name = publish(nginx_repo, b"secret")
-    with open_remote(nginx.url(name, "https"), retries=0) as r, pytest.raises(
-        RemoteError, match="certificate verification failed"
+    with (
+        open_remote(nginx.url(name, "https"), retries=0) as r,
+        pytest.raises(RemoteError, match="certificate verification failed"),
     ):
         r.get(oid)  # server certificate from a CA we were not told to trust
-    with open_remote(nginx.url(name, "mtls"), ca=nginx.ca, retries=0) as r, pytest.raises(
-        RemoteError, match="HTTP 400"
+    with (
+        open_remote(nginx.url(name, "mtls"), ca=nginx.ca, retries=0) as r,
+        pytest.raises(RemoteError, match="HTTP 400"),
     ):
         r.get(oid)  # no client certificate
     pki = nginx.pki
-    with open_remote(
-        nginx.url(name, "mtls"),
-        ca=nginx.ca,
-        cert=str(pki / "rogue-client.pem"),
-        key=str(pki / "rogue-client.key"),
-        retries=0,
-    ) as r, pytest.raises(RemoteError):
+    with (
+        open_remote(
+            nginx.url(name, "mtls"),
+            ca=nginx.ca,
+            cert=str(pki / "rogue-client.pem"),
+            key=str(pki / "rogue-client.key"),
+            retries=0,
+        ) as r,
+        pytest.raises(RemoteError),
+    ):
         r.get(oid)  # client certificate from an untrusted CA
 
 
@@ -84,9 +90,8 @@ def test_corrupt_object_on_server_is_refused(nginx, nginx_repo, store):
     path, name = nginx_repo
     oid = FileRemote(path).put(b"original" * 10_000)
     (path / "objects" / oid[:2] / oid).write_bytes(b"tampered" * 10_000)
-    with open_remote(nginx.url(name)) as r:
-        with pytest.raises(IntegrityError, match=oid):
-            Resolver(store, r).ensure(oid)
+    with open_remote(nginx.url(name)) as r, pytest.raises(IntegrityError, match=oid):
+        Resolver(store, r).ensure(oid)
     assert not store.has(oid) and store.stats().objects == 0
 
 
@@ -122,7 +127,7 @@ class _Flaky(http.server.SimpleHTTPRequestHandler):
         if "/objects/" not in self.path:
             return super().do_GET()
         path = self.translate_path(self.path)
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
         rng = self.headers.get("Range")
         start = int(rng.split("=")[1].rstrip("-")) if rng else 0
         self.send_response(206 if rng else 200)

@@ -171,7 +171,9 @@ def test_kill_9_mid_put_leaves_no_partial_object_and_next_start_cleans(tmp_path)
         assert s.get(acked) == b"acked"
         st = s.stats()
         assert st.objects == 2
-        assert st.stored_bytes == sum(p.stat().st_size for p in (root / "objects").rglob("*") if p.is_file())
+        assert st.stored_bytes == sum(
+            p.stat().st_size for p in (root / "objects").rglob("*") if p.is_file()
+        )
         assert s.verify().bad == []
 
 

@@ -1,9 +1,213 @@
-"""Placeholder: this command group is being written."""
+"""`vfsd template ...`: publish a tree as a template, list, show and compare templates.
+
+Thin: the work is in :mod:`vfs.tree` (publish, manifest, diff); this module parses options,
+opens the repository and prints. Reading commands (ls/show/diff) fetch the manifest straight from
+the repository, verified against its digest, unless ``--store`` asks to go through (and fill) a
+local store.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
 import click
+
+from vfs.cli_util import emit_json, handle_errors
+from vfs.daemon.cli_redirect import open_store, repo_options
+from vfs.errors import NotFound
+from vfs.redirect import Resolver, check_ref_name, open_remote
+from vfs.tree.entry import Entry
+from vfs.tree.manifest_diff import diff_templates
+from vfs.tree.template import Template, publish_template, resolve_ref
+
+_store_opt = click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Local object store: publish also puts the objects there; show/diff read through it.",
+)
+_json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def register(main: click.Group) -> None:
     """Attach this module's commands to the `vfsd` group."""
+    main.add_command(template)
+
+
+@click.group()
+def template() -> None:
+    """Templates: immutable trees published to a repository, named by digest or by name."""
+
+
+def _open_remote(repo_url, ca, cert, key, timeout, retries):
+    return open_remote(repo_url, ca=ca, cert=cert, key=key, timeout=timeout, retries=retries)
+
+
+@contextlib.contextmanager
+def _loader(repo_url, ca, cert, key, timeout, retries, store_dir):
+    """Yield (remote, getter): getter.get(oid) reads via the store when one is given."""
+    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+        if store_dir is None:
+            yield r, r
+        else:
+            with open_store(store_dir) as s:
+                yield r, Resolver(s, r)
+
+
+def _progress():
+    if not sys.stderr.isatty():
+        return None
+    last = [0.0]
+
+    def report(files: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            click.echo(f"\r{files} files, {nbytes / 1e6:.1f} MB hashed", err=True, nl=False)
+
+    return report
+
+
+@template.command("publish")
+@repo_options
+@_store_opt
+@click.option("--name", help="Point this name (a ref) at the new template, last.")
+@_json_opt
+@click.argument("src", type=click.Path(path_type=Path))
+@handle_errors
+def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, as_json, src):
+    """Publish SRC (a directory or a tar archive) and print the template digest.
+
+    Uploads only the objects the repository lacks: content objects first, then the manifest,
+    then the name, so an interrupted publish leaves the old name and no partial template.
+    """
+    progress = _progress()
+    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+        if name is not None:
+            check_ref_name(name)  # refuse a bad name before the work, not after it
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(open_store(store_dir)) if store_dir else None
+            t0 = time.perf_counter()
+            res = publish_template(src, r, name=name, store=store, progress=progress)
+            dt = time.perf_counter() - t0
+    if progress is not None:
+        click.echo("", err=True)
+    if as_json:
+        emit_json({**res.to_json(), "seconds": round(dt, 3)})
+        return
+    click.echo(res.digest)
+    click.echo(
+        f"{res.entries} entries ({res.paths} paths), {res.objects} objects: "
+        f"{res.objects_uploaded} uploaded ({res.bytes_uploaded} bytes), "
+        f"{res.objects_skipped} already present; manifest {res.manifest_bytes} bytes; "
+        f"{dt:.2f} s" + (f"; name {name!r} -> {res.digest[:16]}…" if name else ""),
+        err=True,
+    )
+
+
+@template.command("ls")
+@repo_options
+@_json_opt
+@handle_errors
+def ls(repo_url, ca, cert, key, timeout, retries, as_json):
+    """List the template names of a repository and their digests."""
+    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+        refs = r.list_refs()
+    if as_json:
+        emit_json(refs)
+        return
+    for ref_name, digest in sorted(refs.items()):
+        click.echo(f"{digest}  {ref_name}")
+
+
+def _text(b: bytes | None) -> str | None:
+    return None if b is None else b.decode("utf-8", "backslashreplace")
+
+
+def entry_json(path: bytes, e: Entry) -> dict[str, object]:
+    d: dict[str, object] = {
+        "path": _text(path),
+        "ino": e.ino,
+        "kind": e.kind,
+        "mode": f"{e.mode:o}",
+        "uid": e.uid,
+        "gid": e.gid,
+        "size": e.size,
+        "nlink": e.nlink,
+        "atime_ns": e.atime_ns,
+        "mtime_ns": e.mtime_ns,
+        "ctime_ns": e.ctime_ns,
+    }
+    if e.kind in ("chr", "blk"):
+        d["rdev"] = [os.major(e.rdev), os.minor(e.rdev)]
+    if e.target is not None:
+        d["target"] = _text(e.target)
+    if e.oid is not None:
+        d["oid"] = e.oid
+    if e.xattrs:
+        d["xattrs"] = {_text(k): v.hex() for k, v in sorted(e.xattrs.items())}
+    return d
+
+
+def _ls_line(path: bytes, e: Entry) -> str:
+    size = f"{os.major(e.rdev)}, {os.minor(e.rdev)}" if e.kind in ("chr", "blk") else str(e.size)
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
+    name = _text(path) or "."
+    if e.target is not None:
+        name += f" -> {_text(e.target)}"
+    return f"{stat.filemode(e.mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>12} {when} {name}"
+
+
+@template.command("show")
+@repo_options
+@_store_opt
+@_json_opt
+@click.argument("ref")
+@click.argument("path", required=False, default="")
+@handle_errors
+def show(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, ref, path):
+    """List the entries of template REF (a name or a digest) like ls -lR, or those under PATH."""
+    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+        digest = resolve_ref(ref, r)
+        t = Template.load(getter, digest)
+    want = path.strip("/").encode("utf-8", "surrogateescape")
+    if want and t.resolve(want) is None:
+        raise NotFound(f"{path}: no such path in template {digest[:16]}…")
+    prefix = want + b"/"
+    rows = [(p, e) for p, e in t.walk() if not want or p == want or p.startswith(prefix)]
+    if as_json:
+        emit_json({"digest": digest, "entries": [entry_json(p, e) for p, e in rows]})
+        return
+    for p, e in rows:
+        click.echo(_ls_line(p, e))
+
+
+@template.command("diff")
+@repo_options
+@_store_opt
+@_json_opt
+@click.option("--exit-code", is_flag=True, help="Exit 1 when the templates differ (like diff).")
+@click.argument("a")
+@click.argument("b")
+@handle_errors
+def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_code, a, b):
+    """Compare templates A and B (names or digests): paths added, removed, modified."""
+    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+        ta = Template.load(getter, resolve_ref(a, r))
+        tb = Template.load(getter, resolve_ref(b, r))
+    changes = diff_templates(ta, tb)
+    if as_json:
+        emit_json({"a": ta.digest, "b": tb.digest, "changes": [c.to_json() for c in changes]})
+    else:
+        marks = {"added": "+", "removed": "-", "modified": "M"}
+        for c in changes:
+            extra = f"  ({', '.join(c.fields)})" if c.fields else ""
+            click.echo(f"{marks[c.status]} {_text(c.path) or '.'}{extra}")
+    if exit_code and changes:
+        sys.exit(1)

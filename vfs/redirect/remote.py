@@ -341,6 +341,7 @@ class HttpRemote(Remote):
         elif cert or ca:
             raise UsageError("--ca/--cert/--key need an https:// repository URL")
         self._meta_checked = False
+        self._has_cert = bool(cert)
 
     # -- connections
 
@@ -402,7 +403,10 @@ class HttpRemote(Remote):
                 return NotFound(f"{what}: not found (HTTP 404)")
             if e.status in _RETRY_STATUS:
                 return None
-            return RemoteError(f"{what}: server answered {e}")
+            hint = ""
+            if self._https and not self._has_cert and e.status in (400, 401, 403, 495, 496):
+                hint = " (does the server require a client certificate? --cert/--key)"
+            return RemoteError(f"{what}: server answered {e}{hint}")
         if isinstance(e, ssl.SSLCertVerificationError):
             return RemoteError(f"{what}: TLS certificate verification failed: {e.verify_message}")
         if isinstance(e, ssl.SSLError):

@@ -100,7 +100,7 @@ class Resolver:
             try:
                 pending.commit(expected=oid)
             except IntegrityError:
-                log.error("object %s from %s failed verification", oid, self.remote.url)
+                log.info("object %s from %s failed verification", oid, self.remote.url)
                 raise IntegrityError(
                     f"object {oid}: bytes from {self.remote.url} do not match the id "
                     "(lying or damaged repository); refused, nothing stored",

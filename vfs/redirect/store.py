@@ -378,7 +378,7 @@ class LocalStore:
         return n
 
     def _quarantine(self, oid: str) -> None:
-        log.error("store: object %s failed verification: removing the damaged copy", oid)
+        log.warning("store: object %s failed verification: removing the damaged copy", oid)
         with self._lock:
             r = self._readers.pop(oid, None)
             if r is not None:
@@ -584,7 +584,7 @@ class LocalStore:
                 os.close(fd)
             if not ok:
                 bad.append(oid)
-                log.error("store: object %s is damaged", oid)
+                log.info("store: object %s is damaged", oid)
                 if repair:
                     self._quarantine(oid)
                     removed.append(oid)

@@ -13,7 +13,6 @@ that one tree has exactly one manifest and so one digest.
 
 from __future__ import annotations
 
-import io
 from types import MappingProxyType
 
 import zstandard
@@ -119,24 +118,26 @@ def _read_body(data: bytes, header_len: int, incompat: int, body_len: int, store
         raise _bad(f"stored body is {len(stored)} bytes, header says {stored_len}")
     if not incompat & L.INCOMPAT_ZSTD:
         return stored
-    # Bounded streaming decompression: a frame claiming (or producing) more than body_len
-    # bytes is refused without allocating it.
+    # Bounded decompression: the frame is fed in small slices, so a frame that produces more
+    # than body_len bytes (a "bomb") is refused after at most one slice's worth of output
+    # (RLE blocks expand ~32k:1, so 1 KiB of input yields at most ~32 MiB).
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    out = bytearray()
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            io.BytesIO(stored), read_across_frames=False
-        )
-        out = bytearray()
-        while len(out) <= body_len:
-            chunk = reader.read(min(1 << 20, body_len + 1 - len(out)))
-            if not chunk:
+        for pos in range(0, len(stored), 1024):
+            out += dobj.decompress(stored[pos : pos + 1024])
+            if len(out) > body_len:
+                raise _bad(f"compressed body is longer than the header says ({body_len} bytes)")
+            if dobj.eof:
+                if dobj.unused_data or pos + 1024 < len(stored):
+                    raise _bad("data after the compressed body")
                 break
-            out += chunk
-        if len(out) == body_len and reader.read(1):
-            raise _bad("compressed body is longer than the header says")
     except zstandard.ZstdError as e:
         raise _bad(f"compressed body is corrupt ({e})") from None
+    if not dobj.eof:
+        raise _bad("compressed body is truncated")
     if len(out) != body_len:
-        raise _bad(f"body decompresses to {len(out)}+ bytes, header says {body_len}")
+        raise _bad(f"body decompresses to {len(out)} bytes, header says {body_len}")
     return memoryview(bytes(out))
 
 

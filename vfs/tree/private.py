@@ -7,7 +7,8 @@ directory can be mounted as ``upperdir`` over an extracted template for forensic
 
     vees/<name>/upper/   the private layer: files the VEE created or changed, with their real
                          owner, mode, times and xattrs
-    vees/<name>/work/    scratch space on the same file system (copy-up temp files; emptied at start)
+    vees/<name>/work/    scratch space on the same file system (copy-up temp files, emptied
+                         at start)
 
 Markers (exactly overlayfs's):
 
@@ -281,9 +282,7 @@ class PrivateLayer:
         """
         tmp = b"copy-" + secrets.token_hex(8).encode()
         with self.workfd() as wfd:
-            fd = os.open(
-                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd
-            )
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
             try:
                 if fill is not None:
                     fill(fd)

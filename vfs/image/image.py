@@ -1,0 +1,1006 @@
+"""The vimg image core: open/create, read/write/discard/zero, flush (commit), resize, snapshots.
+
+Layout and invariants: ``docs/vimg-format.md``; bytes: :mod:`vfs.image.layout`; copy-on-write
+bookkeeping: :class:`vfs.image.alloc.Allocator`.
+
+Hot path: a read or write of an allocated cluster is one L2 lookup in a cached bytearray, one
+``os.pread`` of the whole cluster (its xxh3 must be verified), and for writes one ``os.pwrite``.
+Metadata is written only by :meth:`Image.flush`, which is the commit point of the crash model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import xxhash
+import zstandard
+
+from vfs.errors import (
+    AlreadyExists,
+    CorruptionError,
+    FormatError,
+    IntegrityError,
+    NotFound,
+    ReadOnlyError,
+    UnsupportedFeature,
+    UsageError,
+)
+from vfs.image import layout as L
+from vfs.image.alloc import Allocator
+from vfs.image.fileio import ImageFile, RawFile
+
+log = logging.getLogger(__name__)
+
+_xxh = xxhash.xxh3_64_intdigest
+_ENTRY = L.L2_ENTRY
+MAX_CHAIN_DEPTH = 64
+
+
+class Backing(Protocol):
+    """What an image needs from the layer below it."""
+
+    size: int
+    path: str
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class Resolver(Protocol):
+    """The part of ``vfs.redirect.Resolver`` the image uses."""
+
+    def get(self, oid: str) -> bytes: ...
+
+
+FileOpener = Callable[[str, bool, bool], ImageFile]
+
+
+def default_opener(path: str, writable: bool, create: bool) -> ImageFile:
+    return ImageFile(path, writable=writable, create=create)
+
+
+class Image:
+    """An open vimg image. Use :meth:`create` or :meth:`open`; close (or ``with``) when done."""
+
+    format = "vimg"
+
+    def __init__(
+        self,
+        path: str,
+        f: ImageFile,
+        header: L.Header,
+        *,
+        readonly: bool,
+        resolver: Resolver | None,
+        chain: tuple[str, ...] = (),
+    ) -> None:
+        self.path = path
+        self._f = f
+        self._h = header
+        self.readonly = readonly
+        self.resolver = resolver
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cs = header.cluster_size
+        self._mask = cs - 1
+        self._per_l2 = L.l2_entries_per_table(cs)
+        self._zeros = bytes(cs)
+        self.size = header.virtual_size
+        self._compress = header.compression == L.COMPRESSION_ZSTD
+        self._cctx = zstandard.ZstdCompressor(level=3)
+        self._dctx = zstandard.ZstdDecompressor()
+        self._l2cache: dict[int, bytearray] = {}
+        self._dirty_l2: set[int] = set()
+        self._l1_dirty = False
+        self._snap_dirty = False
+        self._header_dirty = False
+        self._pack: tuple[int, int] | None = None  # (host cluster, bytes used) for zstd frames
+        self._closed = False
+        self._load_tables()
+        self.backing: Backing | None = None
+        if header.backing_name:
+            self.backing = open_backing(self, chain + (os.path.realpath(path),))
+
+    # ------------------------------------------------------------------ open / create / close
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        size: int,
+        *,
+        cluster_size: int = 1 << L.DEFAULT_CLUSTER_BITS,
+        backing: str | None = None,
+        backing_format: str | None = None,
+        compress: bool = False,
+        opener: FileOpener = default_opener,
+        resolver: Resolver | None = None,
+    ) -> Image:
+        """Create a new image (refusing to overwrite an existing file) and open it read-write."""
+        bits = cluster_size.bit_length() - 1
+        if cluster_size != 1 << bits or not L.MIN_CLUSTER_BITS <= bits <= L.MAX_CLUSTER_BITS:
+            raise UsageError(f"cluster size {cluster_size} must be a power of two, 4k..2M")
+        if backing and size < 0:
+            size = _probe_size(backing, path)
+        if size % L.SECTOR or size < 0 or size > L.MAX_VIRTUAL_SIZE:
+            raise UsageError(f"image size {size} must be a multiple of 512 and at most 2^56")
+        bfmt = L.BACKING_NONE
+        if backing:
+            fmt = backing_format or _probe_format(_resolve_rel(backing, path))
+            if fmt not in L.BACKING_FORMAT_CODES:
+                raise UsageError(f"backing format {fmt!r} not supported (raw or vimg)")
+            bfmt = L.BACKING_FORMAT_CODES[fmt]
+            if len(backing.encode()) > L.MAX_BACKING_NAME:
+                raise UsageError("backing file name too long")
+            if not os.path.exists(_resolve_rel(backing, path)):
+                raise UsageError(f"backing file {backing!r} does not exist")
+        if os.path.exists(path):
+            raise AlreadyExists(f"{path}: file exists")
+        cs = cluster_size
+        per = L.refcounts_per_block(cs)
+        reserved = L.clusters_for(L.HEADER_AREA, cs)
+        l1_entries = L.l1_entries_for(size, cs)
+        l1_bytes = l1_entries * L.L1_ENTRY_SIZE
+        l1_clusters = L.clusters_for(l1_bytes, cs)
+        # Layout of a new image: header area, L1, refcount blocks, refcount table.
+        nblocks = 1
+        while True:
+            table_clusters = L.clusters_for(nblocks * L.L1_ENTRY_SIZE, cs)
+            host_clusters = reserved + l1_clusters + nblocks + table_clusters
+            if L.refcount_blocks_for(host_clusters, cs) == nblocks:
+                break
+            nblocks = L.refcount_blocks_for(host_clusters, cs)
+        l1_off = reserved * cs
+        first_block = reserved + l1_clusters
+        table_off = (first_block + nblocks) * cs
+        counts = array("H", [1] * host_clusters)
+        blocks = []
+        for b in range(nblocks):
+            chunk = counts[b * per : (b + 1) * per].tobytes()
+            blocks.append(chunk + bytes(cs - len(chunk)))
+        rct = L.pack_l1([((first_block + b) * cs, _xxh(blk)) for b, blk in enumerate(blocks)])
+        h = L.Header(
+            virtual_size=size,
+            cluster_bits=bits,
+            sequence=1,
+            l1_offset=l1_off,
+            l1_checksum=_xxh(bytes(l1_bytes)),
+            l1_entries=l1_entries,
+            refcount_table_offset=table_off,
+            refcount_table_checksum=_xxh(rct),
+            refcount_table_entries=nblocks,
+            backing_format=bfmt,
+            compression=L.COMPRESSION_ZSTD if compress else L.COMPRESSION_NONE,
+            incompatible=L.INCOMPAT_COMPRESSED if compress else 0,
+            host_clusters=host_clusters,
+            backing_name=backing or "",
+        )
+        f = opener(path, True, True)
+        try:
+            f.truncate(host_clusters * cs)  # the L1 table is all zeros: leave it sparse
+            for b, blk in enumerate(blocks):
+                f.pwrite(blk, (first_block + b) * cs)
+            f.pwrite(rct, table_off)
+            f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[1])
+            f.fsync()
+        finally:
+            f.close()
+        _fsync_dir(path)
+        return cls.open(path, opener=opener, resolver=resolver)
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        readonly: bool = False,
+        resolver: Resolver | None = None,
+        opener: FileOpener = default_opener,
+        _chain: tuple[str, ...] = (),
+    ) -> Image:
+        try:
+            f = opener(path, not readonly, False)
+        except FileNotFoundError:
+            raise NotFound(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise UsageError(f"{path}: is a directory") from None
+        try:
+            header = read_current_header(f)
+            if header.version == L.VERSION and header.autoclear & ~L.KNOWN_AUTOCLEAR:
+                log.info("clearing unknown autoclear features %#x", header.autoclear)
+            return cls(path, f, header, readonly=readonly, resolver=resolver, chain=_chain)
+        except BaseException:
+            f.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                self.flush()
+        finally:
+            self._closed = True
+            self._f.close()
+            if self.backing is not None:
+                self.backing.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ loading metadata
+    def _load_tables(self) -> None:
+        h, cs = self._h, self.cluster_size
+        host_end = h.host_clusters * cs
+        raw = self._read_meta(h.l1_offset, h.l1_entries * L.L1_ENTRY_SIZE, h.l1_checksum, "L1")
+        self._l1 = L.unpack_l1(raw, h.l1_entries, cs, host_end)
+        self._l1_off = h.l1_offset
+        self._l1_nbytes = len(raw)
+        self._l1_sum = h.l1_checksum
+        rct_raw = self._read_meta(
+            h.refcount_table_offset,
+            h.refcount_table_entries * L.L1_ENTRY_SIZE,
+            h.refcount_table_checksum,
+            "refcount table",
+        )
+        self._rct = L.unpack_l1(rct_raw, h.refcount_table_entries, cs, host_end)
+        per = L.refcounts_per_block(cs)
+        counts = array("H")
+        for i, (off, s) in enumerate(self._rct):
+            if off:
+                block = self._read_meta(off, cs, s, f"refcount block {i}")
+                counts.frombytes(block)
+            else:
+                counts.frombytes(bytes(cs))
+        del counts[h.host_clusters :]
+        if len(counts) < h.host_clusters:
+            raise FormatError("refcount table too short")
+        if len(self._rct) * per < h.host_clusters:
+            raise FormatError("refcount table does not cover the image")
+        self._alloc = Allocator(counts, per)
+        self.snapshots: list[L.Snapshot] = []
+        if h.nb_snapshots:
+            raw = self._read_meta(
+                h.snapshots_offset, h.snapshots_size, h.snapshots_checksum, "snapshot table"
+            )
+            self.snapshots = L.unpack_snapshots(raw, h.nb_snapshots, cs)
+        self._snap_off = h.snapshots_offset
+        self._snap_sum = h.snapshots_checksum
+        self._snap_size = h.snapshots_size
+
+    def _read_meta(self, off: int, size: int, checksum: int, what: str) -> bytes:
+        if off + size > self._h.host_clusters * self.cluster_size:
+            raise CorruptionError(f"{what} at host offset {off:#x} lies past the image end")
+        data = self._f.pread(size, off)
+        if len(data) != size:
+            raise CorruptionError(f"{what} at host offset {off:#x} is truncated")
+        if _xxh(data) != checksum:
+            raise CorruptionError(f"{what} at host offset {off:#x}: checksum mismatch")
+        return data
+
+    def _l2(self, idx: int, create: bool) -> bytearray | None:
+        t = self._l2cache.get(idx)
+        if t is not None:
+            return t
+        off, s = self._l1[idx]
+        if off == 0:
+            if not create:
+                return None
+            t = bytearray(self.cluster_size)
+        else:
+            t = self.load_l2(off, s, idx)
+        self._l2cache[idx] = t
+        return t
+
+    def load_l2(self, off: int, checksum: int, idx: int) -> bytearray:
+        """Read an L2 table, verify its checksum and every entry's shape."""
+        cs = self.cluster_size
+        span = cs * self._per_l2
+        t = bytearray(self._f.pread(cs, off))
+        if len(t) != cs or _xxh(t) != checksum:
+            raise CorruptionError(
+                f"L2 table at host offset {off:#x} (guest offsets {idx * span:#x}.."
+                f"{(idx + 1) * span - 1:#x}): checksum mismatch",
+                offset=idx * span,
+                host_offset=off,
+            )
+        host_end = len(self._alloc) * cs
+        for i, e in enumerate(_ENTRY.iter_unpack(t)):
+            why = L.check_l2_entry(e[0], e[3], e[4], cs, host_end)
+            if why:
+                guest = (idx * self._per_l2 + i) * cs
+                raise CorruptionError(f"L2 entry for guest offset {guest:#x}: {why}", offset=guest)
+        return t
+
+    # ------------------------------------------------------------------ entries
+    def entry(self, ci: int) -> tuple:
+        """The L2 entry of guest cluster ``ci``: (type, flags, 0, length, host, checksum, oid)."""
+        t = self._l2(ci // self._per_l2, False)
+        if t is None:
+            return (L.UNALLOCATED, 0, 0, 0, 0, 0, L.NO_OID)
+        return _ENTRY.unpack_from(t, (ci % self._per_l2) * L.L2_ENTRY_SIZE)
+
+    def _set_entry(
+        self,
+        ci: int,
+        etype: int,
+        host: int = 0,
+        csum: int = 0,
+        length: int = 0,
+        oid: bytes = L.NO_OID,
+    ) -> None:
+        idx = ci // self._per_l2
+        t = self._l2(idx, etype != L.UNALLOCATED)
+        if t is None:  # setting UNALLOCATED in a table that does not exist: nothing to do
+            return
+        _ENTRY.pack_into(
+            t, (ci % self._per_l2) * L.L2_ENTRY_SIZE, etype, 0, 0, length, host, csum, oid
+        )
+        self._dirty_l2.add(idx)
+
+    def _release(self, e: tuple) -> None:
+        """Drop this root's use of the host cluster an entry points to."""
+        if e[0] == L.LOCAL or e[0] == L.COMPRESSED:
+            c = e[4] >> self.cluster_bits
+            self._alloc.decref(c)
+            if self._pack is not None and self._pack[0] == c and self._alloc.counts[c] == 0:
+                self._pack = None
+
+    # ------------------------------------------------------------------ reading
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise UsageError(
+                f"range {offset}+{length} is outside the image (virtual size {self.size})"
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes; every stored cluster touched is checksum-verified."""
+        self._check_range(offset, length)
+        out = []
+        pos, end, bits, mask, cs = (
+            offset,
+            offset + length,
+            self.cluster_bits,
+            self._mask,
+            self.cluster_size,
+        )
+        while pos < end:
+            ci = pos >> bits
+            a = pos & mask
+            n = min(cs - a, end - pos)
+            e = self.entry(ci)
+            t = e[0]
+            if t == L.LOCAL or t == L.COMPRESSED or t == L.REMOTE:
+                data = self._cluster(ci, e)
+                out.append(data if n == cs else data[a : a + n])
+            elif t == L.ZERO or self.backing is None:
+                out.append(self._zeros[:n] if n < cs else self._zeros)
+            else:
+                out.append(self._read_backing(pos, n))
+            pos += n
+        return b"".join(out)
+
+    def _read_backing(self, pos: int, n: int) -> bytes:
+        b = self.backing
+        assert b is not None
+        if pos >= b.size:
+            return bytes(n)
+        if pos + n <= b.size:
+            return b.read(pos, n)
+        return b.read(pos, b.size - pos) + bytes(pos + n - b.size)
+
+    def _cluster(self, ci: int, e: tuple) -> bytes:
+        """The verified content of a stored cluster (LOCAL, COMPRESSED or REMOTE)."""
+        cs = self.cluster_size
+        t, host = e[0], e[4]
+        where = f"cluster at guest offset {ci * cs:#x}"
+        if t == L.LOCAL:
+            data = self._f.pread(cs, host)
+            if len(data) != cs:
+                raise IntegrityError(
+                    f"{where}: short read at host offset {host:#x}", offset=ci * cs
+                )
+        elif t == L.COMPRESSED:
+            frame = self._f.pread(e[3], host)
+            try:
+                data = self._dctx.decompress(frame, max_output_size=cs)
+            except zstandard.ZstdError as err:
+                raise IntegrityError(
+                    f"{where}: compressed data at host offset {host:#x} is damaged ({err})",
+                    offset=ci * cs,
+                ) from None
+            if len(data) != cs:
+                raise IntegrityError(
+                    f"{where}: compressed cluster has the wrong size", offset=ci * cs
+                )
+        else:
+            data = self._remote(ci, e)
+        if _xxh(data) != e[5]:
+            raise IntegrityError(
+                f"{where}: checksum mismatch (host offset {host:#x})"
+                if t != L.REMOTE
+                else f"{where}: remote object {e[6].hex()} checksum mismatch",
+                offset=ci * cs,
+                host_offset=host,
+            )
+        return data
+
+    def _remote(self, ci: int, e: tuple) -> bytes:
+        oid = e[6].hex()
+        if self.resolver is None:
+            raise UsageError(
+                f"cluster at guest offset {ci * self.cluster_size:#x} is remote (object {oid}); "
+                "give a store/repository to read it"
+            )
+        data = self.resolver.get(oid)
+        if len(data) != self.cluster_size or hashlib.sha256(data).digest() != e[6]:
+            raise IntegrityError(
+                f"cluster at guest offset {ci * self.cluster_size:#x}: object {oid} does not "
+                "match its digest",
+                offset=ci * self.cluster_size,
+            )
+        return data
+
+    def read_cluster(self, ci: int) -> bytes:
+        """The full content of guest cluster ``ci`` as the guest sees it."""
+        e = self.entry(ci)
+        t = e[0]
+        if t == L.LOCAL or t == L.COMPRESSED or t == L.REMOTE:
+            return self._cluster(ci, e)
+        if t == L.ZERO or self.backing is None:
+            return self._zeros
+        return self._read_backing(ci * self.cluster_size, self.cluster_size)
+
+    # ------------------------------------------------------------------ writing
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: image is open read-only")
+        if self._closed:
+            raise UsageError("image is closed")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest bytes (durable after the next :meth:`flush`)."""
+        self._writable()
+        self._check_range(offset, len(data))
+        pos, end, bits, mask, cs = (
+            offset,
+            offset + len(data),
+            self.cluster_bits,
+            self._mask,
+            self.cluster_size,
+        )
+        view = memoryview(data)
+        while pos < end:
+            ci = pos >> bits
+            a = pos & mask
+            n = min(cs - a, end - pos)
+            self._write_cluster(ci, a, view[pos - offset : pos - offset + n])
+            pos += n
+
+    def _write_cluster(self, ci: int, a: int, piece: memoryview | bytes) -> None:
+        cs = self.cluster_size
+        e = self.entry(ci)
+        if len(piece) == cs:
+            content = bytes(piece)
+        else:
+            buf = bytearray(self.read_cluster(ci))
+            buf[a : a + len(piece)] = piece
+            content = bytes(buf)
+        self.store_cluster(ci, e, content)
+
+    def store_cluster(self, ci: int, e: tuple, content: bytes) -> None:
+        """Make guest cluster ``ci`` hold ``content`` (cluster_size bytes), copy-on-write."""
+        if content == self._zeros:
+            self._release(e)
+            self._set_entry(ci, L.ZERO)
+            return
+        csum = _xxh(content)
+        if self._compress:
+            frame = self._cctx.compress(content)
+            if len(frame) < self.cluster_size:
+                self._release(e)
+                host = self._pack_alloc(len(frame))
+                self._f.pwrite(frame, host)
+                self._set_entry(ci, L.COMPRESSED, host, csum, len(frame))
+                return
+        if e[0] == L.LOCAL and self._alloc.can_overwrite(e[4] >> self.cluster_bits):
+            host = e[4]
+        else:
+            self._release(e)
+            host = self._alloc.alloc() << self.cluster_bits
+        self._f.pwrite(content, host)
+        self._set_entry(ci, L.LOCAL, host, csum)
+
+    def _pack_alloc(self, n: int) -> int:
+        cs = self.cluster_size
+        if self._pack is not None:
+            c, used = self._pack
+            if used + n <= cs and c in self._alloc.fresh:
+                self._alloc.incref(c)
+                self._pack = (c, used + n)
+                return c * cs + used
+        c = self._alloc.alloc()
+        self._pack = (c, n)
+        return c * cs
+
+    def set_remote(self, ci: int, oid: bytes, csum: int) -> None:
+        """Point guest cluster ``ci`` at a remote object (used by push)."""
+        self._writable()
+        e = self.entry(ci)
+        self._release(e)
+        self._set_entry(ci, L.REMOTE, 0, csum, 0, oid)
+        if not self._h.incompatible & L.INCOMPAT_REMOTE:
+            self._h.incompatible |= L.INCOMPAT_REMOTE
+            self._header_dirty = True
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Guest range reads as zeros; whole clusters become ZERO entries (space freed)."""
+        self._zero_range(offset, length, discard=False)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free the range. Whole clusters become unallocated (ZERO over a backing file so the
+        backing data does not reappear); partial clusters are zeroed."""
+        self._zero_range(offset, length, discard=True)
+
+    def _zero_range(self, offset: int, length: int, discard: bool) -> None:
+        self._writable()
+        self._check_range(offset, length)
+        pos, end, cs = offset, offset + length, self.cluster_size
+        new_type = L.UNALLOCATED if discard and self.backing is None else L.ZERO
+        while pos < end:
+            ci = pos >> self.cluster_bits
+            a = pos & self._mask
+            n = min(cs - a, end - pos)
+            if n == cs or (pos + n == self.size and a == 0):
+                e = self.entry(ci)
+                if e[0] != new_type:
+                    self._release(e)
+                    self._set_entry(ci, new_type)
+            else:
+                e = self.entry(ci)
+                if not (e[0] == L.ZERO or (e[0] == L.UNALLOCATED and self.backing is None)):
+                    self._write_cluster(ci, a, bytes(n))
+            pos += n
+
+    # ------------------------------------------------------------------ commit
+    @property
+    def dirty(self) -> bool:
+        return bool(
+            self._dirty_l2
+            or self._l1_dirty
+            or self._snap_dirty
+            or self._header_dirty
+            or self._alloc.dirty_blocks
+        )
+
+    @property
+    def sequence(self) -> int:
+        return self._h.sequence
+
+    def flush(self) -> None:
+        """Commit: new metadata to fresh clusters, fsync, header to the other slot, fsync."""
+        if self.readonly or self._closed:
+            return
+        if self._h.autoclear & ~L.KNOWN_AUTOCLEAR:
+            self._h.autoclear &= L.KNOWN_AUTOCLEAR
+            self._header_dirty = True
+        if not self.dirty:
+            return
+        al, cs, bits = self._alloc, self.cluster_size, self.cluster_bits
+        # 1. L2 tables: relocate those the committed header (or a snapshot) may reference.
+        for idx in sorted(self._dirty_l2):
+            off = self._l1[idx][0]
+            t = self._l2cache[idx]
+            if not any(t[0 : len(t) : L.L2_ENTRY_SIZE]):  # every entry unallocated: drop it
+                if off:
+                    al.decref(off >> bits)
+                self._l1[idx] = (0, 0)
+                del self._l2cache[idx]
+            elif off == 0 or not al.can_overwrite(off >> bits):
+                new = al.alloc() << bits
+                if off:
+                    al.decref(off >> bits)
+                self._l1[idx] = (new, 0)
+            self._l1_dirty = True
+        # 2. L1 table.
+        if self._l1_dirty:
+            new_bytes = len(self._l1) * L.L1_ENTRY_SIZE
+            self._l1_off = self._relocate_run(self._l1_off, self._l1_nbytes, new_bytes)
+            self._l1_nbytes = new_bytes
+        # 3. Snapshot table.
+        snap_bytes = b""
+        if self._snap_dirty:
+            snap_bytes = L.pack_snapshots(self.snapshots)
+            if self.snapshots:
+                self._snap_off = self._relocate_run(
+                    self._snap_off, self._snap_size, len(snap_bytes)
+                )
+            else:
+                self._relocate_run(self._snap_off, self._snap_size, 0)
+                self._snap_off = 0
+            self._snap_size = len(snap_bytes)
+        # 4. Refcount blocks and table, to a fixed point (allocating them changes refcounts).
+        rct = self._rct
+        rct_off = self._h.refcount_table_offset
+        rct_bytes = len(rct) * L.L1_ENTRY_SIZE
+        while True:
+            changed = False
+            nblocks = L.refcount_blocks_for(len(al), cs)
+            while len(rct) < nblocks:
+                al.dirty_blocks.add(len(rct))
+                rct.append((0, 0))
+                changed = True
+            for b in sorted(al.dirty_blocks):
+                off = rct[b][0]
+                if off == 0 or not al.can_overwrite(off >> bits):
+                    new = al.alloc() << bits
+                    if off:
+                        al.decref(off >> bits)
+                    rct[b] = (new, 0)
+                    changed = True
+            want = len(rct) * L.L1_ENTRY_SIZE
+            if want != rct_bytes or not self._run_overwritable(rct_off, rct_bytes):
+                rct_off = self._relocate_run(rct_off, rct_bytes, want)
+                rct_bytes = want
+                changed = True
+            if not changed:
+                break
+        # 5. Write everything (checksums flow upward: L2 -> L1 -> header, block -> table).
+        f = self._f
+        for idx in sorted(self._dirty_l2):
+            if idx in self._l2cache:
+                t = bytes(self._l2cache[idx])
+                off = self._l1[idx][0]
+                f.pwrite(t, off)
+                self._l1[idx] = (off, _xxh(t))
+        if self._l1_dirty:
+            l1_bytes = L.pack_l1(self._l1)
+            f.pwrite(l1_bytes, self._l1_off)
+            self._l1_sum = _xxh(l1_bytes)
+        if self._snap_dirty:
+            if self.snapshots:
+                f.pwrite(snap_bytes, self._snap_off)
+            self._snap_sum = _xxh(snap_bytes) if self.snapshots else 0
+        per = al.per_block
+        raw_counts = al.counts
+        for b in sorted(al.dirty_blocks):
+            chunk = raw_counts[b * per : (b + 1) * per].tobytes()
+            block = chunk + bytes(cs - len(chunk))
+            f.pwrite(block, rct[b][0])
+            rct[b] = (rct[b][0], _xxh(block))
+        table = L.pack_l1(rct)
+        f.pwrite(table, rct_off)
+        f.fsync()
+        # 6. The commit point: the header into the slot not holding the committed one.
+        h = self._h
+        h.sequence += 1
+        h.virtual_size = self.size
+        h.l1_offset, h.l1_checksum, h.l1_entries = self._l1_off, self._l1_sum, len(self._l1)
+        h.refcount_table_offset, h.refcount_table_checksum = rct_off, _xxh(table)
+        h.refcount_table_entries = len(rct)
+        h.snapshots_offset, h.snapshots_checksum = self._snap_off, self._snap_sum
+        h.snapshots_size, h.nb_snapshots = self._snap_size, len(self.snapshots)
+        h.host_clusters = len(al)
+        f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[h.sequence % 2])
+        f.fsync()
+        # 7. Committed: freed clusters become reusable.
+        al.commit()
+        self._dirty_l2.clear()
+        self._l1_dirty = self._snap_dirty = self._header_dirty = False
+        self._pack = None
+
+    def _run_overwritable(self, off: int, nbytes: int) -> bool:
+        if off == 0:
+            return False
+        first = off >> self.cluster_bits
+        n = L.clusters_for(nbytes, self.cluster_size)
+        return all(self._alloc.can_overwrite(c) for c in range(first, first + n))
+
+    def _relocate_run(self, off: int, old_bytes: int, new_bytes: int) -> int:
+        """Where a contiguous table of ``new_bytes`` goes: in place if allowed, else a new run."""
+        cs = self.cluster_size
+        old_n = L.clusters_for(old_bytes, cs) if off else 0
+        same_size = new_bytes and off and old_n == L.clusters_for(new_bytes, cs)
+        if same_size and self._run_overwritable(off, old_bytes):
+            return off
+        for c in range(off >> self.cluster_bits, (off >> self.cluster_bits) + old_n):
+            self._alloc.decref(c)
+        if not new_bytes:
+            return 0
+        return self._alloc.alloc_run(L.clusters_for(new_bytes, cs)) << self.cluster_bits
+
+    # ------------------------------------------------------------------ resize / backing
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the virtual disk. Shrinking frees everything past the new end."""
+        self._writable()
+        if new_size % L.SECTOR or new_size < 0 or new_size > L.MAX_VIRTUAL_SIZE:
+            raise UsageError(f"size {new_size} must be a multiple of 512")
+        old, cs = self.size, self.cluster_size
+        if new_size < old:
+            tail = new_size & self._mask
+            if tail:
+                self._zero_range(new_size, min(cs - tail, old - new_size), discard=False)
+            first = -(-new_size // cs)
+            for ci in range(first, -(-old // cs)):
+                e = self.entry(ci)
+                if e[0] != L.UNALLOCATED:
+                    self._release(e)
+                    self._set_entry(ci, L.UNALLOCATED)
+            # Keep every guest cluster index usable for tables that shrink.
+        self._set_l1_size(L.l1_entries_for(new_size, cs))
+        self.size = new_size
+        self._header_dirty = True
+        if new_size > old and self.backing is not None and self.backing.size > old:
+            self.write_zeroes(old, min(new_size, self.backing.size) - old)
+
+    def _set_l1_size(self, n: int) -> None:
+        if n == len(self._l1):
+            return
+        while len(self._l1) > n:
+            idx = len(self._l1) - 1
+            off = self._l1[idx][0]
+            t = self._l2cache.pop(idx, None)
+            self._dirty_l2.discard(idx)
+            if t is not None or off:
+                if t is None:
+                    t = self.load_l2(off, self._l1[idx][1], idx)
+                for e in _ENTRY.iter_unpack(t):
+                    self._release(e)
+            if off:
+                self._alloc.decref(off >> self.cluster_bits)
+            self._l1.pop()
+        while len(self._l1) < n:
+            self._l1.append((0, 0))
+        self._l1_dirty = True
+
+    @property
+    def backing_name(self) -> str:
+        return self._h.backing_name
+
+    @property
+    def backing_format(self) -> str:
+        return L.BACKING_FORMATS[self._h.backing_format]
+
+    @property
+    def header(self) -> L.Header:
+        return self._h
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Change the backing reference (no data is copied: that is rebase's job)."""
+        self._writable()
+        if name:
+            if len(name.encode()) > L.MAX_BACKING_NAME:
+                raise UsageError("backing file name too long")
+            fmt = fmt or _probe_format(_resolve_rel(name, self.path))
+            if fmt not in L.BACKING_FORMAT_CODES:
+                raise UsageError(f"backing format {fmt!r} not supported (raw or vimg)")
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+        self._h.backing_name = name or ""
+        self._h.backing_format = L.BACKING_FORMAT_CODES[fmt] if name and fmt else L.BACKING_NONE
+        self._header_dirty = True
+        if name:
+            self.backing = open_backing(self, (os.path.realpath(self.path),))
+
+    def reopen_backing(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = open_backing(self, (os.path.realpath(self.path),))
+
+    # ------------------------------------------------------------------ walking roots
+    def roots(self) -> Iterator[tuple[str, int, list[tuple[int, int]], bool]]:
+        """(name, l1_offset, l1 entries, is_active) for the active root and every snapshot."""
+        yield ("active", self._l1_off, self._l1, True)
+        for s in self.snapshots:
+            raw = self._read_meta(
+                s.l1_offset,
+                s.l1_entries * L.L1_ENTRY_SIZE,
+                s.l1_checksum,
+                f"L1 of snapshot {s.name!r}",
+            )
+            yield (
+                s.name,
+                s.l1_offset,
+                L.unpack_l1(
+                    raw, s.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
+                ),
+                False,
+            )
+
+    def _root_clusters(self, l1_off: int, l1: list[tuple[int, int]], active: bool) -> Iterator[int]:
+        """Every host cluster one root uses, with multiplicity (section 5.1 of the spec)."""
+        bits = self.cluster_bits
+        first = l1_off >> bits
+        yield from range(
+            first, first + L.clusters_for(len(l1) * L.L1_ENTRY_SIZE, self.cluster_size)
+        )
+        for idx, (off, s) in enumerate(l1):
+            t = self._l2cache.get(idx) if active else None
+            if off:
+                yield off >> bits
+            if t is None:
+                if not off:
+                    continue
+                t = self.load_l2(off, s, idx)
+            for e in _ENTRY.iter_unpack(t):
+                if e[0] == L.LOCAL or e[0] == L.COMPRESSED:
+                    yield e[4] >> bits
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot_create(self, name: str) -> L.Snapshot:
+        self._writable()
+        if not name or len(name.encode()) > L.MAX_SNAPSHOT_NAME:
+            raise UsageError("snapshot name must be 1..256 bytes")
+        if any(s.name == name for s in self.snapshots):
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+        self.flush()
+        # The active root's clusters become shared: the next change to any of them copies it.
+        for c in list(self._root_clusters(self._l1_off, self._l1, True)):
+            self._alloc.incref(c)
+        now = time.time_ns()
+        ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
+        snap = L.Snapshot(
+            id=str(max(ids, default=0) + 1),
+            name=name,
+            l1_offset=self._l1_off,
+            l1_checksum=self._l1_sum,
+            l1_entries=len(self._l1),
+            virtual_size=self.size,
+            date_sec=now // 10**9,
+            date_nsec=now % 10**9,
+        )
+        self.snapshots.append(snap)
+        self._snap_dirty = True
+        self.flush()
+        return snap
+
+    def _find_snapshot(self, name: str) -> L.Snapshot:
+        for s in self.snapshots:
+            if s.name == name:
+                return s
+        for s in self.snapshots:
+            if s.id == name:
+                return s
+        raise NotFound(f"no snapshot named {name!r}")
+
+    def snapshot_apply(self, name: str) -> None:
+        """Revert the active image to a snapshot (the snapshot itself stays)."""
+        self._writable()
+        snap = self._find_snapshot(name)
+        self.flush()
+        raw = self._read_meta(
+            snap.l1_offset,
+            snap.l1_entries * L.L1_ENTRY_SIZE,
+            snap.l1_checksum,
+            f"L1 of snapshot {name!r}",
+        )
+        new_l1 = L.unpack_l1(
+            raw, snap.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
+        )
+        new_refs = list(self._root_clusters(snap.l1_offset, new_l1, False))
+        old_refs = list(self._root_clusters(self._l1_off, self._l1, True))
+        for c in new_refs:
+            self._alloc.incref(c)
+        for c in old_refs:
+            self._alloc.decref(c)
+        self._l1, self._l1_off, self._l1_sum = new_l1, snap.l1_offset, snap.l1_checksum
+        self._l1_nbytes = len(raw)
+        self._l2cache.clear()
+        self._dirty_l2.clear()
+        self.size = snap.virtual_size
+        self._header_dirty = True
+        self.flush()
+
+    def snapshot_delete(self, name: str) -> None:
+        self._writable()
+        snap = self._find_snapshot(name)
+        self.flush()
+        raw = self._read_meta(
+            snap.l1_offset,
+            snap.l1_entries * L.L1_ENTRY_SIZE,
+            snap.l1_checksum,
+            f"L1 of snapshot {name!r}",
+        )
+        l1 = L.unpack_l1(
+            raw, snap.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
+        )
+        for c in list(self._root_clusters(snap.l1_offset, l1, False)):
+            self._alloc.decref(c)
+        self.snapshots.remove(snap)
+        self._snap_dirty = True
+        self.flush()
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def guest_clusters(self) -> int:
+        return -(-self.size // self.cluster_size)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "virtual-size": self.size,
+            "cluster-size": self.cluster_size,
+            "sequence": self._h.sequence,
+            "host-clusters": len(self._alloc),
+        }
+
+
+# ---------------------------------------------------------------------- helpers
+def read_current_header(f: ImageFile) -> L.Header:
+    """The valid header slot with the higher sequence number (crash model, spec section 7)."""
+    buf = f.pread(L.HEADER_AREA, 0)
+    best: L.Header | None = None
+    errors: list[FormatError] = []
+    for off in L.HEADER_SLOT_OFFSETS:
+        try:
+            h = L.unpack_header(buf[off : off + L.HEADER_SLOT_SIZE])
+        except FormatError as e:
+            errors.append(e)
+            continue
+        if best is None or h.sequence > best.sequence:
+            best = h
+    if best is None:
+        unsupported = [e for e in errors if isinstance(e, UnsupportedFeature)]
+        if unsupported:
+            raise unsupported[0]
+        if all("magic" in str(e) or "too short" in str(e) for e in errors):
+            raise FormatError(f"{f.path}: not a vimg image")
+        raise FormatError(f"{f.path}: no valid vimg header ({errors[-1]})")
+    return best
+
+
+def _resolve_rel(name: str, image_path: str) -> str:
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def _probe_format(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except FileNotFoundError:
+        raise UsageError(f"backing file {path!r} does not exist") from None
+    if head == L.MAGIC:
+        return "vimg"
+    if head[:4] == b"QFI\xfb":
+        return "qcow2"
+    return "raw"
+
+
+def _probe_size(backing: str, image_path: str) -> int:
+    p = _resolve_rel(backing, image_path)
+    if _probe_format(p) == "vimg":
+        with Image.open(p, readonly=True) as b:
+            return b.size
+    return os.path.getsize(p)
+
+
+def open_backing(img: Image, chain: tuple[str, ...]) -> Backing:
+    path = _resolve_rel(img.backing_name, img.path)
+    real = os.path.realpath(path)
+    if real in chain:
+        raise FormatError(f"backing chain loops back to {path}")
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise FormatError("backing chain too deep")
+    if not os.path.exists(path):
+        raise NotFound(f"backing file {img.backing_name!r} of {img.path} not found")
+    if img.backing_format == "raw":
+        return RawFile(path)
+    return Image.open(path, readonly=True, resolver=img.resolver, _chain=chain)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,153 @@
+"""The VEE registry: which VEEs a ``vfsd`` state directory serves, on which template.
+
+One small JSON file, ``<state>/vees.json``, written through :func:`durable_write` (temp file,
+fsync, rename, fsync of the directory): after a crash it holds either the old or the new set,
+never a torn one, so the daemon restarts with the same VEEs. Format::
+
+    {"format": "vfs-vees", "version": 1,
+     "vees": {"<name>": {"template": "<64 hex digest>", "ref": "<name or digest given>",
+                         "created_ns": 1700000000000000000}}}
+
+A VEE's private layer lives in ``<state>/vees/<name>/`` (:mod:`vfs.tree.private`); removing a VEE
+keeps that directory under ``<state>/removed/<name>.<time>/`` unless purged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vfs.errors import AlreadyExists, FormatError, NotFound, UsageError
+from vfs.tree.private import PrivateLayer
+from vfs.tree.template import check_digest
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vfs-vees"
+VERSION = 1
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_vee_name(name: str) -> str:
+    """VEE names become directory names in the mount and the state dir: keep them plain."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"invalid VEE name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
+        )
+    return name
+
+
+def durable_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically and durably (temp + fsync + rename + fsync of the dir)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass
+class VeeRecord:
+    name: str
+    template: str  # digest
+    ref: str  # what the operator asked for (a name or the digest)
+    created_ns: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"template": self.template, "ref": self.ref, "created_ns": self.created_ns}
+
+
+class VeeRegistry:
+    """The set of VEEs of one state directory (not thread-safe: the daemon owns it)."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state = Path(state_dir)
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "vees").mkdir(exist_ok=True)
+        self.file = self.state / "vees.json"
+        self.vees: dict[str, VeeRecord] = {}
+        if self.file.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            doc = json.loads(self.file.read_bytes())
+            if doc.get("format") != FORMAT:
+                raise FormatError(f"{self.file}: not a VEE registry")
+            if doc.get("version") != VERSION:
+                raise FormatError(f"{self.file}: registry version {doc.get('version')} unknown")
+            for name, rec in doc["vees"].items():
+                check_vee_name(name)
+                self.vees[name] = VeeRecord(
+                    name, check_digest(rec["template"]), str(rec["ref"]), int(rec["created_ns"])
+                )
+        except (ValueError, KeyError, TypeError, AttributeError, UsageError) as e:
+            raise FormatError(f"{self.file}: malformed VEE registry ({e})") from None
+
+    def _save(self) -> None:
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "vees": {n: r.to_json() for n, r in sorted(self.vees.items())},
+        }
+        durable_write(self.file, json.dumps(doc, indent=1).encode() + b"\n")
+
+    def layer_dir(self, name: str) -> Path:
+        return self.state / "vees" / check_vee_name(name)
+
+    def open_layer(self, name: str) -> PrivateLayer:
+        return PrivateLayer(self.layer_dir(name))
+
+    def get(self, name: str) -> VeeRecord:
+        try:
+            return self.vees[name]
+        except KeyError:
+            raise NotFound(f"no VEE named {name!r}") from None
+
+    def add(self, name: str, digest: str, ref: str) -> VeeRecord:
+        check_vee_name(name)
+        if name in self.vees:
+            raise AlreadyExists(f"VEE {name!r} exists")
+        rec = VeeRecord(name, check_digest(digest), ref, time.time_ns())
+        self.vees[name] = rec
+        self._save()
+        return rec
+
+    def set_template(self, name: str, digest: str, ref: str) -> VeeRecord:
+        rec = self.get(name)
+        rec.template = check_digest(digest)
+        rec.ref = ref
+        self._save()
+        return rec
+
+    def remove(self, name: str, *, purge: bool = False) -> Path | None:
+        """Forget a VEE; its private layer is moved aside (or deleted with ``purge``)."""
+        self.get(name)
+        del self.vees[name]
+        self._save()
+        layer = self.layer_dir(name)
+        if not layer.exists():
+            return None
+        if purge:
+            shutil.rmtree(layer)
+            return None
+        removed = self.state / "removed"
+        removed.mkdir(exist_ok=True)
+        dest = removed / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{time.time_ns() % 10**9}"
+        os.rename(layer, dest)
+        log.info("VEE %s removed; private layer kept at %s", name, dest)
+        return dest
