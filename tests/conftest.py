@@ -7,6 +7,7 @@ Tests publish into ``nginx.webroot / NAME`` (a file:// repository) and fetch thr
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -39,3 +40,33 @@ def nginx_repo(nginx: Nginx, request: pytest.FixtureRequest):
     FileRemote.init(path)
     yield path, name
     shutil.rmtree(path, ignore_errors=True)
+
+
+class _WarningCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_unexpected_log_warnings(request: pytest.FixtureRequest):
+    """A test in which vfs logs a warning or error it did not declare fails (S3QL's checklogs):
+    warnings are how the code says something went wrong quietly. Declare expected ones with
+    ``@pytest.mark.log_warnings``."""
+    collector = _WarningCollector()
+    vfs_logger = logging.getLogger("vfs")
+    vfs_logger.addHandler(collector)
+    try:
+        yield
+    finally:
+        vfs_logger.removeHandler(collector)
+    if collector.records and request.node.get_closest_marker("log_warnings") is None:
+        lines = [f"{r.name} {r.levelname}: {r.getMessage()}" for r in collector.records[:5]]
+        pytest.fail(
+            "vfs logged unexpected warnings (mark the test @pytest.mark.log_warnings if they "
+            "are expected):\n  " + "\n  ".join(lines),
+            pytrace=False,
+        )

@@ -145,6 +145,7 @@ class _Flaky(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(data[start:])
 
 
+@pytest.mark.log_warnings
 def test_cut_transfer_is_resumed_with_range(tmp_path, store):
     repo = tmp_path / "repo"
     oid = FileRemote(repo, create=True).put(data := os.urandom(3 << 20))

@@ -74,6 +74,7 @@ def test_oversized_object_refused_by_size_hint(env):
     assert not store.has(oid)
 
 
+@pytest.mark.log_warnings
 def test_damaged_local_copy_is_fetched_again(env):
     store, remote, res = env
     data = os.urandom(200_000)

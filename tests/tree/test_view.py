@@ -41,9 +41,7 @@ async def test_template_visible_and_shared(world):
     assert views.getattr(a.ino("etc/hosts")).shared
     assert a.ino("etc") != b.ino("etc")  # merged directories are per VEE
     assert a.ino("bin/tool") == a.ino("bin/tool-link")  # template hard link
-    assert sorted(a.listdir("")) == sorted(
-        ["big", "bin", "data", "empty", "etc", "fifo", "suid"]
-    )
+    assert sorted(a.listdir("")) == sorted(["big", "bin", "data", "empty", "etc", "fifo", "suid"])
     assert views.readlink(a.ino("bin/sh-link")) == b"tool"
     big = await a.read("big")
     assert len(big) == (2 << 20) + 4 and big.endswith(b"tail")
@@ -172,9 +170,8 @@ async def test_layer_never_follows_planted_symlink(world, tmp_path):
         views.mkdir(a.ino("evil"), b"x", 0o755, 0, 0)
     assert ei.value.errno == errno.ENOTDIR
     layer = PrivateLayer(tmp / "state" / "a")
-    with pytest.raises(OSError):
-        with layer.dirfd((b"evil",)):
-            pass
+    with pytest.raises(OSError), layer.dirfd((b"evil",)):
+        pass
     assert list(outside.iterdir()) == []
 
 

@@ -31,7 +31,7 @@ from vfs.errors import IntegrityError, UsageError, VfsError
 from vfs.image import layout as L
 from vfs.image.alloc import Allocator
 from vfs.image.fileio import ImageFile
-from vfs.image.image import Image, Resolver, default_opener, read_current_header
+from vfs.image.image import Image, default_opener, read_current_header
 
 log = logging.getLogger(__name__)
 _xxh = xxhash.xxh3_64_intdigest
@@ -155,9 +155,11 @@ class _Walk:
             self.fatal = True
         kept = []
         for s in self.snapshots:
+            saved = (array("I", self.computed), dict(self.kind))
             if self._root(s.name, s.l1_offset, s.l1_entries, s.l1_checksum, active=False):
                 kept.append(s)
-            else:
+            else:  # forget the partial counts of a root that is dropped
+                self.computed, self.kind = saved
                 self.dropped_snapshots.append(s.name)
         self.snapshots = kept
 
@@ -300,9 +302,7 @@ class _Walk:
         self.res.lost_clusters.append(first_ci * self.cs)
 
 
-def check(
-    path: str, repair: str | None = None, *, opener: Any = default_opener
-) -> CheckResult:
+def check(path: str, repair: str | None = None, *, opener: Any = default_opener) -> CheckResult:
     """Check (and with ``repair`` in {'leaks', 'all'} repair) the image at ``path``."""
     if repair not in (None, "leaks", "all"):
         raise UsageError(f"-r must be 'leaks' or 'all', not {repair!r}")
@@ -320,14 +320,10 @@ def check(
                 s, want = walk.stored[c], walk.computed[c]
                 if s > want:
                     res.leaks += 1
-                    res.messages.append(
-                        f"Leaked cluster {c} refcount={s} reference={want}"
-                    )
+                    res.messages.append(f"Leaked cluster {c} refcount={s} reference={want}")
                 elif s < want:
                     res.corruptions += 1
-                    res.messages.append(
-                        f"ERROR cluster {c} refcount={s} reference={want}"
-                    )
+                    res.messages.append(f"ERROR cluster {c} refcount={s} reference={want}")
         elif not res.corruptions:
             res.corruptions += 1
         if repair is None or (res.corruptions == 0 and res.leaks == 0):
@@ -394,13 +390,9 @@ def _rebuild(f: ImageFile, h: L.Header, walk: _Walk) -> None:
     img._header_dirty = True
     img._l1_dirty = True
     for idx, table in walk.damaged_l2.items():
-        off = h.l1_offset  # placeholder: the damaged table's own cluster, if any, is below
-        old = walk.active_l1[idx][0]
+        # Dirty: flush writes the salvaged table to a new cluster and frees the damaged one.
         img._l2cache[idx] = table
         img._dirty_l2.add(idx)
-        if old == 0:
-            continue
-        del off
     if not walk.rct:
         # The old refcount table is unreadable; its clusters were counted, relocate everything.
         img._rct = [(0, 0)] * L.refcount_blocks_for(len(counts), cs)
@@ -420,14 +412,15 @@ def verify(img: Image) -> list[dict[str, Any]]:
                 if t is None:
                     t = img.load_l2(off, s, idx)
             except IntegrityError as e:
-                bad.append({"root": name, "offset": idx * img._per_l2 * img.cluster_size,
-                            "error": str(e)})
+                bad.append(
+                    {"root": name, "offset": idx * img._per_l2 * img.cluster_size, "error": str(e)}
+                )
                 continue
             for i, e in enumerate(L.L2_ENTRY.iter_unpack(t)):
                 if e[0] not in (L.LOCAL, L.COMPRESSED, L.REMOTE):
                     continue
-                key = (e[0], e[4]) if e[0] != L.REMOTE else (e[0], hash(e[6]))
-                if key in seen and e[0] == L.LOCAL:
+                key = (e[4], e[5], e[6])
+                if key in seen:  # shared with an already verified root
                     continue
                 seen.add(key)
                 ci = idx * img._per_l2 + i
@@ -436,6 +429,12 @@ def verify(img: Image) -> list[dict[str, Any]]:
                 try:
                     img._cluster(ci, e)
                 except (IntegrityError, UsageError) as err:
-                    bad.append({"root": name, "offset": ci * img.cluster_size,
-                                "host-offset": e[4], "error": str(err)})
+                    bad.append(
+                        {
+                            "root": name,
+                            "offset": ci * img.cluster_size,
+                            "host-offset": e[4],
+                            "error": str(err),
+                        }
+                    )
     return bad

@@ -26,6 +26,7 @@ NUL, ``.``/``..`` or over 255 bytes are refused before any system call.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -44,6 +45,11 @@ REDIRECT_XATTR = b"trusted.overlay.redirect"
 PRIVATE_XATTR_PREFIX = b"trusted.overlay."
 NAME_MAX = 255
 COPY_CHUNK = 1 << 20
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -80,10 +86,29 @@ class PrivateLayer:
         self.root = Path(root)
         self.upper = self.root / "upper"
         self.work = self.root / "work"
-        for d in (self.root, self.upper, self.work):
-            d.mkdir(mode=0o700, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.work.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._clean_work()
+
+    def ensure_upper(self, meta: FileMeta) -> None:
+        """Create the upper root (the VEE root directory) with the template root's owner and
+        mode, atomically, if it does not exist yet."""
+        if self.upper.exists():
+            return
+        tmp = self.work / "root-new"
+        tmp.mkdir(mode=0o700)
+        os.chown(tmp, meta.uid, meta.gid)
+        os.chmod(tmp, stat.S_IMODE(meta.mode))
+        for k, v in meta.xattrs.items():
+            os.setxattr(tmp, k, v)
+        os.utime(tmp, ns=(meta.atime_ns, meta.mtime_ns))
+        os.rename(tmp, self.upper)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _clean_work(self) -> None:
         """Remove copy-up leftovers of a crash: they were never renamed into place, so no VEE
@@ -259,13 +284,19 @@ class PrivateLayer:
             if not replace_marker and _exists_at(pfd, name):
                 os.rmdir(tmp, dir_fd=wfd)
                 raise FileExistsError(errno.EEXIST, "File exists", os.fsdecode(name))
+            st = None
             if replace_marker:
                 with contextlib.suppress(FileNotFoundError):
                     st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                     if not is_whiteout(st):
                         os.rmdir(tmp, dir_fd=wfd)
                         raise FileExistsError(errno.EEXIST, "File exists", os.fsdecode(name))
-            os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
+            if st is not None:
+                # a directory cannot be renamed over the whiteout: swap them atomically
+                renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=wfd)
+            else:
+                os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
             fsync_dir(pfd)
 
     def copy_file(
@@ -376,6 +407,17 @@ class PrivateLayer:
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
+
+
+def renameat2(sfd: int, sname: bytes, dfd: int, dname: bytes, flags: int) -> None:
+    """renameat2(2) (RENAME_EXCHANGE, RENAME_WHITEOUT: atomic steps os.rename lacks)."""
+    if flags == 0:
+        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        return
+    rc = _libc.renameat2(sfd, sname, dfd, dname, ctypes.c_uint(flags))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(sname))
 
 
 def _exists_at(dfd: int, name: bytes) -> bool:

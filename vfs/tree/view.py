@@ -24,7 +24,6 @@ yields a per-VEE node of the asking VEE, and copy-up happens on that node.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -41,24 +40,23 @@ from vfs.tree.private import (
     OPAQUE_XATTR,
     PRIVATE_XATTR_PREFIX,
     REDIRECT_XATTR,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
     FileMeta,
     PrivateLayer,
     check_name,
     fsync_dir,
     is_whiteout,
+    renameat2,
 )
 
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4
 #: Attribute/entry cache time handed to the kernel. Everything the kernel caches changes only
 #: through this daemon, which invalidates what it changes behind the kernel's back.
 CACHE_TIMEOUT = 3600.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class FsError(VfsError):
@@ -232,6 +230,7 @@ class Views:
         check_name(name.encode())
         if name in self.vees:
             raise FsError(errno.EEXIST, f"VEE {name!r} already mounted")
+        layer.ensure_upper(_entry_meta(template.root))
         vee = Vee(name, template, layer)
         root = self._new_node(vee, stat.S_IFDIR, template.root)
         root.parent = self.root
@@ -852,7 +851,7 @@ class Views:
         tmp = b"rmdir-" + os.urandom(8).hex().encode()
         with vee.layer.workfd() as wfd, vee.layer.at(path) as (pfd, name):
             os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=wfd)
-            _renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)
+            renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)
             fsync_dir(pfd)
             vee.layer._rmtree_at(wfd, tmp)
 
@@ -911,7 +910,7 @@ class Views:
         # 4. move, leaving a whiteout when the template has the old name
         hide = self._natural_lower(p1, n1) is not None
         with vee.layer.at(spath) as (sfd, sname), vee.layer.at(dpath) as (dfd, dname):
-            _renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if hide else 0)
+            renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if hide else 0)
             fsync_dir(dfd)
             if sfd != dfd:
                 fsync_dir(sfd)
@@ -1085,16 +1084,6 @@ def _open_flags(flags: int) -> int:
     if flags & os.O_ACCMODE == os.O_WRONLY:
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags
-
-
-def _renameat2(sfd: int, sname: bytes, dfd: int, dname: bytes, flags: int) -> None:
-    if flags == 0:
-        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-        return
-    rc = _libc.renameat2(sfd, sname, dfd, dname, ctypes.c_uint(flags))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _now_ns() -> int:

@@ -1,0 +1,45 @@
+"""Shared helpers of the image tests: a write-stream recorder for power-failure replay."""
+
+from __future__ import annotations
+
+from vfs.image.fileio import ImageFile
+
+
+class Recorder:
+    """Wraps every ImageFile the image opens; logs pwrite/truncate/fsync in order."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple] = []
+
+    def opener(self, path: str, writable: bool, create: bool) -> ImageFile:
+        rec = self
+
+        class RecordingFile(ImageFile):
+            def pwrite(self, data: bytes, offset: int) -> None:
+                rec.ops.append(("w", offset, bytes(data)))
+                super().pwrite(data, offset)
+
+            def truncate(self, size: int) -> None:
+                rec.ops.append(("t", size))
+                super().truncate(size)
+
+            def fsync(self) -> None:
+                rec.ops.append(("sync",))
+                super().fsync()
+
+        return RecordingFile(path, writable=writable, create=create)
+
+
+def apply_ops(path: str, ops: list[tuple]) -> None:
+    """Replay recorded operations onto a fresh file at ``path``."""
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for op in ops:
+            if op[0] == "w":
+                os.pwrite(fd, op[2], op[1])
+            elif op[0] == "t":
+                os.ftruncate(fd, op[1])
+    finally:
+        os.close(fd)

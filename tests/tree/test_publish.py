@@ -1,0 +1,353 @@
+"""publish_template: every entry kind round-trips from a directory and from GNU tar; incremental
+uploads; big files are streamed; bad sources are refused without touching the repository."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from vfs.errors import FormatError, NotFound
+from vfs.redirect import FileRemote, LocalStore, Resolver
+from vfs.tree.manifest_diff import diff_templates
+from vfs.tree.template import Template, publish_template
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown, trusted.*)")
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return FileRemote(tmp_path / "repo", create=True)
+
+
+def n_objects(repo: FileRemote) -> int:
+    return sum(1 for _ in repo.iter_oids())
+
+
+def make_rich_tree(root: Path) -> None:
+    """One of everything a template must carry (run as root)."""
+    root.mkdir()
+    (root / "bin").mkdir()
+    f = root / "bin" / "tool"
+    f.write_bytes(b"#!/bin/sh\necho hi\n")
+    os.chmod(f, 0o4755)
+    os.chown(f, 1234, 5678)
+    os.setxattr(f, "user.comment", b"hello")
+    os.setxattr(f, "security.capability", b"\x01\x00\x00\x02" + bytes(16))
+    os.link(f, root / "bin" / "tool-hardlink")
+    os.link(f, root / "tool-third-name")
+    (root / "tmp").mkdir(mode=0o777)
+    os.chmod(root / "tmp", 0o1777)
+    (root / "shared").mkdir()
+    os.chmod(root / "shared", 0o2775)
+    os.chown(root / "shared", 0, 100)
+    os.setxattr(root / "shared", "trusted.overlay.x", b"")
+    os.setxattr(root / "shared", "user.bin", bytes(range(256)))
+    (root / "empty").write_bytes(b"")
+    (root / "data").write_bytes(os.urandom(300_000))
+    (root / "same-as-data").write_bytes((root / "data").read_bytes())
+    os.symlink("bin/tool", root / "rel-link")
+    os.symlink("/etc/passwd", root / "abs-link")
+    os.symlink("does/not/exist", root / "dangling")
+    os.mkfifo(root / "fifo", 0o640)
+    os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(root / "loop9", 0o660 | stat.S_IFBLK, os.makedev(7, 9))
+    os.mknod(root / "bigdev", 0o600 | stat.S_IFCHR, os.makedev(259, 70000))
+    (root / b"caf\xe9-latin1".decode("utf-8", "surrogateescape")).write_bytes(b"x")
+    with open(root / "sparse", "wb") as sp:
+        sp.truncate(64 << 20)
+        sp.seek(40 << 20)
+        sp.write(b"island")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(root / "sock"))
+    s.close()
+    os.utime(root / "data", ns=(1_000_000_001, 2_000_000_002))
+    os.utime(root / "bin", ns=(-5_000_000_000, 1_600_000_000_123_456_789))
+
+
+def snapshot(root: Path) -> dict[bytes, os.stat_result]:
+    """lstat of every path, listing directories with O_NOATIME so looking changes nothing."""
+    out = {b"": os.lstat(root)}
+    stack = [(os.fsencode(root), b"")]
+    while stack:
+        full, rel = stack.pop()
+        fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+        for n in names:
+            st = os.lstat(full + b"/" + n)
+            out[rel + n] = st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((full + b"/" + n, rel + n + b"/"))
+    return out
+
+
+def assert_matches_source(t: Template, root: Path, repo: FileRemote, snap) -> None:
+    paths = dict(t.walk())
+    assert set(paths) == set(snap)
+    inos: dict[tuple[int, int], int] = {}
+    for path, st in snap.items():
+        e = paths[path]
+        full = os.path.join(os.fsencode(root), path) if path else os.fsencode(root)
+        assert e.mode == st.st_mode, path
+        assert (e.uid, e.gid) == (st.st_uid, st.st_gid), path
+        assert e.mtime_ns == st.st_mtime_ns, path
+        assert e.ctime_ns == st.st_ctime_ns, path
+        if not stat.S_ISLNK(st.st_mode):
+            assert e.atime_ns == st.st_atime_ns, path
+        assert e.rdev == (st.st_rdev if e.kind in ("chr", "blk") else 0), path
+        want_x = {os.fsencode(k): os.getxattr(full, k, follow_symlinks=False)
+                  for k in os.listxattr(full, follow_symlinks=False)}  # fmt: skip
+        assert dict(e.xattrs) == want_x, path
+        if e.kind == "reg":
+            assert e.size == st.st_size
+            assert e.nlink == st.st_nlink  # every link of the source lies inside the tree
+            if st.st_size == 0:
+                assert e.oid is None
+            else:
+                h = hashlib.sha256()
+                for chunk in repo.iter_object(e.oid):
+                    h.update(chunk)
+                assert h.hexdigest() == e.oid
+                assert e.oid == hashlib.sha256(Path(os.fsdecode(full)).read_bytes()).hexdigest()
+            assert inos.setdefault((st.st_dev, st.st_ino), e.ino) == e.ino  # hard links
+        elif e.kind == "lnk":
+            assert e.target == os.readlink(full)
+        elif e.kind == "dir":
+            assert e.nlink == st.st_nlink
+            assert [n for n, _ in t.readdir(e.ino)] == sorted(os.listdir(full))
+
+
+@needs_root
+def test_directory_round_trip_of_every_entry_kind(tmp_path, repo):
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    before = snapshot(src)
+    res = publish_template(src, repo, name="rich")
+    after = snapshot(src)
+    assert {p: (s.st_atime_ns, s.st_ctime_ns) for p, s in after.items() if not
+            stat.S_ISLNK(s.st_mode)} == {p: (s.st_atime_ns, s.st_ctime_ns) for p, s in
+            before.items() if not stat.S_ISLNK(s.st_mode)}  # fmt: skip
+    assert repo.get_ref("rich") == res.digest
+    t = Template.load(repo, res.digest)
+    assert_matches_source(t, src, repo, before)
+    kinds = {e.kind for _, e in t.walk()}
+    assert kinds == {"reg", "dir", "lnk", "fifo", "chr", "blk", "sock"}
+    tool = t.resolve(b"bin/tool")
+    assert tool.nlink == 3 and t.resolve(b"tool-third-name") is tool
+    assert t.resolve(b"data").oid == t.resolve(b"same-as-data").oid
+    # 3 distinct non-empty contents... plus the small ones, plus the manifest
+    assert res.objects == res.objects_uploaded == n_objects(repo)
+    assert res.entries == len(t) and res.paths == len(before)
+
+
+@needs_root
+def test_gnu_tar_with_xattrs_round_trips_like_the_directory(tmp_path, repo):
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    tar = tmp_path / "tree.tar.gz"
+    subprocess.run(
+        ["tar", "--xattrs", "--xattrs-include=*", "--format=posix", "--numeric-owner",
+         "--sparse", "-czf", str(tar), "-C", str(src), "."],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    from_dir = Template.load(repo, publish_template(src, repo).digest)
+    res = publish_template(tar, repo)
+    from_tar = Template.load(repo, res.digest)
+    # tar cannot carry sockets; everything else (contents, modes, owners, devices, hard links,
+    # xattrs, mtimes to the ns) must be identical
+    changes = diff_templates(from_dir, from_tar)
+    assert [(c.path, c.status) for c in changes] == [(b"sock", "removed")]
+    assert res.objects_uploaded == 1  # only the manifest: the contents were all there already
+    tool = from_tar.resolve(b"bin/tool")
+    assert from_tar.resolve(b"bin/tool-hardlink") is tool and tool.nlink == 3
+    assert tool.xattrs[b"security.capability"].startswith(b"\x01\x00\x00\x02")
+
+
+def test_tar_built_with_tarfile_keeps_metadata(tmp_path, repo):
+    tar = tmp_path / "t.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+
+        def add(name, type_, data=b"", **kw):
+            ti = tarfile.TarInfo(name)
+            ti.type = type_
+            ti.size = len(data)
+            pax = kw.pop("pax", {})
+            for k, v in kw.items():
+                setattr(ti, k, v)
+            ti.pax_headers = pax
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+
+        add("./usr/", tarfile.DIRTYPE, mode=0o755)
+        add("./usr/bin/su", tarfile.REGTYPE, b"su!", mode=0o4755, uid=0, gid=0,
+            pax={"mtime": "1700000000.123456789", "SCHILY.xattr.user.k": "v"})  # fmt: skip
+        add("usr/bin/su-again", tarfile.LNKTYPE, linkname="./usr/bin/su")
+        add("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0, mode=0o660, gid=6)
+        add("link", tarfile.SYMTYPE, linkname="usr/bin/su")
+        add("/abs/file", tarfile.REGTYPE, b"abs")
+        add("fifo", tarfile.FIFOTYPE, mode=0o600)
+        add("empty", tarfile.REGTYPE, mode=0o644, uid=1000, gid=1000)
+    t = Template.load(repo, publish_template(tar, repo).digest)
+    su = t.resolve(b"usr/bin/su")
+    assert su.mode == stat.S_IFREG | 0o4755 and su.mtime_ns == 1_700_000_000_123_456_789
+    assert dict(su.xattrs) == {b"user.k": b"v"} and su.nlink == 2
+    assert t.resolve(b"usr/bin/su-again") is su
+    assert repo.get(su.oid) == b"su!"
+    sda = t.resolve(b"dev/sda")
+    assert sda.kind == "blk" and sda.rdev == os.makedev(8, 0) and sda.gid == 6
+    implicit = t.resolve(b"dev")  # not in the archive: created
+    assert implicit.kind == "dir" and implicit.mode == stat.S_IFDIR | 0o755
+    assert t.resolve(b"abs/file").size == 3
+    assert t.resolve(b"link").target == b"usr/bin/su"
+    e = t.resolve(b"empty")
+    assert e.oid is None and (e.uid, e.gid) == (1000, 1000)
+
+
+@pytest.mark.parametrize(
+    "name,link",
+    [("../evil", None), ("a/../../evil", None), ("ok", "../outside")],
+)
+def test_tar_with_dotdot_is_refused_and_repository_untouched(tmp_path, repo, name, link):
+    tar = tmp_path / "evil.tar"
+    with tarfile.open(tar, "w") as tf:
+        ti = tarfile.TarInfo(name)
+        if link:
+            ti.type = tarfile.LNKTYPE
+            ti.linkname = link
+        tf.addfile(ti, io.BytesIO(b""))
+    before = n_objects(repo)
+    with pytest.raises(FormatError, match=r"'\.\.'"):
+        publish_template(tar, repo, name="evil")
+    assert n_objects(repo) == before
+    with pytest.raises(NotFound):
+        repo.get_ref("evil")
+
+
+def test_not_a_tar_and_missing_source(tmp_path, repo):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"this is not a tar archive" * 40)
+    with pytest.raises(FormatError, match="not a readable tar"):
+        publish_template(junk, repo)
+    with pytest.raises(NotFound):
+        publish_template(tmp_path / "missing", repo)
+    trunc = tmp_path / "trunc.tar"
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    with tarfile.open(trunc, "w") as tf:
+        tf.add(src, arcname=".")
+    trunc.write_bytes(trunc.read_bytes()[:20_000])
+    with pytest.raises(FormatError):
+        publish_template(trunc, repo)
+
+
+def test_incremental_publish_uploads_only_what_changed(tmp_path, repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:02d}").write_bytes(f"content {i}\n".encode() * 100)
+    (src / "dup").write_bytes((src / "f00").read_bytes())
+    r1 = publish_template(src, repo, name="app")
+    assert r1.objects_uploaded == 41 and r1.objects_skipped == 0  # 40 contents + manifest
+    assert n_objects(repo) == 41
+
+    again = publish_template(src, repo, name="app")
+    assert again.digest == r1.digest
+    assert again.objects_uploaded == 0 and again.bytes_uploaded == 0
+    assert n_objects(repo) == 41
+
+    (src / "f03").write_bytes(b"changed\n")
+    (src / "f07").write_bytes(b"changed too\n")
+    (src / "new").write_bytes(b"brand new\n")
+    (src / "f09").unlink()
+    os.chmod(src / "f10", 0o600)  # metadata only: no content upload
+    r2 = publish_template(src, repo, name="app")
+    assert r2.digest != r1.digest
+    assert r2.objects_uploaded == 4  # 3 new contents + the new manifest
+    assert r2.bytes_uploaded == len(b"changed\n") + len(b"changed too\n") + len(b"brand new\n") + (
+        r2.manifest_bytes
+    )
+    assert n_objects(repo) == 45
+    assert repo.get_ref("app") == r2.digest
+    changes = {c.path: c for c in diff_templates(Template.load(repo, r1.digest),
+                                                 Template.load(repo, r2.digest))}  # fmt: skip
+    assert changes[b"new"].status == "added" and changes[b"f09"].status == "removed"
+    assert changes[b"f03"].fields[0] == "size" and "content" in changes[b"f03"].fields
+    assert changes[b"f10"].fields == ("mode",)
+
+
+def test_big_sparse_file_is_streamed_not_loaded(tmp_path, repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(96 << 20)
+        f.seek(50 << 20)
+        f.write(b"needle")
+    tar = tmp_path / "big.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(src, arcname=".")
+    tracemalloc.start()
+    try:
+        r = publish_template(src, repo)
+        r_tar = publish_template(tar, repo)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"publish held {peak >> 20} MiB in memory"
+    assert r.digest == publish_template(src, repo).digest
+    e = Template.load(repo, r.digest).resolve(b"big.img")
+    assert e.size == 96 << 20 and repo.size(e.oid) == 96 << 20
+    assert Template.load(repo, r_tar.digest).resolve(b"big.img").oid == e.oid
+    with open(repo.root / "objects" / e.oid[:2] / e.oid, "rb") as f:
+        f.seek(50 << 20)
+        assert f.read(6) == b"needle"
+
+
+def test_publish_also_fills_a_local_store(tmp_path, repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"aaa")
+    (src / "b").write_bytes(os.urandom(5 << 20))  # > SMALL_FILE: the put_file path
+    with LocalStore(tmp_path / "store") as store:
+        r = publish_template(src, repo, store=store)
+        t = Template.load(Resolver(store, None), r.digest)  # no remote: all local
+        assert store.get(t.resolve(b"a").oid) == b"aaa"
+        assert store.size(t.resolve(b"b").oid) == 5 << 20
+
+
+def test_publish_via_resolver_second_redirection(tmp_path, repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_bytes(b"world")
+    r = publish_template(src, repo)
+    with LocalStore(tmp_path / "store") as store:
+        res = Resolver(store, repo)
+        assert not res.has_local(r.digest)
+        t = Template.load(res, r.digest)  # fetched, verified, stored
+        assert res.has_local(r.digest)
+        assert res.read(t.resolve(b"hello").oid, 1, 3) == b"orl"
+
+
+def test_source_deeper_than_the_limit_is_refused(tmp_path, repo, monkeypatch):
+    from vfs.errors import UsageError
+    from vfs.tree import manifest_layout
+
+    monkeypatch.setattr(manifest_layout, "MAX_DEPTH", 5)
+    src = tmp_path / "src"
+    (src / "a/b/c/d/e/f/g").mkdir(parents=True)
+    with pytest.raises(UsageError, match="deeper"):
+        publish_template(src, repo)
+    shutil.rmtree(src / "a/b/c/d/e/f")
+    publish_template(src, repo)

@@ -1,0 +1,137 @@
+"""The control protocol of a running ``vfsd serve``: JSON lines over a Unix socket.
+
+The socket is ``<state>/control.sock`` (mode 0600: whoever can use it can change VEEs). One
+request per connection::
+
+    -> {"op": "add", "name": "web1", "template": "<digest or name>"}\\n
+    <- {"ok": true, "result": {...}}\\n
+    <- {"ok": false, "error": "no VEE named 'x'", "exit_code": 4}\\n
+
+Ops: ``ping``, ``list``, ``add`` (name, template), ``rm`` (name, purge), ``upgrade`` (name,
+template, dry_run). Errors carry the exit code of the :mod:`vfs.errors` class the daemon raised,
+so the CLI exits exactly as if it had done the work itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vfs.errors import BusyError, FormatError, UsageError, VfsError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 1 << 20
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ControlError(VfsError):
+    """An error the daemon reported (message and exit code as it raised them)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class DaemonNotRunning(VfsError):
+    exit_code = 3
+
+
+def socket_path(state_dir: str | Path) -> Path:
+    p = Path(state_dir) / SOCKET_NAME
+    if len(os.fsencode(p)) >= 108:
+        raise UsageError(f"state directory path too long for a Unix socket: {p}")
+    return p
+
+
+async def serve_control(state_dir: Path, handler: Handler, *, task_status: Any = None) -> None:
+    """Accept control connections until cancelled."""
+    path = socket_path(state_dir)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    await sock.bind(os.fspath(path))
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        if task_status is not None:
+            task_status.started()
+        await trio.serve_listeners(
+            lambda stream: _serve_one(stream, handler), [listener], handler_nursery=None
+        )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+    async with stream:
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+                if len(buf) > MAX_REQUEST:
+                    raise UsageError("control request too long")
+            req = json.loads(buf.split(b"\n", 1)[0])
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                raise UsageError("control request must be a JSON object with an 'op'")
+            result = await handler(req)
+            reply: dict[str, Any] = {"ok": True, "result": result}
+        except VfsError as e:
+            reply = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+        except ValueError as e:
+            reply = {"ok": False, "error": f"malformed control request: {e}", "exit_code": 2}
+        except Exception as e:  # a bug must not kill the daemon: report it
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"internal error: {e}", "exit_code": 1}
+        try:
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except trio.BrokenResourceError:
+            pass
+
+
+def call(state_dir: str | Path, request: dict[str, Any], timeout: float = 600.0) -> Any:
+    """Send one request to the daemon of ``state_dir``; its result, or ControlError."""
+    path = socket_path(state_dir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(
+                f"no vfsd serving state directory {state_dir} (no answer on {path})"
+            ) from None
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+    except TimeoutError:
+        raise BusyError(f"vfsd did not answer within {timeout:.0f} s") from None
+    finally:
+        s.close()
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise FormatError("vfsd sent a malformed reply") from None
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error")), int(reply.get("exit_code", 1)))
+    return reply.get("result")
+
