@@ -52,14 +52,27 @@ def _run(tmp_path, seed: int, *, compress: bool, cluster: int, backing: bool, no
     try:
         for i in range(nops):
             op = r.choices(
-                ["write", "read", "discard", "zero", "flush", "snap", "apply", "delsnap",
-                 "resize", "reopen", "commit"],
+                [
+                    "write",
+                    "read",
+                    "discard",
+                    "zero",
+                    "flush",
+                    "snap",
+                    "apply",
+                    "delsnap",
+                    "resize",
+                    "reopen",
+                    "commit",
+                ],
                 weights=[30, 20, 6, 6, 5, 2, 2, 1, 3, 2, 2 if backing else 0],
             )[0]
             size = len(model)
             off = r.randrange(0, size)
-            n = min(r.choice([1, 511, 4096, cluster, 3 * cluster + 7, r.randrange(1, 70000)]),
-                    size - off)
+            n = min(
+                r.choice([1, 511, 4096, cluster, 3 * cluster + 7, r.randrange(1, 70000)]),
+                size - off,
+            )
             if op == "write":
                 d = _data(r, n)
                 log.append(f"{i}: write {off:#x}+{n:#x}")
@@ -154,5 +167,11 @@ def test_fsx_backing(tmp_path, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(100, 110))
 def test_fsx_long(tmp_path, seed):
-    _run(tmp_path, seed, compress=seed % 2 == 0, cluster=4096 << (seed % 3), backing=seed % 3 == 0,
-         nops=1500)
+    _run(
+        tmp_path,
+        seed,
+        compress=seed % 2 == 0,
+        cluster=4096 << (seed % 3),
+        backing=seed % 3 == 0,
+        nops=1500,
+    )

@@ -310,7 +310,8 @@ def test_reserved_fields_must_be_zero():
 
 
 def test_bad_magic_and_short_input():
-    refused(b"", "shorter than the header")
+    refused(b"", "bad magic")
+    refused(L.MAGIC + bytes(20), "shorter than the header")
     refused(b"GIF89a" + bytes(100), "bad magic")
 
 
@@ -330,6 +331,10 @@ def test_absurd_counts_refused_without_allocating():
 
 def test_length_fields_must_match_the_data():
     refused(raw([ino("dir")], stored_len=5), "stored body")
+    # found by the fuzzer: an uncompressed body shorter than its tables
+    short = raw([ino("dir")], heap=b"")[:-10]
+    short = short[:52] + (len(short) - 64).to_bytes(8, "little") + short[60:]
+    refused(short, "uncompressed body")
     refused(raw([ino("dir")], header_len=10), "header length")
     refused(raw([ino("dir")], header_len=60000), "header length")
 

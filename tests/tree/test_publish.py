@@ -11,12 +11,15 @@ import socket
 import stat
 import subprocess
 import tarfile
+import tempfile
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vfs.errors import FormatError, NotFound
+from vfs.errors import FormatError, NotFound, StoreFull
 from vfs.redirect import FileRemote, LocalStore, Resolver
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.template import Template, publish_template
@@ -93,40 +96,54 @@ def snapshot(root: Path) -> dict[bytes, os.stat_result]:
     return out
 
 
+def _read_noatime(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _list_noatime(path: bytes) -> list[bytes]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+    try:
+        return [os.fsencode(n) for n in os.listdir(fd)]
+    finally:
+        os.close(fd)
+
+
 def assert_matches_source(t: Template, root: Path, repo: FileRemote, snap) -> None:
     paths = dict(t.walk())
     assert set(paths) == set(snap)
     inos: dict[tuple[int, int], int] = {}
-    for path, st in snap.items():
+    for path, sr in snap.items():
         e = paths[path]
         full = os.path.join(os.fsencode(root), path) if path else os.fsencode(root)
-        assert e.mode == st.st_mode, path
-        assert (e.uid, e.gid) == (st.st_uid, st.st_gid), path
-        assert e.mtime_ns == st.st_mtime_ns, path
-        assert e.ctime_ns == st.st_ctime_ns, path
-        if not stat.S_ISLNK(st.st_mode):
-            assert e.atime_ns == st.st_atime_ns, path
-        assert e.rdev == (st.st_rdev if e.kind in ("chr", "blk") else 0), path
+        assert e.mode == sr.st_mode, path
+        assert (e.uid, e.gid) == (sr.st_uid, sr.st_gid), path
+        assert e.mtime_ns == sr.st_mtime_ns, path
+        assert e.ctime_ns == sr.st_ctime_ns, path
+        if not stat.S_ISLNK(sr.st_mode):
+            assert e.atime_ns == sr.st_atime_ns, path
+        assert e.rdev == (sr.st_rdev if e.kind in ("chr", "blk") else 0), path
         want_x = {os.fsencode(k): os.getxattr(full, k, follow_symlinks=False)
                   for k in os.listxattr(full, follow_symlinks=False)}  # fmt: skip
         assert dict(e.xattrs) == want_x, path
         if e.kind == "reg":
-            assert e.size == st.st_size
-            assert e.nlink == st.st_nlink  # every link of the source lies inside the tree
-            if st.st_size == 0:
+            assert e.size == sr.st_size
+            assert e.nlink == sr.st_nlink  # every link of the source lies inside the tree
+            if sr.st_size == 0:
                 assert e.oid is None
             else:
                 h = hashlib.sha256()
                 for chunk in repo.iter_object(e.oid):
                     h.update(chunk)
                 assert h.hexdigest() == e.oid
-                assert e.oid == hashlib.sha256(Path(os.fsdecode(full)).read_bytes()).hexdigest()
-            assert inos.setdefault((st.st_dev, st.st_ino), e.ino) == e.ino  # hard links
+                assert e.oid == hashlib.sha256(_read_noatime(full)).hexdigest()
+            assert inos.setdefault((sr.st_dev, sr.st_ino), e.ino) == e.ino  # hard links
         elif e.kind == "lnk":
             assert e.target == os.readlink(full)
         elif e.kind == "dir":
-            assert e.nlink == st.st_nlink
-            assert [n for n, _ in t.readdir(e.ino)] == sorted(os.listdir(full))
+            assert e.nlink == sr.st_nlink
+            assert [n for n, _ in t.readdir(e.ino)] == sorted(_list_noatime(full))
 
 
 @needs_root
@@ -351,3 +368,162 @@ def test_source_deeper_than_the_limit_is_refused(tmp_path, repo, monkeypatch):
         publish_template(src, repo)
     shutil.rmtree(src / "a/b/c/d/e/f")
     publish_template(src, repo)
+
+
+def test_tar_from_a_stream(tmp_path, repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"streamed")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tf:
+        tf.add(src, arcname=".")
+    buf.seek(0)
+    t = Template.load(repo, publish_template(buf, repo).digest)
+    assert repo.get(t.resolve(b"f").oid) == b"streamed"
+
+
+class MemRepo:
+    """An in-memory repository for fuzzing (the file:// one is tested above)."""
+
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}
+
+    def has(self, oid):
+        return oid in self.objects
+
+    def put(self, data):
+        oid = hashlib.sha256(data).hexdigest()
+        self.objects[oid] = bytes(data)
+        return oid
+
+    def put_file(self, path):
+        return self.put(Path(path).read_bytes())
+
+
+def _small_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in [("d/a", b"alpha"), ("d/b", b"")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.pax_headers = {"SCHILY.xattr.user.x": "1", "mtime": "1.5"}
+            tf.addfile(ti, io.BytesIO(data))
+        ti = tarfile.TarInfo("d/h")
+        ti.type = tarfile.LNKTYPE
+        ti.linkname = "d/a"
+        tf.addfile(ti)
+        ti = tarfile.TarInfo("dev")
+        ti.type = tarfile.CHRTYPE
+        ti.devmajor, ti.devminor = 1, 3
+        tf.addfile(ti)
+    return buf.getvalue()
+
+
+_TAR = _small_tar()
+
+
+@given(st.lists(st.tuples(st.integers(0, len(_TAR) - 1), st.integers(0, 255)), max_size=8))
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_tar_input_gives_only_format_errors(edits):
+    data = bytearray(_TAR)
+    for pos, val in edits:
+        data[pos] = val
+    repo = MemRepo()
+    try:
+        r = publish_template(io.BytesIO(bytes(data)), repo)
+    except FormatError as e:
+        assert "\n" not in str(e)
+    else:
+        Template.from_bytes(repo.objects[r.digest], r.digest)
+
+
+class FailingRepo:
+    """Wraps a repository; the n-th put fails as a full disk would."""
+
+    def __init__(self, inner: FileRemote, fail_at: int):
+        self.inner, self.fail_at, self.puts = inner, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put(self, data):
+        self.puts += 1
+        if self.puts >= self.fail_at:
+            raise StoreFull("no space left in repository (test)")
+        return self.inner.put(data)
+
+
+def test_upload_failure_stops_the_publish_before_manifest_and_ref(tmp_path, repo):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(200):
+        (src / f"f{i}").write_bytes(b"%d" % i)
+    old = publish_template(src, repo, name="app")
+    (src / "f0").write_bytes(b"new content")
+    for i in range(200, 260):
+        (src / f"f{i}").write_bytes(b"%d" % i)
+    failing = FailingRepo(repo, fail_at=20)
+    with pytest.raises(StoreFull):
+        publish_template(src, failing, name="app")
+    assert repo.get_ref("app") == old.digest
+    present = set(repo.iter_oids())
+    assert len(present) < 201 + 61  # no manifest of the new version was written
+    res = publish_template(src, repo, name="app")
+    assert res.digest not in present and repo.get_ref("app") == res.digest
+
+
+_fs_names = st.sampled_from(["a", "b", "c", "d e", "ünï", "x" * 200, ".hidden"])
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["file", "dir", "link", "symlink", "fifo", "chmod", "xattr", "utime"]),
+        st.lists(_fs_names, min_size=1, max_size=3),
+        st.binary(max_size=64),
+        st.integers(0, 0o7777),
+    ),
+    max_size=25,
+)
+
+
+@needs_root
+@given(_ops)
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_random_trees_round_trip(tmp_path, ops):
+    """Random trees built on disk by real syscalls publish to templates that match lstat."""
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    src = base / "src"
+    src.mkdir()
+    files: list[Path] = []
+    for op, parts, data, mode in ops:
+        p = src.joinpath(*parts)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if op == "file":
+                p.write_bytes(data)
+                files.append(p)
+            elif op == "dir":
+                p.mkdir()
+            elif op == "link" and files:
+                os.link(files[len(data) % len(files)], p)
+            elif op == "symlink":
+                os.symlink(data.hex() or "t", p)
+            elif op == "fifo":
+                os.mkfifo(p)
+            elif op == "chmod" and not p.is_symlink():
+                os.chmod(p, mode | 0o700)
+            elif op == "xattr":
+                os.setxattr(p, "user." + parts[-1], data, follow_symlinks=False)
+            elif op == "utime":
+                os.utime(p, ns=(mode * 10**9 + 7, mode * 10**9 + 9), follow_symlinks=False)
+        except (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            pass
+        except OSError as e:  # user.* xattrs on symlinks/fifos: EPERM
+            if e.errno not in (1, 95):
+                raise
+    repo = FileRemote(base / "repo", create=True)
+    snap = snapshot(src)
+    r = publish_template(src, repo)
+    assert_matches_source(Template.load(repo, r.digest), src, repo, snap)
+    assert publish_template(src, repo).objects_uploaded == 0
+    shutil.rmtree(base)

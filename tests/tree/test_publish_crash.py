@@ -10,8 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from vfs.redirect import FileRemote
 from vfs.tree.template import Template, publish_template
 
@@ -24,7 +22,6 @@ print("done", flush=True)
 """
 
 
-@pytest.mark.slow
 def test_kill_during_publish_keeps_old_ref_and_resumes(tmp_path):
     repo_dir = tmp_path / "repo"
     repo = FileRemote(repo_dir, create=True)

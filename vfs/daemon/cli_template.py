@@ -82,7 +82,7 @@ def _progress():
 @click.argument("src", type=click.Path(path_type=Path))
 @handle_errors
 def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, as_json, src):
-    """Publish SRC (a directory or a tar archive) and print the template digest.
+    """Publish SRC (a directory, a tar archive, or - for a tar on stdin); print the digest.
 
     Uploads only the objects the repository lacks: content objects first, then the manifest,
     then the name, so an interrupted publish leaves the old name and no partial template.
@@ -94,7 +94,8 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, as_json,
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(open_store(store_dir)) if store_dir else None
             t0 = time.perf_counter()
-            res = publish_template(src, r, name=name, store=store, progress=progress)
+            source = sys.stdin.buffer if str(src) == "-" else src
+            res = publish_template(source, r, name=name, store=store, progress=progress)
             dt = time.perf_counter() - t0
     if progress is not None:
         click.echo("", err=True)
@@ -113,17 +114,43 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, as_json,
 
 @template.command("ls")
 @repo_options
+@_store_opt
+@click.option("-l", "--long", "long_", is_flag=True, help="Also load each template: sizes.")
 @_json_opt
 @handle_errors
-def ls(repo_url, ca, cert, key, timeout, retries, as_json):
+def ls(repo_url, ca, cert, key, timeout, retries, store_dir, long_, as_json):
     """List the template names of a repository and their digests."""
-    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
         refs = r.list_refs()
+        if not long_:
+            if as_json:
+                emit_json(refs)
+            else:
+                for ref_name, digest in sorted(refs.items()):
+                    click.echo(f"{digest}  {ref_name}")
+            return
+        rows = []
+        for ref_name, digest in sorted(refs.items()):
+            t = Template.load(getter, digest)
+            content = {e.oid: e.size for _, e in t.walk() if e.oid is not None}
+            rows.append(
+                {
+                    "name": ref_name,
+                    "digest": digest,
+                    "entries": len(t),
+                    "objects": len(content),
+                    "content_bytes": sum(content.values()),
+                    "manifest_bytes": t.manifest_size,
+                }
+            )
     if as_json:
-        emit_json(refs)
+        emit_json(rows)
         return
-    for ref_name, digest in sorted(refs.items()):
-        click.echo(f"{digest}  {ref_name}")
+    for row in rows:
+        click.echo(
+            f"{row['digest']}  {row['entries']:>8} entries {row['content_bytes']:>14} bytes  "
+            f"{row['name']}"
+        )
 
 
 def _text(b: bytes | None) -> str | None:

@@ -134,4 +134,3 @@ def call(state_dir: str | Path, request: dict[str, Any], timeout: float = 600.0)
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error")), int(reply.get("exit_code", 1)))
     return reply.get("result")
-

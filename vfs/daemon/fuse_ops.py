@@ -115,9 +115,7 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        return entry_attributes(
-            self.views.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
-        )
+        return entry_attributes(self.views.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errno
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:

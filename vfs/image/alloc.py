@@ -25,7 +25,7 @@ class Allocator:
         self.pending: set[int] = set()
         #: Refcount blocks changed since the last commit.
         self.dirty_blocks: set[int] = set()
-        self._free = [i for i, c in enumerate(counts) if c == 0]
+        self._free = [i for i, c in enumerate(counts) if c == 0] if any(counts) else []
         heapq.heapify(self._free)
 
     def __len__(self) -> int:

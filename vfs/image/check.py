@@ -29,9 +29,8 @@ import xxhash
 
 from vfs.errors import IntegrityError, UsageError, VfsError
 from vfs.image import layout as L
-from vfs.image.alloc import Allocator
 from vfs.image.fileio import ImageFile
-from vfs.image.image import Image, default_opener, read_current_header
+from vfs.image.image import Image, Salvaged, default_opener, read_current_header
 
 log = logging.getLogger(__name__)
 _xxh = xxhash.xxh3_64_intdigest
@@ -94,9 +93,16 @@ class _Walk:
         self.f, self.h, self.res, self.salvage = f, h, res, salvage
         self.cs = cs = h.cluster_size
         self.bits = h.cluster_bits
-        self.host_clusters = h.host_clusters
-        self.host_end = h.host_clusters * cs
-        self.computed = array("I", [0]) * h.host_clusters
+        file_clusters = -(-f.size() // cs)
+        if h.host_clusters > file_clusters + 1:
+            self.corrupt(
+                f"image end {h.host_clusters * cs:#x} lies past the end of the file "
+                f"({f.size():#x}): truncated"
+            )
+        # Never trust the header for an allocation size: bound it by the real file.
+        self.host_clusters = min(h.host_clusters, file_clusters + 1)
+        self.host_end = self.host_clusters * cs
+        self.computed = array("I", [0]) * self.host_clusters
         self.kind: dict[int, str] = {}
         #: Damaged structures whose clusters the committed header still references.
         self.damaged_l2: dict[int, bytearray] = {}  # active l1 index -> salvaged table
@@ -316,7 +322,7 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         walk.run()
         corruptions_before = res.corruptions
         if walk.stored is not None:
-            for c in range(h.host_clusters):
+            for c in range(min(h.host_clusters, walk.host_clusters, len(walk.stored))):
                 s, want = walk.stored[c], walk.computed[c]
                 if s > want:
                     res.leaks += 1
@@ -347,55 +353,21 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
 
 
 def _rebuild(f: ImageFile, h: L.Header, walk: _Walk) -> None:
-    """Commit the salvaged tree with recomputed refcounts (through the normal flush)."""
-    cs = h.cluster_size
-    img = Image.__new__(Image)
-    counts = array("H", (min(v, L.MAX_REFCOUNT) for v in walk.computed))
-    # Build the Image by hand: the normal loader would refuse the damaged parts.
-    img.path = f.path
-    img._f = f
-    img._h = h
-    img.readonly = False
-    img.resolver = None
-    img.cluster_bits = h.cluster_bits
-    img.cluster_size = cs
-    img._mask = cs - 1
-    img._per_l2 = L.l2_entries_per_table(cs)
-    img._zeros = bytes(cs)
-    img.size = h.virtual_size
-    img._compress = h.compression == L.COMPRESSION_ZSTD
-    import zstandard
+    """Commit the salvaged tree with recomputed refcounts (through the normal flush).
 
-    img._cctx = zstandard.ZstdCompressor(level=3)
-    img._dctx = zstandard.ZstdDecompressor()
-    img._l2cache = {}
-    img._dirty_l2 = set()
-    img._pack = None
-    img._closed = False
-    img.backing = None
-    img._l1 = list(walk.active_l1)
-    img._l1_off = h.l1_offset
-    img._l1_nbytes = h.l1_entries * 16
-    img._l1_sum = h.l1_checksum
-    img._alloc = Allocator(counts, L.refcounts_per_block(cs))
-    # Old refcount structures stay referenced by the committed header until the new commit.
-    img._rct = list(walk.rct) if walk.rct else [(0, 0)] * L.refcount_blocks_for(len(counts), cs)
-    for b in range(len(img._rct)):
-        img._alloc.dirty_blocks.add(b)
-    img.snapshots = walk.snapshots
-    img._snap_off = h.snapshots_offset
-    img._snap_size = h.snapshots_size
-    img._snap_sum = h.snapshots_checksum
-    img._snap_dirty = bool(walk.dropped_snapshots)
-    img._header_dirty = True
-    img._l1_dirty = True
-    for idx, table in walk.damaged_l2.items():
-        # Dirty: flush writes the salvaged table to a new cluster and frees the damaged one.
-        img._l2cache[idx] = table
-        img._dirty_l2.add(idx)
-    if not walk.rct:
-        # The old refcount table is unreadable; its clusters were counted, relocate everything.
-        img._rct = [(0, 0)] * L.refcount_blocks_for(len(counts), cs)
+    The structures the committed header uses (old refcount blocks and table, damaged L2 tables)
+    are counted as in use, so the flush writes their replacements elsewhere and the old header
+    stays intact until the new one is written: a crash during repair loses nothing."""
+    counts = array("H", (min(v, L.MAX_REFCOUNT) for v in walk.computed))
+    salvaged = Salvaged(
+        l1=walk.active_l1,
+        counts=counts,
+        rct=walk.rct,
+        snapshots=walk.snapshots,
+        snapshots_changed=bool(walk.dropped_snapshots),
+        tables=walk.damaged_l2,
+    )
+    img = Image(f.path, f, h, readonly=False, resolver=None, salvaged=salvaged)
     img.flush()
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import xxhash
@@ -28,12 +28,12 @@ from vfs.errors import (
     IntegrityError,
     NotFound,
     ReadOnlyError,
-    UnsupportedFeature,
     UsageError,
 )
 from vfs.image import layout as L
 from vfs.image.alloc import Allocator
 from vfs.image.fileio import ImageFile, RawFile
+from vfs.image.snapshots import SnapshotMixin
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,23 @@ class Resolver(Protocol):
 FileOpener = Callable[[str, bool, bool], ImageFile]
 
 
+@dataclass
+class Salvaged:
+    """Tables rebuilt by ``check -r``: refcounts recomputed from the roots, repaired L2 tables."""
+
+    l1: list[tuple[int, int]]
+    counts: array
+    rct: list[tuple[int, int]]
+    snapshots: list[L.Snapshot]
+    snapshots_changed: bool
+    tables: dict[int, bytearray] = field(default_factory=dict)
+
+
 def default_opener(path: str, writable: bool, create: bool) -> ImageFile:
     return ImageFile(path, writable=writable, create=create)
 
 
-class Image:
+class Image(SnapshotMixin):
     """An open vimg image. Use :meth:`create` or :meth:`open`; close (or ``with``) when done."""
 
     format = "vimg"
@@ -80,6 +92,7 @@ class Image:
         readonly: bool,
         resolver: Resolver | None,
         chain: tuple[str, ...] = (),
+        salvaged: Salvaged | None = None,
     ) -> None:
         self.path = path
         self._f = f
@@ -95,6 +108,12 @@ class Image:
         self._compress = header.compression == L.COMPRESSION_ZSTD
         self._cctx = zstandard.ZstdCompressor(level=3)
         self._dctx = zstandard.ZstdDecompressor()
+        if header.host_clusters * cs > f.size() + cs:
+            # Bounds every allocation that follows by the real file (hostile or truncated files).
+            raise CorruptionError(
+                f"{path}: image end {header.host_clusters * cs:#x} lies past the end of the file "
+                f"({f.size():#x}): truncated?"
+            )
         self._l2cache: dict[int, bytearray] = {}
         self._dirty_l2: set[int] = set()
         self._l1_dirty = False
@@ -102,8 +121,11 @@ class Image:
         self._header_dirty = False
         self._pack: tuple[int, int] | None = None  # (host cluster, bytes used) for zstd frames
         self._closed = False
-        self._load_tables()
         self.backing: Backing | None = None
+        if salvaged is not None:
+            self._install(salvaged)
+            return
+        self._load_tables()
         if header.backing_name:
             self.backing = open_backing(self, chain + (os.path.realpath(path),))
 
@@ -126,7 +148,7 @@ class Image:
         if cluster_size != 1 << bits or not L.MIN_CLUSTER_BITS <= bits <= L.MAX_CLUSTER_BITS:
             raise UsageError(f"cluster size {cluster_size} must be a power of two, 4k..2M")
         if backing and size < 0:
-            size = _probe_size(backing, path)
+            size = -(-_probe_size(backing, path) // L.SECTOR) * L.SECTOR
         if size % L.SECTOR or size < 0 or size > L.MAX_VIRTUAL_SIZE:
             raise UsageError(f"image size {size} must be a multiple of 512 and at most 2^56")
         bfmt = L.BACKING_NONE
@@ -167,7 +189,7 @@ class Image:
         h = L.Header(
             virtual_size=size,
             cluster_bits=bits,
-            sequence=1,
+            sequence=0,
             l1_offset=l1_off,
             l1_checksum=_xxh(bytes(l1_bytes)),
             l1_entries=l1_entries,
@@ -186,7 +208,7 @@ class Image:
             for b, blk in enumerate(blocks):
                 f.pwrite(blk, (first_block + b) * cs)
             f.pwrite(rct, table_off)
-            f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[1])
+            f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[0])
             f.fsync()
         finally:
             f.close()
@@ -245,6 +267,15 @@ class Image:
         self._l1_off = h.l1_offset
         self._l1_nbytes = len(raw)
         self._l1_sum = h.l1_checksum
+        if self.readonly:
+            # Readers never allocate: skip the refcounts (a damaged refcount block is then a
+            # matter for check/repair, and does not stop anyone reading the data).
+            self._rct = []
+            self._alloc = Allocator(
+                array("H", bytes(2 * h.host_clusters)), L.refcounts_per_block(cs)
+            )
+            self._load_snapshots()
+            return
         rct_raw = self._read_meta(
             h.refcount_table_offset,
             h.refcount_table_entries * L.L1_ENTRY_SIZE,
@@ -266,6 +297,28 @@ class Image:
         if len(self._rct) * per < h.host_clusters:
             raise FormatError("refcount table does not cover the image")
         self._alloc = Allocator(counts, per)
+        self._load_snapshots()
+
+    def _install(self, s: Salvaged) -> None:
+        """Take the tables ``check -r`` rebuilt; the next flush commits them copy-on-write."""
+        h, cs = self._h, self.cluster_size
+        self._l1 = list(s.l1)
+        self._l1_off, self._l1_sum = h.l1_offset, h.l1_checksum
+        self._l1_nbytes = h.l1_entries * L.L1_ENTRY_SIZE
+        self._alloc = Allocator(s.counts, L.refcounts_per_block(cs))
+        self._rct = list(s.rct) or [(0, 0)] * L.refcount_blocks_for(len(s.counts), cs)
+        self._alloc.dirty_blocks.update(range(len(self._rct)))  # rewrite every refcount block
+        self.snapshots = list(s.snapshots)
+        self._snap_off, self._snap_sum = h.snapshots_offset, h.snapshots_checksum
+        self._snap_size = h.snapshots_size
+        self._snap_dirty = s.snapshots_changed
+        self._header_dirty = self._l1_dirty = True
+        for idx, table in s.tables.items():
+            self._l2cache[idx] = table
+            self._dirty_l2.add(idx)
+
+    def _load_snapshots(self) -> None:
+        h, cs = self._h, self.cluster_size
         self.snapshots: list[L.Snapshot] = []
         if h.nb_snapshots:
             raw = self._read_meta(
@@ -277,7 +330,7 @@ class Image:
         self._snap_size = h.snapshots_size
 
     def _read_meta(self, off: int, size: int, checksum: int, what: str) -> bytes:
-        if off + size > self._h.host_clusters * self.cluster_size:
+        if off + size > self._h.host_clusters * self.cluster_size or off + size > self._f.size():
             raise CorruptionError(f"{what} at host offset {off:#x} lies past the image end")
         data = self._f.pread(size, off)
         if len(data) != size:
@@ -489,12 +542,20 @@ class Image:
         cs = self.cluster_size
         e = self.entry(ci)
         if len(piece) == cs:
-            content = bytes(piece)
-        else:
-            buf = bytearray(self.read_cluster(ci))
-            buf[a : a + len(piece)] = piece
-            content = bytes(buf)
-        self.store_cluster(ci, e, content)
+            self.store_cluster(ci, e, bytes(piece))
+            return
+        buf = bytearray(self.read_cluster(ci))
+        buf[a : a + len(piece)] = piece
+        if (
+            e[0] == L.LOCAL
+            and not self._compress
+            and self._alloc.can_overwrite(e[4] >> self.cluster_bits)
+        ):
+            # Fresh cluster, only this root uses it: write just the changed bytes in place.
+            self._f.pwrite(bytes(piece), e[4] + a)
+            self._set_entry(ci, L.LOCAL, e[4], _xxh(buf))
+            return
+        self.store_cluster(ci, e, bytes(buf))
 
     def store_cluster(self, ci: int, e: tuple, content: bytes) -> None:
         """Make guest cluster ``ci`` hold ``content`` (cluster_size bytes), copy-on-write."""
@@ -796,129 +857,6 @@ class Image:
             self.backing.close()
             self.backing = open_backing(self, (os.path.realpath(self.path),))
 
-    # ------------------------------------------------------------------ walking roots
-    def roots(self) -> Iterator[tuple[str, int, list[tuple[int, int]], bool]]:
-        """(name, l1_offset, l1 entries, is_active) for the active root and every snapshot."""
-        yield ("active", self._l1_off, self._l1, True)
-        for s in self.snapshots:
-            raw = self._read_meta(
-                s.l1_offset,
-                s.l1_entries * L.L1_ENTRY_SIZE,
-                s.l1_checksum,
-                f"L1 of snapshot {s.name!r}",
-            )
-            yield (
-                s.name,
-                s.l1_offset,
-                L.unpack_l1(
-                    raw, s.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
-                ),
-                False,
-            )
-
-    def _root_clusters(self, l1_off: int, l1: list[tuple[int, int]], active: bool) -> Iterator[int]:
-        """Every host cluster one root uses, with multiplicity (section 5.1 of the spec)."""
-        bits = self.cluster_bits
-        first = l1_off >> bits
-        yield from range(
-            first, first + L.clusters_for(len(l1) * L.L1_ENTRY_SIZE, self.cluster_size)
-        )
-        for idx, (off, s) in enumerate(l1):
-            t = self._l2cache.get(idx) if active else None
-            if off:
-                yield off >> bits
-            if t is None:
-                if not off:
-                    continue
-                t = self.load_l2(off, s, idx)
-            for e in _ENTRY.iter_unpack(t):
-                if e[0] == L.LOCAL or e[0] == L.COMPRESSED:
-                    yield e[4] >> bits
-
-    # ------------------------------------------------------------------ snapshots
-    def snapshot_create(self, name: str) -> L.Snapshot:
-        self._writable()
-        if not name or len(name.encode()) > L.MAX_SNAPSHOT_NAME:
-            raise UsageError("snapshot name must be 1..256 bytes")
-        if any(s.name == name for s in self.snapshots):
-            raise AlreadyExists(f"snapshot {name!r} already exists")
-        self.flush()
-        # The active root's clusters become shared: the next change to any of them copies it.
-        for c in list(self._root_clusters(self._l1_off, self._l1, True)):
-            self._alloc.incref(c)
-        now = time.time_ns()
-        ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
-        snap = L.Snapshot(
-            id=str(max(ids, default=0) + 1),
-            name=name,
-            l1_offset=self._l1_off,
-            l1_checksum=self._l1_sum,
-            l1_entries=len(self._l1),
-            virtual_size=self.size,
-            date_sec=now // 10**9,
-            date_nsec=now % 10**9,
-        )
-        self.snapshots.append(snap)
-        self._snap_dirty = True
-        self.flush()
-        return snap
-
-    def _find_snapshot(self, name: str) -> L.Snapshot:
-        for s in self.snapshots:
-            if s.name == name:
-                return s
-        for s in self.snapshots:
-            if s.id == name:
-                return s
-        raise NotFound(f"no snapshot named {name!r}")
-
-    def snapshot_apply(self, name: str) -> None:
-        """Revert the active image to a snapshot (the snapshot itself stays)."""
-        self._writable()
-        snap = self._find_snapshot(name)
-        self.flush()
-        raw = self._read_meta(
-            snap.l1_offset,
-            snap.l1_entries * L.L1_ENTRY_SIZE,
-            snap.l1_checksum,
-            f"L1 of snapshot {name!r}",
-        )
-        new_l1 = L.unpack_l1(
-            raw, snap.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
-        )
-        new_refs = list(self._root_clusters(snap.l1_offset, new_l1, False))
-        old_refs = list(self._root_clusters(self._l1_off, self._l1, True))
-        for c in new_refs:
-            self._alloc.incref(c)
-        for c in old_refs:
-            self._alloc.decref(c)
-        self._l1, self._l1_off, self._l1_sum = new_l1, snap.l1_offset, snap.l1_checksum
-        self._l1_nbytes = len(raw)
-        self._l2cache.clear()
-        self._dirty_l2.clear()
-        self.size = snap.virtual_size
-        self._header_dirty = True
-        self.flush()
-
-    def snapshot_delete(self, name: str) -> None:
-        self._writable()
-        snap = self._find_snapshot(name)
-        self.flush()
-        raw = self._read_meta(
-            snap.l1_offset,
-            snap.l1_entries * L.L1_ENTRY_SIZE,
-            snap.l1_checksum,
-            f"L1 of snapshot {name!r}",
-        )
-        l1 = L.unpack_l1(
-            raw, snap.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
-        )
-        for c in list(self._root_clusters(snap.l1_offset, l1, False)):
-            self._alloc.decref(c)
-        self.snapshots.remove(snap)
-        self._snap_dirty = True
-        self.flush()
-
     # ------------------------------------------------------------------ introspection
     @property
     def guest_clusters(self) -> int:
@@ -935,26 +873,21 @@ class Image:
 
 # ---------------------------------------------------------------------- helpers
 def read_current_header(f: ImageFile) -> L.Header:
-    """The valid header slot with the higher sequence number (crash model, spec section 7)."""
+    """The intact header slot with the higher sequence number (crash model, spec section 7).
+
+    A slot that fails its checksum is a torn write (or damage) and is ignored; the chosen slot is
+    then parsed fully, so an unknown incompatible feature in it is refused, never skipped."""
     buf = f.pread(L.HEADER_AREA, 0)
-    best: L.Header | None = None
-    errors: list[FormatError] = []
+    best: tuple[int, int] | None = None
     for off in L.HEADER_SLOT_OFFSETS:
-        try:
-            h = L.unpack_header(buf[off : off + L.HEADER_SLOT_SIZE])
-        except FormatError as e:
-            errors.append(e)
-            continue
-        if best is None or h.sequence > best.sequence:
-            best = h
+        seq = L.slot_sequence(buf[off : off + L.HEADER_SLOT_SIZE])
+        if seq is not None and (best is None or seq > best[0]):
+            best = (seq, off)
     if best is None:
-        unsupported = [e for e in errors if isinstance(e, UnsupportedFeature)]
-        if unsupported:
-            raise unsupported[0]
-        if all("magic" in str(e) or "too short" in str(e) for e in errors):
+        if not any(buf[o : o + 8] == L.MAGIC for o in L.HEADER_SLOT_OFFSETS):
             raise FormatError(f"{f.path}: not a vimg image")
-        raise FormatError(f"{f.path}: no valid vimg header ({errors[-1]})")
-    return best
+        raise FormatError(f"{f.path}: no valid vimg header (both slots fail their checksum)")
+    return L.unpack_header(buf[best[1] : best[1] + L.HEADER_SLOT_SIZE])
 
 
 def _resolve_rel(name: str, image_path: str) -> str:
@@ -964,16 +897,11 @@ def _resolve_rel(name: str, image_path: str) -> str:
 
 
 def _probe_format(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except FileNotFoundError:
-        raise UsageError(f"backing file {path!r} does not exist") from None
-    if head == L.MAGIC:
-        return "vimg"
-    if head[:4] == b"QFI\xfb":
-        return "qcow2"
-    return "raw"
+    from vfs.image.qemu import probe_format
+
+    if not os.path.exists(path):
+        raise UsageError(f"backing file {path!r} does not exist")
+    return probe_format(path)
 
 
 def _probe_size(backing: str, image_path: str) -> int:

@@ -129,6 +129,22 @@ def pack_header(h: Header) -> bytes:
     return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
 
 
+def slot_sequence(buf: bytes) -> int | None:
+    """The sequence number of a slot whose magic, length and checksum are intact, else None.
+
+    Deliberately blind to version and features: the choice of the current slot must not depend
+    on what this reader understands (else a newer writer's commit would be silently skipped)."""
+    if len(buf) < HEADER_FIXED_SIZE + 8 or bytes(buf[:8]) != MAGIC:
+        return None
+    (length,) = struct.unpack_from("<I", buf, 12)
+    if length < HEADER_FIXED_SIZE + 8 or length > min(HEADER_SLOT_SIZE, len(buf)) or length % 8:
+        return None
+    (stored_sum,) = struct.unpack_from("<Q", buf, length - 8)
+    if xxhash.xxh3_64_intdigest(bytes(buf[: length - 8])) != stored_sum:
+        return None
+    return struct.unpack_from("<Q", buf, 40)[0]
+
+
 def unpack_header(buf: bytes) -> Header:
     """Parse and validate one header slot. Raises FormatError / UnsupportedFeature."""
     if len(buf) < HEADER_FIXED_SIZE + 8:

@@ -95,7 +95,7 @@ def _node(path: bytes, st: os.stat_result, sink: ObjectSink) -> Node:
 
 def read_directory(src: Path, sink: ObjectSink) -> Node:
     """Walk ``src`` (not following symlinks below it) and return the root node."""
-    top = os.fsencode(os.path.abspath(src))
+    top = os.fsencode(os.path.realpath(src))  # a symlink to the tree publishes the tree
     root = _node(top, os.stat(top), sink)
     if root.kind != "dir":
         raise UsageError(f"{src}: not a directory")
@@ -103,7 +103,7 @@ def read_directory(src: Path, sink: ObjectSink) -> Node:
     stack: list[tuple[bytes, Node, int]] = [(top, root, 0)]
     while stack:
         path, dnode, depth = stack.pop()
-        fd = _open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = _open(path, os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if depth else 0))
         try:
             with os.scandir(fd) as it:
                 items = [(os.fsencode(de.name), de.stat(follow_symlinks=False)) for de in it]

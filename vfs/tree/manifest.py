@@ -117,6 +117,8 @@ def _read_body(data: bytes, header_len: int, incompat: int, body_len: int, store
     if len(stored) != stored_len:
         raise _bad(f"stored body is {len(stored)} bytes, header says {stored_len}")
     if not incompat & L.INCOMPAT_ZSTD:
+        if stored_len != body_len:
+            raise _bad(f"uncompressed body is {stored_len} bytes, header says {body_len}")
         return stored
     # Bounded decompression: the frame is fed in small slices, so a frame that produces more
     # than body_len bytes (a "bomb") is refused after at most one slice's worth of output
@@ -146,6 +148,8 @@ def decode(data: bytes) -> tuple[list[Entry], list[Dirent]]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _bad("not bytes")
     data = bytes(data)
+    if not data.startswith(L.MAGIC):
+        raise FormatError("not a vfs template manifest (bad magic)")
     if len(data) < L.HEADER_LEN:
         raise _bad(f"{len(data)} bytes, shorter than the header")
     (

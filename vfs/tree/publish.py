@@ -16,12 +16,14 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vfs.errors import IntegrityError, NotFound, UsageError
+from vfs.errors import IntegrityError, NotFound
 from vfs.tree import manifest
 from vfs.tree.manifest_build import build_tables
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: Files up to this size are read into memory and sent with ``put``; bigger ones are streamed.
 SMALL_FILE = 4 << 20
+#: Threads putting small objects, and the bound on what they may hold in memory.
+UPLOAD_WORKERS = 4
+MAX_PENDING = 64
+MAX_PENDING_BYTES = 32 << 20
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
 
@@ -63,7 +69,12 @@ class ObjectSink:
     """
 
     def __init__(
-        self, remote: Any, store: Any = None, progress: Progress | None = None, spool_dir=None
+        self,
+        remote: Any,
+        store: Any = None,
+        progress: Progress | None = None,
+        spool_dir=None,
+        workers: int = UPLOAD_WORKERS,
     ) -> None:
         self.remote = remote
         self.store = store
@@ -74,6 +85,36 @@ class ObjectSink:
         self.bytes_uploaded = 0
         self.files = 0
         self.file_bytes = 0
+        # Small objects go to the repository from a few threads: each put is an fsync-bound
+        # write + rename, and overlapping them lets the file system batch its journal commits.
+        self._pool = ThreadPoolExecutor(workers, "vfs-publish") if workers > 1 else None
+        self._pending: deque[tuple[Future[bool], int]] = deque()
+        self._pending_bytes = 0
+
+    def __enter__(self) -> ObjectSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def drain(self) -> None:
+        """Wait until every upload submitted so far is durable (raises the first failure)."""
+        while self._pending:
+            self._settle()
+
+    def _settle(self) -> None:
+        fut, n = self._pending.popleft()
+        self._pending_bytes -= n
+        if fut.result():
+            self.uploaded += 1
+            self.bytes_uploaded += n
+
+    def _upload_small(self, oid: str, data: bytes) -> bool:
+        if self.remote.has(oid):
+            return False
+        self._check(oid, self.remote.put(data))
+        return True
 
     # -- entry points used by the sources --------------------------------------------------
 
@@ -84,10 +125,17 @@ class ObjectSink:
         if oid in self.seen:
             return oid
         self.seen[oid] = len(data)
-        if not self.remote.has(oid):
-            self._check(oid, self.remote.put(data))
-            self.uploaded += 1
-            self.bytes_uploaded += len(data)
+        if self._pool is None:
+            if self._upload_small(oid, data):
+                self.uploaded += 1
+                self.bytes_uploaded += len(data)
+        elif not self.remote.has(oid):  # a cheap probe inline; only the put goes to a thread
+            while self._pending and (
+                len(self._pending) >= MAX_PENDING or self._pending_bytes > MAX_PENDING_BYTES
+            ):
+                self._settle()
+            self._pending.append((self._pool.submit(self._upload_small, oid, data), len(data)))
+            self._pending_bytes += len(data)
         if self.store is not None and not self.store.has(oid):
             self._check(oid, self.store.put(data))
         return oid
@@ -187,7 +235,7 @@ def _copy(src: BinaryIO, dst: BinaryIO, h) -> int:
 
 
 def publish_template(
-    src: Path | str,
+    src: Path | str | BinaryIO,
     remote: Any,
     *,
     name: str | None = None,
@@ -195,7 +243,8 @@ def publish_template(
     progress: Progress | None = None,
     spool_dir: str | Path | None = None,
 ) -> PublishResult:
-    """Publish ``src`` (a directory, or a tar archive of any compression tarfile reads).
+    """Publish ``src``: a directory, or a tar archive of any compression tarfile reads (a path,
+    or an open binary stream read once, e.g. ``sys.stdin.buffer``).
 
     Uploads what ``remote`` lacks, then the manifest, then (with ``name``) sets the ref
     ``name`` → digest. With ``store`` (a LocalStore), the objects are also put there, so a
@@ -204,16 +253,18 @@ def publish_template(
     from vfs.tree.dirsource import read_directory
     from vfs.tree.tarsource import read_tar
 
-    src = Path(src)
-    sink = ObjectSink(remote, store, progress, spool_dir)
-    if src.is_dir():
-        root = read_directory(src, sink)
-    elif src.is_file():
-        root = read_tar(src, sink)
-    elif src.exists():
-        raise UsageError(f"{src}: neither a directory nor a tar archive")
-    else:
-        raise NotFound(f"{src}: no such file or directory")
+    with ObjectSink(remote, store, progress, spool_dir) as sink:
+        if hasattr(src, "read"):
+            root = read_tar(src, sink)  # type: ignore[arg-type]
+        else:
+            src = Path(src)
+            if src.is_dir():
+                root = read_directory(src, sink)
+            elif src.exists():
+                root = read_tar(src, sink)  # a file, or a pipe such as /dev/stdin
+            else:
+                raise NotFound(f"{src}: no such file or directory")
+        sink.drain()  # every content object is durable before the manifest is written
     entries, dirents = build_tables(root)
     data = manifest.encode(entries, dirents)
     digest = hashlib.sha256(data).hexdigest()

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import logging
+import lzma
 import os
 import tarfile
+import zlib
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from vfs.errors import FormatError
@@ -119,17 +123,20 @@ def _kind(m: tarfile.TarInfo) -> str:
     raise FormatError(f"tar member {m.name!r}: unsupported type {m.type!r}")
 
 
-def read_tar(src: Path, sink: ObjectSink) -> Node:
-    """Stream the archive ``src`` and return the root node of its tree."""
+def read_tar(src: Path | BinaryIO, sink: ObjectSink) -> Node:
+    """Stream the archive ``src`` (a path, or a binary stream such as stdin) and return the
+    root node of its tree."""
     tree = _Tree()
+    what = getattr(src, "name", "<stream>") if not isinstance(src, Path) else src
+    kw = {"fileobj": src} if not isinstance(src, Path) else {"name": src}
     try:
-        with tarfile.open(src, mode="r|*", encoding=_ENC, errors=_ERR) as tf:
+        with tarfile.open(mode="r|*", encoding=_ENC, errors=_ERR, **kw) as tf:
             for m in tf:
                 _add(tree, tf, m, sink)
-    except tarfile.TarError as e:
-        raise FormatError(f"{src}: not a readable tar archive ({e})") from None
+    except (tarfile.TarError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+        raise FormatError(f"{what}: not a readable tar archive ({e})") from None
     except EOFError:
-        raise FormatError(f"{src}: tar archive is truncated") from None
+        raise FormatError(f"{what}: tar archive is truncated") from None
     return tree.root
 
 

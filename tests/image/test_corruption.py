@@ -1,0 +1,225 @@
+"""Break images on purpose (flip bytes in data and metadata) and check what is detected,
+what reads refuse, and what ``check -r all`` recovers."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+import xxhash
+
+from vfs.errors import CorruptionError, FormatError, IntegrityError, UnsupportedFeature
+from vfs.image import layout as L
+from vfs.image.check import check, verify
+from vfs.image.image import Image
+
+CS = 4096
+SIZE = 1 << 20
+NCL = 40  # clusters written
+
+
+def flip(path, offset: int, mask: int = 0x01) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
+@pytest.fixture
+def image(tmp_path):
+    """An image with NCL clusters of distinct random data, spread over two L2 tables."""
+    path = str(tmp_path / "img.vimg")
+    r = random.Random(5)
+    content = {}
+    with Image.create(path, SIZE, cluster_size=CS) as img:
+        for k in range(NCL):
+            ci = k * 5  # 64 entries per L2 at 4 KiB: clusters 0..195 span 4 tables
+            data = r.randbytes(CS)
+            img.write(ci * CS, data)
+            content[ci] = data
+    return path, content
+
+
+def test_flipped_data_byte_is_an_error_naming_the_guest_offset(image):
+    path, content = image
+    with Image.open(path, readonly=True) as img:
+        victim = 15
+        host = img.entry(victim)[4]
+    flip(path, host + 100)
+    with Image.open(path, readonly=True) as img:
+        with pytest.raises(IntegrityError, match=f"guest offset {victim * CS:#x}"):
+            img.read(victim * CS + 4000, 10)  # even a read that misses the flipped byte
+        # everything else still reads
+        for ci, data in content.items():
+            if ci != victim:
+                assert img.read(ci * CS, CS) == data
+        bad = verify(img)
+    assert [b["offset"] for b in bad] == [victim * CS]
+    assert check(path).corruptions == 0  # metadata is fine: data damage is verify's to find
+
+
+def test_flipped_l2_byte_detected_and_salvaged(image):
+    path, content = image
+    with Image.open(path, readonly=True) as img:
+        l2_off = img._l1[0][0]
+    # Damage the checksum field of entry 5 (guest cluster 5) in the first L2 table.
+    flip(path, l2_off + 5 * L.L2_ENTRY_SIZE + 16)
+    with Image.open(path, readonly=True) as img:
+        with pytest.raises(CorruptionError, match="L2 table"):
+            img.read(0, CS)
+        assert img.read(100 * CS, CS) == content[100]  # other tables unaffected
+        assert verify(img)
+    res = check(path)
+    assert res.corruptions > 0 and res.exit_code == 2
+    fixed = check(path, "all")
+    assert fixed.corruptions_fixed == fixed.corruptions
+    assert fixed.lost_clusters == [5 * CS]
+    assert check(path).exit_code == 0
+    with Image.open(path, readonly=True) as img:
+        for ci, data in content.items():
+            assert img.read(ci * CS, CS) == (bytes(CS) if ci == 5 else data)
+        assert verify(img) == []
+
+
+def test_flipped_refcount_block(image):
+    path, content = image
+    with Image.open(path) as img:
+        block = img._rct[0][0]
+    flip(path, block + 2 * 3)  # refcount of host cluster 3
+    with Image.open(path, readonly=True) as img:  # readers do not need refcounts
+        assert img.read(0, CS) == content[0]
+    with pytest.raises(CorruptionError, match="refcount block"):
+        Image.open(path)  # a writer does, and refuses doubtful ones
+    assert check(path).exit_code == 2
+    assert check(path, "leaks").exit_code == 2  # -r leaks does not touch corruption
+    check(path, "all")
+    assert check(path).exit_code == 0
+    with Image.open(path) as img:
+        img.write(0, b"x" * CS)
+        assert all(img.read(ci * CS, CS) == d for ci, d in content.items() if ci)
+
+
+def test_flipped_l1_salvage_keeps_verified_tables(image):
+    path, content = image
+    with Image.open(path, readonly=True) as img:
+        l1 = img.header.l1_offset
+    flip(path, l1 + 16 + 2)  # L1 entry 1: offset of the second L2 table
+    with pytest.raises(CorruptionError, match="L1"):
+        Image.open(path, readonly=True)
+    assert check(path).exit_code == 2
+    res = check(path, "all")
+    assert res.lost_clusters == [64 * CS]
+    assert check(path).exit_code == 0
+    with Image.open(path, readonly=True) as img:
+        for ci, data in content.items():
+            want = bytes(CS) if 64 <= ci < 128 else data
+            assert img.read(ci * CS, CS) == want
+
+
+def test_leak_is_reported_and_repaired(image):
+    path, content = image
+    with Image.open(path) as img:
+        img._alloc.incref(img.entry(0)[4] // CS)  # a refcount too high: a leak
+        img._alloc.alloc()  # and a cluster nobody references
+    res = check(path)
+    assert (res.corruptions, res.leaks, res.exit_code) == (0, 2, 3)
+    fixed = check(path, "leaks")
+    assert fixed.leaks_fixed == 2
+    assert check(path).exit_code == 0
+    with Image.open(path, readonly=True) as img:
+        assert all(img.read(ci * CS, CS) == d for ci, d in content.items())
+
+
+def _rewrite_header(path, **changes) -> None:
+    with open(path, "r+b") as f:
+        buf = f.read(L.HEADER_AREA)
+        slots = []
+        for o in L.HEADER_SLOT_OFFSETS:
+            try:
+                slots.append((L.unpack_header(buf[o : o + L.HEADER_SLOT_SIZE]), o))
+            except FormatError:
+                pass
+        h, o = max(slots, key=lambda t: t[0].sequence)
+        for k, v in changes.items():
+            setattr(h, k, v)
+        f.seek(o)
+        f.write(L.pack_header(h))
+
+
+def _valid(b: bytes) -> bool:
+    try:
+        L.unpack_header(b)
+        return True
+    except FormatError:
+        return False
+
+
+def test_unknown_incompatible_feature_is_refused(image):
+    path, _ = image
+    _rewrite_header(path, incompatible=1 << 40)
+    with pytest.raises(UnsupportedFeature, match="incompatible feature bit.* 40 unknown"):
+        Image.open(path, readonly=True)
+
+
+def test_unknown_compatible_and_autoclear_bits(image):
+    path, content = image
+    _rewrite_header(path, compatible=1 << 7, autoclear=1 << 3)
+    with Image.open(path) as img:
+        assert img.read(0, CS) == content[0]
+        img.write(CS, b"y" * 10)
+    with Image.open(path, readonly=True) as img:
+        assert img.header.compatible == 1 << 7  # preserved
+        assert img.header.autoclear == 0  # cleared by a writer that does not know it
+
+
+def test_both_headers_damaged(image):
+    path, _ = image
+    flip(path, 60)
+    flip(path, 4096 + 60)
+    with pytest.raises(FormatError, match="no valid vimg header"):
+        Image.open(path, readonly=True)
+
+
+def test_torn_current_header_falls_back_to_previous_commit(tmp_path):
+    path = str(tmp_path / "a.vimg")
+    with Image.create(path, SIZE, cluster_size=CS) as img:
+        img.write(0, b"1" * CS)
+        img.flush()
+        first = img.sequence
+        img.write(0, b"2" * CS)
+        img.flush()
+        slot = L.HEADER_SLOT_OFFSETS[img.sequence % 2]
+    flip(path, slot + 50)
+    with Image.open(path, readonly=True) as img:
+        assert img.sequence == first
+        assert img.read(0, CS) == b"1" * CS
+    assert check(path).exit_code == 0
+
+
+def test_truncated_file(image):
+    path, _ = image
+    size = os.path.getsize(path)
+    os.truncate(path, size // 2)
+    with pytest.raises((IntegrityError, FormatError)), Image.open(path, readonly=True) as img:
+        img.read(0, SIZE)
+    res = check(path)
+    assert res.exit_code == 2
+
+
+def test_header_checksum_is_xxh3_of_the_header():
+    h = L.Header(
+        virtual_size=SIZE,
+        cluster_bits=12,
+        l1_offset=8192,
+        l1_entries=4,
+        refcount_table_offset=12288,
+        refcount_table_entries=1,
+        host_clusters=4,
+    )
+    raw = L.pack_header(h)
+    (s,) = struct.unpack_from("<Q", raw, len(raw) - 8)
+    assert s == xxhash.xxh3_64_intdigest(raw[:-8])
+    assert L.unpack_header(raw) == h

@@ -1,0 +1,175 @@
+"""`vfsd template publish|ls|show|diff`: output, --json, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from click.testing import CliRunner
+
+from vfs.daemon.cli import main
+from vfs.redirect import FileRemote
+from vfs.tree import manifest_layout as L
+
+
+@pytest.fixture
+def env(tmp_path):
+    repo = tmp_path / "repo"
+    FileRemote.init(repo)
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "passwd").write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+    (src / "bin").mkdir()
+    (src / "bin" / "sh").write_bytes(b"\x7fELF...")
+    os.chmod(src / "bin" / "sh", 0o4755)
+    os.symlink("bin/sh", src / "sh")
+    return tmp_path, str(repo), src
+
+
+def _manifest_with_name(name: bytes) -> bytes:
+    """A hand-made manifest: a root directory holding one empty file called ``name``."""
+    d = L.INODE.pack(2, 0, 0, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, 0, bytes(32))
+    f = L.INODE.pack(1, 0, 0, stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, bytes(32))
+    body = d + f + L.DIRENT.pack(1, 2, len(name), 0) + name
+    head = L.HEADER.pack(L.MAGIC, 1, 64, 0, 0, 2, 1, 0, 0, len(name), len(body), len(body), 0)
+    return head + body
+
+
+def run(*args: str):
+    r = CliRunner().invoke(main, list(args), prog_name="vfsd", catch_exceptions=False)
+    return r
+
+
+def one_line_error(r, code: int) -> str:
+    assert r.exit_code == code, (r.exit_code, r.output)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vfsd: error: "), r.stderr
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+def test_publish_ls_show_diff(env):
+    tmp, repo, src = env
+    r = run("template", "publish", str(src), "--repo", repo, "--name", "base")
+    assert r.exit_code == 0, r.output
+    digest = r.stdout.strip()
+    assert len(digest) == 64
+    assert "uploaded" in r.stderr
+
+    r = run("template", "publish", str(src), "--repo", f"file://{repo}", "--json")
+    info = json.loads(r.stdout)
+    assert info["digest"] == digest and info["objects_uploaded"] == 0
+    assert info["entries"] == 6 and info["objects_skipped"] == 3
+
+    r = run("template", "ls", "--repo", repo)
+    assert r.stdout == f"{digest}  base\n"
+    assert json.loads(run("template", "ls", "--repo", repo, "--json").stdout) == {"base": digest}
+    (row,) = json.loads(run("template", "ls", "-l", "--repo", repo, "--json").stdout)
+    assert row["entries"] == 6 and row["objects"] == 2 and row["content_bytes"] == 26 + 7
+    assert run("template", "ls", "-l", "--repo", repo).stdout.split()[-1] == "base"
+
+    out = run("template", "show", "base", "--repo", repo).stdout.splitlines()
+    assert [line.split()[7] for line in out] == [".", "bin", "bin/sh", "etc", "etc/passwd", "sh"]
+    assert out[-1].startswith("lrwxrwxrwx") and out[-1].endswith(" sh -> bin/sh")
+    assert out[2].startswith("-rwsr-xr-x")
+    sub = json.loads(run("template", "show", digest, "etc", "--repo", repo, "--json").stdout)
+    assert [e["path"] for e in sub["entries"]] == ["etc", "etc/passwd"]
+    assert sub["entries"][1]["size"] == 26 and len(sub["entries"][1]["oid"]) == 64
+
+    (src / "etc" / "passwd").write_bytes(b"changed\n")
+    (src / "new").write_bytes(b"")
+    (src / "sh").unlink()
+    r = run("template", "publish", str(src), "--repo", repo, "--name", "v2")
+    assert r.exit_code == 0
+    r = run("template", "diff", "base", "v2", "--repo", repo)
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert "+ new" in lines and "- sh" in lines
+    assert any(x.startswith("M etc/passwd  (size, content, mtime") for x in lines)
+    d = json.loads(run("template", "diff", "base", "v2", "--repo", repo, "--json").stdout)
+    assert {c["path"]: c["status"] for c in d["changes"]}["new"] == "added"
+    assert run("template", "diff", "base", "v2", "--repo", repo, "--exit-code").exit_code == 1
+    assert run("template", "diff", "v2", "v2", "--repo", repo, "--exit-code").exit_code == 0
+
+
+def test_show_through_a_local_store(env):
+    tmp, repo, src = env
+    digest = run("template", "publish", str(src), "--repo", repo).stdout.strip()
+    store = tmp / "store"
+    r = run("template", "show", digest, "--repo", repo, "--store", str(store))
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 6
+    assert (store / "objects").exists() or any(store.rglob(digest))
+
+
+def test_errors_are_one_line_with_exit_codes(env, tmp_path):
+    tmp, repo, src = env
+    digest = run("template", "publish", str(src), "--repo", repo, "--name", "ok").stdout.strip()
+    one_line_error(run("template", "publish", str(tmp / "nope"), "--repo", repo), 4)
+    one_line_error(run("template", "publish", str(src), "--repo", str(tmp / "norepo")), 4)
+    e = one_line_error(run("template", "publish", str(src), "--repo", repo, "--name", "../x"), 2)
+    assert "x" in e
+    junk = tmp / "junk.tar"
+    junk.write_bytes(b"no tar here" * 100)
+    one_line_error(run("template", "publish", str(junk), "--repo", repo), 6)
+    evil = tmp / "evil.tar"
+    with tarfile.open(evil, "w") as tf:
+        tf.addfile(tarfile.TarInfo("../../etc/cron.d/x"))
+    assert "'..'" in one_line_error(
+        run("template", "publish", str(evil), "--repo", repo, "--name", "ok"), 6
+    )
+    assert run("template", "ls", "--repo", repo, "--json").stdout.count(digest) == 1  # intact
+
+    one_line_error(run("template", "show", "missing", "--repo", repo), 4)
+    one_line_error(run("template", "show", "ok", "nope/path", "--repo", repo), 4)
+    one_line_error(run("template", "show", "0" * 64, "--repo", repo), 4)
+    # a content object is not a manifest
+    content = json.loads(run("template", "show", "ok", "etc/passwd", "--repo", repo, "--json")
+                         .stdout)["entries"][0]["oid"]  # fmt: skip
+    assert "bad magic" in one_line_error(run("template", "show", content, "--repo", repo), 6)
+    # a hostile manifest (an entry named "..") is refused at load, in one line
+    hostile = FileRemote(repo).put(_manifest_with_name(b".."))
+    assert "illegal name" in one_line_error(run("template", "show", hostile, "--repo", repo), 6)
+    # a manifest corrupted in the repository is refused, not shown
+    obj = FileRemote(repo)._path(digest)
+    data = bytearray(obj.read_bytes())
+    data[70] ^= 1
+    obj.write_bytes(bytes(data))
+    one_line_error(run("template", "show", "ok", "--repo", repo), 5)
+    one_line_error(run("template", "diff", "ok", "ok", "--repo", repo), 5)
+    one_line_error(run("template", "ls", "--repo", "ftp://x/y"), 2)
+
+
+def test_real_process_exit_code_and_no_traceback(env):
+    tmp, repo, src = env
+    vfsd = os.path.join(os.path.dirname(sys.executable), "vfsd")
+    p = subprocess.run(
+        [vfsd, "template", "show", "nope", "--repo", repo], capture_output=True, text=True
+    )
+    assert p.returncode == 4
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("vfsd: error: no ref 'nope'")
+
+
+@pytest.mark.network
+def test_read_commands_over_http_https_and_mutual_tls(env, nginx, nginx_repo):
+    tmp, _, src = env
+    path, name = nginx_repo
+    digest = run("template", "publish", str(src), "--repo", str(path), "--name", "t").stdout.strip()
+    http = nginx.url(name)
+    assert run("template", "ls", "--repo", http).stdout == f"{digest}  t\n"
+    r = run("template", "show", "t", "etc/passwd", "--repo", nginx.url(name, "https"),
+            "--ca", str(nginx.ca), "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["entries"][0]["size"] == 26
+    mtls = ["--repo", nginx.url(name, "mtls"), "--ca", str(nginx.ca)]
+    keys = ["--cert", str(nginx.client_cert), "--key", str(nginx.client_key)]
+    assert run("template", "diff", "t", digest, *mtls, *keys, "--exit-code").exit_code == 0
+    assert run("template", "show", "t", *mtls, *keys, "--store", str(tmp / "st")).exit_code == 0
+    # publishing goes to the directory; an http repository refuses uploads in one line
+    (src / "more").write_bytes(b"more")
+    one_line_error(run("template", "publish", str(src), "--repo", http), 2)
+    assert run("template", "ls", "--repo", http, "--json").stdout.count(digest) == 1

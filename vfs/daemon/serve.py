@@ -1,0 +1,236 @@
+"""``vfsd serve``: the daemon's whole lifetime in one place.
+
+One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views, the
+FUSE mount, the control socket) registers its cleanup right after it is created, so any failure
+or signal unwinds exactly what exists, in reverse order. SIGTERM/SIGINT end ``pyfuse3.main`` and
+the mount is unmounted.
+
+Crash story (``docs/vee-layer.md``): kill -9 leaves the kernel mount dead (ENOTCONN); the next
+``serve`` on the same mountpoint detaches it lazily and mounts again. Everything durable lives in
+the state directory (registry: atomic JSON; private layers: every structural change renamed into
+place and its directory fsynced; file data: the VEE's own fsync goes to the private file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from vfs.daemon import control
+from vfs.daemon.fuse_ops import VeeOperations, invalidate_entry, set_read_ahead
+from vfs.errors import BusyError, NotFound, UsageError, VfsError
+from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.tree.template import Template, is_digest, resolve_ref
+from vfs.tree.upgrade import plan_upgrade
+from vfs.tree.vee import VeeRegistry, check_vee_name
+from vfs.tree.view import Views
+
+log = logging.getLogger(__name__)
+
+MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_other", "dev", "suid"}
+
+
+class Daemon:
+    """The control-plane of one mount: the registry, the templates, and the views."""
+
+    def __init__(self, registry: VeeRegistry, views: Views, resolver: Resolver, remote: Any):
+        self.registry = registry
+        self.views = views
+        self.resolver = resolver
+        self.remote = remote
+        self.templates: dict[str, Template] = {}
+        self.broken: dict[str, str] = {}
+
+    # -- templates ---------------------------------------------------------------------------
+
+    def _digest(self, ref: str) -> str:
+        if is_digest(ref):
+            return ref
+        if self.remote is None:
+            raise UsageError(f"template {ref!r} is a name: the daemon needs --remote to resolve it")
+        return resolve_ref(ref, self.remote)
+
+    def load_template(self, digest: str) -> Template:
+        """Blocking (may fetch the manifest): call from a worker thread inside the loop."""
+        t = self.templates.get(digest)
+        if t is None:
+            t = Template.load(self.resolver, digest)
+            self.templates[digest] = t
+        return t
+
+    def start_all(self) -> None:
+        """Mount every registered VEE (at startup, before serving)."""
+        for name, rec in sorted(self.registry.vees.items()):
+            try:
+                t = self.load_template(rec.template)
+                self.views.add_vee(name, t, self.registry.open_layer(name))
+            except VfsError as e:
+                log.error("VEE %s not mounted: %s", name, e)
+                self.broken[name] = str(e)
+
+    # -- control requests ------------------------------------------------------------------
+
+    async def handle(self, req: dict[str, Any]) -> Any:
+        op = req["op"]
+        if op == "ping":
+            return {"pid": os.getpid()}
+        if op == "list":
+            return self.list()
+        if op == "add":
+            return await self.add(_str(req, "name"), _str(req, "template"))
+        if op == "rm":
+            return self.rm(_str(req, "name"), bool(req.get("purge", False)))
+        if op == "upgrade":
+            return await self.upgrade(
+                _str(req, "name"), _str(req, "template"), bool(req.get("dry_run", False))
+            )
+        raise UsageError(f"unknown control op {op!r}")
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for name, rec in sorted(self.registry.vees.items()):
+            d: dict[str, Any] = {"name": name, **rec.to_json()}
+            d["state"] = "broken" if name in self.broken else "mounted"
+            if name in self.broken:
+                d["error"] = self.broken[name]
+            d["layer"] = str(self.registry.layer_dir(name))
+            out.append(d)
+        return out
+
+    async def add(self, name: str, ref: str) -> dict[str, Any]:
+        check_vee_name(name)
+        if name in self.registry.vees:
+            from vfs.errors import AlreadyExists
+
+            raise AlreadyExists(f"VEE {name!r} exists")
+        digest = await trio.to_thread.run_sync(self._digest, ref)
+        t = await trio.to_thread.run_sync(self.load_template, digest)
+        self.registry.add(name, digest, ref)
+        try:
+            self.views.add_vee(name, t, self.registry.open_layer(name))
+        except BaseException:
+            self.registry.remove(name, purge=True)
+            raise
+        return {"name": name, "template": digest}
+
+    def rm(self, name: str, purge: bool) -> dict[str, Any]:
+        self.registry.get(name)
+        if any(h.node.vee is self.views.vees.get(name) for h in self.views.handles.values()):
+            raise BusyError(f"VEE {name!r} has open files")
+        with contextlib.suppress(NotFound):
+            self.views.remove_vee(name)
+        self.broken.pop(name, None)
+        kept = self.registry.remove(name, purge=purge)
+        return {"name": name, "kept_layer": str(kept) if kept else None}
+
+    async def upgrade(self, name: str, ref: str, dry_run: bool) -> dict[str, Any]:
+        rec = self.registry.get(name)
+        digest = await trio.to_thread.run_sync(self._digest, ref)
+        new = await trio.to_thread.run_sync(self.load_template, digest)
+        old = await trio.to_thread.run_sync(self.load_template, rec.template)
+        layer = self.registry.open_layer(name)
+        report = await trio.to_thread.run_sync(plan_upgrade, name, layer, old, new)
+        out = report.to_json()
+        out["applied"] = False
+        if dry_run or digest == rec.template:
+            return out
+        vee = self.views.vees.get(name)
+        if vee is not None and any(h.node.vee is vee for h in self.views.handles.values()):
+            raise BusyError(f"VEE {name!r} has open files: close them (or stop its users) first")
+        self.registry.set_template(name, digest, ref)
+        with contextlib.suppress(NotFound):
+            self.views.remove_vee(name)
+        self.views.add_vee(name, new, layer)
+        self.broken.pop(name, None)
+        out["applied"] = True
+        return out
+
+
+def _str(req: dict[str, Any], key: str) -> str:
+    v = req.get(key)
+    if not isinstance(v, str):
+        raise UsageError(f"control request needs a string {key!r}")
+    return v
+
+
+def _lock_state(state: Path) -> int:
+    fd = os.open(state / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BusyError(f"another vfsd serves state directory {state}") from None
+    return fd
+
+
+def _prepare_mountpoint(mount: Path) -> None:
+    """Detach a dead mount left by a killed daemon (stat fails with ENOTCONN)."""
+    try:
+        os.stat(mount)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s: dead FUSE mount of a previous daemon: detaching it", mount)
+        subprocess.run(["umount", "-l", os.fspath(mount)], check=False)
+    if not mount.is_dir():
+        raise NotFound(f"mountpoint {mount} is not a directory")
+    if os.path.ismount(mount):
+        raise BusyError(f"{mount} is already a mount point")
+
+
+async def serve(
+    state: Path,
+    mount: Path,
+    *,
+    store_dir: Path,
+    remote_url: str | None = None,
+    debug_fuse: bool = False,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
+    state.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        lock_fd = _lock_state(state)
+        stack.callback(os.close, lock_fd)
+        _prepare_mountpoint(mount)
+        store = LocalStore(store_dir)
+        stack.callback(store.close)
+        remote = open_remote(remote_url) if remote_url else None
+        if remote is not None:
+            stack.callback(remote.close)
+        resolver = Resolver(store, remote)
+        registry = VeeRegistry(state)
+        views = Views(resolver, invalidate_entry=invalidate_entry)
+        stack.callback(views.close)
+        daemon = Daemon(registry, views, resolver, remote)
+        daemon.start_all()
+        options = set(MOUNT_OPTIONS)
+        if debug_fuse:
+            options.add("debug")
+        pyfuse3.init(VeeOperations(views), os.fspath(mount), options)
+        stack.callback(pyfuse3.close, unmount=True)
+        set_read_ahead(os.fspath(mount))
+        log.info("serving %d VEE(s) at %s", len(views.vees), mount)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve_control, state, daemon.handle)
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        log.info("vfsd at %s stopping", mount)
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        async for _ in sigs:
+            log.info("signal received: unmounting")
+            pyfuse3.terminate()
+            return
