@@ -57,3 +57,10 @@ def publish(src: Path, work: Path, *, name: str | None = None) -> Published:
     res = publish_template(src, remote, name=name, store=store)
     resolver = Resolver(store, remote)
     return Published(Template.load(resolver, res.digest), resolver, store, remote, res.digest)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """cp -a (keeps fifos, hard links, xattrs: shutil.copytree does not)."""
+    import subprocess
+
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)

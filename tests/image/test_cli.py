@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from vfs.errors import UsageError
 from vfs.image.cli import main
 from vfs.image.image import Image
 
@@ -180,14 +181,72 @@ def test_pull_is_resumable(tmp_path):
     store.close()
 
 
+def test_template_push_fetch_overlay(tmp_path):
+    """Publish an image as a template; another 'host' fetches it (metadata only), reads it
+    lazily, layers an overlay on it, then hydrates it."""
+    a = str(tmp_path / "a.vimg")
+    repo = str(tmp_path / "repo")
+    vimg("create", "-s", "8M", "-c", "8k", a)
+    vimg("io", a, "-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 6M 100k", "-c", "write -z 7M 8k")
+    out = vimg("push", "-q", "--ref", "base-os", a, "--repo", repo)
+    assert "published template base-os" in out
+    host2 = tmp_path / "host2"
+    host2.mkdir()
+    t = str(host2 / "base.vimg")
+    store = str(host2 / "store")
+    vimg("pull", "--ref", "base-os", "--lazy", "--repo", repo, t)
+    assert os.path.getsize(t) < 200 << 10  # metadata only
+    vimg(
+        "io",
+        "--repo",
+        repo,
+        "--store",
+        store,
+        t,
+        "-c",
+        "read -P 0x61 0 1M",
+        "-c",
+        "read -P 0 7M 8k",
+    )
+    top = str(host2 / "vm.vimg")
+    vimg("create", "-b", "base.vimg", top)
+    vimg(
+        "io",
+        "--repo",
+        repo,
+        "--store",
+        store,
+        top,
+        "-c",
+        "write -P 0x63 4k 4k",
+        "-c",
+        "read -P 0x62 6M 100k",
+        "-c",
+        "read -P 0x61 0 4k",
+        "-c",
+        "read -P 0x63 4k 4k",
+    )
+    vimg("pull", "-q", "--repo", repo, "--store", store, t)
+    vimg("io", t, "-c", "read -P 0x61 0 1M")  # no repository needed any more
+    vimg("check", t)
+    vimg("pull", "--ref", "base-os", "--repo", repo, t, code=4)  # exists
+    vimg("pull", "--ref", "../etc", "--repo", repo, str(host2 / "x.vimg"), code=2)
+    vimg("pull", "--ref", "nope", "--repo", repo, str(host2 / "y.vimg"), code=4)
+    assert not os.path.exists(host2 / "y.vimg")
+
+
 @pytest.mark.network
 def test_remote_clusters_over_http(tmp_path, nginx, nginx_repo):
     repo_dir, name = nginx_repo
     a = str(tmp_path / "a.vimg")
     vimg("create", "-s", "2M", "-c", "8k", a)
     vimg("io", a, "-c", "write -P 0x41 0 64k", "-c", "write -P 0x42 1M 8k")
-    vimg("push", "-q", a, "--repo", str(repo_dir))
+    vimg("push", "-q", "--ref", "tmpl", a, "--repo", str(repo_dir))
     url = nginx.url(name, "http")
+    # the template travels over HTTP too, and reads through it fetch clusters on demand
+    t = str(tmp_path / "t.vimg")
+    vimg("pull", "--ref", "tmpl", "--lazy", "--repo", url, t)
+    vimg("io", "--repo", url, "--store", str(tmp_path / "s0"), t, "-c", "read -P 0x41 0 64k")
     store = str(tmp_path / "store")
     vimg(
         "io",
@@ -206,15 +265,15 @@ def test_remote_clusters_over_http(tmp_path, nginx, nginx_repo):
     for p in (repo_dir / "objects").rglob("*"):
         if p.is_file() and b"\x42" * 16 in p.read_bytes():
             victim = p
-    if victim is not None:
-        data = bytearray(victim.read_bytes())
-        data[-1] ^= 0xFF
-        victim.write_bytes(bytes(data))
-        r = CliRunner().invoke(
-            main,
-            ["io", "--repo", url, "--store", str(tmp_path / "s2"), a, "-c", "read -P 0x42 1M 8k"],
-        )
-        assert r.exit_code != 0 and "Traceback" not in r.output
+    assert victim is not None  # objects are stored as plain bytes in a file:// repository
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = CliRunner().invoke(
+        main, ["io", "--repo", url, "--store", str(tmp_path / "s2"), a, "-c", "read 1M 8k"]
+    )
+    assert r.exit_code == 5, r.output  # IntegrityError: refused, not returned
+    assert "Traceback" not in r.output
 
 
 BAD = [
@@ -264,3 +323,26 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args):
     assert len(lines) == 1 and lines[0].startswith("vimg: error: "), p.stderr
     if args[0] not in ("io",) or "write" not in " ".join(args):
         assert (tmp_path / "good.vimg").read_bytes() == before
+
+
+def test_backing_moved_away(tmp_path):
+    """qemu-img habits: info and snapshot work without the backing file, rebase -u repairs the
+    reference, and reading a range that needs the missing file is an error, not zeros."""
+    base, top = str(tmp_path / "base.vimg"), str(tmp_path / "top.vimg")
+    vimg("create", "-s", "2M", base)
+    vimg("io", base, "-c", "write -P 0x71 0 1M")
+    vimg("create", "-b", "base.vimg", top)
+    vimg("io", top, "-c", "write -P 0x72 1M 64k")
+    os.rename(base, tmp_path / "moved.vimg")
+    assert json.loads(vimg("info", "--json", top))["backing-filename"] == "base.vimg"
+    vimg("snapshot", "-c", "s1", top)
+    r = CliRunner().invoke(main, ["io", top, "-c", "read 0 4k"])
+    assert r.exit_code == 4 and "not found" in r.output
+    from vfs.image.image import Image as _Image
+
+    with _Image.open(top, with_backing=False, readonly=True) as img:
+        assert img.read(1 << 20, 4096) == b"\x72" * 4096  # its own data reads fine
+        with pytest.raises(UsageError, match="without its backing file"):
+            img.read(0, 4096)
+    vimg("rebase", "-u", "-b", "moved.vimg", top)
+    vimg("io", top, "-c", "read -P 0x71 0 1M", "-c", "read -P 0x72 1M 64k")

@@ -126,3 +126,42 @@ def test_power_failure_replay(tmp_path, seed, compress):
             _verify(crash, states, committed)
             checked += 1
     assert checked > 30
+
+
+CHILD = r"""
+import sys
+from vfs.image.image import Image
+img = Image.open(sys.argv[1])
+g = 0
+while True:
+    g += 1
+    b = bytes([g % 255 + 1])
+    for off in range(0, 256 * 1024, 12 * 1024):
+        img.write(off, b * min(12 * 1024, 256 * 1024 - off))
+    img.flush()
+    print(g, flush=True)
+"""
+
+
+def test_sigkill_mid_work(tmp_path):
+    """A real process killed (SIGKILL) while writing: the last acknowledged flush survives."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "k.vimg")
+    Image.create(path, 1 << 20, cluster_size=4096).close()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, path], stdout=subprocess.PIPE, text=True)
+    try:
+        acked = 0
+        while acked < 7:
+            line = child.stdout.readline()
+            assert line, "child died"
+            acked = int(line)
+    finally:
+        child.kill()
+        child.wait()
+    with Image.open(path, readonly=True) as img:
+        data = img.read(0, 256 * 1024)
+    gens = [g for g in (acked, acked + 1) if data == bytes([g % 255 + 1]) * len(data)]
+    assert gens, "content is not a complete flushed generation"
+    assert check(path).exit_code == 0

@@ -28,7 +28,16 @@ def _data(r: random.Random, n: int) -> bytes:
     return r.randbytes(n)
 
 
-def _run(tmp_path, seed: int, *, compress: bool, cluster: int, backing: bool, nops: int) -> None:
+def _run(
+    tmp_path,
+    seed: int,
+    *,
+    compress: bool,
+    cluster: int,
+    backing: bool,
+    nops: int,
+    l2_limit: int = 0,
+) -> None:
     r = random.Random(seed)
     size = 2 << 20
     base_model = bytearray(size)
@@ -46,6 +55,8 @@ def _run(tmp_path, seed: int, *, compress: bool, cluster: int, backing: bool, no
     else:
         img = Image.create(path, size, cluster_size=cluster, compress=compress)
         model = bytearray(size)
+    if l2_limit:
+        img._l2_limit = l2_limit  # force L2 cache eviction all the time
     snaps: dict[str, bytes] = {}
     applicable: set[str] = set()
     log: deque[str] = deque(maxlen=25)
@@ -120,6 +131,8 @@ def _run(tmp_path, seed: int, *, compress: bool, cluster: int, backing: bool, no
                 log.append(f"{i}: reopen")
                 img.close()
                 img = Image.open(path)
+                if l2_limit:
+                    img._l2_limit = l2_limit
             elif op == "commit":
                 log.append(f"{i}: commit")
                 commit(img)
@@ -175,3 +188,8 @@ def test_fsx_long(tmp_path, seed):
         backing=seed % 3 == 0,
         nops=1500,
     )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fsx_tiny_l2_cache(tmp_path, seed):
+    _run(tmp_path, seed, compress=False, cluster=4096, backing=True, nops=300, l2_limit=2)

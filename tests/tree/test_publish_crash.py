@@ -11,6 +11,7 @@ import sys
 import time
 
 from vfs.redirect import FileRemote
+from vfs.tree.manifest_check import check_template
 from vfs.tree.template import Template, publish_template
 
 SCRIPT = """
@@ -56,6 +57,7 @@ def test_kill_during_publish_keeps_old_ref_and_resumes(tmp_path):
     assert repo.get_ref("app") == old.digest
     t = Template.load(repo, old.digest)
     assert repo.get(t.resolve(b"v1").oid) == b"version 1"
+    assert check_template(t, repo, verify=True).ok
     # every object present is whole: its bytes hash to its name
     present = list(repo.iter_oids())
     assert 300 <= len(present) < 2502
@@ -68,4 +70,6 @@ def test_kill_during_publish_keeps_old_ref_and_resumes(tmp_path):
     assert repo.get_ref("app") == res.digest
     t2 = Template.load(repo, res.digest)
     assert len(t2.readdir(1)) == 2500
+    rep = check_template(t2, repo)
+    assert rep.ok and rep.objects == 2500
     assert repo.get(t2.resolve(b"f0042").oid) == (42).to_bytes(4, "little") * 512

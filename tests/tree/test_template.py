@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vfs.errors import IntegrityError, NotFound, UsageError
+from vfs.errors import IntegrityError, NotFound, UnsupportedFeature, UsageError
 from vfs.tree import manifest
 from vfs.tree.manifest_build import Node, build_tables
 from vfs.tree.template import ROOT_INO, Template, resolve_ref
@@ -119,3 +119,12 @@ def test_loading_20000_entries_is_fast():
     for i in range(200):
         assert t.lookup(i + 2, b"file-00042.txt") is not None
     assert time.perf_counter() - t0 < 0.01
+
+
+def test_entries_are_hashable_and_too_big_templates_refused():
+    t = _tree()
+    assert len({e for _, e in t.walk()}) == len(t)
+    data = manifest.encode(*build_tables(Node("dir", 0o755, children={b"a": Node("fifo", 0)})))
+    with pytest.raises(UnsupportedFeature, match="more than this reader accepts"):
+        Template.from_bytes(data, max_entries=1)
+    assert len(Template.from_bytes(data, max_entries=2)) == 2

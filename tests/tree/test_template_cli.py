@@ -173,3 +173,27 @@ def test_read_commands_over_http_https_and_mutual_tls(env, nginx, nginx_repo):
     (src / "more").write_bytes(b"more")
     one_line_error(run("template", "publish", str(src), "--repo", http), 2)
     assert run("template", "ls", "--repo", http, "--json").stdout.count(digest) == 1
+
+
+def test_check_reports_missing_and_corrupt_objects(env):
+    tmp, repo, src = env
+    digest = run("template", "publish", str(src), "--repo", repo, "--name", "c").stdout.strip()
+    r = run("template", "check", "c", "--repo", repo)
+    assert r.exit_code == 0 and "2 objects (33 bytes) present: 0 missing, 0 corrupt" in r.stdout
+    assert run("template", "check", digest, "--repo", repo, "--verify").exit_code == 0
+    entries = json.loads(run("template", "show", "c", "--repo", repo, "--json").stdout)["entries"]
+    oid = {e["path"]: e.get("oid") for e in entries}
+    fr = FileRemote(repo)
+    p = fr._path(oid["etc/passwd"])
+    p.write_bytes(b"root:x:0:0::/root:/bin/bash")  # same object name, other bytes
+    assert run("template", "check", "c", "--repo", repo).exit_code == 0  # present...
+    r = run("template", "check", "c", "--repo", repo, "--verify", "--json")
+    assert r.exit_code == 5  # ...but not right
+    rep = json.loads(r.stdout)
+    assert rep["ok"] is False and rep["corrupt"] == [
+        {"oid": oid["etc/passwd"], "path": "etc/passwd"}
+    ]
+    assert "1 corrupt" in r.stderr and r.stderr.count("\n") == 1
+    fr._path(oid["bin/sh"]).unlink()
+    r = run("template", "check", "c", "--repo", repo)
+    assert r.exit_code == 5 and f"missing {oid['bin/sh']}  bin/sh" in r.stdout

@@ -19,9 +19,10 @@ import click
 
 from vfs.cli_util import emit_json, handle_errors
 from vfs.daemon.cli_redirect import open_store, repo_options
-from vfs.errors import NotFound
+from vfs.errors import IntegrityError, NotFound
 from vfs.redirect import Resolver, check_ref_name, open_remote
 from vfs.tree.entry import Entry
+from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.template import Template, publish_template, resolve_ref
 
@@ -238,3 +239,33 @@ def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_cod
             click.echo(f"{marks[c.status]} {_text(c.path) or '.'}{extra}")
     if exit_code and changes:
         sys.exit(1)
+
+
+@template.command("check")
+@repo_options
+@click.option("--verify", is_flag=True, help="Read and hash every object, not only find it.")
+@_json_opt
+@click.argument("ref")
+@handle_errors
+def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
+    """Check that template REF is complete in the repository: its manifest loads and verifies,
+    and every content object it names is present (--verify: and hashes right)."""
+    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+        t = Template.load(r, resolve_ref(ref, r))
+        rep = check_template(t, r, verify=verify)
+    if as_json:
+        emit_json(rep.to_json())
+    else:
+        for label, oids in (("missing", rep.missing), ("corrupt", rep.corrupt)):
+            for oid in oids:
+                click.echo(f"{label} {oid}  {_text(rep.paths[oid])}")
+        how = "verified" if verify else "present"
+        click.echo(
+            f"{rep.digest}: {rep.entries} entries, {rep.objects} objects ({rep.bytes} bytes) "
+            f"{how}: {len(rep.missing)} missing, {len(rep.corrupt)} corrupt"
+        )
+    if not rep.ok:
+        raise IntegrityError(
+            f"template {rep.digest[:16]}… is incomplete: {len(rep.missing)} objects missing, "
+            f"{len(rep.corrupt)} corrupt"
+        )

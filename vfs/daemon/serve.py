@@ -138,7 +138,10 @@ class Daemon:
         digest = await trio.to_thread.run_sync(self._digest, ref)
         new = await trio.to_thread.run_sync(self.load_template, digest)
         old = await trio.to_thread.run_sync(self.load_template, rec.template)
-        layer = self.registry.open_layer(name)
+        live = self.views.vees.get(name)
+        # the mounted VEE's own layer object: opening another would clean its work dir under
+        # a copy-up in progress
+        layer = live.layer if live is not None else self.registry.open_layer(name)
         report = await trio.to_thread.run_sync(plan_upgrade, name, layer, old, new)
         out = report.to_json()
         out["applied"] = False
@@ -202,6 +205,7 @@ async def serve(
         lock_fd = _lock_state(state)
         stack.callback(os.close, lock_fd)
         _prepare_mountpoint(mount)
+        mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
         store = LocalStore(store_dir)
         stack.callback(store.close)
         remote = open_remote(remote_url) if remote_url else None

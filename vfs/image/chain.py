@@ -9,12 +9,13 @@ overlay still holds all of them, so the guest view is unchanged).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from vfs.errors import UsageError
 from vfs.image import layout as L
 from vfs.image.fileio import RawFile
-from vfs.image.image import Image, _probe_format, _resolve_rel
+from vfs.image.image import Image, _probe_format, _resolve_rel, open_backing
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,13 @@ def commit(img: Image, *, drop: bool = False, progress: Progress | None = None) 
     """Write every allocated cluster of ``img`` into its backing file, then empty ``img`` —
     unless ``drop`` is True (qemu-img ``-d``: keep the overlay's data). Returns the number of
     clusters copied."""
-    if img.backing is None:
+    if not img.backing_name:
         raise UsageError(f"{img.path} has no backing file to commit into")
     img.flush()
     path = _resolve_rel(img.backing_name, img.path)
+    if img.backing is not None:
+        img.backing.close()  # our read-only handle (and its shared lock) while we write into it
+        img.backing = None
     cs = img.cluster_size
     target: Image | RawFile
     if img.backing_format == "vimg":
@@ -49,14 +53,14 @@ def commit(img: Image, *, drop: bool = False, progress: Progress | None = None) 
             if e[0] == L.ZERO:
                 target.write_zeroes(start, length)
             else:
-                target.write(start, img.read_cluster(ci)[:length])
+                target.write(start, img.cluster_data(ci)[:length])
             copied += 1
             if progress:
                 progress(ci + 1, n)
         target.flush()
     finally:
         target.close()
-    img.reopen_backing()
+        img.backing = open_backing(img, (os.path.realpath(img.path),))
     if not drop:
         for ci in range(img.guest_clusters):
             if img.entry(ci)[0] != L.UNALLOCATED:

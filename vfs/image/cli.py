@@ -15,7 +15,6 @@ import click
 
 from vfs.cli_util import emit_json, handle_errors, parse_size, setup_logging
 from vfs.errors import IntegrityError, UsageError
-from vfs.image import layout as L
 from vfs.image.image import Image
 
 FMT = click.Choice(["raw", "qcow2", "vimg"])
@@ -79,9 +78,16 @@ def _want_json(as_json: bool, output: str) -> bool:
     return as_json or output == "json"
 
 
-def _open(path: str, *, readonly: bool, store: str | None = None, repo: str | None = None) -> Image:
+def _open(
+    path: str,
+    *,
+    readonly: bool,
+    store: str | None = None,
+    repo: str | None = None,
+    with_backing: bool = True,
+) -> Image:
     res = _LazyResolver(store, repo)
-    img = Image.open(path, readonly=readonly, resolver=res)
+    img = Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
     _resolvers[id(img)] = res
     return img
 
@@ -193,8 +199,18 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
 def info(fmt, backing_chain, as_json, output, file):
-    """Show the header, backing file and snapshots of FILE."""
+    """Show the header, backing file and snapshots of FILE (qcow2: asks qemu-img)."""
     from vfs.image.ops import image_info, info_text, open_source
+
+    if (fmt or _probe(file)) == "qcow2":
+        from vfs.image.qemu import qemu_img
+
+        extra = ["--backing-chain"] if backing_chain else []
+        if _want_json(as_json, output):
+            click.echo(qemu_img("info", "--output=json", *extra, "-f", "qcow2", file), nl=False)
+        else:
+            click.echo(qemu_img("info", *extra, "-f", "qcow2", file), nl=False)
+        return
 
     infos = []
     path, f = file, fmt
@@ -204,7 +220,11 @@ def info(fmt, backing_chain, as_json, output, file):
         if real in seen:
             raise UsageError(f"backing chain loops at {path}")
         seen.add(real)
-        src = open_source(path, f)
+        probed = f or _probe(path)
+        if probed == "vimg":  # each layer is opened by this loop: not its chain
+            src: Any = Image.open(path, readonly=True, with_backing=False)
+        else:
+            src = open_source(path, probed)
         try:
             if isinstance(src, Image):
                 infos.append(image_info(src))
@@ -318,8 +338,15 @@ def verify(as_json, output, store, repo, file):
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
 def map_cmd(fmt, as_json, output, store, repo, file):
-    """Show where each guest range lives (same fields as qemu-img map)."""
+    """Show where each guest range lives (same fields as qemu-img map; qcow2: asks qemu-img)."""
     from vfs.image.ops import image_map, open_source
+
+    if (fmt or _probe(file)) == "qcow2":
+        from vfs.image.qemu import qemu_img
+
+        out = "--output=json" if _want_json(as_json, output) else "--output=human"
+        click.echo(qemu_img("map", out, "-f", "qcow2", file), nl=False)
+        return
 
     src = open_source(file, fmt)
     try:
@@ -507,7 +534,8 @@ def rebase(fmt, unsafe, backing, backing_fmt, store, repo, file):
     from vfs.image.chain import rebase as do_rebase
 
     _check_vimg(file, fmt)
-    img = _open(file, readonly=False, store=store, repo=repo)
+    # -u works even when the old backing file is gone (the usual reason to use it)
+    img = _open(file, readonly=False, store=store, repo=repo, with_backing=not unsafe)
     try:
         do_rebase(img, backing or None, backing_fmt, unsafe=unsafe)
     finally:
@@ -529,7 +557,7 @@ def snapshot(create_name, list_, apply_name, delete_name, as_json, output, file)
     if len(chosen) + bool(list_) != 1:
         raise UsageError("give exactly one of -c NAME, -l, -a NAME, -d NAME")
     _check_vimg(file, None)
-    img = _open(file, readonly=bool(list_))
+    img = _open(file, readonly=bool(list_), with_backing=False)  # snapshots never read data
     try:
         if list_:
             from vfs.image.ops import image_info, info_text
@@ -684,22 +712,24 @@ def io(commands, fmt, store, repo, file):
 @click.option("--repo", required=True, help="Repository (file:///dir or a directory).")
 @click.option("--store", type=click.Path(file_okay=False), help="Also keep a copy in this store.")
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
+@click.option("--ref", "ref", help="Also publish the image as a template under this name.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
-def push(repo, store, quiet, file):
+def push(repo, store, quiet, ref, file):
     """Move FILE's clusters into a repository: entries become remote objects (SHA-256).
 
     Resumable: progress is committed every 256 clusters; run it again after an interruption.
+    With --ref NAME the image itself (metadata only, a few KiB) is published as a template that
+    `vimg pull --ref NAME --repo URL NEW.vimg` fetches on another host.
     """
+    from vfs.image.remote import publish_template
     from vfs.image.remote import push as do_push
     from vfs.redirect import open_remote
 
     _check_vimg(file, None)
-    remote = (
-        open_remote(repo, create=True)
-        if "://" not in repo or repo.startswith("file://")
-        else open_remote(repo)
-    )
+    # A directory repository is created on first push; http(s) ones are read-only (the remote
+    # says so in one line: publish by copying the directory to a web root).
+    remote = open_remote(repo, create=not repo.startswith(("http://", "https://")))
     st = None
     if store:
         from vfs.redirect import LocalStore
@@ -708,6 +738,9 @@ def push(repo, store, quiet, file):
     img = _open(file, readonly=False, store=store, repo=repo)
     try:
         n = do_push(img, remote, store=st, progress=_Progress("push", not quiet))
+        if ref:
+            oid = publish_template(img, remote, ref)
+            click.echo(f"published template {ref} = {oid}")
     finally:
         _close(img)
         remote.close()
@@ -716,9 +749,24 @@ def push(repo, store, quiet, file):
     click.echo(f"pushed {n} clusters to {repo}")
 
 
-def _pull(repo: str | None, store: str | None, quiet: bool, file: str) -> None:
+def _pull(
+    repo: str | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
+) -> None:
+    from vfs.image.remote import fetch_template
     from vfs.image.remote import pull as do_pull
 
+    if ref:
+        if not repo:
+            raise UsageError("--ref needs --repo")
+        from vfs.redirect import open_remote
+
+        with open_remote(repo) as remote:
+            oid = fetch_template(remote, ref, file)
+        click.echo(f"fetched template {ref} = {oid}")
+        if lazy:
+            return
+    elif lazy:
+        raise UsageError("--lazy only applies with --ref")
     _check_vimg(file, None)
     img = _open(file, readonly=False, store=store, repo=repo)
     try:
@@ -728,24 +776,33 @@ def _pull(repo: str | None, store: str | None, quiet: bool, file: str) -> None:
     click.echo(f"hydrated {n} clusters" if n else "nothing to pull: every cluster is local")
 
 
-@main.command()
-@_remote_opts
-@click.option("-q", "quiet", is_flag=True, help="No progress.")
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def pull(repo, store, quiet, file):
-    """Fetch FILE's remote clusters back into the file (verified; resumable)."""
-    _pull(repo, store, quiet, file)
+_ref_opt = click.option("--ref", help="Fetch template NAME from --repo into the new FILE first.")
+_lazy_opt = click.option(
+    "--lazy", is_flag=True, help="With --ref: stop after the template; fetch clusters on read."
+)
 
 
 @main.command()
 @_remote_opts
+@_ref_opt
+@_lazy_opt
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
-def hydrate(repo, store, quiet, file):
+def pull(repo, store, ref, lazy, quiet, file):
+    """Fetch FILE's remote clusters back into the file (verified; resumable).
+
+    With --ref NAME, first fetch the template NAME from --repo into the new FILE."""
+    _pull(repo, store, quiet, file, ref, lazy)
+
+
+@main.command()
+@_remote_opts
+@_ref_opt
+@_lazy_opt
+@click.option("-q", "quiet", is_flag=True, help="No progress.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@handle_errors
+def hydrate(repo, store, ref, lazy, quiet, file):
     """Same as pull: make every cluster of FILE local (resumable, progress on stderr)."""
-    _pull(repo, store, quiet, file)
-
-
-_ = L  # layout constants are used by the helpers above through Image
+    _pull(repo, store, quiet, file, ref, lazy)

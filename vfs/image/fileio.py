@@ -13,7 +13,7 @@ from vfs.errors import BusyError, UsageError
 
 
 class ImageFile:
-    """An open image file: positional reads/writes, fsync, size. Writers hold an flock."""
+    """An open image file: positional reads/writes, fsync, size, and its lock (flock)."""
 
     def __init__(self, path: str, *, writable: bool, create: bool = False) -> None:
         flags = os.O_RDWR if writable else os.O_RDONLY
@@ -21,15 +21,21 @@ class ImageFile:
             flags |= os.O_CREAT | os.O_EXCL
         self.path = path
         self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-        if writable:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(self.fd)
-                raise BusyError(f"{path}: image is in use by another writer") from None
+        # One writer or many readers (as QEMU's image locking): a reader of an image that is
+        # being written could follow clusters the writer has freed and reused since.
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            what = "in use" if writable else "being written by another process"
+            raise BusyError(f"{path}: image is {what}") from None
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
+
+    def preadv(self, buf: memoryview, offset: int) -> int:
+        """Read into ``buf`` (no intermediate object); returns the bytes read."""
+        return os.preadv(self.fd, [buf], offset)
 
     def pwrite(self, data: bytes, offset: int) -> None:
         view = memoryview(data)

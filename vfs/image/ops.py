@@ -253,7 +253,7 @@ def info_text(info: dict[str, Any]) -> str:
     if fs:
         lines.append("Format specific information:")
         for k, v in fs["data"].items():
-            lines.append(f"    {k}: {', '.join(v) if isinstance(v, list) else v}")
+            lines.append(f"    {k}: {(', '.join(v) or 'none') if isinstance(v, list) else v}")
     return "\n".join(lines)
 
 

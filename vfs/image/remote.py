@@ -6,6 +6,10 @@ changes reach the disk only at a commit (every ``batch`` clusters and at the end
 the fetched bytes to fresh local clusters and commits the same way. A crash at any moment leaves
 a consistent image whose entries are either the old or the new kind; running the command again
 continues where the last commit left off (that is what makes them resumable).
+
+Templates: a fully pushed image can be published under a ref name as a small metadata-only
+image (an object itself); ``fetch_template`` brings it to another host, where its clusters are
+fetched on demand (second redirection) or hydrated, and where overlays can use it as backing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from vfs.errors import IntegrityError
+from vfs.errors import FormatError, IntegrityError, UsageError
 from vfs.image import layout as L
 from vfs.image.image import Image
 
@@ -85,3 +89,57 @@ def remote_objects(img: Image) -> list[str]:
         if e[0] == L.REMOTE:
             out.append(e[6].hex())
     return out
+
+
+def publish_template(img: Image, remote: Any, name: str) -> str:
+    """Publish the (fully pushed) active image as a *template*: a compact metadata-only vimg
+    file stored as an object, named by the ref ``name``. Returns the template's object id.
+
+    The file is rebuilt rather than copied: the pushed image's file still holds the freed local
+    clusters' bytes, which must not travel (and would make the template as big as the data).
+    Snapshots are not part of a template; an image with a backing file cannot be one.
+    """
+    import os
+    import tempfile
+
+    if img.backing_name:
+        raise UsageError("an image with a backing file cannot be published as a template")
+    left = _stored(img, (L.LOCAL, L.COMPRESSED))
+    if left:
+        raise UsageError(f"{len(left)} clusters are still local: push them first")
+    with tempfile.TemporaryDirectory(prefix="vimg-template-") as d:
+        path = os.path.join(d, "template.vimg")
+        with Image.create(path, img.size, cluster_size=img.cluster_size) as t:
+            cs = img.cluster_size
+            for ci in range(img.guest_clusters):
+                e = img.entry(ci)
+                if e[0] == L.REMOTE:
+                    t.set_remote(ci, e[6], e[5])
+                elif e[0] == L.ZERO:
+                    t.write_zeroes(ci * cs, min(cs, img.size - ci * cs))
+        oid = remote.put_file(path)
+    remote.set_ref(name, oid)
+    return oid
+
+
+def fetch_template(remote: Any, name: str, dest: str) -> str:
+    """Fetch template ``name`` into a new file ``dest`` (durably, all or nothing); its clusters
+    stay remote until read or pulled. Returns the template's object id."""
+    import os
+
+    from vfs.durable import write_atomic
+    from vfs.errors import AlreadyExists
+
+    if os.path.exists(dest):
+        raise AlreadyExists(f"{dest}: file exists")
+    oid = remote.get_ref(name)
+    data = remote.get(oid, max_size=1 << 30)  # verified against its SHA-256
+    if not any(data[o : o + 8] == L.MAGIC for o in L.HEADER_SLOT_OFFSETS):
+        raise FormatError(f"ref {name!r} does not name a vimg image")
+    write_atomic(dest, data)
+    try:
+        Image.open(dest, readonly=True).close()  # a damaged template is refused at once
+    except BaseException:
+        os.unlink(dest)
+        raise
+    return oid

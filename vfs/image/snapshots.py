@@ -41,7 +41,9 @@ class SnapshotMixin:
                 False,
             )
 
-    def _root_clusters(self, l1_off: int, l1: list[tuple[int, int]], active: bool) -> Iterator[int]:
+    def _root_clusters(
+        self: Image, l1_off: int, l1: list[tuple[int, int]], active: bool
+    ) -> Iterator[int]:
         """Every host cluster one root uses, with multiplicity (section 5.1 of the spec)."""
         bits = self.cluster_bits
         first = l1_off >> bits

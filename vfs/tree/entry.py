@@ -45,6 +45,10 @@ class Entry:
     oid: str | None  # content object id (SHA-256 hex) for non-empty regular files
     xattrs: Mapping[bytes, bytes]
 
+    def __hash__(self) -> int:
+        # xattrs is a read-only mapping (unhashable): hash what identifies an entry in practice
+        return hash((self.ino, self.kind, self.mode, self.size, self.mtime_ns, self.oid))
+
     @property
     def is_dir(self) -> bool:
         return self.kind == "dir"

@@ -143,8 +143,12 @@ def _read_body(data: bytes, header_len: int, incompat: int, body_len: int, store
     return memoryview(bytes(out))
 
 
-def decode(data: bytes) -> tuple[list[Entry], list[Dirent]]:
-    """Parse and validate a manifest; return (entries by ino - 1, dirents in canonical order)."""
+def decode(data: bytes, *, max_entries: int = L.MAX_INODES) -> tuple[list[Entry], list[Dirent]]:
+    """Parse and validate a manifest; return (entries by ino - 1, dirents in canonical order).
+
+    ``max_entries`` bounds inodes and dirents (each) below the format limit, so a reader can
+    refuse a template too big for its memory before decompressing anything.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _bad("not bytes")
     data = bytes(data)
@@ -186,6 +190,11 @@ def decode(data: bytes) -> tuple[list[Entry], list[Dirent]]:
         raise _bad("reserved header fields are not zero")
     if not 1 <= n_ino <= L.MAX_INODES or n_dir > L.MAX_DIRENTS or n_xat > L.MAX_XATTRS:
         raise _bad(f"absurd counts ({n_ino} inodes, {n_dir} dirents, {n_xat} xattrs)")
+    if n_ino > max_entries or n_dir > max_entries:
+        raise UnsupportedFeature(
+            f"template has {max(n_ino, n_dir)} entries, more than this reader accepts "
+            f"({max_entries})"
+        )
     tables = n_ino * L.INODE.size + n_dir * L.DIRENT.size + n_xat * L.XATTR.size
     if body_len != tables + heap_len or body_len > L.MAX_BODY:
         raise _bad(f"body length {body_len} does not match its tables ({tables} + {heap_len})")

@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +45,7 @@ REDIRECT_XATTR = b"trusted.overlay.redirect"
 #: xattrs in this namespace are ours: hidden from the VEE and refused when it sets them.
 PRIVATE_XATTR_PREFIX = b"trusted.overlay."
 NAME_MAX = 255
+FD_CACHE = 1024
 COPY_CHUNK = 1 << 20
 
 RENAME_NOREPLACE = 1
@@ -86,6 +88,7 @@ class PrivateLayer:
         self.root = Path(root)
         self.upper = self.root / "upper"
         self.work = self.root / "work"
+        self._fds: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.work.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -129,17 +132,39 @@ class PrivateLayer:
 
     @contextlib.contextmanager
     def dirfd(self, path: tuple[bytes, ...]) -> Iterator[int]:
-        """An O_PATH fd of directory ``path``, walked without following any symlink."""
-        fd = os.open(self.upper, _DIR_FLAGS)
-        try:
-            for comp in path:
-                check_name(comp)
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-            yield fd
-        finally:
+        """An O_PATH fd of directory ``path``, walked without following any symlink.
+
+        Directory fds are cached (LRU, :data:`FD_CACHE` entries): an O_PATH fd keeps naming the
+        directory it was opened on, and every operation that renames or removes a directory
+        calls :meth:`forget_dirs`, so a cached fd is always the walk's answer.
+        """
+        yield self._dirfd(path)
+
+    def _dirfd(self, path: tuple[bytes, ...]) -> int:
+        fds = self._fds
+        fd = fds.get(path)
+        if fd is not None:
+            fds.move_to_end(path)
+            return fd
+        if not path:
+            fd = os.open(self.upper, _DIR_FLAGS)
+        else:
+            parent = self._dirfd(path[:-1])
+            fd = os.open(check_name(path[-1]), _DIR_FLAGS, dir_fd=parent)
+        fds[path] = fd
+        if len(fds) > FD_CACHE:
+            # the oldest entry: never a parent of this walk (those were just used)
+            os.close(fds.popitem(last=False)[1])
+        return fd
+
+    def forget_dirs(self) -> None:
+        """Drop the cached directory fds (after a directory was renamed or removed)."""
+        fds, self._fds = self._fds, OrderedDict()
+        for fd in fds.values():
             os.close(fd)
+
+    def close(self) -> None:
+        self.forget_dirs()
 
     @contextlib.contextmanager
     def workfd(self) -> Iterator[int]:
@@ -226,6 +251,8 @@ class PrivateLayer:
                 self._rmtree_at(fd, name)
             else:
                 os.unlink(name, dir_fd=fd)
+                return
+        self.forget_dirs()
 
     def _rmtree_at(self, pfd: int, name: bytes) -> None:
         """Remove a private directory and its content (whiteouts of an opaque-replaced dir)."""
@@ -368,23 +395,36 @@ class PrivateLayer:
     def create(
         self, path: tuple[bytes, ...], flags: int, mode: int, uid: int, gid: int, *, replace: bool
     ) -> int:
-        """Create a new regular file (O_EXCL) owned by uid:gid; ``replace`` drops a whiteout."""
+        """Create a new regular file (O_EXCL) owned by uid:gid.
+
+        ``replace``: a whiteout at the name is replaced atomically (the file is made in
+        ``work/`` and renamed over it), so a crash never shows the deleted template file again.
+        """
+        oflags = (flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         with self.dirfd(path[:-1]) as pfd:
             name = check_name(path[-1])
+            st = None
             if replace:
                 with contextlib.suppress(FileNotFoundError):
                     st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                    if is_whiteout(st):
-                        os.unlink(name, dir_fd=pfd)
-            fd = os.open(
-                name,
-                (flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=pfd,
-            )
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
-            return fd
+            if st is None or not is_whiteout(st):
+                fd = os.open(name, oflags, 0o600, dir_fd=pfd)
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat.S_IMODE(mode))
+                return fd
+            tmp = b"new-" + secrets.token_hex(8).encode()
+            with self.workfd() as wfd:
+                fd = os.open(tmp, oflags, 0o600, dir_fd=wfd)
+                try:
+                    os.fchown(fd, uid, gid)
+                    os.fchmod(fd, stat.S_IMODE(mode))
+                    os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
+                except BaseException:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=wfd)
+                    raise
+                return fd
 
     @contextlib.contextmanager
     def at(self, path: tuple[bytes, ...]) -> Iterator[tuple[int, bytes]]:

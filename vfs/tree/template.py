@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
+#: Default bound on the inodes (and on the names) of a template this process will index:
+#: 4 Mi entries is ~2 GiB of index, ten times a full distribution with development tools.
+MAX_ENTRIES = 1 << 22
+
 
 class _Getter(Protocol):
     def get(self, oid: str) -> bytes: ...
@@ -76,18 +80,21 @@ class Template:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def load(cls, resolver: _Getter, digest: str) -> Template:
+    def load(cls, resolver: _Getter, digest: str, *, max_entries: int = MAX_ENTRIES) -> Template:
         """Fetch the manifest object ``digest`` via ``resolver.get``, verify and index it.
 
         Raises IntegrityError when the bytes do not hash to ``digest``, FormatError (or
-        UnsupportedFeature) when the manifest is malformed or hostile.
+        UnsupportedFeature) when the manifest is malformed or hostile, or has more than
+        ``max_entries`` inodes or names (the index costs ~0.5 KiB per entry).
         """
         digest = check_digest(digest)
         data = resolver.get(digest)
-        return cls.from_bytes(data, digest)
+        return cls.from_bytes(data, digest, max_entries=max_entries)
 
     @classmethod
-    def from_bytes(cls, data: bytes, digest: str | None = None) -> Template:
+    def from_bytes(
+        cls, data: bytes, digest: str | None = None, *, max_entries: int = MAX_ENTRIES
+    ) -> Template:
         """Index a manifest held in memory; verify it against ``digest`` when given."""
         actual = hashlib.sha256(data).hexdigest()
         if digest is not None and actual != digest:
@@ -95,7 +102,7 @@ class Template:
                 f"manifest {digest[:16]}…: content hashes to {actual[:16]}…, refusing it",
                 oid=digest,
             )
-        entries, dirents = manifest.decode(data)
+        entries, dirents = manifest.decode(data, max_entries=max_entries)
         log.debug("loaded template %s: %d entries", actual[:16], len(entries))
         return cls(actual, entries, dirents, len(data))
 

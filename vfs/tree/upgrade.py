@@ -111,8 +111,12 @@ def plan_upgrade(
             if ctpath is None:
                 continue
             a, b = old.resolve(ctpath), new.resolve(ctpath)
-            if not same_entry(a, b):
-                kind = "whiteout" if is_whiteout(st) else "file"
-                report.conflicts.append(Conflict(vpath, kind, _change(a, b)))
+            if same_entry(a, b):
+                continue
+            if is_whiteout(st):
+                if b is not None:  # both deleting it is no conflict; something new hidden is
+                    report.conflicts.append(Conflict(vpath, "whiteout", _change(a, b)))
+            else:
+                report.conflicts.append(Conflict(vpath, "file", _change(a, b)))
     report.conflicts.sort(key=lambda c: c.path)
     return report

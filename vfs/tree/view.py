@@ -257,6 +257,7 @@ class Views:
                 node.vee = _DEAD
         for node in self.shared.values():
             node.seen = {(p, n) for p, n in node.seen if p.vee is not _DEAD}
+        vee.layer.close()
         self.invalidate_entry(ROOT_INO, name.encode())
 
     # -- node bookkeeping ------------------------------------------------------------------
@@ -845,6 +846,7 @@ class Views:
         vee.dirs.pop((parent.ino, name), None)
         node.parent = None
         node.vee = _DEAD
+        vee.layer.forget_dirs()
 
     def _exchange_with_whiteout(self, vee: Vee, path: tuple[bytes, ...]) -> None:
         """Atomically replace a private directory (holding only markers) by a whiteout."""
@@ -914,7 +916,9 @@ class Views:
             fsync_dir(dfd)
             if sfd != dfd:
                 fsync_dir(sfd)
-        # 5. bookkeeping
+        # 5. bookkeeping (cached directory fds may name moved or removed directories)
+        if src.is_dir or (dst is not None and dst.is_dir):
+            vee.layer.forget_dirs()
         if dst is not None:
             if dst.is_dir:
                 vee.dirs.pop((p2.ino, n2), None)
@@ -1062,6 +1066,8 @@ class Views:
     def close(self) -> None:
         for fh in list(self.handles):
             self.release(fh)
+        for vee in self.vees.values():
+            vee.layer.close()
 
 
 class _Dead:

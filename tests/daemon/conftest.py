@@ -1,0 +1,175 @@
+"""A real `vfsd serve` on a real FUSE mount, always unmounted and stopped at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.vee_helpers import make_sample_tree
+
+VFSD = [str(Path(sys.executable).with_name("vfsd"))]
+
+
+def fuse_available() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0:
+        return "needs root (device nodes, chown, trusted.* xattrs)"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3"
+    return None
+
+
+def vfsd(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run([*VFSD, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and p.returncode != 0:
+        raise AssertionError(f"vfsd {' '.join(args)} failed ({p.returncode}): {p.stderr}")
+    return p
+
+
+def wait_for(cond, timeout: float = 20.0, what: str = "condition", proc=None):  # type: ignore[no-untyped-def]
+    """Poll ``cond`` until true; fail at once if the daemon died."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"vfsd died (rc={proc.returncode}) waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-q", os.fspath(path)], check=False)
+    if is_mounted(path):
+        subprocess.run(["umount", "-l", os.fspath(path)], check=False)
+
+
+@dataclass
+class Daemon:
+    root: Path
+    state: Path
+    mnt: Path
+    store: Path
+    repo: Path
+    proc: subprocess.Popen | None = None
+    log: Path = field(default=Path("/dev/null"))
+    templates: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    *VFSD,
+                    "-v",
+                    "serve",
+                    "--state",
+                    str(self.state),
+                    "--mount",
+                    str(self.mnt),
+                    "--remote",
+                    str(self.repo),
+                    "--store",
+                    str(self.store),
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(self._ready, what="control socket", proc=self.proc)
+
+    def _ready(self) -> bool:
+        from vfs.daemon import control
+
+        try:
+            control.call(self.state, {"op": "ping"}, timeout=5)
+            return is_mounted(self.mnt)
+        except control.DaemonNotRunning:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then make sure: unmount, kill."""
+        p = self.proc
+        if p is None:
+            return
+        try:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            unmount(self.mnt)
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+            self.proc = None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+        unmount(self.mnt)
+
+    def publish(self, src: Path, name: str) -> str:
+        r = vfsd(
+            "template", "publish", str(src), "--repo", str(self.repo),
+            "--store", str(self.store), "--name", name, "--json",
+        )  # fmt: skip
+        digest = json.loads(r.stdout)["digest"]
+        self.templates[name] = digest
+        return digest
+
+    def vee(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return vfsd("vee", *args, "--state", str(self.state), check=check)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    """A running daemon with the sample template published as 'base' and VEEs a and b."""
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path
+    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo")
+    d.mnt.mkdir()
+    vfsd("repo", "init", str(d.repo))
+    make_sample_tree(root / "src")
+    d.publish(root / "src", "base")
+    d.start()
+    try:
+        d.vee("add", "a", "--template", "base")
+        d.vee("add", "b", "--template", "base")
+        yield d
+    finally:
+        d.stop()
+        leftovers = [ln for ln in d.log_text().splitlines() if "Traceback" in ln or "ERROR" in ln]
+        assert not leftovers, d.log_text()

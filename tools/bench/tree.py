@@ -1,0 +1,307 @@
+"""Benchmark of the VEE tree: vfsd vs native ext4, kernel overlayfs and fuse-overlayfs.
+
+All four serve the same data in the same run:
+
+- cold / warm sequential read of one big file (default 256 MiB, ``--full``: 1 GiB);
+- ``find`` + stat and ``cat`` of 20,000 small files, cold and warm;
+- untar of a 20,000-file archive into the tree (the write path);
+- page cache used when 20 roots read the same 200 MiB (``Cached`` delta of /proc/meminfo):
+  20 VEEs of one vfsd mount, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts.
+
+Cold = ``echo 3 > /proc/sys/vm/drop_caches`` before the run. Needs root. Usage::
+
+    python -m tools.bench.tree [--full] [--repeat N] [--dir DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SMALL_FILES = 20_000
+VEES = 20
+PC_BYTES = 200 << 20
+PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd"]
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def cached_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1])
+    raise RuntimeError("no Cached in /proc/meminfo")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def read_file(path: Path) -> int:
+    n = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                return n
+            n += len(b)
+    finally:
+        os.close(fd)
+
+
+def sh(*cmd: str, **kw: object) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def make_data(src: Path, big_bytes: int) -> None:
+    if (src / ".complete").exists() and (src / "big").stat().st_size == big_bytes:
+        return
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    block = os.urandom(1 << 20)
+    with open(src / "big", "wb") as f:
+        for i in range(big_bytes >> 20):
+            f.write(block[i % 4096 :] + block[: i % 4096])
+    small = src / "small"
+    for d in range(SMALL_FILES // 100):
+        dd = small / f"d{d:03}"
+        dd.mkdir(parents=True)
+        for i in range(100):
+            (dd / f"f{i:03}").write_bytes(os.urandom(512 + (i * 37) % 3500))
+    pc = src / "pc"
+    pc.mkdir()
+    for i in range(PC_BYTES // (4 << 20)):
+        (pc / f"lib{i:02}.so").write_bytes(os.urandom(4 << 20))
+    (src / ".complete").write_bytes(b"")
+
+
+# -- peers ------------------------------------------------------------------------------------
+
+
+class Mounts:
+    """Everything mounted or started, undone in reverse order whatever happens."""
+
+    def __init__(self) -> None:
+        self.mounts: list[Path] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def overlay(self, lower: Path, base: Path) -> Path:
+        for d in ("upper", "work", "mnt"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        opts = f"lowerdir={lower},upperdir={base}/upper,workdir={base}/work"
+        sh("mount", "-t", "overlay", "overlay", "-o", opts, str(base / "mnt"))
+        self.mounts.append(base / "mnt")
+        return base / "mnt"
+
+    def fuse_overlay(self, lower: Path, base: Path) -> Path:
+        for d in ("upper", "work", "mnt"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        opts = f"lowerdir={lower},upperdir={base}/upper,workdir={base}/work"
+        sh("fuse-overlayfs", "-o", opts, str(base / "mnt"))
+        self.mounts.append(base / "mnt")
+        return base / "mnt"
+
+    def vfsd(self, work: Path, src: Path, names: list[str]) -> Path:
+        from vfs.daemon import control
+
+        vfsd = str(Path(sys.executable).with_name("vfsd"))
+        repo, store, state, mnt = work / "repo", work / "store", work / "state", work / "mnt"
+        mnt.mkdir(parents=True, exist_ok=True)
+        sh(vfsd, "repo", "init", str(repo))
+        out = subprocess.run(
+            [vfsd, "template", "publish", str(src), "--repo", str(repo), "--store", str(store),
+             "--json"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        digest = json.loads(out)["digest"]
+        p = subprocess.Popen(
+            [vfsd, "serve", "--state", str(state), "--mount", str(mnt), "--store", str(store)],
+            stderr=open(work / "vfsd.log", "wb"),  # noqa: SIM115
+        )
+        self.procs.append(p)
+        self.mounts.append(mnt)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                control.call(state, {"op": "ping"}, timeout=5)
+                break
+            except control.DaemonNotRunning:
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vfsd did not start: see {work}/vfsd.log") from None
+                time.sleep(0.05)
+        for n in names:
+            control.call(state, {"op": "add", "name": n, "template": digest})
+        return mnt
+
+    def close(self) -> None:
+        for m in reversed(self.mounts):
+            subprocess.run(["umount", str(m)], check=False, stderr=subprocess.DEVNULL)
+            if os.path.ismount(m):
+                subprocess.run(["umount", "-l", str(m)], check=False)
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+def find_stat(root: Path) -> None:
+    sh("find", str(root / "small"), "-printf", "%s %m\n")
+
+
+def cat_all(root: Path) -> None:
+    subprocess.run(
+        f"find {root / 'small'} -type f -print0 | xargs -0 cat > /dev/null", shell=True, check=True
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(args.dir)
+    big_bytes = (1 << 30) if args.full else args.big_mib << 20
+    src = work / "src"
+    print(f"preparing data in {src} (big file {big_bytes >> 20} MiB, {SMALL_FILES} small files)")
+    make_data(src, big_bytes)
+    tarball = work / "small.tar"
+    if not tarball.exists():
+        with tarfile.open(tarball, "w") as t:
+            t.add(src / "small", arcname="small")
+    for d in ("peers", "vfsd"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    mounts = Mounts()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        roots = {
+            "native": src,
+            "overlay": mounts.overlay(src, work / "peers" / "ov0"),
+            "fuse-overlayfs": mounts.fuse_overlay(src, work / "peers" / "fo0"),
+        }
+        vmnt = mounts.vfsd(work / "vfsd", src, [f"v{i}" for i in range(VEES)])
+        roots["vfsd"] = vmnt / "v0"
+        with open(f"/sys/class/bdi/{_devno(vmnt)}/read_ahead_kb") as f:
+            print(f"vfsd read_ahead_kb = {f.read().strip()}")
+
+        def measure(name: str, fn: Callable[[Path], object], cold: bool, unit: str) -> None:
+            row = results.setdefault(name, {"unit": unit})  # type: ignore[dict-item]
+            for peer in PEERS:
+                vals = []
+                for _ in range(1 if cold else args.repeat):
+                    if cold:
+                        drop_caches()
+                    else:
+                        fn(roots[peer])
+                    vals.append(timed(lambda p=peer: fn(roots[p])))
+                t = statistics.median(vals)
+                row[peer] = big_bytes / t / 1e6 if unit == "MB/s" else t
+                print(f"  {name:28} {peer:15} {row[peer]:10.3f} {unit}")
+
+        measure("seq read cold", lambda r: read_file(r / "big"), True, "MB/s")
+        measure("seq read warm", lambda r: read_file(r / "big"), False, "MB/s")
+        measure("find+stat 20k cold", find_stat, True, "s")
+        measure("find+stat 20k warm", find_stat, False, "s")
+        measure("cat 20k cold", cat_all, True, "s")
+        measure("cat 20k warm", cat_all, False, "s")
+        row = results.setdefault("untar 20k", {"unit": "s"})  # type: ignore[dict-item]
+        for peer in PEERS:
+            dest = roots[peer] / f"untar-{time.monotonic_ns()}"
+            if peer == "native":
+                dest = work / "peers" / "native-untar"
+                shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            row[peer] = timed(lambda d=dest: sh("tar", "-xf", str(tarball), "-C", str(d)))
+            print(f"  {'untar 20k':28} {peer:15} {row[peer]:10.3f} s")
+        results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt)
+    finally:
+        mounts.close()
+    return {"big_bytes": big_bytes, "small_files": SMALL_FILES, "results": results}
+
+
+def page_cache(mounts: Mounts, work: Path, src: Path, vmnt: Path) -> dict[str, float]:
+    row: dict[str, float] = {"unit": "MiB"}  # type: ignore[dict-item]
+    sets = {
+        "native": [src] * VEES,
+        "overlay": [mounts.overlay(src, work / "peers" / f"pov{i}") for i in range(VEES)],
+        "fuse-overlayfs": [
+            mounts.fuse_overlay(src, work / "peers" / f"pfo{i}") for i in range(VEES)
+        ],
+        "vfsd": [vmnt / f"v{i}" for i in range(VEES)],
+    }
+    for peer in PEERS:
+        drop_caches()
+        before = cached_kib()
+        for root in sets[peer]:
+            for f in sorted((root / "pc").iterdir()):
+                read_file(f)
+        row[peer] = (cached_kib() - before) / 1024
+        print(f"  {'page cache 20x200MiB':28} {peer:15} {row[peer]:10.1f} MiB")
+    return row
+
+
+def _devno(mnt: Path) -> str:
+    from vfs.daemon.fuse_ops import mount_devno
+
+    return mount_devno(str(mnt)) or "0:0"
+
+
+def table(res: dict[str, object]) -> str:
+    lines = [
+        "| workload | native ext4 | kernel overlay | fuse-overlayfs | vfsd | vfsd/native "
+        "| vfsd/fuse-overlayfs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in res["results"].items():  # type: ignore[attr-defined]
+        unit = row["unit"]
+        cells = [f"{row[p]:.3g}" if unit != "MB/s" else f"{row[p]:.0f}" for p in PEERS]
+        lines.append(
+            f"| {name} ({unit}) | "
+            + " | ".join(cells)
+            + f" | {row['vfsd'] / row['native']:.2f} | {row['vfsd'] / row['fuse-overlayfs']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="1 GiB big file (default: --big-mib)")
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each warm measure (median)")
+    ap.add_argument("--dir", default="/var/tmp/vfs-bench-tree")
+    ap.add_argument("--json", default="bench-results/tree.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("tools.bench.tree: needs root (mounts, drop_caches)")
+    res = run(args)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    print()
+    print(table(res))
+    print("(ratios: time ratios for s/MiB rows, throughput ratios for MB/s rows)")
+
+
+if __name__ == "__main__":
+    main()
