@@ -75,6 +75,7 @@ class Daemon:
     proc: subprocess.Popen | None = None
     log: Path = field(default=Path("/dev/null"))
     templates: dict[str, str] = field(default_factory=dict)
+    remote_url: str | None = None  # default: the file:// repo
 
     def start(self) -> None:
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
@@ -89,7 +90,7 @@ class Daemon:
                     "--mount",
                     str(self.mnt),
                     "--remote",
-                    str(self.repo),
+                    self.remote_url or str(self.repo),
                     "--store",
                     str(self.store),
                 ],
@@ -133,10 +134,11 @@ class Daemon:
         self.proc = None
         unmount(self.mnt)
 
-    def publish(self, src: Path, name: str) -> str:
+    def publish(self, src: Path, name: str, *, to_store: bool = True) -> str:
+        store = ["--store", str(self.store)] if to_store else []
         r = vfsd(
             "template", "publish", str(src), "--repo", str(self.repo),
-            "--store", str(self.store), "--name", name, "--json",
+            *store, "--name", name, "--json",
         )  # fmt: skip
         digest = json.loads(r.stdout)["digest"]
         self.templates[name] = digest

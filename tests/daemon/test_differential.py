@@ -60,7 +60,10 @@ def outcome(fn, *args):  # type: ignore[no-untyped-def]
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
+    """Names, types, modes, owners, sizes, contents, targets, user xattrs, and which names are
+    hard links of each other (inode numbers themselves differ between the two trees)."""
     out: dict[str, tuple] = {}
+    by_ino: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
@@ -68,14 +71,18 @@ def snapshot(root: Path) -> dict[str, tuple]:
             s = os.lstat(p)
             rel = str(p.relative_to(root))
             mode = stat.S_IMODE(s.st_mode)
+            if not stat.S_ISDIR(s.st_mode):
+                by_ino.setdefault(s.st_ino, []).append(rel)
             if stat.S_ISREG(s.st_mode):
-                out[rel] = ("f", mode, s.st_size, p.read_bytes())
+                xa = {n: os.getxattr(p, n) for n in os.listxattr(p) if n.startswith("user.")}
+                out[rel] = ("f", mode, s.st_uid, s.st_size, p.read_bytes(), xa)
             elif stat.S_ISLNK(s.st_mode):
                 out[rel] = ("l", os.readlink(p))
             elif stat.S_ISDIR(s.st_mode):
                 out[rel] = ("d", mode)
             else:
                 out[rel] = ("o", stat.S_IFMT(s.st_mode), mode)
+    out["<hard links>"] = tuple(sorted(tuple(sorted(v)) for v in by_ino.values() if len(v) > 1))
     return out
 
 
@@ -172,6 +179,16 @@ class DiffMachine(RuleBasedStateMachine):
     def chmod(self, path, mode):  # type: ignore[no-untyped-def]
         self.both(lambda r, p, m: os.chmod(r / p, m, follow_symlinks=True), path, mode)
 
+    @rule(path=paths, uid=st.sampled_from([0, 1000]))
+    def chown(self, path, uid):  # type: ignore[no-untyped-def]
+        self.both(lambda r, p, u: os.chown(r / p, u, u, follow_symlinks=False), path, uid)
+
+    @rule(path=paths, value=st.sampled_from([b"", b"v1", b"v2" * 50]))
+    def setxattr(self, path, value):  # type: ignore[no-untyped-def]
+        self.both(
+            lambda r, p, v: os.setxattr(r / p, "user.k", v, follow_symlinks=False), path, value
+        )
+
     @rule(path=paths)
     def listdir(self, path):  # type: ignore[no-untyped-def]
         self.both(lambda r, p: sorted(os.listdir(r / p)), path)
@@ -190,7 +207,7 @@ def test_differential_vs_plain_directory(daemon):
         run_state_machine_as_test(
             machine,
             settings=hypothesis.settings(
-                max_examples=int(os.environ.get("VFS_DIFF_EXAMPLES", 15)),
+                max_examples=int(os.environ.get("VFS_DIFF_EXAMPLES", 40)),
                 stateful_step_count=25,
                 deadline=None,
                 database=None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
-from vfs.tree.view import ROOT_INO, FsError, SetAttr, StaleHandle, Views
+from vfs.tree.nodes import ROOT_INO, FsError, SetAttr, StaleHandle
+from vfs.tree.view import Views
 
 
 class VeeClient:

@@ -23,6 +23,10 @@ class Recorder:
                 rec.ops.append(("t", size))
                 super().truncate(size)
 
+            def punch(self, offset: int, length: int) -> None:
+                rec.ops.append(("p", offset, length))
+                super().punch(offset, length)
+
             def fsync(self) -> None:
                 rec.ops.append(("sync",))
                 super().fsync()
@@ -41,5 +45,7 @@ def apply_ops(path: str, ops: list[tuple]) -> None:
                 os.pwrite(fd, op[2], op[1])
             elif op[0] == "t":
                 os.ftruncate(fd, op[1])
+            elif op[0] == "p":  # a punched hole reads as zeros
+                os.pwrite(fd, bytes(op[2]), op[1])
     finally:
         os.close(fd)

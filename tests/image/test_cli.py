@@ -113,7 +113,7 @@ def test_measure_and_bench(tmp_path):
     assert 0 < out["required"] < out["fully-allocated"]
     a = str(tmp_path / "a.vimg")
     vimg("create", "-s", "8M", a)
-    w = vimg("bench", "-w", "-c", "200", "-s", "4k", "-S", "12k", a)
+    w = vimg("bench", "-w", "-c", "200", "-s", "4k", "-S", "12k", "--pattern", "0xa5", a)
     assert "Sending 200 write requests, 4096 bytes each" in w
     assert "Run completed in" in vimg("bench", "-c", "200", "-s", "64k", a)
     vimg("io", a, "-c", "read -P 0xa5 0 4k")  # bench -w wrote its pattern
@@ -126,7 +126,9 @@ def test_push_pull_file_repo(tmp_path):
     vimg("create", "-s", "4M", "-c", "16k", a)
     vimg("io", a, "-c", "write -P 0x31 0 100k", "-c", "write -P 0x32 3M 16k")
     vimg("convert", "-O", "raw", a, orig)
+    used = os.stat(a).st_blocks
     assert "pushed 8 clusters" in vimg("push", "-q", a, "--repo", f"file://{repo}")
+    assert os.stat(a).st_blocks < used - 8 * 16 * 2  # the pushed clusters were punched out
     info = json.loads(vimg("info", "--json", a))
     assert "remote clusters" in info["format-specific"]["data"]["incompatible-features"]
     assert json.loads(vimg("check", "--json", a))["remote-clusters"] == 8
@@ -260,6 +262,26 @@ def test_remote_clusters_over_http(tmp_path, nginx, nginx_repo):
         "-c",
         "read -P 0x42 1M 8k",
     )
+    # over mutual TLS: with the client certificate it reads, without it the server refuses
+    mtls = nginx.url(name, "mtls")
+    tls = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
+    vimg("io", "--repo", mtls, *tls, "--store", str(tmp_path / "s1"), a, "-c", "read -P 0x41 0 64k")
+    r = CliRunner().invoke(
+        main,
+        [
+            "io",
+            "--repo",
+            mtls,
+            "--ca",
+            nginx.ca,
+            "--store",
+            str(tmp_path / "s3"),
+            a,
+            "-c",
+            "read 0 4k",
+        ],
+    )
+    assert r.exit_code == 7 and "Traceback" not in r.output, r.output
     # damage the object for 0x42 on the server; a fresh store must refuse it
     victim = None
     for p in (repo_dir / "objects").rglob("*"):
@@ -296,10 +318,12 @@ BAD = [
     ["convert", "-O", "vimg", "missing.raw", "o.vimg"],
     ["convert", "-O", "raw", "-c", "good.vimg", "o.raw"],
     ["compare", "good.vimg", "missing.raw"],
+    ["convert", "-O", "raw", "good.vimg", "good.vimg"],
     ["commit", "good.vimg"],  # no backing file
     ["push", "good.vimg", "--repo", "ftp://x/y"],
     ["bench", "-s", "4M", "good.vimg"],
     ["rebase", "-b", "missing.vimg", "good.vimg"],
+    ["rebase", "-u", "-b", "good.vimg", "good.vimg"],  # a loop
 ]
 
 

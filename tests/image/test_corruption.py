@@ -223,3 +223,26 @@ def test_header_checksum_is_xxh3_of_the_header():
     (s,) = struct.unpack_from("<Q", raw, len(raw) - 8)
     assert s == xxhash.xxh3_64_intdigest(raw[:-8])
     assert L.unpack_header(raw) == h
+
+
+def test_damaged_snapshot_is_dropped_by_repair(image):
+    path, content = image
+    with Image.open(path) as img:
+        img.snapshot_create("old")
+        img.write(0, b"n" * CS)  # the active root now has its own copy of L2 table 0
+        img.flush()
+        snap_l1 = img.snapshot_l1(img.snapshots[0])
+        assert snap_l1[0][0] != img._l1[0][0]
+        snap_l2 = snap_l1[0][0]
+    flip(path, snap_l2 + 7 * L.L2_ENTRY_SIZE + 20)
+    with Image.open(path, readonly=True) as img:
+        assert [b["root"] for b in verify(img)] == ["old"]
+        assert img.read(0, CS) == b"n" * CS
+    assert check(path).exit_code == 2
+    res = check(path, "all")
+    assert "dropped damaged snapshot(s): 'old'" in res.messages
+    assert check(path).exit_code == 0
+    with Image.open(path, readonly=True) as img:
+        assert img.snapshots == []
+        assert img.read(0, CS) == b"n" * CS
+        assert all(img.read(ci * CS, CS) == d for ci, d in content.items() if ci)

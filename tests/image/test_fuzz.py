@@ -12,13 +12,14 @@ import os
 import shutil
 import struct
 import tempfile
+import tracemalloc
 
 import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vfs.errors import VfsError
+from vfs.errors import FormatError, VfsError
 from vfs.image import layout as L
 from vfs.image.check import check, verify
 from vfs.image.image import Image, read_current_header
@@ -45,7 +46,18 @@ def _make_base() -> None:
 
 
 def _exercise(path: str) -> None:
-    """Everything a user can do to a file: open, read all, verify, check."""
+    """Everything a user can do to a file: open, read all, verify, check — with bounded memory
+    (the image is 1 MiB; a parser trusting a hostile size would allocate far more)."""
+    tracemalloc.start()
+    try:
+        _exercise_inner(path)
+        _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"peak allocation {peak} bytes"
+
+
+def _exercise_inner(path: str) -> None:
     try:
         with Image.open(path, readonly=True) as img:
             img.read(0, img.size) if img.size <= 1 << 22 else img.read(0, 1 << 22)
@@ -63,7 +75,7 @@ def _exercise(path: str) -> None:
 def test_header_parser_random_bytes(data):
     try:
         L.unpack_header(data)
-    except VfsError:
+    except FormatError:
         pass
 
 
@@ -101,7 +113,7 @@ def test_resealed_header_mutations(tmp_path_factory, muts):
 def test_snapshot_table_parser(data, count):
     try:
         L.unpack_snapshots(data, count, 4096)
-    except VfsError:
+    except FormatError:
         pass
 
 
@@ -110,7 +122,7 @@ def test_snapshot_table_parser(data, count):
 def test_l1_parser(data, count):
     try:
         L.unpack_l1(data, count, 4096, 1 << 20)
-    except VfsError:
+    except FormatError:
         pass
 
 

@@ -57,6 +57,18 @@ def data_ranges(m: list[dict]) -> list[tuple[int, int]]:
     return out
 
 
+def flags(m: list[dict]) -> list[tuple]:
+    """Map extents merged by (depth, present, zero, data), host offsets ignored."""
+    out: list[list] = []
+    for d in m:
+        key = (d["depth"], d["present"], d["zero"], d["data"])
+        if out and out[-1][0] == key and out[-1][2] == d["start"]:
+            out[-1][2] = d["start"] + d["length"]
+        else:
+            out.append([key, d["start"], d["start"] + d["length"]])
+    return [tuple(x) for x in out]
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_raw_qcow2_vimg_raw_round_trip(tmp_path, compress):
     raw = tmp_path / "orig.raw"
@@ -78,6 +90,7 @@ def test_raw_qcow2_vimg_raw_round_trip(tmp_path, compress):
     qmap = json.loads(run("qemu-img", "map", "--output=json", str(qcow)).stdout)
     vmap = json.loads(run(*VIMG, "map", "--json", str(vimg)).stdout)
     assert data_ranges(vmap) == data_ranges(qmap)
+    assert flags(vmap) == flags(qmap)  # holes and zeros too, not only data
     assert {k for d in vmap for k in d} <= {k for d in qmap for k in d}
     assert sum(d["length"] for d in vmap) == 24 << 20
     # and back out to qcow2 through qemu-img, compared by qemu-img
@@ -133,3 +146,30 @@ def test_measure_matches_actual_size(tmp_path):
     q = json.loads(run(*VIMG, "measure", "--json", "-O", "qcow2", str(raw)).stdout)
     assert q["required"] > 0
     assert os.path.getsize(vimg) <= m["required"] + (64 << 10)
+
+
+def test_compressed_qcow2_with_backing_chain_is_flattened(tmp_path):
+    """qemu-img made a compressed base and an overlay; vimg convert sees the guest view."""
+    raw = tmp_path / "base.raw"
+    make_raw(raw, 8 << 20, seed=11)
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(base))
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    run("qemu-io", "-c", "write -P 0x99 1M 192k", "-c", "write -z 5M 64k", str(top))
+    v = tmp_path / "flat.vimg"
+    run(*VIMG, "convert", "-O", "vimg", str(top), str(v))
+    run(*VIMG, "compare", str(top), str(v))
+    run("qemu-img", "compare", str(top), str(raw), ok=False)  # top differs from base
+    back = tmp_path / "back.raw"
+    run(*VIMG, "convert", "-O", "raw", str(v), str(back))
+    run("qemu-img", "compare", "-F", "raw", str(top), str(back))
+    # and a vimg chain converted to qcow2 is flattened the same way
+    vbase = tmp_path / "vbase.vimg"
+    run(*VIMG, "convert", "-O", "vimg", "-c", str(base), str(vbase))
+    vtop = tmp_path / "vtop.vimg"
+    run(*VIMG, "create", "-b", "vbase.vimg", str(vtop))
+    run(*VIMG, "io", str(vtop), "-c", "write -P 0x99 1M 192k", "-c", "write -z 5M 64k")
+    out = tmp_path / "out.qcow2"
+    run(*VIMG, "convert", "-O", "qcow2", str(vtop), str(out))
+    run("qemu-img", "compare", str(top), str(out))

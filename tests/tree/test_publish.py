@@ -422,6 +422,7 @@ def _small_tar() -> bytes:
 _TAR = _small_tar()
 
 
+@pytest.mark.log_warnings  # a mutated xattr name may fall outside the namespaces: skipped, logged
 @given(st.lists(st.tuples(st.integers(0, len(_TAR) - 1), st.integers(0, 255)), max_size=8))
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_tar_input_gives_only_format_errors(edits):
@@ -529,3 +530,153 @@ def test_random_trees_round_trip(tmp_path, ops):
     assert_matches_source(Template.load(repo, r.digest), src, repo, snap)
     assert publish_template(src, repo).objects_uploaded == 0
     shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("second", [b"B" * (5 << 20), b"A" * (5 << 20) + b"longer"])
+def test_big_source_file_changing_between_hash_and_upload_is_refused(repo, second):
+    from vfs.errors import IntegrityError
+    from vfs.tree.publish import ObjectSink
+
+    reads = [b"A" * (5 << 20), second]
+
+    def opener():
+        return io.BytesIO(reads.pop(0))
+
+    with ObjectSink(repo) as sink, pytest.raises(IntegrityError, match="changed while"):
+        sink.put_file(opener, 5 << 20)
+    assert list(repo.iter_oids()) in ([], [hashlib.sha256(second).hexdigest()])
+
+
+@pytest.mark.parametrize(
+    "pax",
+    [
+        {"mtime": "1e30"},
+        {"mtime": "inf"},
+        {"mtime": "nan"},
+        {"atime": "-1e20"},
+        {"uid": "99999999999"},
+        {"gid": "4294967295"},
+        {"SCHILY.xattr.user." + "n" * 300: "v"},
+        {"SCHILY.xattr.user.big": "v" * 70000},
+        {"LIBARCHIVE.xattr.user.x": "!!notbase64!!"},
+    ],
+    ids=lambda p: next(iter(p))[:24],
+)
+def test_tar_with_out_of_range_pax_values_is_refused(tmp_path, pax):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.pax_headers = pax
+        tf.addfile(ti)
+    buf.seek(0)
+    with pytest.raises(FormatError, match="tar"):
+        publish_template(buf, MemRepo())
+
+
+def test_tar_device_number_out_of_range_is_refused():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo("dev")
+        ti.type = tarfile.CHRTYPE
+        ti.devmajor, ti.devminor = 1 << 40, 1
+        tf.addfile(ti)
+    buf.seek(0)
+    with pytest.raises(FormatError, match="device number"):
+        publish_template(buf, MemRepo())
+
+
+@pytest.mark.log_warnings
+def test_tar_xattr_outside_supported_namespaces_is_skipped_with_a_warning(caplog):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.pax_headers = {"SCHILY.xattr.weird.ns": "1", "SCHILY.xattr.user.ok": "2"}
+        tf.addfile(ti)
+    buf.seek(0)
+    repo = MemRepo()
+    r = publish_template(buf, repo)
+    t = Template.from_bytes(repo.objects[r.digest])
+    assert dict(t.resolve(b"f").xattrs) == {b"user.ok": b"2"}
+    assert "weird.ns" in caplog.text
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_exclude_patterns(tmp_path, repo, as_tar):
+    src = tmp_path / "src"
+    for d in ("app/.git/objects", "app/src", "var/cache/apt", "var/lib", "cache"):
+        (src / d).mkdir(parents=True)
+    for f in ("app/.git/HEAD", "app/src/m.py", "app/src/m.pyc", "var/cache/apt/pkg", "var/lib/db",
+              "cache/keep", "top.pyc"):  # fmt: skip
+        (src / f).write_bytes(f.encode())
+    os.link(src / "app/src/m.py", src / "var/lib/m-link")
+    path: Path = src
+    if as_tar:
+        path = tmp_path / "src.tar"
+        with tarfile.open(path, "w") as tf:
+            tf.add(src, arcname=".")
+    r = publish_template(path, repo, exclude=[".git", "*.pyc", "/var/cache/*", "/cache/"])
+    names = {p for p, _ in Template.load(repo, r.digest).walk()}
+    assert names == {
+        b"", b"app", b"app/src", b"app/src/m.py", b"var", b"var/cache", b"var/lib",
+        b"var/lib/db", b"var/lib/m-link",
+    }  # fmt: skip
+    t = Template.load(repo, r.digest)
+    assert t.resolve(b"var/lib/m-link") is t.resolve(b"app/src/m.py")
+    assert t.resolve(b"app/src/m.py").nlink == 2
+    from vfs.errors import UsageError
+
+    with pytest.raises(UsageError):
+        publish_template(path, repo, exclude=["/"])
+
+
+@needs_root
+def test_export_to_gnu_tar_and_back_is_identical_for_rsync(tmp_path, repo):
+    """publish → vfsd template export → GNU tar -x: rsync -aHAX sees nothing to copy but the
+    socket (which a tar cannot hold), and publishing the extracted tree gives the same entries."""
+    from click.testing import CliRunner
+
+    from vfs.daemon.cli import main
+
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    r1 = publish_template(src, repo, name="rich")
+    out = tmp_path / "export.tar"
+    res = CliRunner().invoke(
+        main, ["template", "export", "rich", "--repo", str(repo.root), "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "1 sockets left out" in res.stderr
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    subprocess.run(
+        ["tar", "-xpf", str(out), "-C", str(dst), "--xattrs", "--xattrs-include=*",
+         "--numeric-owner"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    itemized = subprocess.run(
+        ["rsync", "-aHAXn", "--itemize-changes", f"{src}/", f"{dst}/"],
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert [line.split()[-1] for line in itemized] == ["sock"], itemized
+    back = Template.load(repo, publish_template(dst, repo).digest)
+    changes = diff_templates(Template.load(repo, r1.digest), back)
+    assert [(c.path, c.status) for c in changes] == [(b"sock", "removed")]
+    bin_dir = back.resolve(b"bin")
+    assert bin_dir.mtime_ns == 1_600_000_000_123_456_789  # ns survive the round trip
+
+
+def test_export_refuses_an_object_that_does_not_match(tmp_path, repo):
+    from vfs.errors import IntegrityError
+    from vfs.tree.tarexport import export_tar
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"good bytes")
+    t = Template.load(repo, publish_template(src, repo).digest)
+    oid = t.resolve(b"f").oid
+    (repo.root / "objects" / oid[:2] / oid).write_bytes(b"evil bytes")  # same length
+    with pytest.raises(IntegrityError, match="does not match"):
+        export_tar(t, repo, io.BytesIO())
+    (repo.root / "objects" / oid[:2] / oid).write_bytes(b"short")
+    with pytest.raises(IntegrityError, match="shorter"):
+        export_tar(t, repo, io.BytesIO())

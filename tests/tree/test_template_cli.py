@@ -77,6 +77,11 @@ def test_publish_ls_show_diff(env):
     assert [line.split()[7] for line in out] == [".", "bin", "bin/sh", "etc", "etc/passwd", "sh"]
     assert out[-1].startswith("lrwxrwxrwx") and out[-1].endswith(" sh -> bin/sh")
     assert out[2].startswith("-rwsr-xr-x")
+    os.setxattr(src / "etc", "user.note", b"hi")
+    os.setxattr(src / "etc", "user.bin", b"\x00\x01")
+    dx = run("template", "publish", str(src), "--repo", repo).stdout.strip()
+    shown = run("template", "show", dx, "etc", "-x", "--repo", repo).stdout.splitlines()
+    assert shown[1:3] == ["    user.bin=0x0001", "    user.note=hi"]
     sub = json.loads(run("template", "show", digest, "etc", "--repo", repo, "--json").stdout)
     assert [e["path"] for e in sub["entries"]] == ["etc", "etc/passwd"]
     assert sub["entries"][1]["size"] == 26 and len(sub["entries"][1]["oid"]) == 64
@@ -171,7 +176,7 @@ def test_read_commands_over_http_https_and_mutual_tls(env, nginx, nginx_repo):
     assert run("template", "show", "t", *mtls, *keys, "--store", str(tmp / "st")).exit_code == 0
     # publishing goes to the directory; an http repository refuses uploads in one line
     (src / "more").write_bytes(b"more")
-    one_line_error(run("template", "publish", str(src), "--repo", http), 2)
+    assert "read-only" in one_line_error(run("template", "publish", str(src), "--repo", http), 2)
     assert run("template", "ls", "--repo", http, "--json").stdout.count(digest) == 1
 
 
@@ -197,3 +202,50 @@ def test_check_reports_missing_and_corrupt_objects(env):
     fr._path(oid["bin/sh"]).unlink()
     r = run("template", "check", "c", "--repo", repo)
     assert r.exit_code == 5 and f"missing {oid['bin/sh']}  bin/sh" in r.stdout
+
+
+def test_publish_exclude_and_stdin(env):
+    tmp, repo, src = env
+    r = run("template", "publish", str(src), "--repo", repo, "--exclude", "/etc", "--json")
+    assert json.loads(r.stdout)["entries"] == 4  # root, bin, bin/sh, sh
+    tar = tmp / "t.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(src, arcname=".")
+    r = CliRunner().invoke(
+        main, ["template", "publish", "-", "--repo", repo, "--json"], input=tar.read_bytes()
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["entries"] == 6
+
+
+def test_tag_points_a_name_at_a_valid_template_only(env):
+    tmp, repo, src = env
+    d1 = run("template", "publish", str(src), "--repo", repo, "--name", "app").stdout.strip()
+    (src / "x").write_bytes(b"x")
+    d2 = run("template", "publish", str(src), "--repo", repo, "--name", "app").stdout.strip()
+    r = run("template", "tag", "app", d1, "--repo", repo)  # roll back
+    assert r.exit_code == 0 and r.stdout == f"{d1}  app\n"
+    assert run("template", "tag", "stable", "app", "--repo", repo).stdout.startswith(d1)
+    assert json.loads(run("template", "ls", "--repo", repo, "--json").stdout) == {
+        "app": d1,
+        "stable": d1,
+    }
+    content = FileRemote(repo).put(b"not a manifest")
+    one_line_error(run("template", "tag", "app", content, "--repo", repo), 6)
+    one_line_error(run("template", "tag", "bad/name", d2, "--repo", repo), 2)
+    assert FileRemote(repo).get_ref("app") == d1
+
+
+def test_export_to_stdout(env):
+    tmp, repo, src = env
+    run("template", "publish", str(src), "--repo", repo, "--name", "e")
+    r = CliRunner().invoke(main, ["template", "export", "e", "--repo", repo])
+    assert r.exit_code == 0
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(r.stdout_bytes)) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        assert tf.extractfile(members["etc/passwd"]).read() == b"root:x:0:0::/root:/bin/sh\n"
+    assert set(members) == {".", "bin", "bin/sh", "etc", "etc/passwd", "sh"}
+    assert members["bin/sh"].mode == 0o4755 and members["sh"].linkname == "bin/sh"
+    assert "6 members, 33 bytes" in r.stderr

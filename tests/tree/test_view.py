@@ -12,8 +12,9 @@ import pytest
 
 from tests.daemon.vee_helpers import make_sample_tree, publish
 from tests.daemon.view_client import VeeClient
+from vfs.tree.nodes import FsError, SetAttr, StaleHandle
 from vfs.tree.private import OPAQUE_XATTR, REDIRECT_XATTR, PrivateLayer, is_whiteout
-from vfs.tree.view import FsError, SetAttr, StaleHandle, Views
+from vfs.tree.view import Views
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ file:// repository:
   would otherwise make) and ``tar -cf`` of the tree (one sequential stream, one fsync);
 * republish unchanged: vs ``rsync -a`` of the unchanged tree (its quick check: stat only);
 * incremental: 10 files changed, vs ``rsync -a --fsync``;
-* load: ``Template.load`` of the manifest (fetch, SHA-256 verify, decode, validate, index).
+* load: ``Template.load`` of the manifest (fetch, SHA-256 verify, decode, validate, index);
+* one big file of random bytes (256 MiB; 1 GiB with ``--full``): publish (hash, spool, upload
+  with fsync) vs ``cp`` + fsync of the copy.
 
 Reports medians and ratios (peer time / vfs time: > 1 means vfs is faster). ``--full`` uses
 20,000 files.
@@ -46,6 +48,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         k: {"vfs": [], "peer": [], "peer2": []}
         for k in ("cold publish", "republish unchanged", "incremental (10 files)", "load")
     }
+    big_label = f"big file {'1 GiB' if args.full else '256 MiB'} (vs cp + fsync)"
+    res[big_label] = {"vfs": [], "peer": [], "peer2": []}
     try:
         src = base / "src"
         make_tree(src, n)
@@ -102,6 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(repo_dir)
             shutil.rmtree(dst)
             tar.unlink()
+        big = base / "big"
+        big.mkdir()
+        with open(big / "blob", "wb") as f:
+            for _ in range((1024 if args.full else 256) // 16):
+                f.write(os.urandom(16 << 20))
+        os.sync()
+        for i in range(args.runs):
+            repo = FileRemote(base / f"bigrepo{i}", create=True)
+            res[big_label]["vfs"].append(timed(lambda: publish_template(big, repo)))  # noqa: B023
+            dst = base / f"bigcopy{i}"
+            res[big_label]["peer"].append(
+                timed(lambda: run(["cp", str(big / "blob"), str(dst)]) or _fsync(dst))  # noqa: B023
+            )
+            shutil.rmtree(base / f"bigrepo{i}")
+            dst.unlink()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -119,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"files": n, "runs": args.runs, "results": summary}, indent=2))
         return 0
     print(f"{n} files of 4 KiB, {args.runs} runs, medians")
-    print("| operation | vfs | rsync -a | rsync/vfs | tar -cf | tar/vfs |")
+    print("| operation | vfs | rsync -a (cp) | peer/vfs | tar -cf | tar/vfs |")
     print("|---|---|---|---|---|---|")
     for k, row in summary.items():
         rs = (

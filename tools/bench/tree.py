@@ -238,7 +238,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt)
     finally:
         mounts.close()
-    return {"big_bytes": big_bytes, "small_files": SMALL_FILES, "results": results}
+    tradeoff = read_tradeoff(work)
+    return {
+        "big_bytes": big_bytes,
+        "small_files": SMALL_FILES,
+        "results": results,
+        "local_read_tradeoff_us": tradeoff,
+    }
 
 
 def page_cache(mounts: Mounts, work: Path, src: Path, vmnt: Path) -> dict[str, float]:
@@ -260,6 +266,40 @@ def page_cache(mounts: Mounts, work: Path, src: Path, vmnt: Path) -> dict[str, f
         row[peer] = (cached_kib() - before) / 1024
         print(f"  {'page cache 20x200MiB':28} {peer:15} {row[peer]:10.1f} MiB")
     return row
+
+
+def read_tradeoff(work: Path, n: int = 3000) -> dict[str, float]:
+    """µs per 4 KiB read of a local (page-cached) object: inline vs trio.to_thread."""
+    import trio
+
+    from vfs.redirect import LocalStore, Resolver
+
+    shutil.rmtree(work / "tradeoff-store", ignore_errors=True)
+    store = LocalStore(work / "tradeoff-store")
+    try:
+        oid = store.put(os.urandom(1 << 20))
+        res = Resolver(store)
+        offsets = [(i * 4096 * 7) % ((1 << 20) - 4096) for i in range(n)]
+
+        async def inline() -> None:
+            for off in offsets:
+                if res.has_local(oid):
+                    res.read(oid, off, 4096)
+                await trio.lowlevel.checkpoint()
+
+        async def threaded() -> None:
+            for off in offsets:
+                await trio.to_thread.run_sync(res.read, oid, off, 4096)
+
+        out = {"unit": "us"}
+        for name, fn in (("inline", inline), ("to_thread", threaded)):
+            trio.run(fn)  # warm
+            t = timed(lambda f=fn: trio.run(f))
+            out[name] = t / n * 1e6  # type: ignore[assignment]
+            print(f"  {'local 4 KiB object read':28} {name:15} {out[name]:10.1f} us")
+        return out  # type: ignore[return-value]
+    finally:
+        store.close()
 
 
 def _devno(mnt: Path) -> str:
@@ -301,6 +341,11 @@ def main() -> None:
     print()
     print(table(res))
     print("(ratios: time ratios for s/MiB rows, throughput ratios for MB/s rows)")
+    t = res["local_read_tradeoff_us"]
+    print(
+        f"local 4 KiB object read: inline {t['inline']:.1f} us, "
+        f"trio.to_thread {t['to_thread']:.1f} us per read"
+    )
 
 
 if __name__ == "__main__":

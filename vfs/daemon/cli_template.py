@@ -1,9 +1,9 @@
-"""`vfsd template ...`: publish a tree as a template, list, show and compare templates.
+"""`vfsd template ...`: publish, ls, show, diff, check, tag and export templates.
 
-Thin: the work is in :mod:`vfs.tree` (publish, manifest, diff); this module parses options,
-opens the repository and prints. Reading commands (ls/show/diff) fetch the manifest straight from
-the repository, verified against its digest, unless ``--store`` asks to go through (and fill) a
-local store.
+Thin: the work is in :mod:`vfs.tree` (publish, manifest, diff, check, tar export); this module
+parses options, opens the repository and prints. Reading commands fetch the manifest straight
+from the repository, verified against its digest, unless ``--store`` asks to go through (and
+fill) a local store.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import click
 
 from vfs.cli_util import emit_json, handle_errors
 from vfs.daemon.cli_redirect import open_store, repo_options
-from vfs.errors import IntegrityError, NotFound
-from vfs.redirect import Resolver, check_ref_name, open_remote
+from vfs.errors import IntegrityError, NotFound, UsageError
+from vfs.redirect import HttpRemote, Resolver, check_ref_name, open_remote
 from vfs.tree.entry import Entry
 from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
@@ -79,10 +79,17 @@ def _progress():
 @repo_options
 @_store_opt
 @click.option("--name", help="Point this name (a ref) at the new template, last.")
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave out matching paths (repeatable): 'NAME*' anywhere, '/a/b' from the root, "
+    "'dir/' directories only.",
+)
 @_json_opt
 @click.argument("src", type=click.Path(path_type=Path))
 @handle_errors
-def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, as_json, src):
+def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude, as_json, src):
     """Publish SRC (a directory, a tar archive, or - for a tar on stdin); print the digest.
 
     Uploads only the objects the repository lacks: content objects first, then the manifest,
@@ -90,13 +97,20 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, as_json,
     """
     progress = _progress()
     with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+        if isinstance(r, HttpRemote):  # refuse before hashing the whole tree, not after
+            raise UsageError(
+                f"{repo_url}: HTTP repositories are read-only: publish to the repository "
+                "directory, then copy it to the web root (objects first, refs last)"
+            )
         if name is not None:
             check_ref_name(name)  # refuse a bad name before the work, not after it
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(open_store(store_dir)) if store_dir else None
             t0 = time.perf_counter()
             source = sys.stdin.buffer if str(src) == "-" else src
-            res = publish_template(source, r, name=name, store=store, progress=progress)
+            res = publish_template(
+                source, r, name=name, store=store, progress=progress, exclude=exclude
+            )
             dt = time.perf_counter() - t0
     if progress is not None:
         click.echo("", err=True)
@@ -195,11 +209,12 @@ def _ls_line(path: bytes, e: Entry) -> str:
 @template.command("show")
 @repo_options
 @_store_opt
+@click.option("-x", "--xattrs", "show_xattrs", is_flag=True, help="Also list xattrs.")
 @_json_opt
 @click.argument("ref")
 @click.argument("path", required=False, default="")
 @handle_errors
-def show(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, ref, path):
+def show(repo_url, ca, cert, key, timeout, retries, store_dir, show_xattrs, as_json, ref, path):
     """List the entries of template REF (a name or a digest) like ls -lR, or those under PATH."""
     with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
         digest = resolve_ref(ref, r)
@@ -214,6 +229,10 @@ def show(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, ref, pat
         return
     for p, e in rows:
         click.echo(_ls_line(p, e))
+        if show_xattrs:
+            for k, v in sorted(e.xattrs.items()):
+                shown = _text(v) if v.isascii() and v.decode().isprintable() else "0x" + v.hex()
+                click.echo(f"    {_text(k)}={shown}")
 
 
 @template.command("diff")
@@ -269,3 +288,48 @@ def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
             f"template {rep.digest[:16]}… is incomplete: {len(rep.missing)} objects missing, "
             f"{len(rep.corrupt)} corrupt"
         )
+
+
+@template.command("tag")
+@repo_options
+@click.argument("name")
+@click.argument("ref")
+@handle_errors
+def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
+    """Point NAME at template REF (a digest or another name), e.g. to roll a name back.
+
+    REF must load as a valid template first: a name never points at something that is not one.
+    """
+    check_ref_name(name)
+    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+        t = Template.load(r, resolve_ref(ref, r))
+        r.set_ref(name, t.digest)
+    click.echo(f"{t.digest}  {name}")
+
+
+@template.command("export")
+@repo_options
+@_store_opt
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Write the tar here [default: stdout]."
+)
+@click.argument("ref")
+@handle_errors
+def export(repo_url, ca, cert, key, timeout, retries, store_dir, output, ref):
+    """Write template REF as a pax tar (owners, modes, ns times, xattrs, hard links, devices):
+    extract it with `tar -xpf - --xattrs --xattrs-include='*' --numeric-owner`."""
+    from vfs.tree.tarexport import export_tar
+
+    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+        t = Template.load(getter, resolve_ref(ref, r))
+        source = getter if store_dir is not None else r
+        if output is None:
+            if sys.stdout.isatty():
+                raise UsageError("refusing to write a tar to a terminal: use -o FILE or a pipe")
+            res = export_tar(t, source, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        else:
+            with open(output, "wb") as f:
+                res = export_tar(t, source, f)
+    skipped = f", {res.skipped_sockets} sockets left out" if res.skipped_sockets else ""
+    click.echo(f"{t.digest}: {res.members} members, {res.bytes} bytes{skipped}", err=True)

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from vfs.errors import VfsError
-from vfs.tree.view import CACHE_TIMEOUT, Attr, SetAttr, Views
+from vfs.tree.nodes import CACHE_TIMEOUT, Attr, SetAttr
+from vfs.tree.view import Views
 
 log = logging.getLogger(__name__)
 

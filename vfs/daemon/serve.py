@@ -28,7 +28,7 @@ import trio
 
 from vfs.daemon import control
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_entry, set_read_ahead
-from vfs.errors import BusyError, NotFound, UsageError, VfsError
+from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
 from vfs.redirect import LocalStore, Resolver, open_remote
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
@@ -110,8 +110,6 @@ class Daemon:
     async def add(self, name: str, ref: str) -> dict[str, Any]:
         check_vee_name(name)
         if name in self.registry.vees:
-            from vfs.errors import AlreadyExists
-
             raise AlreadyExists(f"VEE {name!r} exists")
         digest = await trio.to_thread.run_sync(self._digest, ref)
         t = await trio.to_thread.run_sync(self.load_template, digest)
@@ -119,7 +117,7 @@ class Daemon:
         try:
             self.views.add_vee(name, t, self.registry.open_layer(name))
         except BaseException:
-            self.registry.remove(name, purge=True)
+            self.registry.remove(name)  # the layer (maybe adopted, not new) is moved aside
             raise
         return {"name": name, "template": digest}
 

@@ -77,11 +77,14 @@ class Allocator:
         self.dirty_blocks.add(c // self.per_block)
         return c
 
-    def commit(self) -> None:
-        """The new header is durable: nothing is fresh, pending clusters become free."""
+    def commit(self) -> list[int]:
+        """The new header is durable: nothing is fresh, pending clusters become free.
+
+        Returns the clusters freed by this commit (for the caller to punch out of the file)."""
         self.fresh.clear()
-        for c in self.pending:
-            if self.counts[c] == 0:
-                heapq.heappush(self._free, c)
+        freed = sorted(c for c in self.pending if self.counts[c] == 0)
+        for c in freed:
+            heapq.heappush(self._free, c)
         self.pending.clear()
         self.dirty_blocks.clear()
+        return freed

@@ -27,7 +27,7 @@ from typing import Any
 
 import xxhash
 
-from vfs.errors import IntegrityError, UsageError, VfsError
+from vfs.errors import UsageError, VfsError
 from vfs.image import layout as L
 from vfs.image.fileio import ImageFile
 from vfs.image.image import Image, Salvaged, default_opener, read_current_header
@@ -343,6 +343,11 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         _rebuild(f, h, walk)
         res.leaks_fixed = res.leaks
         res.corruptions_fixed = res.corruptions
+        if walk.dropped_snapshots:
+            names = ", ".join(
+                "(unreadable table)" if n == "*" else repr(n) for n in walk.dropped_snapshots
+            )
+            res.messages.append(f"dropped damaged snapshot(s): {names}")
         if corruptions_before:
             res.messages.append(
                 f"repaired; {len(res.lost_clusters)} damaged range(s) now read as zeros"
@@ -375,7 +380,13 @@ def verify(img: Image) -> list[dict[str, Any]]:
     """Read every stored cluster of the active image and every snapshot; return the bad ones."""
     bad: list[dict[str, Any]] = []
     seen: set[tuple[int, int]] = set()
-    for name, _l1_off, l1, active in img.roots():
+    roots: list[tuple[str, list[tuple[int, int]], bool]] = [("active", img._l1, True)]
+    for snap in img.snapshots:
+        try:
+            roots.append((snap.name, img.snapshot_l1(snap), False))
+        except VfsError as e:
+            bad.append({"root": snap.name, "offset": 0, "error": str(e)})
+    for name, l1, active in roots:
         for idx, (off, s) in enumerate(l1):
             if not off and not (active and idx in img._l2cache):
                 continue
@@ -383,7 +394,7 @@ def verify(img: Image) -> list[dict[str, Any]]:
                 t = img._l2cache.get(idx) if active else None
                 if t is None:
                     t = img.load_l2(off, s, idx)
-            except IntegrityError as e:
+            except VfsError as e:
                 bad.append(
                     {"root": name, "offset": idx * img._per_l2 * img.cluster_size, "error": str(e)}
                 )
@@ -400,7 +411,7 @@ def verify(img: Image) -> list[dict[str, Any]]:
                     continue
                 try:
                     img._cluster(ci, e)
-                except (IntegrityError, UsageError) as err:
+                except VfsError as err:  # checksum, missing object, unreachable remote
                     bad.append(
                         {
                             "root": name,

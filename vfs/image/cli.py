@@ -35,7 +35,7 @@ class _LazyResolver:
 
             store = LocalStore(self.store_dir or default_store())
             self._objs.append(store)
-            remote = open_remote(self.repo) if self.repo else None
+            remote = open_remote(self.repo, **_tls()) if self.repo else None
             if remote is not None:
                 self._objs.append(remote)
             self._r = Resolver(store, remote)
@@ -49,7 +49,36 @@ class _LazyResolver:
             o.close()
 
 
+def _tls() -> dict[str, str]:
+    """--ca/--cert/--key of the current command (for https:// repositories, mutual TLS)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get("vimg.tls", {})) if ctx is not None else {}
+
+
+def _store_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta.setdefault("vimg.tls", {})[param.name] = value
+
+
+def _tls_opts(fn: Any) -> Any:
+    for name, text in (
+        ("key", "Client key (mutual TLS)."),
+        ("cert", "Client certificate (mutual TLS)."),
+        ("ca", "CA bundle that signs the repository server's certificate."),
+    ):
+        fn = click.option(
+            f"--{name}",
+            name,
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store_tls,
+            help=text,
+        )(fn)
+    return fn
+
+
 def _remote_opts(fn: Any) -> Any:
+    fn = _tls_opts(fn)
     fn = click.option(
         "--store",
         "store",
@@ -87,20 +116,16 @@ def _open(
     with_backing: bool = True,
 ) -> Image:
     res = _LazyResolver(store, repo)
-    img = Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
-    _resolvers[id(img)] = res
-    return img
-
-
-_resolvers: dict[int, _LazyResolver] = {}
+    return Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
 
 
 def _close(img: Any) -> None:
+    """Close an image and the store/repository its lazy resolver may have opened."""
+    res = getattr(img, "resolver", None)
     try:
         img.close()
     finally:
-        res = _resolvers.pop(id(img), None)
-        if res is not None:
+        if isinstance(res, _LazyResolver):
             res.close()
 
 
@@ -316,7 +341,7 @@ def verify(as_json, output, store, repo, file):
     img = _open(file, readonly=True, store=store, repo=repo)
     try:
         if not (store or repo):
-            img.resolver = None
+            img.resolver = None  # remote clusters are then skipped, not fetched
         bad = do_verify(img)
     finally:
         _close(img)
@@ -624,7 +649,7 @@ def resize(shrink, file, size):
 @click.option("-S", "step", default=None, help="Step between requests [default: request size].")
 @click.option("-t", "cache", default="writeback", help="Accepted for qemu-img compatibility.")
 @click.option("-w", "write", is_flag=True, help="Write requests (default: read).")
-@click.option("--pattern", default="0xa5", help="Byte written by -w.")
+@click.option("--pattern", default="0", help="Byte written by -w (as qemu-img: 0).")
 @click.option("--flush-interval", default=0, help="Flush after this many writes.")
 @click.option("--no-drain", is_flag=True, help="Accepted for qemu-img compatibility.")
 @_remote_opts
@@ -658,6 +683,8 @@ def bench(
         pat = int(pattern, 0)
     except ValueError:
         raise UsageError(f"bad pattern {pattern!r}") from None
+    if flush_interval and not write:
+        raise UsageError("--flush-interval is only available in write tests")
     kind = fmt or _probe(file)
     if kind == "raw":
         img: Any = RawFile(file, writable=write)
@@ -669,6 +696,8 @@ def bench(
         f"Sending {count} {'write' if write else 'read'} requests, {nbytes} bytes each, "
         f"{depth} in parallel (starting at offset {off}, step size {step_b})"
     )
+    if flush_interval:
+        click.echo(f"Sending flush every {flush_interval} requests")
     try:
         dt = run_bench(
             img,
@@ -729,7 +758,7 @@ def push(repo, store, quiet, ref, file):
     _check_vimg(file, None)
     # A directory repository is created on first push; http(s) ones are read-only (the remote
     # says so in one line: publish by copying the directory to a web root).
-    remote = open_remote(repo, create=not repo.startswith(("http://", "https://")))
+    remote = open_remote(repo, create=not repo.startswith(("http://", "https://")), **_tls())
     st = None
     if store:
         from vfs.redirect import LocalStore
@@ -760,7 +789,7 @@ def _pull(
             raise UsageError("--ref needs --repo")
         from vfs.redirect import open_remote
 
-        with open_remote(repo) as remote:
+        with open_remote(repo, **_tls()) as remote:
             oid = fetch_template(remote, ref, file)
         click.echo(f"fetched template {ref} = {oid}")
         if lazy:

@@ -11,6 +11,24 @@ import os
 
 from vfs.errors import BusyError, UsageError
 
+_PUNCH_HOLE, _KEEP_SIZE = 0x02, 0x01
+
+
+def _load_fallocate():  # type: ignore[no-untyped-def]
+    """libc fallocate(2) for hole punching (os has only posix_fallocate); None if absent."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
 
 class ImageFile:
     """An open image file: positional reads/writes, fsync, size, and its lock (flock)."""
@@ -46,6 +64,11 @@ class ImageFile:
 
     def fsync(self) -> None:
         os.fsync(self.fd)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Give a range's blocks back to the file system (reads return zeros); best effort."""
+        if _fallocate is not None:
+            _fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

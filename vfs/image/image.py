@@ -10,6 +10,7 @@ Metadata is written only by :meth:`Image.flush`, which is the commit point of th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 _xxh = xxhash.xxh3_64_intdigest
 _ENTRY = L.L2_ENTRY
 MAX_CHAIN_DEPTH = 64
+#: Implementation limit on the L1 table (held in memory as a list): 1 Mi entries = 64 TiB of
+#: guest at 64 KiB clusters, 64 PiB at 2 MiB.
+MAX_L1_ENTRIES = 1 << 20
 
 
 class Backing(Protocol):
@@ -125,6 +129,10 @@ class Image(SnapshotMixin):
         self._header_dirty = False
         self._pack: tuple[int, int] | None = None  # (host cluster, bytes used) for zstd frames
         self._closed = False
+        #: Punch the clusters the next commit frees (set by discard, zeroing, push, shrink).
+        self._punch = False
+        #: A write or fsync failed: the image refuses further writes (reopen to continue).
+        self._failed = False
         self.backing: Backing | None = None
         if salvaged is not None:
             self._install(salvaged)
@@ -171,6 +179,12 @@ class Image(SnapshotMixin):
         per = L.refcounts_per_block(cs)
         reserved = L.clusters_for(L.HEADER_AREA, cs)
         l1_entries = L.l1_entries_for(size, cs)
+        if l1_entries > MAX_L1_ENTRIES:
+            limit = MAX_L1_ENTRIES * cs * L.l2_entries_per_table(cs)
+            raise UsageError(
+                f"{size} bytes exceeds this implementation's limit of {limit} bytes at "
+                f"{cs // 1024} KiB clusters; use a larger cluster size (-c)"
+            )
         l1_bytes = l1_entries * L.L1_ENTRY_SIZE
         l1_clusters = L.clusters_for(l1_bytes, cs)
         # Layout of a new image: header area, L1, refcount blocks, refcount table.
@@ -569,6 +583,11 @@ class Image(SnapshotMixin):
             raise ReadOnlyError(f"{self.path}: image is open read-only")
         if self._closed:
             raise UsageError("image is closed")
+        if self._failed:
+            raise ReadOnlyError(
+                f"{self.path}: an earlier write failed; reopen the image "
+                "(its last commit is intact)"
+            )
 
     def write(self, offset: int, data: bytes) -> None:
         """Write guest bytes (durable after the next :meth:`flush`)."""
@@ -593,7 +612,7 @@ class Image(SnapshotMixin):
         cs = self.cluster_size
         e = self.entry(ci)
         if len(piece) == cs:
-            self.store_cluster(ci, e, bytes(piece))
+            self.store_cluster(ci, e, piece)  # no copy: hashed and written from the caller's buffer
             return
         if (
             e[0] == L.LOCAL
@@ -606,14 +625,14 @@ class Image(SnapshotMixin):
             if self._f.preadv(mv, e[4]) != cs or _xxh(mv) != e[5]:
                 self._cluster(ci, e)  # raises the precise error
             mv[a : a + len(piece)] = piece
-            self._f.pwrite(piece, e[4] + a)
+            self._pwrite(piece, e[4] + a)
             self._set_entry(ci, L.LOCAL, e[4], _xxh(mv))
             return
         buf = bytearray(self.read_cluster(ci))
         buf[a : a + len(piece)] = piece
         self.store_cluster(ci, e, bytes(buf))
 
-    def store_cluster(self, ci: int, e: tuple, content: bytes) -> None:
+    def store_cluster(self, ci: int, e: tuple, content: bytes | memoryview) -> None:
         """Make guest cluster ``ci`` hold ``content`` (cluster_size bytes), copy-on-write."""
         if content == self._zeros:
             self._release(e)
@@ -623,18 +642,28 @@ class Image(SnapshotMixin):
         if self._compress:
             frame = self._cctx.compress(content)
             if len(frame) < self.cluster_size:
-                self._release(e)
                 host = self._pack_alloc(len(frame))
-                self._f.pwrite(frame, host)
+                self._pwrite(frame, host)
+                self._release(e)  # only once the new copy is written
                 self._set_entry(ci, L.COMPRESSED, host, csum, len(frame))
                 return
         if e[0] == L.LOCAL and self._alloc.can_overwrite(e[4] >> self.cluster_bits):
-            host = e[4]
-        else:
-            self._release(e)
-            host = self._alloc.alloc() << self.cluster_bits
-        self._f.pwrite(content, host)
+            self._pwrite(content, e[4])
+            self._set_entry(ci, L.LOCAL, e[4], csum)
+            return
+        host = self._alloc.alloc() << self.cluster_bits
+        self._pwrite(content, host)
+        self._release(e)
         self._set_entry(ci, L.LOCAL, host, csum)
+
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Every write of the image goes here: after a failed one (ENOSPC, EIO) the in-memory
+        state may describe bytes that are not on disk, so the image stops accepting writes."""
+        try:
+            self._f.pwrite(data, offset)
+        except OSError:
+            self._failed = True
+            raise
 
     def _pack_alloc(self, n: int) -> int:
         cs = self.cluster_size
@@ -653,6 +682,7 @@ class Image(SnapshotMixin):
         self._writable()
         e = self.entry(ci)
         self._release(e)
+        self._punch = True
         self._set_entry(ci, L.REMOTE, 0, csum, 0, oid)
         if not self._h.incompatible & L.INCOMPAT_REMOTE:
             self._h.incompatible |= L.INCOMPAT_REMOTE
@@ -670,6 +700,7 @@ class Image(SnapshotMixin):
     def _zero_range(self, offset: int, length: int, discard: bool) -> None:
         self._writable()
         self._check_range(offset, length)
+        self._punch = True
         pos, end, cs = offset, offset + length, self.cluster_size
         new_type = L.UNALLOCATED if discard and not self._h.backing_name else L.ZERO
         while pos < end:
@@ -703,16 +734,67 @@ class Image(SnapshotMixin):
         return self._h.sequence
 
     def flush(self) -> None:
-        """Commit: new metadata to fresh clusters, fsync, header to the other slot, fsync."""
-        if self.readonly or self._closed:
+        """Commit (spec section 7): new metadata to fresh clusters, fsync, then the header into
+        the slot that does not hold the committed one, fsync. Nothing before the header write
+        touches anything the committed header references."""
+        if self.readonly or self._closed or self._failed:
             return
         if self._h.autoclear & ~L.KNOWN_AUTOCLEAR:
             self._h.autoclear &= L.KNOWN_AUTOCLEAR
             self._header_dirty = True
         if not self.dirty:
             return
-        al, cs, bits = self._alloc, self.cluster_size, self.cluster_bits
-        # 1. L2 tables: relocate those the committed header (or a snapshot) may reference.
+        self._place_l2_tables()
+        if self._l1_dirty:
+            new_bytes = len(self._l1) * L.L1_ENTRY_SIZE
+            self._l1_off = self._relocate_run(self._l1_off, self._l1_nbytes, new_bytes)
+            self._l1_nbytes = new_bytes
+        snap_bytes = self._place_snapshot_table()
+        rct_off = self._place_refcounts()
+        try:
+            table_sum = self._write_metadata(snap_bytes, rct_off)
+            self._f.fsync()
+            h = dataclasses.replace(
+                self._h,
+                sequence=self._h.sequence + 1,
+                virtual_size=self.size,
+                l1_offset=self._l1_off,
+                l1_checksum=self._l1_sum,
+                l1_entries=len(self._l1),
+                refcount_table_offset=rct_off,
+                refcount_table_checksum=table_sum,
+                refcount_table_entries=len(self._rct),
+                snapshots_offset=self._snap_off,
+                snapshots_checksum=self._snap_sum,
+                snapshots_size=self._snap_size,
+                nb_snapshots=len(self.snapshots),
+                host_clusters=len(self._alloc),
+            )
+            # The commit point.
+            self._pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[h.sequence % 2])
+            self._f.fsync()
+        except OSError:
+            # After a failed write or fsync the page cache cannot be trusted (and a retry could
+            # overwrite the committed slot): stop writing. The committed state on disk is intact.
+            self._failed = True
+            raise
+        self._h = h
+        # Committed: freed clusters become reusable. After a discard, a push or a shrink they
+        # are also punched out of the file so the space goes back to the host (only now: the
+        # committed header no longer references them).
+        freed = self._alloc.commit()
+        if self._punch and freed:
+            self._punch_runs(freed)
+        self._punch = False
+        self._dirty_l2.clear()
+        self._l1_dirty = self._snap_dirty = self._header_dirty = False
+        self._pack = None
+        log.debug("%s: committed sequence %d, %d clusters freed", self.path, h.sequence, len(freed))
+
+    def _place_l2_tables(self) -> None:
+        """Give every changed L2 table a cluster it may write: its own if fresh and unshared,
+        else a new one (the old stays for the committed header or the snapshots sharing it)."""
+        al, bits = self._alloc, self.cluster_bits
         for idx in sorted(self._dirty_l2):
             off = self._l1[idx][0]
             t = self._l2cache[idx]
@@ -727,25 +809,23 @@ class Image(SnapshotMixin):
                     al.decref(off >> bits)
                 self._l1[idx] = (new, 0)
             self._l1_dirty = True
-        # 2. L1 table.
-        if self._l1_dirty:
-            new_bytes = len(self._l1) * L.L1_ENTRY_SIZE
-            self._l1_off = self._relocate_run(self._l1_off, self._l1_nbytes, new_bytes)
-            self._l1_nbytes = new_bytes
-        # 3. Snapshot table.
-        snap_bytes = b""
-        if self._snap_dirty:
-            snap_bytes = L.pack_snapshots(self.snapshots)
-            if self.snapshots:
-                self._snap_off = self._relocate_run(
-                    self._snap_off, self._snap_size, len(snap_bytes)
-                )
-            else:
-                self._relocate_run(self._snap_off, self._snap_size, 0)
-                self._snap_off = 0
-            self._snap_size = len(snap_bytes)
-        # 4. Refcount blocks and table, to a fixed point (allocating them changes refcounts).
-        rct = self._rct
+
+    def _place_snapshot_table(self) -> bytes:
+        if not self._snap_dirty:
+            return b""
+        snap_bytes = L.pack_snapshots(self.snapshots)
+        if self.snapshots:
+            self._snap_off = self._relocate_run(self._snap_off, self._snap_size, len(snap_bytes))
+        else:
+            self._relocate_run(self._snap_off, self._snap_size, 0)
+            self._snap_off = 0
+        self._snap_size = len(snap_bytes)
+        return snap_bytes
+
+    def _place_refcounts(self) -> int:
+        """Place changed refcount blocks and the table, to a fixed point: allocating clusters
+        for them changes refcounts too. Returns the table's offset."""
+        al, cs, bits, rct = self._alloc, self.cluster_size, self.cluster_bits, self._rct
         rct_off = self._h.refcount_table_offset
         rct_bytes = len(rct) * L.L1_ENTRY_SIZE
         while True:
@@ -769,50 +849,44 @@ class Image(SnapshotMixin):
                 rct_bytes = want
                 changed = True
             if not changed:
-                break
-        # 5. Write everything (checksums flow upward: L2 -> L1 -> header, block -> table).
-        f = self._f
+                return rct_off
+
+    def _write_metadata(self, snap_bytes: bytes, rct_off: int) -> int:
+        """Write the placed tables; checksums flow upward (L2 -> L1 -> header, block -> table).
+        Returns the refcount table's checksum."""
+        w, al, cs, rct = self._pwrite, self._alloc, self.cluster_size, self._rct
         for idx in sorted(self._dirty_l2):
             if idx in self._l2cache:
                 t = bytes(self._l2cache[idx])
                 off = self._l1[idx][0]
-                f.pwrite(t, off)
+                w(t, off)
                 self._l1[idx] = (off, _xxh(t))
         if self._l1_dirty:
             l1_bytes = L.pack_l1(self._l1)
-            f.pwrite(l1_bytes, self._l1_off)
+            w(l1_bytes, self._l1_off)
             self._l1_sum = _xxh(l1_bytes)
         if self._snap_dirty:
             if self.snapshots:
-                f.pwrite(snap_bytes, self._snap_off)
+                w(snap_bytes, self._snap_off)
             self._snap_sum = _xxh(snap_bytes) if self.snapshots else 0
         per = al.per_block
-        raw_counts = al.counts
         for b in sorted(al.dirty_blocks):
-            chunk = raw_counts[b * per : (b + 1) * per].tobytes()
+            chunk = al.counts[b * per : (b + 1) * per].tobytes()
             block = chunk + bytes(cs - len(chunk))
-            f.pwrite(block, rct[b][0])
+            w(block, rct[b][0])
             rct[b] = (rct[b][0], _xxh(block))
         table = L.pack_l1(rct)
-        f.pwrite(table, rct_off)
-        f.fsync()
-        # 6. The commit point: the header into the slot not holding the committed one.
-        h = self._h
-        h.sequence += 1
-        h.virtual_size = self.size
-        h.l1_offset, h.l1_checksum, h.l1_entries = self._l1_off, self._l1_sum, len(self._l1)
-        h.refcount_table_offset, h.refcount_table_checksum = rct_off, _xxh(table)
-        h.refcount_table_entries = len(rct)
-        h.snapshots_offset, h.snapshots_checksum = self._snap_off, self._snap_sum
-        h.snapshots_size, h.nb_snapshots = self._snap_size, len(self.snapshots)
-        h.host_clusters = len(al)
-        f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[h.sequence % 2])
-        f.fsync()
-        # 7. Committed: freed clusters become reusable.
-        al.commit()
-        self._dirty_l2.clear()
-        self._l1_dirty = self._snap_dirty = self._header_dirty = False
-        self._pack = None
+        w(table, rct_off)
+        return _xxh(table)
+
+    def _punch_runs(self, clusters: list[int]) -> None:
+        bits = self.cluster_bits
+        start = prev = clusters[0]
+        for c in clusters[1:] + [-1]:
+            if c != prev + 1:
+                self._f.punch(start << bits, (prev - start + 1) << bits)
+                start = c
+            prev = c
 
     def _run_overwritable(self, off: int, nbytes: int) -> bool:
         if off == 0:
@@ -840,8 +914,11 @@ class Image(SnapshotMixin):
         self._writable()
         if new_size % L.SECTOR or new_size < 0 or new_size > L.MAX_VIRTUAL_SIZE:
             raise UsageError(f"size {new_size} must be a multiple of 512")
+        if L.l1_entries_for(new_size, self.cluster_size) > MAX_L1_ENTRIES:
+            raise UsageError(f"size {new_size} exceeds this implementation's limit")
         old, cs = self.size, self.cluster_size
         if new_size < old:
+            self._punch = True
             tail = new_size & self._mask
             if tail:
                 self._zero_range(new_size, min(cs - tail, old - new_size), discard=False)
@@ -899,19 +976,17 @@ class Image(SnapshotMixin):
             fmt = fmt or _probe_format(_resolve_rel(name, self.path))
             if fmt not in L.BACKING_FORMAT_CODES:
                 raise UsageError(f"backing format {fmt!r} not supported (raw or vimg)")
+        # Open the new chain first: a missing file or a loop must leave the image unchanged.
+        new = None
+        if name:
+            assert fmt is not None
+            new = _open_layer(name, fmt, self.path, self.resolver, (os.path.realpath(self.path),))
         if self.backing is not None:
             self.backing.close()
-            self.backing = None
+        self.backing = new
         self._h.backing_name = name or ""
         self._h.backing_format = L.BACKING_FORMAT_CODES[fmt] if name and fmt else L.BACKING_NONE
         self._header_dirty = True
-        if name:
-            self.backing = open_backing(self, (os.path.realpath(self.path),))
-
-    def reopen_backing(self) -> None:
-        if self.backing is not None:
-            self.backing.close()
-            self.backing = open_backing(self, (os.path.realpath(self.path),))
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -969,17 +1044,24 @@ def _probe_size(backing: str, image_path: str) -> int:
 
 
 def open_backing(img: Image, chain: tuple[str, ...]) -> Backing:
-    path = _resolve_rel(img.backing_name, img.path)
+    """Open ``img``'s backing file (read-only), refusing loops and absurd depths."""
+    return _open_layer(img.backing_name, img.backing_format, img.path, img.resolver, chain)
+
+
+def _open_layer(
+    name: str, fmt: str, image_path: str, resolver: Resolver | None, chain: tuple[str, ...]
+) -> Backing:
+    path = _resolve_rel(name, image_path)
     real = os.path.realpath(path)
     if real in chain:
         raise FormatError(f"backing chain loops back to {path}")
     if len(chain) >= MAX_CHAIN_DEPTH:
         raise FormatError("backing chain too deep")
     if not os.path.exists(path):
-        raise NotFound(f"backing file {img.backing_name!r} of {img.path} not found")
-    if img.backing_format == "raw":
+        raise NotFound(f"backing file {name!r} of {image_path} not found")
+    if fmt == "raw":
         return RawFile(path)
-    return Image.open(path, readonly=True, resolver=img.resolver, _chain=chain)
+    return Image.open(path, readonly=True, resolver=resolver, _chain=chain)
 
 
 def _fsync_dir(path: str) -> None:

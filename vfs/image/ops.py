@@ -272,6 +272,12 @@ def convert(
     """Copy the guest view of ``src`` (its whole backing chain) into a new image."""
     if dst_fmt not in FORMATS:
         raise UsageError(f"unknown output format {dst_fmt!r} (raw, qcow2, vimg)")
+    if (
+        os.path.exists(dst_path)
+        and os.path.exists(src_path)
+        and os.path.samefile(src_path, dst_path)
+    ):
+        raise UsageError("input and output are the same file")
     if os.path.exists(dst_path) and dst_fmt != "raw":
         raise UsageError(f"{dst_path}: output file exists")
     if compress and dst_fmt == "raw":

@@ -26,20 +26,16 @@ class SnapshotMixin:
         """(name, l1_offset, l1 entries, is_active) for the active root and every snapshot."""
         yield ("active", self._l1_off, self._l1, True)
         for s in self.snapshots:
-            raw = self._read_meta(
-                s.l1_offset,
-                s.l1_entries * L.L1_ENTRY_SIZE,
-                s.l1_checksum,
-                f"L1 of snapshot {s.name!r}",
-            )
-            yield (
-                s.name,
-                s.l1_offset,
-                L.unpack_l1(
-                    raw, s.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
-                ),
-                False,
-            )
+            yield (s.name, s.l1_offset, self.snapshot_l1(s), False)
+
+    def snapshot_l1(self: Image, s: L.Snapshot) -> list[tuple[int, int]]:
+        """A snapshot's L1 table, checksum-verified."""
+        raw = self._read_meta(
+            s.l1_offset, s.l1_entries * L.L1_ENTRY_SIZE, s.l1_checksum, f"L1 of snapshot {s.name!r}"
+        )
+        return L.unpack_l1(
+            raw, s.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
+        )
 
     def _root_clusters(
         self: Image, l1_off: int, l1: list[tuple[int, int]], active: bool
@@ -71,8 +67,7 @@ class SnapshotMixin:
             raise AlreadyExists(f"snapshot {name!r} already exists")
         self.flush()
         # The active root's clusters become shared: the next change to any of them copies it.
-        for c in list(self._root_clusters(self._l1_off, self._l1, True)):
-            self._alloc.incref(c)
+        self._change_refs(list(self._root_clusters(self._l1_off, self._l1, True)), [])
         now = time.time_ns()
         ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
         snap = L.Snapshot(
@@ -90,6 +85,9 @@ class SnapshotMixin:
         self.flush()
         return snap
 
+    def snapshot_list(self: Image) -> list[L.Snapshot]:
+        return list(self.snapshots)
+
     def _find_snapshot(self: Image, name: str) -> L.Snapshot:
         for s in self.snapshots:
             if s.name == name:
@@ -104,23 +102,12 @@ class SnapshotMixin:
         self._writable()
         snap = self._find_snapshot(name)
         self.flush()
-        raw = self._read_meta(
-            snap.l1_offset,
-            snap.l1_entries * L.L1_ENTRY_SIZE,
-            snap.l1_checksum,
-            f"L1 of snapshot {name!r}",
-        )
-        new_l1 = L.unpack_l1(
-            raw, snap.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
-        )
+        new_l1 = self.snapshot_l1(snap)
         new_refs = list(self._root_clusters(snap.l1_offset, new_l1, False))
         old_refs = list(self._root_clusters(self._l1_off, self._l1, True))
-        for c in new_refs:
-            self._alloc.incref(c)
-        for c in old_refs:
-            self._alloc.decref(c)
+        self._change_refs(new_refs, old_refs)
         self._l1, self._l1_off, self._l1_sum = new_l1, snap.l1_offset, snap.l1_checksum
-        self._l1_nbytes = len(raw)
+        self._l1_nbytes = snap.l1_entries * L.L1_ENTRY_SIZE
         self._l2cache.clear()
         self._dirty_l2.clear()
         self.size = snap.virtual_size
@@ -131,17 +118,28 @@ class SnapshotMixin:
         self._writable()
         snap = self._find_snapshot(name)
         self.flush()
-        raw = self._read_meta(
-            snap.l1_offset,
-            snap.l1_entries * L.L1_ENTRY_SIZE,
-            snap.l1_checksum,
-            f"L1 of snapshot {name!r}",
-        )
-        l1 = L.unpack_l1(
-            raw, snap.l1_entries, self.cluster_size, len(self._alloc) * self.cluster_size
-        )
-        for c in list(self._root_clusters(snap.l1_offset, l1, False)):
-            self._alloc.decref(c)
+        l1 = self.snapshot_l1(snap)
+        self._change_refs([], list(self._root_clusters(snap.l1_offset, l1, False)))
         self.snapshots.remove(snap)
         self._snap_dirty = True
         self.flush()
+
+    def _change_refs(self: Image, inc: list[int], dec: list[int]) -> None:
+        """Count a root in and/or out, all or nothing (an overflow half-way must not leave
+        counts that the next commit would write)."""
+        done_inc: list[int] = []
+        done_dec: list[int] = []
+        try:
+            for c in inc:
+                self._alloc.incref(c)
+                done_inc.append(c)
+            for c in dec:
+                self._alloc.decref(c)
+                done_dec.append(c)
+        except BaseException:
+            for c in done_dec:
+                self._alloc.counts[c] += 1
+                self._alloc.pending.discard(c)
+            for c in done_inc:
+                self._alloc.counts[c] -= 1
+            raise

@@ -20,6 +20,7 @@ does it before anything is stored; :meth:`Remote.get` does it for small objects)
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import logging
@@ -33,8 +34,9 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from vfs.durable import atomic_writer, fsync_dir, write_atomic
+from vfs.durable import atomic_writer, fsync_dir, tmp_name, write_atomic
 from vfs.errors import (
     FormatError,
     IntegrityError,
@@ -101,6 +103,9 @@ class Remote(ABC):
         raise UsageError(f"{self.url}: read-only repository (publish by copying the directory)")
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
+        raise UsageError(f"{self.url}: read-only repository (publish by copying the directory)")
+
+    def put_stream(self, src: BinaryIO) -> str:
         raise UsageError(f"{self.url}: read-only repository (publish by copying the directory)")
 
     def set_ref(self, name: str, oid: str) -> None:
@@ -192,13 +197,15 @@ class FileRemote(Remote):
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
         """Upload a file, streaming: hashed while copied to a temp file, renamed when complete."""
-        tmpdir = self.root / "objects"
-        h = new_hasher()
-        from vfs.durable import tmp_name
+        with open(path, "rb") as src:
+            return self.put_stream(src)
 
-        tmp = tmp_name(tmpdir)
+    def put_stream(self, src: BinaryIO) -> str:
+        """Upload everything readable from ``src`` (read once, constant memory)."""
+        tmp = tmp_name(self.root / "objects")
+        h = new_hasher()
         try:
-            with open(path, "rb") as src, open(tmp, "xb") as dst:
+            with open(tmp, "xb") as dst:
                 while data := src.read(BLOCK):
                     h.update(data)
                     dst.write(data)
@@ -213,10 +220,10 @@ class FileRemote(Remote):
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
             return oid
-        except OSError as e:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            if e.errno in (28, 122):
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(f"no space left in repository {self.url}") from e
             raise
 

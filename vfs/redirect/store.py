@@ -405,7 +405,12 @@ class LocalStore:
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
         """Store a file's bytes, streaming (constant memory)."""
-        with open(path, "rb") as src, self.new_object() as w:
+        with open(path, "rb") as src:
+            return self.put_stream(src)
+
+    def put_stream(self, src: BinaryIO) -> str:
+        """Store everything readable from ``src`` (read once, constant memory)."""
+        with self.new_object() as w:
             while block := src.read(_COPY):
                 w.write(block)
             return w.commit()

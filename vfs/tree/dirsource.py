@@ -20,7 +20,7 @@ from vfs.errors import UsageError
 from vfs.tree import manifest_layout as L
 from vfs.tree.entry import IFMT_TO_KIND
 from vfs.tree.manifest_build import Node
-from vfs.tree.publish import ObjectSink
+from vfs.tree.publish import Exclude, ObjectSink
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _node(path: bytes, st: os.stat_result, sink: ObjectSink) -> Node:
     return node
 
 
-def read_directory(src: Path, sink: ObjectSink) -> Node:
+def read_directory(src: Path, sink: ObjectSink, exclude: Exclude | None = None) -> Node:
     """Walk ``src`` (not following symlinks below it) and return the root node."""
     top = os.fsencode(os.path.realpath(src))  # a symlink to the tree publishes the tree
     root = _node(top, os.stat(top), sink)
@@ -112,6 +112,8 @@ def read_directory(src: Path, sink: ObjectSink) -> Node:
         assert dnode.children is not None
         for name, st in sorted(items):
             cpath = path + b"/" + name
+            if exclude and exclude(cpath[len(top) + 1 :], stat.S_ISDIR(st.st_mode)):
+                continue
             key = (st.st_dev, st.st_ino)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in hardlinks:
                 dnode.children[name] = hardlinks[key]

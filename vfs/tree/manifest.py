@@ -13,6 +13,7 @@ that one tree has exactly one manifest and so one digest.
 
 from __future__ import annotations
 
+import struct
 from types import MappingProxyType
 
 import zstandard
@@ -24,6 +25,7 @@ from vfs.tree.entry import KIND_TO_IFMT, Entry
 NO_XATTRS: MappingProxyType[bytes, bytes] = MappingProxyType({})
 _ZERO_OID = bytes(32)
 _S_IFMT = 0o170000
+_SLICE = 256  # bytes of compressed input per decompression step
 
 Dirent = tuple[int, bytes, int]  # (parent ino, name, child ino)
 
@@ -55,21 +57,25 @@ def encode(entries: list[Entry], dirents: list[Dirent], *, compress: bool = True
             flags |= L.FLAG_HAS_OID
             oid = bytes.fromhex(e.oid)
         target = e.target or b""
-        inode_tab += L.INODE.pack(
-            L.KIND_CODES[e.kind],
-            flags,
-            len(target),
-            e.mode,
-            e.uid,
-            e.gid,
-            e.nlink,
-            e.size,
-            e.rdev,
-            e.atime_ns,
-            e.mtime_ns,
-            e.ctime_ns,
-            oid,
-        )
+        try:
+            packed = L.INODE.pack(
+                L.KIND_CODES[e.kind],
+                flags,
+                len(target),
+                e.mode,
+                e.uid,
+                e.gid,
+                e.nlink,
+                e.size,
+                e.rdev,
+                e.atime_ns,
+                e.mtime_ns,
+                e.ctime_ns,
+                oid,
+            )
+        except struct.error:
+            raise FormatError(f"entry {e.ino}: a value is out of range for the format") from None
+        inode_tab += packed
     for parent, name, child in dirents:
         dirent_tab += L.DIRENT.pack(parent, child, len(name), 0)
         heap += name
@@ -122,16 +128,16 @@ def _read_body(data: bytes, header_len: int, incompat: int, body_len: int, store
         return stored
     # Bounded decompression: the frame is fed in small slices, so a frame that produces more
     # than body_len bytes (a "bomb") is refused after at most one slice's worth of output
-    # (RLE blocks expand ~32k:1, so 1 KiB of input yields at most ~32 MiB).
+    # (RLE blocks expand ~32k:1, so a 256-byte slice yields at most ~8 MiB).
     dobj = zstandard.ZstdDecompressor().decompressobj()
     out = bytearray()
     try:
-        for pos in range(0, len(stored), 1024):
-            out += dobj.decompress(stored[pos : pos + 1024])
+        for pos in range(0, len(stored), _SLICE):
+            out += dobj.decompress(stored[pos : pos + _SLICE])
             if len(out) > body_len:
                 raise _bad(f"compressed body is longer than the header says ({body_len} bytes)")
             if dobj.eof:
-                if dobj.unused_data or pos + 1024 < len(stored):
+                if dobj.unused_data or pos + _SLICE < len(stored):
                     raise _bad("data after the compressed body")
                 break
     except zstandard.ZstdError as e:

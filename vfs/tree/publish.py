@@ -17,13 +17,14 @@ import logging
 import os
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vfs.errors import IntegrityError, NotFound
+from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.tree import manifest
 from vfs.tree.manifest_build import build_tables
 
@@ -60,11 +61,48 @@ class PublishResult:
         return asdict(self)
 
 
+class Exclude:
+    """``--exclude`` patterns, with rsync's simple rules.
+
+    A pattern without ``/`` matches a name anywhere (``*.pyc``, ``.git``); one with a ``/``
+    matches the path from the root (``/var/cache/*``, leading ``/`` optional); a trailing
+    ``/`` restricts it to directories. An excluded directory is left out with its contents.
+    """
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.names: list[tuple[bytes, bool]] = []
+        self.paths: list[tuple[bytes, bool]] = []
+        for p in patterns:
+            b = p.encode("utf-8", "surrogateescape")
+            dir_only = b.endswith(b"/")
+            b = b.rstrip(b"/")
+            if not b:
+                raise UsageError(f"empty exclude pattern {p!r}")
+            if b"/" in b:
+                self.paths.append((b.lstrip(b"/"), dir_only))
+            else:
+                self.names.append((b, dir_only))
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.paths)
+
+    def __call__(self, relpath: bytes, is_dir: bool) -> bool:
+        """Is ``relpath`` (relative to the root, no leading slash) excluded?"""
+        base = relpath.rpartition(b"/")[2]
+        for pat, dir_only in self.names:
+            if (is_dir or not dir_only) and fnmatchcase(base, pat):
+                return True
+        for pat, dir_only in self.paths:
+            if (is_dir or not dir_only) and fnmatchcase(relpath, pat):
+                return True
+        return False
+
+
 class ObjectSink:
     """Puts content objects into the repository (and optionally a local store) once each.
 
-    ``remote`` and ``store`` need ``has``, ``put`` and ``put_file``; the sink computes each
-    object's SHA-256 itself and checks that the target agrees (a mismatch means the source
+    ``remote`` and ``store`` need ``has``, ``put``, ``put_file`` and ``put_stream``; the sink
+    computes each object's SHA-256 itself and checks that the target agrees (a mismatch means the source
     changed under us or the target is broken: either way the publish stops).
     """
 
@@ -175,24 +213,27 @@ class ObjectSink:
         self.seen[oid] = n
         if self.remote.has(oid) and (self.store is None or self.store.has(oid)):
             return oid, n
-        with opener() as f, self._spool() as spool:
-            h2 = hashlib.sha256()
-            _copy(f, spool, h2)
-            spool.flush()
-            if h2.hexdigest() != oid:
-                raise IntegrityError("a source file changed while it was being published")
-            self._put_path(oid, n, spool.name)
+        # Stream straight from the source (no spool): the target hashes what it stores and
+        # _check compares, so a file that changed since it was hashed stops the publish.
+        if not self.remote.has(oid):
+            with opener() as f:
+                self._check(oid, self.remote.put_stream(f), changed=True)
+            self.uploaded += 1
+            self.bytes_uploaded += n
+        if self.store is not None and not self.store.has(oid):
+            with opener() as f:
+                self._check(oid, self.store.put_stream(f), changed=True)
         return oid, n
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _put_path(self, oid: str, n: int, path: str) -> None:
         if not self.remote.has(oid):
-            self._check(oid, self.remote.put_file(path))
+            self._check(oid, self.remote.put_file(path), changed=True)
             self.uploaded += 1
             self.bytes_uploaded += n
         if self.store is not None and not self.store.has(oid):
-            self._check(oid, self.store.put_file(path))
+            self._check(oid, self.store.put_file(path), changed=True)
 
     def _spool(self):
         return tempfile.NamedTemporaryFile(prefix="vfs-publish-", dir=self.spool_dir)
@@ -204,8 +245,10 @@ class ObjectSink:
             self.progress(self.files, self.file_bytes)
 
     @staticmethod
-    def _check(want: str, got: str) -> None:
+    def _check(want: str, got: str, changed: bool = False) -> None:
         if got != want:
+            if changed:  # hashed once, stored another time: the source moved under us
+                raise IntegrityError("a source file changed while it was being published")
             raise IntegrityError(f"repository stored object {got[:16]}… for {want[:16]}…")
 
 
@@ -217,11 +260,13 @@ def _read_all(f: BinaryIO) -> bytes:
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, h) -> int:
-    """Copy while hashing; runs of zeros become holes, so a sparse file stays sparse."""
+    """Copy (and hash, unless ``h`` is None); runs of zeros become holes, so a sparse file
+    stays sparse in the spool."""
     n = 0
     hole = False
     while chunk := src.read(_CHUNK):
-        h.update(chunk)
+        if h is not None:
+            h.update(chunk)
         n += len(chunk)
         if len(chunk) == _CHUNK and chunk == _ZEROS:
             dst.seek(_CHUNK, os.SEEK_CUR)
@@ -242,10 +287,12 @@ def publish_template(
     store: Any = None,
     progress: Progress | None = None,
     spool_dir: str | Path | None = None,
+    exclude: Iterable[str] = (),
 ) -> PublishResult:
     """Publish ``src``: a directory, or a tar archive of any compression tarfile reads (a path,
     or an open binary stream read once, e.g. ``sys.stdin.buffer``).
 
+    ``exclude`` holds patterns of paths to leave out (see :class:`Exclude`).
     Uploads what ``remote`` lacks, then the manifest, then (with ``name``) sets the ref
     ``name`` → digest. With ``store`` (a LocalStore), the objects are also put there, so a
     daemon on this host serves the template without fetching it back.
@@ -253,15 +300,16 @@ def publish_template(
     from vfs.tree.dirsource import read_directory
     from vfs.tree.tarsource import read_tar
 
+    skip = Exclude(exclude)
     with ObjectSink(remote, store, progress, spool_dir) as sink:
         if hasattr(src, "read"):
-            root = read_tar(src, sink)  # type: ignore[arg-type]
+            root = read_tar(src, sink, skip)  # type: ignore[arg-type]
         else:
             src = Path(src)
             if src.is_dir():
-                root = read_directory(src, sink)
+                root = read_directory(src, sink, skip)
             elif src.exists():
-                root = read_tar(src, sink)  # a file, or a pipe such as /dev/stdin
+                root = read_tar(src, sink, skip)  # a file, or a pipe such as /dev/stdin
             else:
                 raise NotFound(f"{src}: no such file or directory")
         sink.drain()  # every content object is durable before the manifest is written

@@ -29,7 +29,7 @@ from urllib.parse import unquote_to_bytes
 from vfs.errors import FormatError
 from vfs.tree import manifest_layout as L
 from vfs.tree.manifest_build import Node
-from vfs.tree.publish import ObjectSink
+from vfs.tree.publish import Exclude, ObjectSink
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,15 @@ def _b(text: str) -> bytes:
     return text.encode(_ENC, _ERR)
 
 
-def _split(name: str, what: str) -> list[bytes]:
+_I64 = 1 << 63
+_U32_MAX = 0xFFFFFFFE  # 0xFFFFFFFF is (uid_t)-1
+
+
+def _split(name: str, what: str = "") -> list[bytes]:
     parts = [p for p in _b(name).split(b"/") if p and p != b"."]
     if b".." in parts:
-        raise FormatError(f"tar member {what} {name!r}: '..' in path, refusing the archive")
+        label = f"tar member {what} {name!r}" if what else f"tar member {name!r}"
+        raise FormatError(f"{label}: '..' in path, refusing the archive")
     for p in parts:
         if len(p) > L.MAX_NAME or b"\0" in p:
             raise FormatError(f"tar member {name!r}: illegal name component")
@@ -58,9 +63,12 @@ def _ns(pax: dict[str, str], key: str, default: int) -> int:
     if text is None:
         return default
     try:
-        return int(Decimal(text) * 1_000_000_000)
-    except (InvalidOperation, ValueError):
-        raise FormatError(f"tar: bad PAX {key} record {text!r}") from None
+        ns = int(Decimal(text) * 1_000_000_000)
+    except (InvalidOperation, ValueError, OverflowError):
+        raise FormatError(f"tar: bad PAX {key} record {text[:40]!r}") from None
+    if not -_I64 <= ns < _I64:
+        raise FormatError(f"tar: PAX {key} record {text[:40]!r} out of range")
+    return ns
 
 
 def _xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
@@ -74,6 +82,9 @@ def _xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
                 out[name] = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
             except binascii.Error:
                 raise FormatError(f"tar: bad base64 xattr value for {key!r}") from None
+    for k, v in out.items():
+        if not 0 < len(k) <= L.MAX_XATTR_NAME or b"\0" in k or len(v) > L.MAX_XATTR_VALUE:
+            raise FormatError(f"tar: illegal xattr {k[:40]!r} ({len(v)} bytes)")
     bad = [k for k in out if not k.startswith(L.XATTR_NAMESPACES)]
     for k in bad:
         log.warning("tar: skipping xattr %r (namespace not supported)", k)
@@ -107,6 +118,16 @@ class _Tree:
         return d
 
 
+def _rdev(m: tarfile.TarInfo) -> int:
+    try:
+        rdev = os.makedev(m.devmajor, m.devminor)
+    except (OverflowError, ValueError, TypeError):
+        raise FormatError(f"tar member {m.name!r}: bad device number") from None
+    if not 0 <= rdev < 1 << 64:
+        raise FormatError(f"tar member {m.name!r}: bad device number")
+    return rdev
+
+
 def _kind(m: tarfile.TarInfo) -> str:
     if m.isreg():
         return "reg"
@@ -123,7 +144,7 @@ def _kind(m: tarfile.TarInfo) -> str:
     raise FormatError(f"tar member {m.name!r}: unsupported type {m.type!r}")
 
 
-def read_tar(src: Path | BinaryIO, sink: ObjectSink) -> Node:
+def read_tar(src: Path | BinaryIO, sink: ObjectSink, exclude: Exclude | None = None) -> Node:
     """Stream the archive ``src`` (a path, or a binary stream such as stdin) and return the
     root node of its tree."""
     tree = _Tree()
@@ -132,6 +153,8 @@ def read_tar(src: Path | BinaryIO, sink: ObjectSink) -> Node:
     try:
         with tarfile.open(mode="r|*", encoding=_ENC, errors=_ERR, **kw) as tf:
             for m in tf:
+                if exclude and _excluded(exclude, m):
+                    continue
                 _add(tree, tf, m, sink)
     except (tarfile.TarError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
         raise FormatError(f"{what}: not a readable tar archive ({e})") from None
@@ -140,10 +163,27 @@ def read_tar(src: Path | BinaryIO, sink: ObjectSink) -> Node:
     return tree.root
 
 
+def _excluded(exclude: Exclude, m: tarfile.TarInfo) -> bool:
+    """A member is left out if it, or any directory above it, matches a pattern."""
+    parts = _split(m.name)
+    for i in range(1, len(parts) + 1):
+        if exclude(b"/".join(parts[:i]), i < len(parts) or m.isdir()):
+            return True
+    return False
+
+
 def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink) -> None:
-    parts = _split(m.name, "")
+    parts = _split(m.name)
+    if not (0 <= m.uid <= _U32_MAX and 0 <= m.gid <= _U32_MAX):
+        raise FormatError(f"tar member {m.name!r}: owner {m.uid}:{m.gid} out of range")
     pax = m.pax_headers
-    mtime = _ns(pax, "mtime", int(m.mtime) * 1_000_000_000)
+    if "mtime" in pax:
+        mtime = _ns(pax, "mtime", 0)
+    else:
+        try:
+            mtime = int(m.mtime) * 1_000_000_000
+        except (ValueError, OverflowError, TypeError):
+            raise FormatError(f"tar member {m.name!r}: bad mtime") from None
     if m.islnk():
         tparts = _split(m.linkname, "link target")
         target = tree.find(tparts)
@@ -165,7 +205,7 @@ def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink)
         mtime_ns=mtime,
         atime_ns=_ns(pax, "atime", mtime),
         ctime_ns=_ns(pax, "ctime", mtime),
-        rdev=os.makedev(m.devmajor, m.devminor) if kind in ("chr", "blk") else 0,
+        rdev=_rdev(m) if kind in ("chr", "blk") else 0,
         xattrs=_xattrs(pax),
     )
     if kind == "lnk":

@@ -17,8 +17,8 @@ import stat
 from dataclasses import dataclass, field
 
 from vfs.tree.entry import Entry
+from vfs.tree.nodes import TemplateLike
 from vfs.tree.private import PrivateLayer, is_whiteout
-from vfs.tree.view import TemplateLike
 
 
 @dataclass

@@ -1,0 +1,162 @@
+"""The nouns of the VEE view: nodes (inodes), VEEs, open handles, attributes, errors.
+
+Kept apart from :mod:`vfs.tree.view` (the behaviour) so that the data each inode carries, and
+what every field means, is in one short place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Protocol
+
+from vfs.errors import VfsError
+from vfs.tree.entry import Entry
+from vfs.tree.private import PrivateLayer
+
+ROOT_INO = 1
+#: Attribute/entry cache time handed to the kernel. Everything the kernel caches changes only
+#: through this daemon, which invalidates what it changes behind the kernel's back.
+CACHE_TIMEOUT = 3600.0
+
+
+class FsError(VfsError):
+    """A file-system condition the VEE sees as a plain errno (ENOTEMPTY, EISDIR...)."""
+
+    def __init__(self, err: int, message: str = "", **context: object) -> None:
+        super().__init__(message or os.strerror(err), **context)
+        self.errno = err
+
+
+class StaleHandle(VfsError):
+    """A shared inode was about to be modified: the caller must look the name up again."""
+
+    errno = errno.ESTALE
+
+
+class Content(Protocol):
+    """Where template file contents come from (a :class:`vfs.redirect.Resolver`)."""
+
+    def has_local(self, oid: str) -> bool: ...
+    def ensure(self, oid: str) -> None: ...
+    def read(self, oid: str, offset: int, size: int) -> bytes: ...
+
+
+class TemplateLike(Protocol):
+    digest: str
+    root: Entry
+
+    def lookup(self, parent_ino: int, name: bytes) -> Entry | None: ...
+    def readdir(self, ino: int) -> list[tuple[bytes, Entry]]: ...
+    def resolve(self, path: bytes) -> Entry | None: ...
+    def paths(self) -> dict[int, list[bytes]]: ...
+
+
+@dataclass(slots=True)
+class Attr:
+    """What getattr/lookup answer; ``shared`` says the inode is a shared template inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    shared: bool = False
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """The fields of a setattr request that are to change (None = unchanged)."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class Node:
+    """One inode of the mount.
+
+    ``vee`` is None for the mount root and for shared nodes. ``lower`` is the template entry the
+    node shows (files: content not yet copied up; dirs: the template directory merged below).
+    ``upper`` says a private object exists. Directories have one location (``parent``,
+    ``name``); files may have several names (``links``).
+    """
+
+    __slots__ = (
+        "ino",
+        "vee",
+        "kind",
+        "lower",
+        "upper",
+        "parent",
+        "name",
+        "links",
+        "nlookup",
+        "key",
+        "template",
+        "seen",
+    )
+
+    def __init__(self, ino: int, vee: Vee | None, kind: int, lower: Entry | None) -> None:
+        self.ino = ino
+        self.vee = vee
+        self.kind = kind  # stat.S_IFMT value
+        self.lower = lower
+        self.upper = False
+        self.parent: Node | None = None
+        self.name = b""
+        self.links: set[tuple[Node, bytes]] = set()
+        self.nlookup = 0
+        self.key: tuple[object, ...] = ()
+        self.template: TemplateLike | None = None
+        #: shared nodes: the (parent node, name) pairs that resolved to it, for invalidation
+        self.seen: set[tuple[Node, bytes]] = set()
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    @property
+    def shared(self) -> bool:
+        return self.vee is None and self.ino != ROOT_INO
+
+
+class Vee:
+    """One VEE root: its template, its private layer and its per-VEE node indexes."""
+
+    def __init__(self, name: str, template: TemplateLike, layer: PrivateLayer) -> None:
+        self.name = name
+        self.template = template
+        self.layer = layer
+        self.root: Node | None = None
+        self.dirs: dict[tuple[int, bytes], Node] = {}
+        self.files: dict[tuple[object, ...], Node] = {}
+
+
+class Handle:
+    """An open file: the node, and the private fd once the node has a private copy."""
+
+    __slots__ = ("node", "fd", "writable")
+
+    def __init__(self, node: Node, fd: int | None, writable: bool) -> None:
+        self.node = node
+        self.fd = fd
+        self.writable = writable
+
+
+class _Dead:
+    """Marker VEE of removed nodes."""
+
+
+_DEAD: Vee = _Dead()  # type: ignore[assignment]
