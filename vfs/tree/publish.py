@@ -102,8 +102,8 @@ class ObjectSink:
     """Puts content objects into the repository (and optionally a local store) once each.
 
     ``remote`` and ``store`` need ``has``, ``put``, ``put_file`` and ``put_stream``; the sink
-    computes each object's SHA-256 itself and checks that the target agrees (a mismatch means the source
-    changed under us or the target is broken: either way the publish stops).
+    computes each object's SHA-256 itself and checks that the target agrees (a mismatch means
+    the source changed under us or the target is broken: either way the publish stops).
     """
 
     def __init__(
