@@ -90,3 +90,25 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise UsageError(f"invalid size {text!r}: negative")
     return int(value * units[suffix])
+
+
+class OneLineErrorGroup(click.Group):
+    """A click group whose usage errors (bad flags, missing arguments) are one line on stderr
+    with exit code 2, like every other vfs error, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            prog = (ctx.command_path if ctx is not None else None) or prog_name or self.name
+            hint = f" (see '{prog} --help')" if isinstance(e, click.UsageError) else ""
+            click.echo(f"{prog}: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)

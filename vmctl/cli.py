@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, setup_logging
+from vfs.cli_util import OneLineErrorGroup, emit_json, handle_errors, setup_logging
 
 
 def probe_host() -> dict:
@@ -53,7 +53,7 @@ def probe_host() -> dict:
     }
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """Launch and move QEMU guests on vimg images (host probe only, so far)."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import click
 
-from vfs.cli_util import setup_logging
+from vfs.cli_util import OneLineErrorGroup, setup_logging
 from vfs.daemon import cli_redirect, cli_template, cli_vee
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
     """vfs daemon: local object store, repositories, templates and VEE trees over FUSE."""
