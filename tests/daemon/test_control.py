@@ -9,6 +9,7 @@ import pytest
 
 from tests.daemon.conftest import vfsd
 from tests.daemon.vee_helpers import copy_tree
+from vfs.redirect.remote import FileRemote
 
 pytestmark = pytest.mark.fuse
 
@@ -29,7 +30,12 @@ def test_vee_lifecycle_and_restart(daemon, tmp_path):
         r = daemon.vee(*args, check=False)
         assert r.returncode == code, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    # a hostile "manifest" (any object that is not one): refused with one line, daemon serves on
+    bad = FileRemote(daemon.repo).put(b"../../etc/passwd\0" * 10)
+    r = daemon.vee("add", "x", "--template", bad, check=False)
+    assert r.returncode == 6 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert sorted(os.listdir(daemon.mnt)) == ["a", "b"]
+    assert not (daemon.state / "vees" / "x").exists()
     # remove b: gone from the mount, its layer kept aside
     r = json.loads(daemon.vee("rm", "b", "--json").stdout)
     assert r["kept_layer"] and os.path.isdir(r["kept_layer"])

@@ -54,11 +54,19 @@ def test_second_vee_reads_while_first_writes(daemon):
 
 def test_mmap_shared_and_private(daemon):
     a, b = daemon.mnt / "a", daemon.mnt / "b"
-    with open(a / "data/f3", "r+b") as f:
-        m = mmap.mmap(f.fileno(), 0)
-        m[0:4] = b"MMAP"
-        m.flush()
-        m.close()
+    fb = open(b / "data/f3", "rb")  # noqa: SIM115 - b maps the shared inode first
+    mb = mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        assert mb[0:6] == b"file 3"
+        with open(a / "data/f3", "r+b") as f:
+            m = mmap.mmap(f.fileno(), 0)
+            m[0:4] = b"MMAP"
+            m.flush()
+            m.close()
+        assert mb[0:6] == b"file 3"  # b's mapping of the template page is untouched
+    finally:
+        mb.close()
+        fb.close()
     assert (a / "data/f3").read_bytes().startswith(b"MMAP 3\n")
     assert (b / "data/f3").read_bytes().startswith(b"file 3\n")
     with open(b / "data/f3", "rb") as f:
@@ -158,3 +166,37 @@ def test_xattrs_through_the_kernel(daemon):
     os.mkdir(a / "newdir")
     os.rmdir(a / "newdir")
     assert not any(n.startswith("trusted.overlay") for n in os.listxattr(a / "etc"))
+
+
+def test_special_files_setgid_and_dir_rename_over_template_dir(daemon):
+    a, b = daemon.mnt / "a", daemon.mnt / "b"
+    # device nodes and fifos are created in the private layer (the mount has "dev")
+    os.mknod(a / "null2", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with open(a / "null2", "wb") as f:
+        f.write(b"discarded")
+    assert os.stat(a / "null2").st_rdev == os.makedev(1, 3)
+    os.mkfifo(a / "pipe")
+    assert stat.S_ISFIFO(os.stat(a / "pipe").st_mode) and not (b / "pipe").exists()
+    # the template fifo is a different inode in each VEE: no pipe between VEEs
+    assert os.stat(a / "fifo").st_ino != os.stat(b / "fifo").st_ino
+    # setgid directories pass on their group
+    os.mkdir(a / "shared")
+    os.chown(a / "shared", 0, 4321)
+    os.chmod(a / "shared", 0o2775)
+    (a / "shared" / "f").write_bytes(b"x")
+    os.mkdir(a / "shared" / "sub")
+    assert os.stat(a / "shared" / "f").st_gid == 4321
+    assert os.stat(a / "shared" / "sub").st_mode & stat.S_ISGID
+    # a new directory renamed over an (emptied) template directory: nothing of it shows through
+    for n in os.listdir(a / "etc/conf.d"):
+        os.unlink(a / "etc/conf.d" / n)
+    os.mkdir(a / "fresh")
+    (a / "fresh" / "only").write_bytes(b"1")
+    os.rename(a / "fresh", a / "etc/conf.d")
+    assert os.listdir(a / "etc/conf.d") == ["only"]
+    assert sorted(os.listdir(b / "etc/conf.d")) == ["a.conf", "b.conf"]
+    # symlink over a whiteout
+    os.unlink(a / "etc/hosts")
+    os.symlink("passwd", a / "etc/hosts")
+    assert os.readlink(a / "etc/hosts") == "passwd"
+    assert (a / "etc/hosts").read_bytes() == (b / "etc/passwd").read_bytes()

@@ -370,3 +370,99 @@ def test_backing_moved_away(tmp_path):
             img.read(0, 4096)
     vimg("rebase", "-u", "-b", "moved.vimg", top)
     vimg("io", top, "-c", "read -P 0x71 0 1M", "-c", "read -P 0x72 1M 64k")
+
+
+VOCAB = [
+    "create",
+    "info",
+    "check",
+    "verify",
+    "map",
+    "convert",
+    "compare",
+    "measure",
+    "commit",
+    "rebase",
+    "snapshot",
+    "resize",
+    "bench",
+    "io",
+    "push",
+    "pull",
+    "hydrate",
+    "-s",
+    "-c",
+    "-b",
+    "-F",
+    "-f",
+    "-O",
+    "-r",
+    "-l",
+    "-a",
+    "-d",
+    "-u",
+    "-w",
+    "-S",
+    "-q",
+    "--json",
+    "--output",
+    "--size",
+    "--repo",
+    "--store",
+    "--ref",
+    "--lazy",
+    "--shrink",
+    "--compress",
+    "--backing-chain",
+    "all",
+    "leaks",
+    "json",
+    "raw",
+    "qcow2",
+    "vimg",
+    "zstd",
+    "1M",
+    "-1M",
+    "+1M",
+    "0",
+    "4k",
+    "0xff",
+    "banana",
+    "read 0 4k",
+    "write -P 1 0 4k",
+    "discard 0 1",
+    "flush",
+    "good.vimg",
+    "junk.bin",
+    "missing.vimg",
+    "out.vimg",
+    ".",
+    "../x",
+    "s1",
+]
+
+
+def test_random_command_lines_never_traceback(tmp_path, monkeypatch):
+    """Hypothesis throws random command lines at vimg: every outcome is an exit code."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VFS_ROOT", str(tmp_path / "root"))
+    (tmp_path / "junk.bin").write_bytes(os.urandom(9000))
+
+    @settings(
+        max_examples=int(os.environ.get("VIMG_FUZZ_EXAMPLES", "150")),
+        deadline=None,
+        derandomize="VIMG_FUZZ_EXAMPLES" not in os.environ,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.lists(st.sampled_from(VOCAB), min_size=1, max_size=7))
+    def run(args):
+        if not (tmp_path / "good.vimg").exists():
+            Image.create(str(tmp_path / "good.vimg"), 1 << 20).close()
+        r = CliRunner().invoke(main, args)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
+        assert "Traceback" not in r.output
+
+    run()

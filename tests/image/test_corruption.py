@@ -246,3 +246,19 @@ def test_damaged_snapshot_is_dropped_by_repair(image):
         assert img.snapshots == []
         assert img.read(0, CS) == b"n" * CS
         assert all(img.read(ci * CS, CS) == d for ci, d in content.items() if ci)
+
+
+def test_flipped_refcount_table(image):
+    path, content = image
+    with Image.open(path, readonly=True) as img:
+        table = img.header.refcount_table_offset
+    flip(path, table + 3)
+    with Image.open(path, readonly=True) as img:
+        assert img.read(0, CS) == content[0]
+    assert check(path).exit_code == 2
+    check(path, "all")
+    assert check(path).exit_code == 0
+    with Image.open(path) as img:  # writable again, and allocation is sane
+        img.write(250 * CS, b"w" * CS)
+        assert all(img.read(ci * CS, CS) == d for ci, d in content.items())
+    assert check(path).exit_code == 0

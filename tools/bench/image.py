@@ -1,7 +1,7 @@
 """Benchmark: vimg vs qcow2 (qemu-img) vs raw, same machine, same run.
 
-    python -m tools.bench.image            # 256 MiB image, 3 repetitions (about a minute)
-    python -m tools.bench.image --full     # 1 GiB image, as the issue asks
+    python -m tools.bench.image            # 256 MiB image, 3 repetitions (about 25 s)
+    python -m tools.bench.image --full     # 1 GiB image, as the issue asks (about 1 min)
 
 What is measured (medians of ``--reps`` runs, ratios vimg / qcow2):
 - 4 KiB "random" read and write IOPS: ``qemu-img bench`` / ``vimg bench`` with the same flags, a

@@ -39,7 +39,13 @@ def register(main: click.Group) -> None:
 
 @click.command("serve")
 @_state_opt
-@click.option("--mount", "mount", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--mount",
+    "mount",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Mountpoint (an empty directory); its entries are the VEE roots.",
+)
 @click.option("--remote", "remote_url", metavar="URL", help="Repository for cold objects.")
 @click.option(
     "--store",

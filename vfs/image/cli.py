@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -27,15 +28,21 @@ class _LazyResolver:
         self.store_dir, self.repo = store, repo
         self._r: Any = None
         self._objs: list[Any] = []
+        self._lock = threading.Lock()
+        self._tls = _tls()  # captured now: fetch threads have no click context
 
     def resolver(self) -> Any:
+        with self._lock:
+            return self._resolver()
+
+    def _resolver(self) -> Any:
         if self._r is None:
             from vfs.paths import default_store
             from vfs.redirect import LocalStore, Resolver, open_remote
 
             store = LocalStore(self.store_dir or default_store())
             self._objs.append(store)
-            remote = open_remote(self.repo, **_tls()) if self.repo else None
+            remote = open_remote(self.repo, **self._tls) if self.repo else None
             if remote is not None:
                 self._objs.append(remote)
             self._r = Resolver(store, remote)
@@ -43,6 +50,9 @@ class _LazyResolver:
 
     def get(self, oid: str) -> bytes:
         return self.resolver().get(oid)
+
+    def ensure(self, oid: str, *, size_hint: int | None = None) -> None:
+        self.resolver().ensure(oid, size_hint=size_hint)
 
     def close(self) -> None:
         for o in reversed(self._objs):

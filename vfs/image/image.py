@@ -17,7 +17,7 @@ import os
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import xxhash
 import zstandard
@@ -83,7 +83,10 @@ def default_opener(path: str, writable: bool, create: bool) -> ImageFile:
 
 
 class Image(SnapshotMixin):
-    """An open vimg image. Use :meth:`create` or :meth:`open`; close (or ``with``) when done."""
+    """An open vimg image. Use :meth:`create` or :meth:`open`; close (or ``with``) when done.
+
+    Not thread-safe: one thread at a time (an NBD/FUSE adapter serialises requests, or holds a
+    lock). Writes are durable after :meth:`flush` (the commit) and not before."""
 
     format = "vimg"
 
@@ -992,14 +995,6 @@ class Image(SnapshotMixin):
     @property
     def guest_clusters(self) -> int:
         return -(-self.size // self.cluster_size)
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "virtual-size": self.size,
-            "cluster-size": self.cluster_size,
-            "sequence": self._h.sequence,
-            "host-clusters": len(self._alloc),
-        }
 
 
 # ---------------------------------------------------------------------- helpers

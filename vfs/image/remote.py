@@ -63,20 +63,41 @@ def push(
     return len(todo)
 
 
-def pull(img: Image, *, batch: int = 64, progress: Progress | None = None) -> int:
+def pull(
+    img: Image, *, batch: int = 64, progress: Progress | None = None, parallel: int = 8
+) -> int:
     """Fetch every remote cluster (through ``img.resolver``) back into the image file.
 
-    Returns the number of clusters hydrated; 0 when there was nothing left to do.
+    Fetches run ``parallel`` at a time ahead of the writer (the resolver's ``ensure`` is
+    thread-safe and single-flight), so hydrating over HTTP is not one round trip per cluster;
+    the image itself is only touched by the calling thread. Returns the number of clusters
+    hydrated; 0 when there was nothing left to do.
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     todo = _stored(img, (L.REMOTE,))
-    for done, ci in enumerate(todo, 1):
-        e = img.entry(ci)
-        data = img.read_cluster(ci)  # fetched, SHA-256 and xxh3 verified
-        img.store_cluster(ci, e, data)
-        if done % batch == 0:
-            img.flush()
-        if progress:
-            progress(done, len(todo))
+    ensure = getattr(img.resolver, "ensure", None)
+    pool = ThreadPoolExecutor(parallel) if ensure is not None and parallel > 1 else None
+    ahead: dict[int, Future] = {}
+    cs = img.cluster_size
+    try:
+        for done, ci in enumerate(todo, 1):
+            if pool is not None:
+                for j in range(done - 1, min(done - 1 + 2 * parallel, len(todo))):
+                    if j not in ahead:
+                        oid = img.entry(todo[j])[6].hex()
+                        ahead[j] = pool.submit(ensure, oid, size_hint=cs)
+                ahead.pop(done - 1).result()  # a failed fetch fails here, in order
+            e = img.entry(ci)
+            data = img.read_cluster(ci)  # from the store now: SHA-256 and xxh3 verified
+            img.store_cluster(ci, e, data)
+            if done % batch == 0:
+                img.flush()
+            if progress:
+                progress(done, len(todo))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     img.flush()
     return len(todo)
 

@@ -28,7 +28,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
@@ -959,7 +960,8 @@ class Views:
 
 
 @contextlib.contextmanager
-def _root_at(vee: Vee):  # type: ignore[no-untyped-def]
+def _root_at(vee: Vee) -> Iterator[tuple[int, bytes]]:
+    """(fd, ".") naming the VEE root directory itself, like PrivateLayer.at for a child."""
     with vee.layer.dirfd(()) as fd:
         yield fd, b"."
 
@@ -974,6 +976,4 @@ def _open_flags(flags: int) -> int:
 
 
 def _now_ns() -> int:
-    import time
-
     return time.time_ns()
