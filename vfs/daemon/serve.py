@@ -220,14 +220,21 @@ async def serve(
             options.add("debug")
         pyfuse3.init(VeeOperations(views), os.fspath(mount), options)
         stack.callback(pyfuse3.close, unmount=True)
-        set_read_ahead(os.fspath(mount))
         log.info("serving %d VEE(s) at %s", len(views.vees), mount)
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve_control, state, daemon.handle)
             nursery.start_soon(_signals, nursery.cancel_scope)
+            nursery.start_soon(_tune_read_ahead, mount)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         log.info("vfsd at %s stopping", mount)
+
+
+async def _tune_read_ahead(mount: Path) -> None:
+    """Raise read-ahead once the FUSE INIT handshake is over (INIT resets it): a stat of the
+    mount from a worker thread returns only after this loop answered INIT and GETATTR."""
+    await trio.to_thread.run_sync(os.stat, mount)
+    set_read_ahead(os.fspath(mount))
 
 
 async def _signals(scope: trio.CancelScope) -> None:
