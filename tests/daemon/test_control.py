@@ -36,6 +36,14 @@ def test_vee_lifecycle_and_restart(daemon, tmp_path):
     assert r.returncode == 6 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert sorted(os.listdir(daemon.mnt)) == ["a", "b"]
     assert not (daemon.state / "vees" / "x").exists()
+    # a VEE with open private files is not pulled from under them (a read-only open of an
+    # unmodified template file is of a shared inode, which belongs to no VEE in particular)
+    (daemon.mnt / "b" / "note").write_bytes(b"b's own\n")
+    with open(daemon.mnt / "b" / "note", "rb"):
+        r = daemon.vee("rm", "b", check=False)
+        assert r.returncode == 9 and "open files" in r.stderr
+        r = daemon.vee("upgrade", "b", "--template", "base", check=False)
+        assert r.returncode == 0  # same template: nothing to switch, nothing refused
     # remove b: gone from the mount, its layer kept aside
     r = json.loads(daemon.vee("rm", "b", "--json").stdout)
     assert r["kept_layer"] and os.path.isdir(r["kept_layer"])

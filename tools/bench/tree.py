@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt)
     finally:
         mounts.close()
+        for d in ("peers", "vfsd"):  # keep only src/ and the tarball for the next run
+            shutil.rmtree(work / d, ignore_errors=True)
     tradeoff = read_tradeoff(work)
     return {
         "big_bytes": big_bytes,

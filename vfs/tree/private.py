@@ -230,11 +230,11 @@ class PrivateLayer:
 
     def whiteout(self, path: tuple[bytes, ...]) -> None:
         """Hide the template entry at ``path`` (replacing whatever private entry is there)."""
-        with self.dirfd(path[:-1]) as fd:
+        with self.workfd() as wfd, self.dirfd(path[:-1]) as fd:
             name = check_name(path[-1])
-            tmp = b".wh-tmp-" + secrets.token_hex(8).encode()
-            os.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
-            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            tmp = b"wh-" + secrets.token_hex(8).encode()
+            os.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=wfd)
+            os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=fd)
             fsync_dir(fd)
 
     # -- creating entries ------------------------------------------------------------------
@@ -332,12 +332,16 @@ class PrivateLayer:
         meta: FileMeta,
         fill: Callable[[int], None] | None,
     ) -> None:
-        """Create a regular file at ``path`` atomically: temp in ``work/``, content written by
-        ``fill(fd)``, metadata set, fsync, rename into place, fsync the directory.
+        """Create a regular file at ``path`` atomically: :meth:`stage` then :meth:`install`.
 
         This is the copy-up: a crash leaves either no private file (the template one still
         shows) or the complete copy, never a truncated one.
         """
+        self.install(self.stage(meta, fill), path)
+
+    def stage(self, meta: FileMeta, fill: Callable[[int], None] | None) -> bytes:
+        """Make the complete file in ``work/``: content written by ``fill(fd)``, metadata set,
+        fsynced. Returns its name there. Touches no shared state (safe in a worker thread)."""
         tmp = b"copy-" + secrets.token_hex(8).encode()
         with self.workfd() as wfd:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wfd)
@@ -355,9 +359,17 @@ class PrivateLayer:
                 os.unlink(tmp, dir_fd=wfd)
                 raise
             os.close(fd)
-            with self.dirfd(path[:-1]) as pfd:
-                os.rename(tmp, check_name(path[-1]), src_dir_fd=wfd, dst_dir_fd=pfd)
-                fsync_dir(pfd)
+        return tmp
+
+    def install(self, tmp: bytes, path: tuple[bytes, ...]) -> None:
+        """Rename a staged file into place and fsync the directory (the atomic step)."""
+        with self.workfd() as wfd, self.dirfd(path[:-1]) as pfd:
+            os.rename(tmp, check_name(path[-1]), src_dir_fd=wfd, dst_dir_fd=pfd)
+            fsync_dir(pfd)
+
+    def discard(self, tmp: bytes) -> None:
+        with self.workfd() as wfd, contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=wfd)
 
     def make_special(
         self, path: tuple[bytes, ...], meta: FileMeta, *, target: bytes | None = None

@@ -210,15 +210,7 @@ class Views:
                 node.upper = True
                 node.lower = self._dir_lower(vee, parent, name)
                 return node
-            key = ("u", st.st_dev, st.st_ino)
-            node = vee.files.get(key)
-            if node is None:
-                node = self._new_node(vee, stat.S_IFMT(st.st_mode), None)
-                node.upper = True
-                node.key = key
-                vee.files[key] = node
-            node.links.add((parent, name))
-            return node
+            return self._upper_file_node(vee, parent, name, st)
         if parent.lower is None:
             return None
         e = tmpl.lookup(parent.lower.ino, name)
@@ -244,6 +236,18 @@ class Views:
         node = vee.files.get(key)
         if node is None:
             node = self._new_node(vee, stat.S_IFMT(e.mode), e)
+            node.key = key
+            vee.files[key] = node
+        node.links.add((parent, name))
+        return node
+
+    def _upper_file_node(self, vee: Vee, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        """The node of a private non-directory (hard links: one node per host inode)."""
+        key = ("u", st.st_dev, st.st_ino)
+        node = vee.files.get(key)
+        if node is None:
+            node = self._new_node(vee, stat.S_IFMT(st.st_mode), None)
+            node.upper = True
             node.key = key
             vee.files[key] = node
         node.links.add((parent, name))
@@ -287,20 +291,7 @@ class Views:
             st = vee.layer.lstat(self.path(node))
             if st is None:
                 raise FsError(errno.ENOENT)
-            nlink = 1 if node.is_dir else st.st_nlink
-            return Attr(
-                node.ino,
-                st.st_mode,
-                nlink,
-                st.st_uid,
-                st.st_gid,
-                st.st_rdev,
-                st.st_size,
-                st.st_blocks,
-                st.st_atime_ns,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-            )
+            return _stat_attr(node, st)
         e = node.lower
         if e is None:
             raise FsError(errno.ENOENT)
@@ -386,7 +377,17 @@ class Views:
                 if fill is not None and not self.content.has_local(e.oid or ""):
                     await trio.to_thread.run_sync(self.content.ensure, e.oid)
                 if fill is not None and e.size >= self.copy_in_thread:
-                    await trio.to_thread.run_sync(vee.layer.copy_file, path, meta, fill)
+                    # the copy runs in a thread (the loop keeps serving every VEE); only the
+                    # atomic rename into place happens here, if the name still shows this file
+                    tmp = await trio.to_thread.run_sync(vee.layer.stage, meta, fill)
+                    try:
+                        still = node.vee is vee and self.path(node) == path
+                    except FsError:
+                        still = False
+                    if not still:
+                        vee.layer.discard(tmp)
+                        raise FsError(errno.ENOENT, "file removed during its copy-up")
+                    vee.layer.install(tmp, path)
                 else:
                     vee.layer.copy_file(path, meta, fill)
             else:
@@ -626,13 +627,17 @@ class Views:
     ) -> tuple[int, Attr]:
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, mode = self._owner(parent, uid, gid, mode)
-        fd = vee.layer.create(path, _open_flags(flags), mode, uid, gid, replace=True)
+        # a whiteout can only be where the template has the name (invariant 2)
+        replace = self._natural_lower(parent, name) is not None
+        fd = vee.layer.create(path, _open_flags(flags), mode, uid, gid, replace=replace)
         try:
-            attr = self._finish_new(parent, name)
+            st = os.fstat(fd)  # the new file's identity and attributes, without another walk
+            node = self._upper_file_node(vee, parent, name, st)
         except BaseException:
             os.close(fd)
             raise
-        return self._new_handle(self.nodes[attr.ino], fd, True), attr
+        node.nlookup += 1
+        return self._new_handle(node, fd, True), _stat_attr(node, st)
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
         node = self.node(ino)
@@ -964,6 +969,22 @@ def _root_at(vee: Vee) -> Iterator[tuple[int, bytes]]:
     """(fd, ".") naming the VEE root directory itself, like PrivateLayer.at for a child."""
     with vee.layer.dirfd(()) as fd:
         yield fd, b"."
+
+
+def _stat_attr(node: Node, st: os.stat_result) -> Attr:
+    return Attr(
+        node.ino,
+        st.st_mode,
+        1 if node.is_dir else st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_blocks,
+        st.st_atime_ns,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
 
 
 def _open_flags(flags: int) -> int:
