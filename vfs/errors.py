@@ -20,12 +20,17 @@ one-line message and an exit code (``.exit_code``).
     │   └── RemoteUnavailable     exit 7, EIO      unreachable after bounded retries
     ├── StoreFull                 exit 8, ENOSPC   disk full or quota cannot be met
     ├── BusyError                 exit 9, EBUSY    in use (pinned, locked, mounted)
-    └── ReadOnlyError             exit 10, EROFS
+    ├── ReadOnlyError             exit 10, EROFS
+    ├── FsError                   exit 1, any      a plain file-system errno (ENOTEMPTY, EISDIR)
+    ├── StaleHandle               exit 1, ESTALE   a shared inode must be looked up again
+    ├── DaemonNotRunning          exit 3           no daemon answers on the control socket
+    └── ControlError              (daemon's code)  an error the daemon reported to a CLI
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 
 
 class VfsError(Exception):
@@ -104,3 +109,29 @@ class BusyError(VfsError):
 class ReadOnlyError(VfsError):
     errno = _errno.EROFS
     exit_code = 10
+
+
+class FsError(VfsError):
+    """A file-system condition a VEE sees as a plain errno (ENOTEMPTY, EISDIR...)."""
+
+    def __init__(self, err: int, message: str = "", **context: object) -> None:
+        super().__init__(message or _os.strerror(err), **context)
+        self.errno = err
+
+
+class StaleHandle(VfsError):
+    """A shared inode was about to be modified: the caller must look the name up again."""
+
+    errno = _errno.ESTALE
+
+
+class DaemonNotRunning(VfsError):
+    exit_code = 3
+
+
+class ControlError(VfsError):
+    """An error the daemon reported over the control socket (its message and exit code)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

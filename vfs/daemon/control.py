@@ -25,7 +25,14 @@ from typing import Any
 
 import trio
 
-from vfs.errors import BusyError, FormatError, UsageError, VfsError
+from vfs.errors import (  # noqa: F401 - ControlError, DaemonNotRunning re-exported
+    BusyError,
+    ControlError,
+    DaemonNotRunning,
+    FormatError,
+    UsageError,
+    VfsError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +40,6 @@ SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1 << 20
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-
-
-class ControlError(VfsError):
-    """An error the daemon reported (message and exit code as it raised them)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class DaemonNotRunning(VfsError):
-    exit_code = 3
 
 
 def socket_path(state_dir: str | Path) -> Path:

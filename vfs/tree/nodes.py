@@ -6,13 +6,11 @@ what every field means, is in one short place.
 
 from __future__ import annotations
 
-import errno
-import os
 import stat
 from dataclasses import dataclass
 from typing import Protocol
 
-from vfs.errors import VfsError
+from vfs.errors import FsError, StaleHandle  # noqa: F401 - re-exported for view users
 from vfs.tree.entry import Entry
 from vfs.tree.private import PrivateLayer
 
@@ -20,20 +18,6 @@ ROOT_INO = 1
 #: Attribute/entry cache time handed to the kernel. Everything the kernel caches changes only
 #: through this daemon, which invalidates what it changes behind the kernel's back.
 CACHE_TIMEOUT = 3600.0
-
-
-class FsError(VfsError):
-    """A file-system condition the VEE sees as a plain errno (ENOTEMPTY, EISDIR...)."""
-
-    def __init__(self, err: int, message: str = "", **context: object) -> None:
-        super().__init__(message or os.strerror(err), **context)
-        self.errno = err
-
-
-class StaleHandle(VfsError):
-    """A shared inode was about to be modified: the caller must look the name up again."""
-
-    errno = errno.ESTALE
 
 
 class Content(Protocol):
