@@ -76,6 +76,7 @@ class Daemon:
     log: Path = field(default=Path("/dev/null"))
     templates: dict[str, str] = field(default_factory=dict)
     remote_url: str | None = None  # default: the file:// repo
+    extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
 
     def start(self) -> None:
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
@@ -93,6 +94,7 @@ class Daemon:
                     self.remote_url or str(self.repo),
                     "--store",
                     str(self.store),
+                    *self.extra_args,
                 ],
                 stdout=logf,
                 stderr=subprocess.STDOUT,

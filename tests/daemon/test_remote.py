@@ -59,3 +59,25 @@ def test_cold_fetch_does_not_block_other_vees(tmp_path, nginx, nginx_repo):
     finally:
         d.stop()
     assert "Traceback" not in d.log_text(), d.log_text()
+
+
+def test_templates_served_from_a_mutual_tls_repository(tmp_path, nginx, nginx_repo):
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    repo_dir, name = nginx_repo
+    d = Daemon(tmp_path, tmp_path / "state", tmp_path / "mnt", tmp_path / "store", repo_dir)
+    d.remote_url = nginx.url(name, "mtls")
+    d.extra_args = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
+    d.mnt.mkdir()
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_bytes(b"served over mutual TLS\n")
+    d.publish(src, "secure", to_store=False)
+    d.start()
+    try:
+        d.vee("add", "v", "--template", "secure")  # the name is resolved over https too
+        assert (d.mnt / "v" / "etc" / "motd").read_bytes() == b"served over mutual TLS\n"
+    finally:
+        d.stop()
+    assert "Traceback" not in d.log_text(), d.log_text()

@@ -47,6 +47,9 @@ def register(main: click.Group) -> None:
     help="Mountpoint (an empty directory); its entries are the VEE roots.",
 )
 @click.option("--remote", "remote_url", metavar="URL", help="Repository for cold objects.")
+@click.option("--ca", type=click.Path(dir_okay=False), help="CA of an https:// remote's server.")
+@click.option("--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")
 @click.option(
     "--store",
     "store_dir",
@@ -56,7 +59,7 @@ def register(main: click.Group) -> None:
 )
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
-def serve_cmd(state_dir, mount, remote_url, store_dir, debug_fuse):
+def serve_cmd(state_dir, mount, remote_url, ca, cert, key, store_dir, debug_fuse):
     """Serve every VEE of STATE as a directory of one FUSE mount at MOUNT (until SIGTERM)."""
     from vfs.daemon.serve import serve
 
@@ -66,6 +69,7 @@ def serve_cmd(state_dir, mount, remote_url, store_dir, debug_fuse):
             mount,
             store_dir=store_dir or default_store(),
             remote_url=remote_url,
+            remote_tls={"ca": ca, "cert": cert, "key": key},
             debug_fuse=debug_fuse,
         )
     )

@@ -195,6 +195,7 @@ async def serve(
     *,
     store_dir: Path,
     remote_url: str | None = None,
+    remote_tls: dict[str, str | None] | None = None,
     debug_fuse: bool = False,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
@@ -206,7 +207,7 @@ async def serve(
         mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
         store = LocalStore(store_dir)
         stack.callback(store.close)
-        remote = open_remote(remote_url) if remote_url else None
+        remote = open_remote(remote_url, **(remote_tls or {})) if remote_url else None
         if remote is not None:
             stack.callback(remote.close)
         resolver = Resolver(store, remote)
