@@ -130,11 +130,12 @@ class Daemon:
             self.proc = None
 
     def kill9(self) -> None:
+        """kill -9, and leave the dead mount behind as a real crash does: the next start
+        must detach it itself (stop() unmounts whatever is left at the end)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
         self.proc = None
-        unmount(self.mnt)
 
     def publish(self, src: Path, name: str, *, to_store: bool = True) -> str:
         store = ["--store", str(self.store)] if to_store else []

@@ -175,9 +175,12 @@ def _lock_state(state: Path) -> int:
 
 
 def _prepare_mountpoint(mount: Path) -> None:
-    """Detach a dead mount left by a killed daemon (stat fails with ENOTCONN)."""
+    """Detach a dead mount left by a killed daemon (statfs fails with ENOTCONN).
+
+    statfs, not stat: the kernel answers stat of the dead mount's root from its attribute cache
+    (we hand out hour-long timeouts), while statfs always asks the (dead) daemon."""
     try:
-        os.stat(mount)
+        os.statvfs(mount)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
