@@ -46,6 +46,9 @@ demo: setup
 
 bench: setup
 	$(PY) -m tools.bench.redirect
+	$(PY) -m tools.bench.template
+	$(PY) -m tools.bench.image
+	$(PY) -m tools.bench.tree
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
