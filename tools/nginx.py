@@ -76,8 +76,13 @@ class Nginx:
     ports: dict[str, int]
 
     def url(self, name: str, kind: str = "http") -> str:
-        scheme = "http" if kind in ("http", "slow") else "https"
+        scheme = "http" if kind in ("http", "slow", "proxy") else "https"
         return f"{scheme}://127.0.0.1:{self.ports[kind]}/{name}"
+
+    @property
+    def proxy(self) -> str:
+        """The caching forward proxy (in front of the plain HTTP server)."""
+        return f"http://127.0.0.1:{self.ports['proxy']}"
 
     @property
     def ca(self) -> str:
@@ -110,9 +115,21 @@ http {{
     fastcgi_temp_path {prefix}/tmp;
     uwsgi_temp_path {prefix}/tmp;
     scgi_temp_path {prefix}/tmp;
+    proxy_cache_path {prefix}/cache keys_zone=vfs:8m max_size=1g inactive=1d;
     server {{
         listen 127.0.0.1:{http};
         root {webroot};
+    }}
+    # A caching forward proxy in front of the plain server, as a site squid in front of a
+    # CernVM-FS stratum: objects are immutable, so cache them for a day.
+    server {{
+        listen 127.0.0.1:{proxy};
+        location / {{
+            proxy_pass http://127.0.0.1:{http};
+            proxy_cache vfs;
+            proxy_cache_valid 200 206 1d;
+            add_header X-Cache-Status $upstream_cache_status;
+        }}
     }}
     server {{
         listen 127.0.0.1:{slow};
@@ -146,7 +163,7 @@ def start_nginx(base: Path) -> tuple[subprocess.Popen, Nginx]:
     webroot.mkdir(exist_ok=True)
     (base / "tmp").mkdir(exist_ok=True)
     pki = make_pki(base / "pki")
-    ports = {k: free_port() for k in ("http", "slow", "https", "mtls")}
+    ports = {k: free_port() for k in ("http", "slow", "https", "mtls", "proxy")}
     conf = base / "nginx.conf"
     conf.write_text(NGINX_CONF.format(prefix=base, webroot=webroot, pki=pki, **ports))
     proc = subprocess.Popen(

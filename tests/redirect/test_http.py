@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vfs.errors import IntegrityError, ObjectNotFound, RemoteError, RemoteUnavailable
+from vfs.errors import IntegrityError, ObjectNotFound, RemoteError, RemoteUnavailable, UsageError
 from vfs.redirect import LocalStore, Resolver, open_remote
 from vfs.redirect.remote import FileRemote
 
@@ -219,3 +219,24 @@ def test_killed_fetch_leaves_nothing_half_stored(nginx, nginx_repo, tmp_path):
         with open_remote(nginx.url(name)) as r:
             assert Resolver(s, r).get(oid) == data
         assert s.verify().bad == []
+
+
+def test_fetch_through_a_caching_forward_proxy(nginx, nginx_repo, tmp_path):
+    """CernVM-FS style: hosts fetch through a site proxy; immutable objects are cached there,
+    so the origin can even go away for objects the site has seen."""
+    path, name = nginx_repo
+    data = os.urandom(300_000)
+    oid = FileRemote(path).put(data)
+    with LocalStore(tmp_path / "host1") as s, open_remote(nginx.url(name), proxy=nginx.proxy) as r:
+        assert Resolver(s, r).get(oid) == data
+    (path / "objects" / oid[:2] / oid).unlink()  # gone from the origin
+    with open_remote(nginx.url(name)) as direct, pytest.raises(ObjectNotFound):
+        direct.get(oid)
+    with LocalStore(tmp_path / "host2") as s, open_remote(nginx.url(name), proxy=nginx.proxy) as r:
+        assert Resolver(s, r).get(oid) == data  # served by the proxy's cache
+    cli = _vfsd("repo", "get", "--repo", nginx.url(name), "--proxy", nginx.proxy,
+                "--store", str(tmp_path / "host3"), oid)  # fmt: skip
+    out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, err
+    with pytest.raises(UsageError, match="proxy"):
+        open_remote(str(path), proxy=nginx.proxy)

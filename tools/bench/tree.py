@@ -11,6 +11,11 @@ All four serve the same data in the same run:
 Cold = ``echo 3 > /proc/sys/vm/drop_caches`` before the run. Needs root. Usage::
 
     python -m tools.bench.tree [--full] [--repeat N] [--dir DIR] [--json OUT]
+                               [--only seq,find,cat,untar,pc] [--peers fuse-overlayfs,vfsd]
+                               [--profile OUT]
+
+``--only``/``--peers`` run a subset (for iterating on one workload); ``--profile OUT`` records
+the vfsd daemon with ``py-spy`` (raw folded stacks) for the whole run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ SMALL_FILES = 20_000
 VEES = 20
 PC_BYTES = 200 << 20
 PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd"]
+WORKLOADS = ["seq", "find", "cat", "untar", "pc"]
 
 
 def drop_caches() -> None:
@@ -105,6 +111,7 @@ class Mounts:
     def __init__(self) -> None:
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen] = []
+        self.vfsd_pid = 0
 
     def overlay(self, lower: Path, base: Path) -> Path:
         for d in ("upper", "work", "mnt"):
@@ -141,6 +148,7 @@ class Mounts:
         )
         self.procs.append(p)
         self.mounts.append(mnt)
+        self.vfsd_pid = p.pid
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -161,7 +169,7 @@ class Mounts:
                 subprocess.run(["umount", "-l", str(m)], check=False)
         for p in self.procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGINT if p.pid != self.vfsd_pid else signal.SIGTERM)
                 try:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
@@ -196,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     mounts = Mounts()
     results: dict[str, dict[str, float]] = {}
     try:
+        peers = [p for p in PEERS if p in args.peers.split(",")]
+        only = args.only.split(",")
         roots = {
             "native": src,
             "overlay": mounts.overlay(src, work / "peers" / "ov0"),
@@ -205,10 +215,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         roots["vfsd"] = vmnt / "v0"
         with open(f"/sys/class/bdi/{_devno(vmnt)}/read_ahead_kb") as f:
             print(f"vfsd read_ahead_kb = {f.read().strip()}")
+        if args.profile:
+            spy = str(Path(sys.executable).with_name("py-spy"))
+            mounts.procs.insert(0, subprocess.Popen(
+                [spy, "record", "-p", str(mounts.vfsd_pid), "-f", "raw", "-r", "250",
+                 "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+            time.sleep(1)
 
         def measure(name: str, fn: Callable[[Path], object], cold: bool, unit: str) -> None:
             row = results.setdefault(name, {"unit": unit})  # type: ignore[dict-item]
-            for peer in PEERS:
+            for peer in peers:
                 vals = []
                 for _ in range(1 if cold else args.repeat):
                     if cold:
@@ -220,14 +237,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 row[peer] = big_bytes / t / 1e6 if unit == "MB/s" else t
                 print(f"  {name:28} {peer:15} {row[peer]:10.3f} {unit}")
 
-        measure("seq read cold", lambda r: read_file(r / "big"), True, "MB/s")
-        measure("seq read warm", lambda r: read_file(r / "big"), False, "MB/s")
-        measure("find+stat 20k cold", find_stat, True, "s")
-        measure("find+stat 20k warm", find_stat, False, "s")
-        measure("cat 20k cold", cat_all, True, "s")
-        measure("cat 20k warm", cat_all, False, "s")
+        if "seq" in only:
+            measure("seq read cold", lambda r: read_file(r / "big"), True, "MB/s")
+            measure("seq read warm", lambda r: read_file(r / "big"), False, "MB/s")
+        if "find" in only:
+            measure("find+stat 20k cold", find_stat, True, "s")
+            measure("find+stat 20k warm", find_stat, False, "s")
+        if "cat" in only:
+            measure("cat 20k cold", cat_all, True, "s")
+            measure("cat 20k warm", cat_all, False, "s")
         row = results.setdefault("untar 20k", {"unit": "s"})  # type: ignore[dict-item]
-        for peer in PEERS:
+        for peer in peers if "untar" in only else []:
             dest = roots[peer] / f"untar-{time.monotonic_ns()}"
             if peer == "native":
                 dest = work / "peers" / "native-untar"
@@ -235,7 +255,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             dest.mkdir(parents=True)
             row[peer] = timed(lambda d=dest: sh("tar", "-xf", str(tarball), "-C", str(d)))
             print(f"  {'untar 20k':28} {peer:15} {row[peer]:10.3f} s")
-        results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt)
+        if "untar" not in only:
+            del results["untar 20k"]
+        if "pc" in only:
+            results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt, peers)
     finally:
         mounts.close()
         for d in ("peers", "vfsd"):  # keep only src/ and the tarball for the next run
@@ -249,17 +272,20 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def page_cache(mounts: Mounts, work: Path, src: Path, vmnt: Path) -> dict[str, float]:
+def page_cache(
+    mounts: Mounts, work: Path, src: Path, vmnt: Path, peers: list[str]
+) -> dict[str, float]:
     row: dict[str, float] = {"unit": "MiB"}  # type: ignore[dict-item]
-    sets = {
-        "native": [src] * VEES,
-        "overlay": [mounts.overlay(src, work / "peers" / f"pov{i}") for i in range(VEES)],
-        "fuse-overlayfs": [
+    makers = {
+        "native": lambda: [src] * VEES,
+        "overlay": lambda: [mounts.overlay(src, work / "peers" / f"pov{i}") for i in range(VEES)],
+        "fuse-overlayfs": lambda: [
             mounts.fuse_overlay(src, work / "peers" / f"pfo{i}") for i in range(VEES)
         ],
-        "vfsd": [vmnt / f"v{i}" for i in range(VEES)],
+        "vfsd": lambda: [vmnt / f"v{i}" for i in range(VEES)],
     }
-    for peer in PEERS:
+    sets = {p: makers[p]() for p in peers}
+    for peer in peers:
         drop_caches()
         before = cached_kib()
         for root in sets[peer]:
@@ -318,12 +344,15 @@ def table(res: dict[str, object]) -> str:
     ]
     for name, row in res["results"].items():  # type: ignore[attr-defined]
         unit = row["unit"]
-        cells = [f"{row[p]:.3g}" if unit != "MB/s" else f"{row[p]:.0f}" for p in PEERS]
-        lines.append(
-            f"| {name} ({unit}) | "
-            + " | ".join(cells)
-            + f" | {row['vfsd'] / row['native']:.2f} | {row['vfsd'] / row['fuse-overlayfs']:.2f} |"
-        )
+        cells = [
+            "–" if p not in row else f"{row[p]:.3g}" if unit != "MB/s" else f"{row[p]:.0f}"
+            for p in PEERS
+        ]
+        ratios = [
+            f"{row['vfsd'] / row[p]:.2f}" if "vfsd" in row and p in row else "–"
+            for p in ("native", "fuse-overlayfs")
+        ]
+        lines.append(f"| {name} ({unit}) | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 
@@ -334,6 +363,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each warm measure (median)")
     ap.add_argument("--dir", default="/var/tmp/vfs-bench-tree")
     ap.add_argument("--json", default="bench-results/tree.json")
+    ap.add_argument("--only", default=",".join(WORKLOADS), help="workloads: " + ",".join(WORKLOADS))
+    ap.add_argument("--peers", default=",".join(PEERS), help="peers: " + ",".join(PEERS))
+    ap.add_argument("--profile", metavar="OUT", help="py-spy record the vfsd daemon into OUT")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("tools.bench.tree: needs root (mounts, drop_caches)")

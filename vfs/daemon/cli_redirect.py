@@ -24,8 +24,26 @@ store_option = click.option(
 )
 
 
+def _store_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta["vfs.proxy"] = value
+
+
+def current_proxy() -> str | None:
+    """--proxy of the running command (kept in the click context, not in every signature)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("vfs.proxy") if ctx is not None else None
+
+
 def repo_options(fn):
-    """--repo URL plus the TLS options of HTTPS repositories."""
+    """--repo URL plus the TLS and proxy options of HTTP(S) repositories."""
+    fn = click.option(
+        "--proxy",
+        metavar="URL",
+        expose_value=False,
+        callback=_store_proxy,
+        help="HTTP forward proxy (e.g. a site cache) for http(s):// repositories.",
+    )(fn)
     fn = click.option(
         "--timeout",
         type=float,
@@ -65,7 +83,14 @@ def open_store(store_dir: Path | None, **kw) -> LocalStore:
 
 def _remote(repo_url, ca, cert, key, timeout, retries, create=False):
     return open_remote(
-        repo_url, ca=ca, cert=cert, key=key, timeout=timeout, retries=retries, create=create
+        repo_url,
+        ca=ca,
+        cert=cert,
+        key=key,
+        timeout=timeout,
+        retries=retries,
+        create=create,
+        proxy=current_proxy(),
     )
 
 

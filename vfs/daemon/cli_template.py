@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from vfs.cli_util import emit_json, handle_errors
-from vfs.daemon.cli_redirect import open_store, repo_options
+from vfs.daemon.cli_redirect import current_proxy, open_store, repo_options
 from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.redirect import HttpRemote, Resolver, check_ref_name, open_remote
 from vfs.tree.entry import Entry
@@ -47,7 +47,15 @@ def template() -> None:
 
 
 def _open_remote(repo_url, ca, cert, key, timeout, retries):
-    return open_remote(repo_url, ca=ca, cert=cert, key=key, timeout=timeout, retries=retries)
+    return open_remote(
+        repo_url,
+        ca=ca,
+        cert=cert,
+        key=key,
+        timeout=timeout,
+        retries=retries,
+        proxy=current_proxy(),
+    )
 
 
 @contextlib.contextmanager

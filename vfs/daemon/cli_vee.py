@@ -50,6 +50,7 @@ def register(main: click.Group) -> None:
 @click.option("--ca", type=click.Path(dir_okay=False), help="CA of an https:// remote's server.")
 @click.option("--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS).")
 @click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")
+@click.option("--proxy", metavar="URL", help="HTTP forward proxy (site cache) for the remote.")
 @click.option(
     "--store",
     "store_dir",
@@ -59,7 +60,7 @@ def register(main: click.Group) -> None:
 )
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
-def serve_cmd(state_dir, mount, remote_url, ca, cert, key, store_dir, debug_fuse):
+def serve_cmd(state_dir, mount, remote_url, ca, cert, key, proxy, store_dir, debug_fuse):
     """Serve every VEE of STATE as a directory of one FUSE mount at MOUNT (until SIGTERM)."""
     from vfs.daemon.serve import serve
 
@@ -69,7 +70,7 @@ def serve_cmd(state_dir, mount, remote_url, ca, cert, key, store_dir, debug_fuse
             mount,
             store_dir=store_dir or default_store(),
             remote_url=remote_url,
-            remote_tls={"ca": ca, "cert": cert, "key": key},
+            remote_tls={"ca": ca, "cert": cert, "key": key, "proxy": proxy},
             debug_fuse=debug_fuse,
         )
     )

@@ -72,6 +72,7 @@ def _store_tls(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 def _tls_opts(fn: Any) -> Any:
     for name, text in (
+        ("proxy", "HTTP forward proxy (e.g. a site cache) for http(s):// repositories."),
         ("key", "Client key (mutual TLS)."),
         ("cert", "Client certificate (mutual TLS)."),
         ("ca", "CA bundle that signs the repository server's certificate."),

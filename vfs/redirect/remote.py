@@ -322,10 +322,17 @@ class HttpRemote(Remote):
         timeout: float = 10.0,
         retries: int = 4,
         backoff: float = 0.2,
+        proxy: str | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"invalid repository URL {url!r}")
+        self._proxy: tuple[str, int] | None = None
+        if proxy:
+            pp = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if pp.scheme != "http" or not pp.hostname:
+                raise UsageError(f"invalid proxy {proxy!r}: expected http://HOST:PORT")
+            self._proxy = (pp.hostname, pp.port or 3128)
         self.url = url.rstrip("/")
         self._https = parts.scheme == "https"
         self._host = parts.hostname
@@ -356,6 +363,18 @@ class HttpRemote(Remote):
         with self._pool_lock:
             if self._pool:
                 return self._pool.pop()
+        if self._proxy is not None:
+            # Through a (caching) forward proxy, as CernVM-FS clients use site squids: objects
+            # are immutable, so a proxy may cache them forever. HTTPS is tunnelled (CONNECT),
+            # so TLS and client certificates stay end to end.
+            host, port = self._proxy
+            if self._https:
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    host, port, timeout=self.timeout, context=self._ssl
+                )
+                conn.set_tunnel(self._host, self._port)
+                return conn
+            return http.client.HTTPConnection(host, port, timeout=self.timeout)
         if self._https:
             return http.client.HTTPSConnection(
                 self._host, self._port, timeout=self.timeout, context=self._ssl
@@ -391,7 +410,12 @@ class HttpRemote(Remote):
         """One request on a pooled connection; raises OSError/HTTPException/_HttpStatus."""
         conn = self._conn()
         try:
-            conn.request(method, self._base + path, headers=headers)
+            target = self._base + path
+            if self._proxy is not None and not self._https:
+                # absolute-form request target for a forward proxy (RFC 9112 §3.2.2)
+                headers = {**headers, "Host": f"{self._host}:{self._port}"}
+                target = f"http://{self._host}:{self._port}{target}"
+            conn.request(method, target, headers=headers)
             resp = conn.getresponse()
         except BaseException:
             conn.close()
@@ -572,12 +596,23 @@ def open_remote(
     retries: int = 4,
     backoff: float = 0.2,
     create: bool = False,
+    proxy: str | None = None,
 ) -> Remote:
-    """A repository from its URL: ``file:///dir``, a plain path, or ``http(s)://host/path``."""
+    """A repository from its URL: ``file:///dir``, a plain path, or ``http(s)://host/path``
+    (optionally through an HTTP forward ``proxy``)."""
     if url.startswith(("http://", "https://")):
         return HttpRemote(
-            url, ca=ca, cert=cert, key=key, timeout=timeout, retries=retries, backoff=backoff
+            url,
+            ca=ca,
+            cert=cert,
+            key=key,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            proxy=proxy,
         )
+    if proxy:
+        raise UsageError("--proxy applies only to http(s):// repositories")
     if cert or key or ca:
         raise UsageError("--ca/--cert/--key apply only to https:// repositories")
     if url.startswith("file://"):
