@@ -240,3 +240,69 @@ def test_fetch_through_a_caching_forward_proxy(nginx, nginx_repo, tmp_path):
     assert cli.returncode == 0, err
     with pytest.raises(UsageError, match="proxy"):
         open_remote(str(path), proxy=nginx.proxy)
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """Always 503, counting the requests it got."""
+
+    hits = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        type(self).hits += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _IgnoresRange(_Flaky):
+    """Cuts the first response, then answers a Range request with the whole body (200)."""
+
+    def do_GET(self):
+        if "/objects/" in self.path and self.headers.get("Range"):
+            del self.headers["Range"]
+        return super().do_GET()
+
+
+def _serve(handler_cls, directory=None):
+    def handler(*a, **kw):
+        if directory is not None:
+            return handler_cls(*a, directory=str(directory), **kw)
+        return handler_cls(*a, **kw)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_5xx_is_retried_a_bounded_number_of_times(store):
+    srv = _serve(_Unavailable)
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}"
+        with (
+            open_remote(url, retries=2, backoff=0.01) as r,
+            pytest.raises(RemoteUnavailable, match="after 3 attempts"),
+        ):
+            Resolver(store, r).ensure("6" * 64)
+        assert _Unavailable.hits == 3
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.log_warnings
+def test_server_ignoring_range_on_resume_is_an_error_not_a_corrupt_object(tmp_path, store):
+    repo = tmp_path / "repo"
+    oid = FileRemote(repo, create=True).put(os.urandom(1 << 20))
+    _IgnoresRange.cut_once = {}
+    srv = _serve(_IgnoresRange, repo)
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}"
+        with open_remote(url, backoff=0.01) as r, pytest.raises(RemoteError, match="ignored Range"):
+            Resolver(store, r).ensure(oid)
+        assert not store.has(oid) and list((store.root / "tmp").iterdir()) == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
