@@ -380,6 +380,7 @@ def verify(img: Image) -> list[dict[str, Any]]:
     """Read every stored cluster of the active image and every snapshot; return the bad ones."""
     bad: list[dict[str, Any]] = []
     seen: set[tuple[int, int]] = set()
+    img._settle_all()  # an open writer's tables: no stale checksum (spec section 7)
     roots: list[tuple[str, list[tuple[int, int]], bool]] = [("active", img._l1, True)]
     for snap in img.snapshots:
         try:

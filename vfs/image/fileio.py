@@ -70,6 +70,13 @@ class ImageFile:
         if _fallocate is not None:
             _fallocate(self.fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)
 
+    def allocate(self, offset: int, length: int) -> bool:
+        """Reserve blocks for a range (fallocate mode 0: the file grows, reads give zeros).
+        Best effort and never emulated by writing zeros; returns whether it worked."""
+        if _fallocate is None:
+            return False
+        return _fallocate(self.fd, 0, offset, length) == 0
+
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
@@ -105,6 +112,14 @@ class RawFile:
         if len(data) < length:
             data += bytes(length - len(data))
         return data
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        """Fill ``buf`` from ``offset`` (zeros past the end of the file); returns ``len(buf)``."""
+        mv = memoryview(buf).cast("B")
+        got = os.preadv(self.fd, [mv], offset) if offset < self.size else 0
+        if got < len(mv):
+            mv[got:] = bytes(len(mv) - got)
+        return len(mv)
 
     def write(self, offset: int, data: bytes) -> None:
         os.pwrite(self.fd, data, offset)

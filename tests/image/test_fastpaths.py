@@ -1,0 +1,212 @@
+"""The request fast paths (docs/vimg-format.md section 7 and README "Disk images"): reads into a
+caller's buffer, host-contiguous runs read and written with one system call, and the checksum of a
+fresh cluster rewritten in part computed once, at the commit or at the first read."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import xxhash
+
+from vfs.errors import IntegrityError
+from vfs.image import layout as L
+from vfs.image.check import check, verify
+from vfs.image.image import Image
+
+from .helpers import Recorder
+
+CS = 4096
+
+
+def _model_image(tmp_path, r: random.Random, *, backing: bool, compress: bool = False):
+    size = 64 * CS
+    base = bytearray(size)
+    bpath = str(tmp_path / "base.vimg")
+    path = str(tmp_path / "img.vimg")
+    kw = {}
+    if backing:
+        with Image.create(bpath, size, cluster_size=CS) as b:
+            d = r.randbytes(size // 2)
+            b.write(size // 4, d)
+            base[size // 4 : size // 4 + len(d)] = d
+        kw["backing"] = os.path.basename(bpath)
+    img = Image.create(path, size, cluster_size=CS, compress=compress, **kw)
+    return img, bytearray(base), path
+
+
+@pytest.mark.parametrize("backing", [False, True])
+@pytest.mark.parametrize("compress", [False, True])
+def test_readinto_and_read_match_the_model(tmp_path, backing, compress):
+    r = random.Random(7 + backing + 2 * compress)
+    img, model, _ = _model_image(tmp_path, r, backing=backing, compress=compress)
+    try:
+        for i in range(400):
+            off = r.randrange(0, len(model))
+            n = min(
+                r.choice([1, 511, CS, 3 * CS, 5 * CS + 9, r.randrange(1, 9 * CS)]), len(model) - off
+            )
+            op = r.random()
+            if op < 0.45:
+                d = r.randbytes(n) if r.random() < 0.8 else bytes(n)
+                img.write(off, d)
+                model[off : off + n] = d
+            elif op < 0.5:
+                img.discard(off, n)
+                model[off : off + n] = bytes(n)
+            elif op < 0.55:
+                img.flush()
+            else:
+                want = bytes(model[off : off + n])
+                buf = bytearray(b"\xee") * n  # stale bytes must all be overwritten
+                assert img.readinto(off, buf) == n
+                assert buf == want, f"readinto {off:#x}+{n:#x} (op {i})"
+                assert img.read(off, n) == want, f"read {off:#x}+{n:#x} (op {i})"
+        whole = bytearray(len(model))
+        img.readinto(0, memoryview(whole))
+        assert whole == model
+        assert verify(img) == []
+    finally:
+        img.close()
+    assert check(str(tmp_path / "img.vimg")).corruptions == 0
+
+
+def test_contiguous_whole_clusters_are_one_write_and_one_read(tmp_path):
+    rec = Recorder()
+    p = str(tmp_path / "a.vimg")
+    img = Image.create(p, 64 * CS, cluster_size=CS, opener=rec.opener)
+    data = os.urandom(8 * CS)
+    before = len(rec.ops)
+    img.write(4 * CS, data)
+    writes = [op for op in rec.ops[before:] if op[0] == "w"]
+    assert len(writes) == 1 and len(writes[0][2]) == 8 * CS
+    hosts = [img.entry(4 + j)[4] for j in range(8)]
+    assert hosts == [hosts[0] + j * CS for j in range(8)]
+    assert img.read(4 * CS, 8 * CS) == data
+    # a zero cluster in the middle becomes a ZERO entry and splits the run
+    d2 = os.urandom(3 * CS) + bytes(CS) + os.urandom(4 * CS)
+    img.write(20 * CS, d2)
+    assert img.entry(23)[0] == L.ZERO
+    assert img.read(20 * CS, 8 * CS) == d2
+    img.close()
+    with Image.open(p, readonly=True) as ro:
+        assert ro.read(4 * CS, 8 * CS) == data
+        assert ro.read(20 * CS, 8 * CS) == d2
+
+
+def test_partial_rewrites_of_a_fresh_cluster_are_summed_at_commit(tmp_path):
+    p = str(tmp_path / "a.vimg")
+    img = Image.create(p, 16 * CS, cluster_size=CS)
+    img.write(0, os.urandom(4 * CS))
+    img.flush()
+    img.write(CS + 100, b"a" * 50)  # copy-on-write: a fresh cluster, summed
+    img.write(CS + 300, b"b" * 50)  # in place, verified first, now unsummed
+    img.write(CS + 500, b"c" * 50)  # in place, no re-read
+    assert img._unsummed == {1}
+    want = img.read(CS, CS)  # a read settles it
+    assert not img._unsummed
+    assert img.entry(1)[5] == xxhash.xxh3_64_intdigest(want)
+    assert want[100:150] == b"a" * 50 and want[300:350] == b"b" * 50
+    img.write(CS + 700, b"d" * 50)
+    img.write(2 * CS + 1, b"e")
+    img.write(2 * CS + 2, b"f")
+    assert img._unsummed == {1, 2}
+    assert verify(img) == []  # settles an open writer's stale checksums first
+    img.write(2 * CS + 3, b"g")
+    img.close()  # the commit sums the rest
+    assert check(p).corruptions == 0
+    with Image.open(p, readonly=True) as ro:
+        got = ro.read(CS, 2 * CS)
+        assert got[700:750] == b"d" * 50 and got[CS + 1 : CS + 4] == b"efg"
+        assert verify(ro) == []
+
+
+def test_unsummed_cluster_survives_snapshot_resize_and_discard(tmp_path):
+    p = str(tmp_path / "a.vimg")
+    img = Image.create(p, 16 * CS, cluster_size=CS)
+    img.write(0, os.urandom(CS))
+    img.write(10, b"x")
+    img.write(20, b"y")
+    assert img._unsummed == {0}
+    img.snapshot_create("s")  # commits first
+    assert not img._unsummed
+    img.write(30, b"z")  # copy-on-write (shared with the snapshot)
+    img.write(40, b"w")
+    img.write(5 * CS, os.urandom(CS))
+    img.write(5 * CS + 7, b"v")
+    img.write(5 * CS + 9, b"u")
+    assert img._unsummed == {0, 5}
+    img.discard(5 * CS, CS)
+    assert img._unsummed == {0}
+    img.resize(8 * CS)
+    assert not img._unsummed
+    content = img.read(0, CS)
+    img.close()
+    assert check(p).corruptions == 0
+    with Image.open(p, readonly=True) as ro:
+        assert ro.read(0, CS) == content
+        assert content[10:11] == b"x" and content[40:41] == b"w"
+        assert verify(ro) == []
+
+
+def test_damaged_fresh_cluster_is_caught_before_a_partial_rewrite(tmp_path):
+    p = str(tmp_path / "a.vimg")
+    img = Image.create(p, 16 * CS, cluster_size=CS)
+    img.write(3 * CS, os.urandom(CS))
+    host = img.entry(3)[4]
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, host + 9)[0] ^ 1]), host + 9)
+    finally:
+        os.close(fd)
+    with pytest.raises(IntegrityError, match="guest offset 0x3000"):
+        img.write(3 * CS + 100, b"x")
+    img.close()
+
+
+def test_preallocated_tail_is_given_back_at_close_and_harmless_after_a_crash(tmp_path):
+    p = str(tmp_path / "a.vimg")
+    img = Image.create(p, 256 * CS, cluster_size=CS)
+    img.write(0, os.urandom(64 * CS))
+    img.flush()
+    end = len(img._alloc) * CS
+    if not img._grown_to:
+        img.close()
+        pytest.skip("fallocate not supported here")
+    assert os.path.getsize(p) > end  # reserved ahead of the image end
+    # a "crash": the process goes away without closing; the tail stays, the image is fine
+    img._f.close()
+    img._closed = True
+    res = check(p)
+    assert res.corruptions == 0 and res.leaks == 0
+    with Image.open(p) as again:
+        again.write(64 * CS, os.urandom(CS))  # appends into the old tail
+    size = os.path.getsize(p)
+    with Image.open(p, readonly=True) as ro:
+        assert size == ro.header.host_clusters * CS
+        assert verify(ro) == []
+    assert check(p).corruptions == 0
+
+
+def test_bench_loop_reads_and_writes_through_one_buffer(tmp_path):
+    from vfs.image.bench import request_buffer, run_bench
+    from vfs.image.fileio import RawFile
+
+    buf = request_buffer(3 * CS, 0x5A)
+    assert len(buf) == 3 * CS and bytes(buf) == b"\x5a" * (3 * CS)
+    p = str(tmp_path / "a.vimg")
+    with Image.create(p, 64 * CS, cluster_size=CS) as img:
+        run_bench(img, count=40, size=2 * CS + 512, step=5 * CS + 512, write=True, pattern=0xA5)
+        run_bench(img, count=40, size=2 * CS + 512, step=5 * CS + 512)
+        data = img.read(0, 2 * CS + 512)
+        assert data == b"\xa5" * (2 * CS + 512)
+    raw = str(tmp_path / "a.raw")
+    with RawFile(raw, create_size=10 * CS) as r:
+        r.write(0, b"\x11" * CS)
+        out = bytearray(b"\xff") * (3 * CS)
+        assert r.readinto(9 * CS, out) == 3 * CS  # past the end: zeros
+        assert out == bytes(3 * CS)
+        r.readinto(0, out)
+        assert out == b"\x11" * CS + bytes(2 * CS)
+        run_bench(r, count=10, size=CS, step=3 * CS)
