@@ -85,17 +85,28 @@ class VeeOperations(pyfuse3.Operations):
     def __init__(self, views: Views) -> None:
         super().__init__()
         self.views = views
+        #: EntryAttributes of shared inodes, made once: their attributes never change (pyfuse3
+        #: copies the fields into each reply, so one object can answer every lookup/readdir)
+        self._shared_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        if not a.shared:
+            return entry_attributes(a)
+        e = self._shared_attrs.get(a.ino)
+        if e is None:
+            e = self._shared_attrs[a.ino] = entry_attributes(a)
+        return e
 
     @_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return entry_attributes(self.views.lookup(parent_inode, name))
+        return self._entry(self.views.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Any) -> None:
         self.views.forget(inode_list)
 
     @_errno
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        return entry_attributes(self.views.getattr(inode))
+        return self._entry(self.views.getattr(inode))
 
     @_errno
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
@@ -180,7 +191,7 @@ class VeeOperations(pyfuse3.Operations):
     @_errno
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         for name, attr, next_id in self.views.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), next_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
                 return
             self.views.count_lookup(attr.ino)  # readdirplus: each entry is a lookup
 

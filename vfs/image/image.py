@@ -10,8 +10,9 @@ Hot paths (measured with ``vimg bench`` / ``python -m tools.bench.image``):
   (:meth:`Image.readinto`) or one ``pread`` (:meth:`Image.read`), then one xxh3 per cluster;
 - whole-cluster writes go where copy-on-write puts them, host-contiguous ones in one ``pwrite``;
 - a partial write to a fresh cluster (written since the last commit) verifies the cluster the
-  first time, then only writes the changed bytes: its checksum is computed once, at the commit
-  or the next read (spec section 7, ``_unsummed``);
+  first time and keeps its bytes in memory, then writes only the changed bytes to the file and
+  patches the memory copy: its checksum is computed once, from that memory copy (the bytes the
+  guest wrote, never the disk's), at the commit or the next read (spec section 7, ``_unsummed``);
 - the file grows ahead of appended clusters with ``fallocate`` (trimmed back at close).
 Metadata is written only by :meth:`Image.flush`, which is the commit point of the crash model.
 """
@@ -140,9 +141,11 @@ class Image(SnapshotMixin):
         self._l2_limit = max(64, (64 << 20) // cs)
         self._dirty_l2: set[int] = set()
         #: Guest clusters whose in-memory entry checksum is stale: fresh LOCAL clusters rewritten
-        #: in part since their checksum was last computed (spec 7: computed at the commit, or
-        #: when anything but a write looks at the entry first).
-        self._unsummed: set[int] = set()
+        #: in part since their checksum was last computed, each with the intended bytes of the
+        #: whole cluster (spec 7: the checksum is computed from these at the commit, or when
+        #: anything but a write looks at the entry first). Bounded by ``_unsummed_limit``.
+        self._unsummed: dict[int, bytearray] = {}
+        self._unsummed_limit = max(16, (16 << 20) // cs)
         self._l1_dirty = False
         self._snap_dirty = False
         self._header_dirty = False
@@ -464,19 +467,15 @@ class Image(SnapshotMixin):
             t, (ci % self._per_l2) * L.L2_ENTRY_SIZE, etype, 0, 0, length, host, csum, oid
         )
         self._dirty_l2.add(idx)
-        self._unsummed.discard(ci)
+        self._unsummed.pop(ci, None)
 
     def _settle(self, ci: int) -> None:
-        """Compute the checksum of a fresh cluster that was rewritten in part (its bytes in the
-        file are the ones this writer put there since the last commit)."""
+        """Compute the checksum of a fresh cluster that was rewritten in part, from the memory
+        copy of what was written (not from the file: damage to the file copy must stay
+        detectable by the next read)."""
+        data = self._unsummed[ci]
         e = self._entry(ci)
-        scratch, cs = self._scratch, self.cluster_size
-        if self._f.preadv(scratch, e[4]) != cs:
-            raise IntegrityError(
-                f"cluster at guest offset {ci * cs:#x}: short read at host offset {e[4]:#x}",
-                offset=ci * cs,
-            )
-        self._set_entry(ci, L.LOCAL, e[4], _xxh(scratch))
+        self._set_entry(ci, L.LOCAL, e[4], _xxh(data))
 
     def _settle_all(self) -> None:
         """Bring every stale checksum up to date (before a commit, or table-level work)."""
@@ -786,12 +785,16 @@ class Image(SnapshotMixin):
             # old content is verified the first time; its new checksum is computed once, at
             # the commit (or when something reads it first): spec section 7.
             unsummed = self._unsummed
-            if ci not in unsummed:
-                mv = self._scratch
-                if self._f.preadv(mv, e[4]) != cs or _xxh(mv) != e[5]:
+            mem = unsummed.get(ci)
+            if mem is None:
+                if len(unsummed) >= self._unsummed_limit:
+                    self._settle(next(iter(unsummed)))  # oldest first: bounded memory
+                mem = bytearray(cs)
+                if self._f.preadv(mem, e[4]) != cs or _xxh(mem) != e[5]:
                     self._cluster(ci, e)  # raises the precise error
                     raise IntegrityError(f"cluster at guest offset {ci * cs:#x} changed while read")
-                unsummed.add(ci)
+                unsummed[ci] = mem
+            mem[a : a + len(piece)] = piece
             self._pwrite(piece, e[4] + a)
             return
         if ci in self._unsummed:  # not reached: only fresh LOCAL clusters are unsummed

@@ -99,6 +99,8 @@ class LocalStore:
         self._readers: OrderedDict[str, ObjectReader] = OrderedDict()
         self._touched: dict[str, int] = {}
         self._last_flush = time.monotonic()
+        self._flusher: threading.Thread | None = None
+        self._objects_prefix = os.fspath(self.objects_dir) + "/"
         self._closed = False
         self._lock_fd = -1
         self._db: sqlite3.Connection | None = None
@@ -316,7 +318,8 @@ class LocalStore:
                 return r
         check_object_id(oid)
         try:
-            fd = os.open(self._path(oid), os.O_RDONLY | os.O_CLOEXEC)
+            # a plain string path: pathlib costs more than the open itself on a warm cache
+            fd = os.open(self._objects_prefix + shard(oid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {oid} not in local store", oid=oid) from None
         try:
@@ -532,8 +535,27 @@ class LocalStore:
         return {"removed": removed, "freed_bytes": freed, "usage": used - freed}
 
     def _maybe_flush_atimes(self) -> None:
-        if time.monotonic() - self._last_flush > ATIME_FLUSH_SECONDS:
+        """Every few seconds, write the batched last-use times in a background thread: a
+        reader (the FUSE daemon's event loop) never waits for SQLite. Nothing durable depends
+        on them (docs/redirect.md: the index is a rebuildable cache; a lost atime only makes
+        LRU eviction less exact); :meth:`close` waits for the thread and flushes the rest."""
+        if time.monotonic() - self._last_flush <= ATIME_FLUSH_SECONDS:
+            return
+        with self._lock:
+            if self._closed or (self._flusher is not None and self._flusher.is_alive()):
+                return
+            self._last_flush = time.monotonic()
+            t = threading.Thread(
+                target=self._flush_atimes_quietly, name="store-atimes", daemon=True
+            )
+            self._flusher = t
+            t.start()  # under the lock: close() never finds an unstarted thread to join
+
+    def _flush_atimes_quietly(self) -> None:
+        try:
             self._flush_atimes()
+        except Exception as e:  # a busy index: that batch's atimes are lost (LRU less exact)
+            log.debug("store: atime flush failed: %s", e)
 
     def _flush_atimes(self) -> None:
         """Write batched last-use times (a SQLite write per read would dominate a warm hit)."""
@@ -603,6 +625,10 @@ class LocalStore:
         if self._closed:
             return
         self._closed = True
+        with self._lock:
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join()
         with contextlib.suppress(Exception):
             self._flush_atimes()
         with self._lock:

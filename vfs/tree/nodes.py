@@ -90,6 +90,7 @@ class Node:
         "key",
         "template",
         "seen",
+        "attr",
     )
 
     def __init__(self, ino: int, vee: Vee | None, kind: int, lower: Entry | None) -> None:
@@ -106,6 +107,8 @@ class Node:
         self.template: TemplateLike | None = None
         #: shared nodes: the (parent node, name) pairs that resolved to it, for invalidation
         self.seen: set[tuple[Node, bytes]] = set()
+        #: shared nodes: their attributes, made once (a template entry never changes)
+        self.attr: Attr | None = None
 
     @property
     def is_dir(self) -> bool:

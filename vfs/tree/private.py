@@ -179,8 +179,9 @@ class PrivateLayer:
         if not path:
             return os.lstat(self.upper)
         try:
-            with self.dirfd(path[:-1]) as fd:
-                return os.stat(check_name(path[-1]), dir_fd=fd, follow_symlinks=False)
+            return os.stat(
+                check_name(path[-1]), dir_fd=self._dirfd(path[:-1]), follow_symlinks=False
+            )
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
@@ -399,10 +400,8 @@ class PrivateLayer:
                 fsync_dir(pfd)
 
     def open(self, path: tuple[bytes, ...], flags: int, mode: int = 0o600) -> int:
-        with self.dirfd(path[:-1]) as fd:
-            return os.open(
-                check_name(path[-1]), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd
-            )
+        fd = self._dirfd(path[:-1])
+        return os.open(check_name(path[-1]), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
 
     def create(
         self, path: tuple[bytes, ...], flags: int, mode: int, uid: int, gid: int, *, replace: bool
@@ -441,8 +440,17 @@ class PrivateLayer:
     @contextlib.contextmanager
     def at(self, path: tuple[bytes, ...]) -> Iterator[tuple[int, bytes]]:
         """(parent O_PATH fd, checked name) of ``path`` for *at system calls."""
-        with self.dirfd(path[:-1]) as fd:
-            yield fd, check_name(path[-1])
+        yield self._dirfd(path[:-1]), check_name(path[-1])
+
+    def xattr_path(self, path: tuple[bytes, ...]) -> bytes:
+        """A path naming exactly the entry at ``path`` for the ``l*xattr`` calls (Python's
+        ``follow_symlinks=False``): ``/proc/self/fd/<parent O_PATH fd>/<name>``. The parent is
+        the walked, cached directory fd and the last component is not followed, so this names
+        what :meth:`handle` names without opening and closing an fd per call. Only for calls
+        made with ``follow_symlinks=False``."""
+        if not path:
+            return b"/proc/self/fd/%d/." % self._dirfd(())
+        return b"/proc/self/fd/%d/%s" % (self._dirfd(path[:-1]), check_name(path[-1]))
 
     @contextlib.contextmanager
     def handle(self, path: tuple[bytes, ...]) -> Iterator[str]:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
-from vfs.errors import NotFound, VfsError
+from vfs.errors import IntegrityError, NotFound, ObjectNotFound, VfsError
 from vfs.tree.entry import Entry
 from vfs.tree.nodes import (
     _DEAD,
@@ -292,10 +292,12 @@ class Views:
             if st is None:
                 raise FsError(errno.ENOENT)
             return _stat_attr(node, st)
+        if node.attr is not None:
+            return node.attr
         e = node.lower
         if e is None:
             raise FsError(errno.ENOENT)
-        return Attr(
+        attr = Attr(
             node.ino,
             e.mode,
             1 if node.is_dir else e.nlink,
@@ -309,6 +311,9 @@ class Views:
             e.ctime_ns,
             shared=node.shared,
         )
+        if attr.shared:
+            node.attr = attr  # the template entry is immutable and the node never changes
+        return attr
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
@@ -461,6 +466,8 @@ class Views:
         if node.shared:
             raise self._unshare(node)
         vee = self._vee(node)
+        if node.upper:
+            return vee  # already private (the common case: no copy-up, no lock)
         if node.is_dir:
             self._ensure_dir_upper(node)
         else:
@@ -498,12 +505,15 @@ class Views:
             with vee.layer.handle(path) as p:
                 os.chmod(p, stat.S_IMODE(ch.mode))
         if ch.atime_ns is not None or ch.mtime_ns is not None:
-            st = vee.layer.lstat(path)
-            assert st is not None
-            times = (
-                st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
-                st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns,
-            )
+            if ch.atime_ns is not None and ch.mtime_ns is not None:
+                times = (ch.atime_ns, ch.mtime_ns)  # both given (utimensat, tar): no lstat
+            else:
+                st = vee.layer.lstat(path)
+                assert st is not None
+                times = (
+                    st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
+                    st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns,
+                )
             with vee.layer.at(path) if path else _root_at(vee) as (fd, name):
                 os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
         return self.getattr(ino)
@@ -516,8 +526,8 @@ class Views:
             vee = self._vee(node)
             if node.kind == stat.S_IFLNK:
                 return []
-            with vee.layer.handle(self.path(node)) as p:
-                names = [os.fsencode(n) for n in os.listxattr(p)]
+            p = vee.layer.xattr_path(self.path(node))
+            names = [os.fsencode(n) for n in os.listxattr(p, follow_symlinks=False)]
         else:
             assert node.lower is not None
             names = list(node.lower.xattrs)
@@ -531,8 +541,7 @@ class Views:
             vee = self._vee(node)
             if node.kind == stat.S_IFLNK:
                 raise FsError(errno.ENODATA)
-            with vee.layer.handle(self.path(node)) as p:
-                return os.getxattr(p, name)
+            return os.getxattr(vee.layer.xattr_path(self.path(node)), name, follow_symlinks=False)
         assert node.lower is not None
         try:
             return node.lower.xattrs[name]
@@ -917,10 +926,24 @@ class Views:
         if off >= e.size or not e.oid:
             return b""
         size = min(size, e.size - off)
-        if not self.content.has_local(e.oid):
-            # second redirection: the fetch runs in a thread, other VEEs keep being served
-            await trio.to_thread.run_sync(self.content.ensure, e.oid)
-        data = self.content.read(e.oid, off, size)
+        data = None
+        store = getattr(self.content, "store", None)
+        if store is not None:
+            # first redirection, fast path: an object the store holds is read at once (one dict
+            # probe when its reader is open; else one open, not a stat per check on the way)
+            try:
+                data = store.read(e.oid, off, size)
+            except ObjectNotFound:
+                pass
+            except IntegrityError:
+                # damaged on disk, now quarantined by the store: a remote can give a good copy
+                if getattr(self.content, "remote", None) is None:
+                    raise
+        if data is None:
+            if not self.content.has_local(e.oid):
+                # second redirection: the fetch runs in a thread, other VEEs keep being served
+                await trio.to_thread.run_sync(self.content.ensure, e.oid)
+            data = self.content.read(e.oid, off, size)
         self._drop_store_pages(e.oid, off + len(data), e.size)
         return data
 

@@ -1,0 +1,132 @@
+"""Fast paths of the VEE view: store-first reads of template files (damaged and missing objects
+still take the resolver's path), shared attributes built once, xattrs of private entries reached
+through their parent's directory fd (odd names, the VEE root)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.vee_helpers import make_sample_tree, publish
+from tests.daemon.view_client import VeeClient
+from vfs.errors import IntegrityError
+from vfs.redirect import Resolver
+from vfs.redirect.objectid import shard
+from vfs.tree.nodes import ROOT_INO, FsError
+from vfs.tree.private import PrivateLayer
+from vfs.tree.view import Views
+
+HOSTS = b"127.0.0.1 localhost\n"
+
+
+@pytest.fixture
+def pub(tmp_path: Path):
+    make_sample_tree(tmp_path / "src")
+    p = publish(tmp_path / "src", tmp_path)
+    yield p
+    p.close()
+
+
+def _views(pub, tmp_path: Path, *, remote: bool = True) -> Views:
+    content = pub.resolver if remote else Resolver(pub.store)
+    views = Views(content)
+    views.add_vee("a", pub.template, PrivateLayer(tmp_path / "state" / "a"))
+    return views
+
+
+def _hosts_oid(views: Views, a: VeeClient) -> str:
+    e = views.nodes[a.ino("etc/hosts")].lower
+    assert e is not None and e.oid
+    return e.oid
+
+
+def _damage(pub, oid: str) -> None:
+    p = pub.store.objects_dir / shard(oid)
+    data = bytearray(p.read_bytes())
+    data[0] ^= 0xFF  # a payload byte: the chunk checksum no longer matches
+    p.write_bytes(bytes(data))
+
+
+async def test_template_read_goes_to_the_store(pub, tmp_path):
+    views = _views(pub, tmp_path)
+    a = VeeClient(views, "a")
+    assert await a.read("etc/hosts") == HOSTS
+    assert await a.read("big") == (await a.read("big"))  # multi-chunk object, reader reused
+    assert pub.resolver.fetches == 0
+    views.close()
+
+
+@pytest.mark.log_warnings
+async def test_damaged_object_is_fetched_again_from_the_remote(pub, tmp_path):
+    views = _views(pub, tmp_path)
+    a = VeeClient(views, "a")
+    _damage(pub, _hosts_oid(views, a))
+    assert await a.read("etc/hosts") == HOSTS
+    assert pub.resolver.fetches == 1
+    views.close()
+
+
+@pytest.mark.log_warnings
+async def test_damaged_object_without_remote_is_an_error_not_data(pub, tmp_path):
+    views = _views(pub, tmp_path, remote=False)
+    a = VeeClient(views, "a")
+    oid = _hosts_oid(views, a)
+    _damage(pub, oid)
+    with pytest.raises(IntegrityError) as exc:
+        await a.read("etc/hosts")
+    assert exc.value.errno == errno.EIO
+    assert not pub.store.has(oid)  # quarantined: a later fetch can replace it
+    views.close()
+
+
+async def test_missing_object_is_fetched(pub, tmp_path):
+    views = _views(pub, tmp_path)
+    a = VeeClient(views, "a")
+    oid = _hosts_oid(views, a)
+    pub.store.delete(oid)
+    assert await a.read("etc/hosts") == HOSTS
+    assert pub.resolver.fetches == 1 and pub.store.has(oid)
+    views.close()
+
+
+async def test_shared_attributes_are_made_once_and_right(pub, tmp_path):
+    views = _views(pub, tmp_path)
+    a = VeeClient(views, "a")
+    ino = a.ino("etc/hosts")
+    first = views.getattr(ino)
+    assert first.shared and first.ino == ino and first.size == len(HOSTS)
+    assert views.getattr(ino) is first
+    st = os.stat(tmp_path / "src" / "etc" / "hosts")
+    assert (first.mode, first.mtime_ns) == (st.st_mode, st.st_mtime_ns)
+    views.close()
+
+
+async def test_xattrs_of_private_entries_odd_names_and_vee_root(pub, tmp_path):
+    views = _views(pub, tmp_path)
+    a = VeeClient(views, "a")
+    data = a.ino("data")
+    for name in (b"caf\xe9", b"sp ace", b"-x"):
+        fh, attr = views.create(data, name, 0o100644, os.O_WRONLY, 0, 0)
+        views.release(fh)
+        await views.setxattr(attr.ino, b"user.k", b"v-" + name)
+        assert views.getxattr(attr.ino, b"user.k") == b"v-" + name
+        assert b"user.k" in views.listxattr(attr.ino)
+        with pytest.raises(OSError) as exc:
+            views.getxattr(attr.ino, b"user.absent")
+        assert exc.value.errno == errno.ENODATA
+    # the copied-up template file keeps its template xattr; the VEE root has its own
+    await a.write("etc/hosts", b"changed\n", trunc=True)
+    assert views.getxattr(a.ino("etc/hosts"), b"user.origin") == b"template"
+    root = views.lookup(ROOT_INO, b"a").ino
+    await views.setxattr(root, b"user.root", b"r")
+    assert views.getxattr(root, b"user.root") == b"r"
+    assert b"user.root" in views.listxattr(root)
+    # a private symlink: no xattrs are read through it
+    link = views.symlink(data, b"ln", b"/etc/passwd", 0, 0)
+    with pytest.raises(FsError) as fexc:
+        views.getxattr(link.ino, b"user.k")
+    assert fexc.value.errno == errno.ENODATA
+    views.close()
