@@ -121,3 +121,29 @@ def test_repository_format_is_checked(tmp_path):
 
     with pytest.raises(UnsupportedFeature):
         FileRemote(d)
+
+
+@pytest.mark.log_warnings
+def test_read_local_never_fetches(env):
+    store, remote, res = env
+    data = os.urandom(100_000)
+    oid = remote.put(data)
+    assert res.read_local(oid, 0, 10) is None and res.fetches == 0  # absent: caller fetches
+    assert res.read(oid, 5, 10, drop_cache=True) == data[5:15]
+    assert res.read_local(oid, 70_000, 10, drop_cache=True) == data[70_000:70_010]
+    p = store.root / "objects" / oid[:2] / oid
+    raw = bytearray(p.read_bytes())
+    raw[10] ^= 0xFF
+    os.chmod(p, 0o644)
+    p.write_bytes(bytes(raw))
+    store._readers.clear()
+    assert res.read_local(oid, 0, 10) is None  # damaged: quarantined, a remote has a good copy
+    assert not store.has(oid) and res.fetches == 1
+    oid2 = store.put(b"local only" * 1000)
+    p2 = store.root / "objects" / oid2[:2] / oid2
+    raw = bytearray(p2.read_bytes())
+    raw[3] ^= 0xFF
+    os.chmod(p2, 0o644)
+    p2.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError):
+        Resolver(store).read_local(oid2, 0, 10)  # no remote: an error, never data

@@ -226,6 +226,17 @@ class ObjectReader:
             parts.append(data[max(0, offset - base) : end - base])
         return b"".join(parts)
 
+    def drop_cache(self, offset: int, size: int) -> None:
+        """Drop this file's page cache up to the end of the chunks holding ``offset..+size``
+        (the whole file once a read reaches the object's end): for callers that keep the bytes
+        cached elsewhere (a FUSE inode), so the host does not cache them twice."""
+        last = (min(offset + size, self.size) - 1) // self.chunk_size
+        if self._whole is not None or last >= self.nchunks - 1:
+            length = 0  # to the end of the file
+        else:
+            length = self._ends[max(last, 0)] & ~COMPRESSED_BIT
+        os.posix_fadvise(self.fd, 0, length, os.POSIX_FADV_DONTNEED)
+
     def iter_chunks(self):
         for i in range(self.nchunks):
             yield self.chunk(i)

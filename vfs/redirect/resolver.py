@@ -109,14 +109,29 @@ class Resolver:
         self.fetches += 1
         self.fetched_bytes += pending.received
 
-    def read(self, oid: str, offset: int, size: int) -> bytes:
+    def read_local(
+        self, oid: str, offset: int, size: int, *, drop_cache: bool = False
+    ) -> bytes | None:
+        """First redirection only, never the network: the bytes if the store holds a good copy,
+        None if the object must be fetched (absent, or damaged — the store quarantined it — while
+        a remote can give a good copy). Cheap enough for an event loop: one open at most."""
+        try:
+            return self.store.read(oid, offset, size, drop_cache=drop_cache)
+        except ObjectNotFound:
+            return None
+        except IntegrityError:
+            if self.remote is None:
+                raise
+            return None  # the store logged and quarantined it
+
+    def read(self, oid: str, offset: int, size: int, *, drop_cache: bool = False) -> bytes:
         """Bytes of an object, from the store after fetching it if needed."""
         if offset < 0 or size < 0:
             raise UsageError("negative offset or size")
         for attempt in (0, 1):
             self.ensure(oid)
             try:
-                return self.store.read(oid, offset, size)
+                return self.store.read(oid, offset, size, drop_cache=drop_cache)
             except ObjectNotFound:
                 # Evicted by another process between ensure and read: fetch again once.
                 if attempt:

@@ -344,17 +344,24 @@ class LocalStore:
         """A cached, verified random-access reader (do not close it: the store owns it)."""
         return self._reader(oid)
 
-    def read(self, oid: str, offset: int, size: int) -> bytes:
+    def read(self, oid: str, offset: int, size: int, *, drop_cache: bool = False) -> bytes:
         """Bytes ``offset..offset+size`` of an object; every chunk touched is checksum-verified.
 
         A damaged object file raises :class:`IntegrityError` naming the object; the file is
-        quarantined (removed) so that a resolver can fetch a good copy again.
+        quarantined (removed) so that a resolver can fetch a good copy again. ``drop_cache``:
+        the caller caches the bytes itself, drop the object file's pages
+        (:meth:`ObjectReader.drop_cache`).
         """
+        r = self._reader(oid)
         try:
-            return self._reader(oid).read(offset, size)
+            data = r.read(offset, size)
         except IntegrityError:
             self._quarantine(oid)
             raise
+        if drop_cache:
+            with contextlib.suppress(OSError):
+                r.drop_cache(offset, size)
+        return data
 
     def get(self, oid: str) -> bytes:
         r = self._reader(oid)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
-from vfs.errors import IntegrityError, NotFound, ObjectNotFound, VfsError
+from vfs.errors import NotFound, VfsError
 from vfs.tree.entry import Entry
 from vfs.tree.nodes import (
     _DEAD,
@@ -926,39 +927,16 @@ class Views:
         if off >= e.size or not e.oid:
             return b""
         size = min(size, e.size - off)
-        data = None
-        store = getattr(self.content, "store", None)
-        if store is not None:
-            # first redirection, fast path: an object the store holds is read at once (one dict
-            # probe when its reader is open; else one open, not a stat per check on the way)
-            try:
-                data = store.read(e.oid, off, size)
-            except ObjectNotFound:
-                pass
-            except IntegrityError:
-                # damaged on disk, now quarantined by the store: a remote can give a good copy
-                if getattr(self.content, "remote", None) is None:
-                    raise
+        # The kernel caches these bytes in the mount's own inode: the store file's pages are
+        # dropped (drop_cache), or two copies would halve the density shared inodes exist for.
+        # First redirection inline (a local read is cheaper than a thread hop); the second
+        # (a fetch) in a thread, so other VEEs keep being served.
+        data = self.content.read_local(e.oid, off, size, drop_cache=True)
         if data is None:
-            if not self.content.has_local(e.oid):
-                # second redirection: the fetch runs in a thread, other VEEs keep being served
-                await trio.to_thread.run_sync(self.content.ensure, e.oid)
-            data = self.content.read(e.oid, off, size)
-        self._drop_store_pages(e.oid, off + len(data), e.size)
+            data = await trio.to_thread.run_sync(
+                functools.partial(self.content.read, e.oid, off, size, drop_cache=True)
+            )
         return data
-
-    def _drop_store_pages(self, oid: str, end: int, size: int) -> None:
-        """Tell the kernel to drop the store file's pages we just read: the kernel now caches
-        them in the mount's own inode, and two copies would halve the density that shared
-        inodes exist for (20 VEEs x 200 MiB: one copy instead of two)."""
-        store = getattr(self.content, "store", None)
-        if store is None:
-            return
-        try:
-            fd = store.open_reader(oid).fd
-            os.posix_fadvise(fd, 0, 0 if end >= size else end, os.POSIX_FADV_DONTNEED)
-        except (VfsError, OSError):
-            pass
 
     def write(self, fh: int, off: int, data: bytes) -> int:
         h = self.handles[fh]
