@@ -69,6 +69,10 @@ def _prog() -> str:
     return root.info_name or "vfs"
 
 
+#: The ``--json`` flag every command with machine-readable output takes (parameter ``as_json``).
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from vfs.cli_util import OneLineErrorGroup, emit_json, handle_errors, setup_logging
+from vfs.cli_util import OneLineErrorGroup, emit_json, handle_errors, json_option, setup_logging
 
 
 def probe_host() -> dict:
@@ -61,7 +61,7 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @handle_errors
 def host(as_json: bool) -> None:
     """Show what this host offers guests: QEMU version and the accelerator (kvm or tcg)."""

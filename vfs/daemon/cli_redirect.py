@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, parse_size
+from vfs.cli_util import emit_json, handle_errors, json_option, parse_size
 from vfs.errors import UsageError
 from vfs.paths import default_store
 from vfs.redirect import LocalStore, Resolver, check_object_id, open_remote
@@ -81,7 +81,8 @@ def open_store(store_dir: Path | None, **kw) -> LocalStore:
     return LocalStore(store_dir or default_store(), **kw)
 
 
-def _remote(repo_url, ca, cert, key, timeout, retries, create=False):
+def open_repo(repo_url, ca, cert, key, timeout, retries, create=False):
+    """The repository of a command's --repo/--ca/--cert/--key/--timeout/--retries/--proxy."""
     return open_remote(
         repo_url,
         ca=ca,
@@ -133,7 +134,7 @@ def store_init(store_dir, quota, compress):
 
 @store.command("stats")
 @store_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @handle_errors
 def store_stats(store_dir, as_json):
     """Objects, bytes and quota of the store."""
@@ -154,7 +155,7 @@ def store_stats(store_dir, as_json):
 @store.command("verify")
 @store_option
 @click.option("--repair", is_flag=True, help="Remove damaged objects (they can be fetched again).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def store_verify(store_dir, repair, as_json):
     """Re-hash every object against its id. Exit 5 if any is damaged."""
@@ -183,7 +184,7 @@ def store_verify(store_dir, repair, as_json):
     help="Evict LRU unpinned objects until usage <= this (default: quota, "
     "or everything unpinned when there is no quota).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def store_gc(store_dir, target, as_json):
     """Evict least recently used unpinned objects."""
@@ -200,7 +201,7 @@ def store_gc(store_dir, target, as_json):
 
 @store.command("rebuild")
 @store_option
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def store_rebuild(store_dir, as_json):
     """Rescan the object files and repair the usage index (runs by itself after a crash)."""
@@ -254,7 +255,7 @@ def repo_init(directory):
 @repo.command("put")
 @repo_options
 @click.option("--ref", "ref_name", help="Also point this named ref at the (single) object.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @handle_errors
 def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files):
@@ -262,7 +263,7 @@ def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files
     if ref_name and len(files) != 1:
         raise UsageError("--ref needs exactly one file")
     results = []
-    with _remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         for f in files:
             oid = r.put_file(f)
             results.append({"file": f, "id": oid})
@@ -279,12 +280,12 @@ def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files
 @repo_options
 @store_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the object here.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@json_option
 @click.argument("ref")
 @handle_errors
 def repo_get(repo_url, ca, cert, key, timeout, retries, store_dir, output, as_json, ref):
     """Resolve REF (an id or a ref name) through the local store: fetch, verify, store."""
-    with _remote(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
         oid = ref if _looks_like_id(ref) else r.get_ref(ref)
         res = Resolver(s, r)
         local = s.has(oid)
@@ -311,11 +312,11 @@ def repo_get(repo_url, ca, cert, key, timeout, retries, store_dir, output, as_js
 
 @repo.command("ls")
 @repo_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def repo_ls(repo_url, ca, cert, key, timeout, retries, as_json):
     """List the named refs of a repository."""
-    with _remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         refs = r.list_refs()
     if as_json:
         emit_json(refs)
@@ -331,7 +332,7 @@ def repo_ls(repo_url, ca, cert, key, timeout, retries, as_json):
 @handle_errors
 def repo_ref(repo_url, ca, cert, key, timeout, retries, name, oid):
     """Show NAME's object id, or point NAME at OID."""
-    with _remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         if oid:
             r.set_ref(name, check_object_id(oid))
         click.echo(r.get_ref(name))
@@ -348,7 +349,7 @@ def _looks_like_id(text: str) -> bool:
 @handle_errors
 def fetch(repo_url, ca, cert, key, timeout, retries, store_dir, oids):
     """Make objects local (used by tests racing processes)."""
-    with _remote(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
         res = Resolver(s, r)
         for oid in oids:
             res.ensure(check_object_id(oid))

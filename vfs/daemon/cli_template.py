@@ -17,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors
-from vfs.daemon.cli_redirect import current_proxy, open_store, repo_options
+from vfs.cli_util import emit_json, handle_errors, json_option
+from vfs.daemon.cli_redirect import open_repo, open_store, repo_options
 from vfs.errors import IntegrityError, NotFound, UsageError
-from vfs.redirect import HttpRemote, Resolver, check_ref_name, open_remote
+from vfs.redirect import HttpRemote, Resolver, check_ref_name
 from vfs.tree.entry import Entry
 from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
@@ -33,7 +33,6 @@ _store_opt = click.option(
     default=None,
     help="Local object store: publish also puts the objects there; show/diff read through it.",
 )
-_json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def register(main: click.Group) -> None:
@@ -46,22 +45,10 @@ def template() -> None:
     """Templates: immutable trees published to a repository, named by digest or by name."""
 
 
-def _open_remote(repo_url, ca, cert, key, timeout, retries):
-    return open_remote(
-        repo_url,
-        ca=ca,
-        cert=cert,
-        key=key,
-        timeout=timeout,
-        retries=retries,
-        proxy=current_proxy(),
-    )
-
-
 @contextlib.contextmanager
 def _loader(repo_url, ca, cert, key, timeout, retries, store_dir):
     """Yield (remote, getter): getter.get(oid) reads via the store when one is given."""
-    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         if store_dir is None:
             yield r, r
         else:
@@ -94,7 +81,7 @@ def _progress():
     help="Leave out matching paths (repeatable): 'NAME*' anywhere, '/a/b' from the root, "
     "'dir/' directories only.",
 )
-@_json_opt
+@json_option
 @click.argument("src", type=click.Path(path_type=Path))
 @handle_errors
 def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude, as_json, src):
@@ -104,7 +91,7 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude,
     then the name, so an interrupted publish leaves the old name and no partial template.
     """
     progress = _progress()
-    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         if isinstance(r, HttpRemote):  # refuse before hashing the whole tree, not after
             raise UsageError(
                 f"{repo_url}: HTTP repositories are read-only: publish to the repository "
@@ -139,7 +126,7 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude,
 @repo_options
 @_store_opt
 @click.option("-l", "--long", "long_", is_flag=True, help="Also load each template: sizes.")
-@_json_opt
+@json_option
 @handle_errors
 def ls(repo_url, ca, cert, key, timeout, retries, store_dir, long_, as_json):
     """List the template names of a repository and their digests."""
@@ -218,7 +205,7 @@ def _ls_line(path: bytes, e: Entry) -> str:
 @repo_options
 @_store_opt
 @click.option("-x", "--xattrs", "show_xattrs", is_flag=True, help="Also list xattrs.")
-@_json_opt
+@json_option
 @click.argument("ref")
 @click.argument("path", required=False, default="")
 @handle_errors
@@ -246,7 +233,7 @@ def show(repo_url, ca, cert, key, timeout, retries, store_dir, show_xattrs, as_j
 @template.command("diff")
 @repo_options
 @_store_opt
-@_json_opt
+@json_option
 @click.option("--exit-code", is_flag=True, help="Exit 1 when the templates differ (like diff).")
 @click.argument("a")
 @click.argument("b")
@@ -271,13 +258,13 @@ def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_cod
 @template.command("check")
 @repo_options
 @click.option("--verify", is_flag=True, help="Read and hash every object, not only find it.")
-@_json_opt
+@json_option
 @click.argument("ref")
 @handle_errors
 def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
     """Check that template REF is complete in the repository: its manifest loads and verifies,
     and every content object it names is present (--verify: and hashes right)."""
-    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         t = Template.load(r, resolve_ref(ref, r))
         rep = check_template(t, r, verify=verify)
     if as_json:
@@ -309,7 +296,7 @@ def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
     REF must load as a valid template first: a name never points at something that is not one.
     """
     check_ref_name(name)
-    with _open_remote(repo_url, ca, cert, key, timeout, retries) as r:
+    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         t = Template.load(r, resolve_ref(ref, r))
         r.set_ref(name, t.digest)
     click.echo(f"{t.digest}  {name}")

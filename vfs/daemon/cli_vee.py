@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import trio
 
-from vfs.cli_util import emit_json, handle_errors
+from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.daemon import control
 from vfs.paths import default_store, vfs_root
 
@@ -28,7 +28,6 @@ _state_opt = click.option(
     default=None,
     help="Daemon state directory [default: $VFS_STATE or $VFS_ROOT/state].",
 )
-_json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def register(main: click.Group) -> None:
@@ -85,7 +84,7 @@ def vee() -> None:
 @_state_opt
 @click.argument("name")
 @click.option("--template", "ref", required=True, help="Template digest or name.")
-@_json_opt
+@json_option
 @handle_errors
 def vee_add(state_dir, name, ref, as_json):
     """Create VEE NAME on a template; it appears as MOUNT/NAME at once."""
@@ -100,7 +99,7 @@ def vee_add(state_dir, name, ref, as_json):
 @_state_opt
 @click.argument("name")
 @click.option("--purge", is_flag=True, help="Delete the private layer instead of keeping it.")
-@_json_opt
+@json_option
 @handle_errors
 def vee_rm(state_dir, name, purge, as_json):
     """Remove VEE NAME from the mount (its private layer is kept aside unless --purge)."""
@@ -115,7 +114,7 @@ def vee_rm(state_dir, name, purge, as_json):
 
 @vee.command("list")
 @_state_opt
-@_json_opt
+@json_option
 @handle_errors
 def vee_list(state_dir, as_json):
     """List the VEEs and their templates."""
@@ -133,7 +132,7 @@ def vee_list(state_dir, as_json):
 @click.argument("name")
 @click.option("--template", "ref", required=True, help="New template digest or name.")
 @click.option("--dry-run", is_flag=True, help="Only report the conflicts.")
-@_json_opt
+@json_option
 @handle_errors
 def vee_upgrade(state_dir, name, ref, dry_run, as_json):
     """Move VEE NAME to a newer template, keeping its private changes; report conflicts."""
