@@ -47,7 +47,7 @@ from vfs.errors import (
     UnsupportedFeature,
     UsageError,
 )
-from vfs.redirect.objectid import check_object_id, new_hasher, shard
+from vfs.redirect.objectid import check_object_id, new_hasher, object_id, shard
 from vfs.redirect.objfile import DEFAULT_CHUNK, ObjectReader, ObjectWriter
 
 log = logging.getLogger(__name__)
@@ -270,13 +270,11 @@ class LocalStore:
             return ObjectReader(fd, name=oid).size
         except (IntegrityError, FormatError) as e:
             log.warning("store: damaged object file %s (%s): removing", oid, e)
-            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(oid))
             return None
         finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            os.close(fd)  # once: a second close could hit an fd another thread just opened
 
     def _iter_object_files(self) -> Iterator[tuple[str, Path]]:
         for sub in sorted(os.scandir(self.objects_dir), key=lambda e: e.name):
@@ -402,15 +400,13 @@ class LocalStore:
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
         """Store ``data``; return its id. Durable when this returns."""
-        h = new_hasher()
-        h.update(data)
-        oid = h.hexdigest()
+        oid = object_id(data)
         if self.has(oid):
             self._touched[oid] = int(time.time())
             return oid
-        with self.new_object() as w:
+        with self.new_object(oid=oid) as w:
             w.write(data)
-            w.commit(expected=oid)
+            w.commit()
         return oid
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
@@ -425,15 +421,19 @@ class LocalStore:
                 w.write(block)
             return w.commit()
 
-    def new_object(self, expected_size: int | None = None) -> PendingObject:
+    def new_object(
+        self, expected_size: int | None = None, *, oid: str | None = None
+    ) -> PendingObject:
         """A writer for an object whose id is known only at the end (streamed fetches).
 
         ``commit(expected=oid)`` checks the digest: a mismatch discards the bytes and raises
-        :class:`IntegrityError`, so a lying server never gets an object stored.
+        :class:`IntegrityError`, so a lying server never gets an object stored. ``oid``: the
+        caller already hashed these very bytes in this process (:meth:`put`), so they are not
+        hashed twice.
         """
         if expected_size is not None:
             self._make_room(expected_size)
-        return PendingObject(self, expected_size)
+        return PendingObject(self, expected_size, oid)
 
     def _install(self, tmp: Path, oid: str, size: int) -> None:
         dest = self._path(oid)
@@ -674,9 +674,10 @@ class LocalStore:
 class PendingObject:
     """A new object being streamed into the store's tmp/; see :meth:`LocalStore.new_object`."""
 
-    def __init__(self, store: LocalStore, expected_size: int | None) -> None:
+    def __init__(self, store: LocalStore, expected_size: int | None, oid: str | None) -> None:
         self._store = store
-        self._hasher = new_hasher()
+        self._known_oid = oid
+        self._hasher = new_hasher() if oid is None else None
         self._writer: ObjectWriter | None = None
         self._f: BinaryIO | None = None
         self._tmp: Path | None = None
@@ -701,16 +702,17 @@ class PendingObject:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(f"no space left in store {self._store.root}") from e
             raise
-        self._hasher.update(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
         self.received += len(data)
 
     def digest(self) -> str:
-        return self._hasher.hexdigest()
+        return self._known_oid if self._hasher is None else self._hasher.hexdigest()
 
     def commit(self, expected: str | None = None) -> str:
         """Finish, verify against ``expected`` (if given), and publish the object."""
         assert self._writer is not None and self._f is not None and self._tmp is not None
-        oid = self._hasher.hexdigest()
+        oid = self.digest()
         if expected is not None and oid != expected:
             raise IntegrityError(
                 f"object {expected}: content does not match its id (got {oid}); discarded",
