@@ -76,6 +76,15 @@ def invalidate_entry(parent: int, name: bytes) -> None:
         log.debug("invalidate_entry(%d, %r) failed", parent, name, exc_info=True)
 
 
+def invalidate_attr(inode: int) -> None:
+    """Drop the kernel's cached attributes of an inode (attributes only: no page-cache work,
+    so the kernel answers at once and the loop never waits on itself)."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except Exception:  # not mounted yet, or going away
+        log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
+
+
 class VeeOperations(pyfuse3.Operations):
     """pyfuse3 handlers over one :class:`Views`."""
 
@@ -190,10 +199,14 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for name, attr, next_id in self.views.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
-                return
-            self.views.count_lookup(attr.ino)  # readdirplus: each entry is a lookup
+        # readdirplus: the view counts a lookup for each entry the kernel's buffer took
+        self.views.readdir(
+            fh,
+            start_id,
+            lambda name, attr, next_id: pyfuse3.readdir_reply(
+                token, name, self._entry(attr), next_id
+            ),
+        )
 
     @_errno
     async def releasedir(self, fh: int) -> None:

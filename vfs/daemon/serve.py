@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -27,7 +28,7 @@ import pyfuse3
 import trio
 
 from vfs.daemon import control
-from vfs.daemon.fuse_ops import VeeOperations, invalidate_entry, set_read_ahead
+from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
 from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
 from vfs.redirect import LocalStore, Resolver, open_remote
 from vfs.tree.template import Template, is_digest, resolve_ref
@@ -164,6 +165,23 @@ def _str(req: dict[str, Any], key: str) -> str:
     return v
 
 
+def _raise_fd_limit() -> None:
+    """The view pins every private file the kernel holds with an ``O_PATH`` fd (its identity,
+    ``docs/vee-layer.md`` §3): take as many fds as the host allows (root may raise the hard
+    limit up to ``fs.nr_open``), and say how many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    with contextlib.suppress(OSError, ValueError):
+        want = max(hard, int(Path("/proc/sys/fs/nr_open").read_text()))
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            break
+        except (OSError, ValueError):
+            continue
+    log.info("open file limit %d (was %d)", resource.getrlimit(resource.RLIMIT_NOFILE)[0], soft)
+
+
 def _lock_state(state: Path) -> int:
     fd = os.open(state / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -203,6 +221,7 @@ async def serve(
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
     state.mkdir(parents=True, exist_ok=True)
+    _raise_fd_limit()
     async with contextlib.AsyncExitStack() as stack:
         lock_fd = _lock_state(state)
         stack.callback(os.close, lock_fd)
@@ -215,7 +234,7 @@ async def serve(
             stack.callback(remote.close)
         resolver = Resolver(store, remote)
         registry = VeeRegistry(state)
-        views = Views(resolver, invalidate_entry=invalidate_entry)
+        views = Views(resolver)
         stack.callback(views.close)
         daemon = Daemon(registry, views, resolver, remote)
         daemon.start_all()
@@ -228,17 +247,19 @@ async def serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve_control, state, daemon.handle)
             nursery.start_soon(_signals, nursery.cancel_scope)
-            nursery.start_soon(_tune_read_ahead, mount)
+            nursery.start_soon(_kernel_ready, mount, views)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         log.info("vfsd at %s stopping", mount)
 
 
-async def _tune_read_ahead(mount: Path) -> None:
-    """Raise read-ahead once the FUSE INIT handshake is over (INIT resets it): a stat of the
-    mount from a worker thread returns only after this loop answered INIT and GETATTR."""
+async def _kernel_ready(mount: Path, views: Views) -> None:
+    """Once the FUSE INIT handshake is over (a stat of the mount from a worker thread returns
+    only after this loop answered INIT and GETATTR): raise read-ahead (INIT resets it) and let
+    the view send the kernel invalidations (refused before INIT)."""
     await trio.to_thread.run_sync(os.stat, mount)
     set_read_ahead(os.fspath(mount))
+    views.attach_kernel(invalidate_entry, invalidate_attr)
 
 
 async def _signals(scope: trio.CancelScope) -> None:
