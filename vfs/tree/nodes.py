@@ -6,6 +6,7 @@ what every field means, is in one short place.
 
 from __future__ import annotations
 
+import secrets
 import stat
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +58,7 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     shared: bool = False
+    generation: int = 0
 
 
 @dataclass(slots=True)
@@ -105,6 +107,7 @@ class Node:
         "opens",
         "unlinked",
         "nsub",
+        "gen",
     )
 
     def __init__(self, ino: int, vee: Vee | None, kind: int, lower: Entry | None) -> None:
@@ -131,6 +134,9 @@ class Node:
         self.unlinked = 0
         #: directories: number of visible subdirectories (None = not counted yet)
         self.nsub: int | None = None
+        #: the file-handle generation: random, so a VEE cannot forge a handle of another
+        #: VEE's inode for open_by_handle_at (node numbers are small sequential integers)
+        self.gen = 0 if ino == ROOT_INO else secrets.randbits(32)
 
     @property
     def is_dir(self) -> bool:

@@ -32,12 +32,12 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import trio
 
-from vfs.errors import NotFound, VfsError
+from vfs.errors import IntegrityError, NotFound, RemoteError, VfsError
 from vfs.tree.entry import Entry
 from vfs.tree.nodes import (
     _DEAD,
@@ -72,6 +72,12 @@ from vfs.tree.private import (
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: The mount root (whose entries are the VEE roots) is root's alone: the mount allows other
+#: users (containers run as any uid) and keeps device nodes and setuid binaries working for
+#: the VEEs, so no other host user may reach a VEE's setuid binaries or devices through it.
+#: Containers reach their VEE root through a bind mount, which never traverses the mount root.
+ROOT_MODE = 0o700
 
 #: Nodes made during the current request (per trio task): those the kernel did not take a
 #: lookup reference to by the end of the request (names only checked, readdir entries the
@@ -111,7 +117,11 @@ def _request(fn: F) -> F:
 
 
 def _entry_meta(e: Entry) -> FileMeta:
-    return FileMeta(e.mode, e.uid, e.gid, e.atime_ns, e.mtime_ns, dict(e.xattrs), e.rdev)
+    """What a private copy of template entry ``e`` starts with. Xattrs in the overlay marker
+    namespace are never carried into the private layer, whatever a template says: there they
+    would act as opaque/redirect markers (and the kernel engine reads the same names)."""
+    xattrs = {k: v for k, v in e.xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIX)}
+    return FileMeta(e.mode, e.uid, e.gid, e.atime_ns, e.mtime_ns, xattrs, e.rdev)
 
 
 class Views:
@@ -157,11 +167,18 @@ class Views:
 
     # -- VEE set ---------------------------------------------------------------------------
 
+    @staticmethod
+    def prepare_layer(template: TemplateLike, layer: PrivateLayer) -> None:
+        """Create the layer's root directory (the VEE root) if it does not exist yet: the one
+        step of mounting a VEE that writes to disk, so callers can do it before committing to
+        the VEE (a full disk fails here, before anything changed)."""
+        layer.ensure_upper(_entry_meta(template.root))
+
     def add_vee(self, name: str, template: TemplateLike, layer: PrivateLayer) -> Vee:
         check_name(name.encode())
         if name in self.vees:
             raise FsError(errno.EEXIST, f"VEE {name!r} already mounted")
-        layer.ensure_upper(_entry_meta(template.root))
+        self.prepare_layer(template, layer)
         vee = Vee(name, template, layer)
         root = self._new_node(vee, stat.S_IFDIR, template.root)
         root.parent = self.root
@@ -265,6 +282,36 @@ class Views:
             node.nlookup = max(node.nlookup - count, 0)
             if node.nlookup == 0:
                 self._unref(node)
+
+    # -- isolation (the FUSE adapter's confinement checks) -----------------------------------
+
+    def confinement_of(self, root_ino: int) -> str | None:
+        """The VEE a process whose root directory is inode ``root_ino`` is confined to: its
+        name, None for the mount root (a host chroot: not confined), or a name no VEE has for
+        an inode that is not a live VEE directory."""
+        if root_ino == ROOT_INO:
+            return None
+        node = self.nodes.get(root_ino)
+        if node is None or not isinstance(node.vee, Vee):
+            return "\0gone"
+        return node.vee.name
+
+    def visible_in(self, ino: int, vee_name: str) -> bool:
+        """Whether inode ``ino`` belongs to VEE ``vee_name``: its own per-VEE inodes and the
+        shared inodes of its own template, never the mount root or another VEE's inodes."""
+        if ino == ROOT_INO:
+            return False
+        node = self.nodes.get(ino)
+        if node is None or node.vee is _DEAD:
+            return True  # unknown or gone: the request answers ESTALE by itself
+        if isinstance(node.vee, Vee):
+            return node.vee.name == vee_name
+        vee = self.vees.get(vee_name)
+        return (
+            vee is not None
+            and node.template is not None
+            and (node.template.digest == vee.template.digest)
+        )
 
     def count_lookup(self, ino: int) -> None:
         self.nodes[ino].nlookup += 1
@@ -388,7 +435,7 @@ class Views:
         node = self.node(ino)
         if node.ino == ROOT_INO:
             return Attr(
-                ROOT_INO, stat.S_IFDIR | 0o755, 2 + len(self.vees), 0, 0, 0, 4096, 8, 0, 0, 0
+                ROOT_INO, stat.S_IFDIR | ROOT_MODE, 2 + len(self.vees), 0, 0, 0, 4096, 8, 0, 0, 0
             )
         if node.fd is not None:
             return _stat_attr(node, os.stat(node.fd))  # fstat of the pinned inode: no walk
@@ -423,6 +470,7 @@ class Views:
             e.mtime_ns,
             e.ctime_ns,
             shared=node.shared,
+            generation=node.gen,
         )
         if attr.shared:
             node.attr = attr  # the template entry is immutable and the node never changes
@@ -494,7 +542,7 @@ class Views:
                 e.mode,
                 e.uid,
                 e.gid,
-                xattrs=dict(e.xattrs),
+                xattrs=_entry_meta(e).xattrs,
                 times_ns=(e.atime_ns, e.mtime_ns),
             )
         node.upper = True
@@ -522,13 +570,14 @@ class Views:
             meta = _entry_meta(e)
             if stat.S_ISREG(e.mode):
                 fill = self._filler(e) if with_data and e.oid and e.size else None
-                if fill is not None and not self.content.has_local(e.oid or ""):
-                    await trio.to_thread.run_sync(self.content.ensure, e.oid)
                 # Staging (copy + fsync) runs in a thread whatever the size: an fsync costs
                 # milliseconds, the thread hop ~0.1 ms, and the loop keeps serving every VEE.
                 # Only the atomic rename into place happens here, if the name still shows
                 # this file.
-                tmp = await trio.to_thread.run_sync(vee.layer.stage, meta, fill)
+                with self._content_errors(node):
+                    if fill is not None and not self.content.has_local(e.oid or ""):
+                        await trio.to_thread.run_sync(self.content.ensure, e.oid)
+                    tmp = await trio.to_thread.run_sync(vee.layer.stage, meta, fill)
                 if node.vee is not vee:
                     vee.layer.discard(tmp)
                     raise FsError(errno.ESTALE, "VEE removed during a copy-up")
@@ -832,6 +881,10 @@ class Views:
 
     @_request
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # a 0/0 character device is the whiteout format of the private layer: refused
+            # before anything is made (overlayfs answers EPERM too)
+            raise FsError(errno.EPERM, "a 0/0 character device cannot be created in a VEE")
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, mode = self._owner(parent, uid, gid, mode)
         now = _now_ns()
@@ -1168,12 +1221,40 @@ class Views:
         # dropped (drop_cache), or two copies would halve the density shared inodes exist for.
         # First redirection inline (a local read is cheaper than a thread hop); the second
         # (a fetch) in a thread, so other VEEs keep being served.
-        data = self.content.read_local(e.oid, off, size, drop_cache=True)
-        if data is None:
-            data = await trio.to_thread.run_sync(
-                functools.partial(self.content.read, e.oid, off, size, drop_cache=True)
-            )
+        with self._content_errors(node):
+            data = self.content.read_local(e.oid, off, size, drop_cache=True)
+            if data is None:
+                data = await trio.to_thread.run_sync(
+                    functools.partial(self.content.read, e.oid, off, size, drop_cache=True)
+                )
         return data
+
+    @contextlib.contextmanager
+    def _content_errors(self, node: Node) -> Iterator[None]:
+        """A template file whose object is missing, damaged or unreachable reads as EIO (never
+        ENOENT: the name exists), with one log line naming the object and the file."""
+        try:
+            yield
+        except (NotFound, IntegrityError, RemoteError) as exc:
+            e = node.lower
+            where = self._describe(node)
+            log.error("template file %s: object %s: %s", where, e.oid if e else "?", exc)
+            raise FsError(errno.EIO, f"content of {where} unavailable") from None
+
+    def _describe(self, node: Node) -> str:
+        """A path of a template file for log lines (VEE path, else its template path)."""
+        try:
+            if isinstance(node.vee, Vee) and node.links:
+                return f"{node.vee.name}:/" + os.fsdecode(b"/".join(self.path(node)))
+            tmpl = node.template or (node.vee.template if isinstance(node.vee, Vee) else None)
+            if tmpl is not None and node.lower is not None:
+                paths = self._paths_cache.get(tmpl.digest)
+                if paths is None:
+                    paths = self._paths_cache[tmpl.digest] = tmpl.paths()
+                return f"template {tmpl.digest[:12]}:/" + os.fsdecode(paths[node.lower.ino][0])
+        except (VfsError, KeyError, IndexError):
+            pass
+        return f"inode {node.ino}"
 
     def write(self, fh: int, off: int, data: bytes) -> int:
         h = self.handles[fh]
@@ -1223,6 +1304,7 @@ def _stat_attr(node: Node, st: os.stat_result) -> Attr:
         st.st_atime_ns,
         st.st_mtime_ns,
         st.st_ctime_ns,
+        generation=node.gen,
     )
 
 
