@@ -465,7 +465,7 @@ class Views:
             e.gid,
             e.rdev,
             e.size,
-            (e.size + 511) // 512,
+            e.blocks,
             e.atime_ns,
             e.mtime_ns,
             e.ctime_ns,
@@ -658,23 +658,25 @@ class Views:
 
     def _filler(self, e: Entry) -> Callable[[int], None]:
         content = self.content
-        oid, size = e.oid, e.size
+        oid, size, extents = e.oid, e.size, e.data_extents
         assert oid is not None
 
         def fill(fd: int) -> None:
-            """Copy the template content, leaving all-zero blocks as holes (sparse files)."""
+            """Copy the template content's data extents, leaving holes and all-zero blocks as
+            holes (sparse files)."""
             os.ftruncate(fd, size)
-            off = 0
             zero = bytes(1 << 16)
-            while off < size:
-                chunk = content.read(oid, off, min(1 << 20, size - off))
-                if not chunk:
-                    raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
-                for i in range(0, len(chunk), 1 << 16):
-                    piece = chunk[i : i + (1 << 16)]
-                    if piece != zero[: len(piece)]:
-                        os.pwrite(fd, piece, off + i)
-                off += len(chunk)
+            for start, length in extents:
+                off, end = start, start + length
+                while off < end:
+                    chunk = content.read(oid, off, min(1 << 20, end - off))
+                    if not chunk:
+                        raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
+                    for i in range(0, len(chunk), 1 << 16):
+                        piece = chunk[i : i + (1 << 16)]
+                        if piece != zero[: len(piece)]:
+                            os.pwrite(fd, piece, off + i)
+                    off += len(chunk)
 
         return fill
 
