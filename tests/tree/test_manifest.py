@@ -522,3 +522,15 @@ def test_fuzz_mutated_random_trees_accept_only_canonical_bytes(root, data):
         pos = data.draw(st.integers(0, len(good) - 1))
         good[pos] = data.draw(st.sampled_from([0, 1, 2, 3, 0x80, 0xFF, good[pos] ^ 1]))
     _decode_or_format_error(bytes(good))
+
+
+def test_overlay_marker_xattrs_are_refused():
+    """trusted.overlay.* are markers in a private layer and in the kernel engine's images: a
+    hostile manifest carrying one (an opaque or redirect marker) is refused at load."""
+    for name in (b"trusted.overlay.opaque", b"trusted.overlay.redirect", b"trusted.overlay.x"):
+        root = Node("dir", 0o755)
+        d = Node("dir", 0o755)
+        d.xattrs = {name: b"y"}
+        root.children[b"etc"] = d
+        with pytest.raises(FormatError, match="reserved xattr"):
+            manifest.decode(manifest._encode(*build_tables(root)))  # unchecked encoder

@@ -55,7 +55,7 @@ def make_rich_tree(root: Path) -> None:
     (root / "shared").mkdir()
     os.chmod(root / "shared", 0o2775)
     os.chown(root / "shared", 0, 100)
-    os.setxattr(root / "shared", "trusted.overlay.x", b"")
+    os.setxattr(root / "shared", "trusted.vfs-test.x", b"")
     os.setxattr(root / "shared", "user.bin", bytes(range(256)))
     (root / "empty").write_bytes(b"")
     (root / "data").write_bytes(os.urandom(300_000))

@@ -52,6 +52,11 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
         if not key.startswith(L.XATTR_NAMESPACES):
             log.warning("%s: skipping xattr %r (namespace not supported)", path, key)
             continue
+        if key.startswith(L.RESERVED_XATTR_PREFIX):
+            raise UsageError(
+                f"{os.fsdecode(path)}: xattr {os.fsdecode(key)} is an overlay marker: a template "
+                "cannot carry one (publish the merged tree, not an overlay's upper directory)"
+            )
         try:
             out[key] = os.getxattr(path, n, follow_symlinks=False)
         except OSError as e:

@@ -312,6 +312,8 @@ def _parse(data: bytes, max_entries: int = L.MAX_INODES) -> tuple[list[Entry], l
             raise _bad("xattrs run past the heap")
         if b"\0" in xname or not xname.startswith(L.XATTR_NAMESPACES):
             raise _bad(f"inode {ino}: illegal xattr name {xname!r}")
+        if xname.startswith(L.RESERVED_XATTR_PREFIX):
+            raise _bad(f"inode {ino}: reserved xattr {xname[:60]!r} (overlay marker)")
         if ino < prev_ino or (ino == prev_ino and xname <= prev_xname):
             raise _bad(f"inode {ino}: xattrs out of order or duplicate at {xname!r}")
         if ino != prev_ino:

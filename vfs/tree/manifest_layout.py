@@ -65,4 +65,8 @@ MAX_XATTR_NAME = 255  # XATTR_NAME_MAX
 MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX
 MAX_XATTR_LIST = 65536  # total of name lengths + 1 per inode (XATTR_LIST_MAX)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+#: Reserved: overlayfs's markers (whiteouts, opaque and redirect directories, metacopy). In a
+#: private layer they mean something, and the kernel engine reads them in its images: no
+#: template may carry one (publish refuses them, the decoder too).
+RESERVED_XATTR_PREFIX = b"trusted.overlay."
 BAD_ID = 0xFFFFFFFF  # (uid_t)-1 means "no change" to chown: never a real owner

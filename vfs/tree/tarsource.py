@@ -87,6 +87,11 @@ def _xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
     for k, v in out.items():
         if not 0 < len(k) <= L.MAX_XATTR_NAME or b"\0" in k or len(v) > L.MAX_XATTR_VALUE:
             raise FormatError(f"tar: illegal xattr {k[:40]!r} ({len(v)} bytes)")
+    marker = next((k for k in out if k.startswith(L.RESERVED_XATTR_PREFIX)), None)
+    if marker is not None:
+        raise FormatError(
+            f"tar: xattr {marker[:60]!r} is an overlay marker: a template cannot carry one"
+        )
     bad = [k for k in out if not k.startswith(L.XATTR_NAMESPACES)]
     for k in bad:
         log.warning("tar: skipping xattr %r (namespace not supported)", k)
