@@ -6,51 +6,12 @@ launcher, migration and hibernation commands come with their own issue.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import click
 
 from vfs.cli_util import OneLineErrorGroup, emit_json, handle_errors, json_option, setup_logging
+from vmctl.host import probe_host
 
-
-def probe_host() -> dict:
-    """What this host offers a guest: QEMU binary and version, KVM device and its flavour.
-
-    ``kvm_pvm`` (a paravirtual KVM found inside some cloud VMs) cannot run stock guest kernels,
-    so it counts as unusable and guests fall back to TCG.
-    """
-    qemu = shutil.which("qemu-system-x86_64")
-    version = None
-    if qemu:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
-        version = out.splitlines()[0] if out else None
-    modules = (
-        sorted(
-            m.name
-            for m in Path("/sys/module").glob("kvm*")
-            if m.name in ("kvm_intel", "kvm_amd", "kvm_pvm")
-        )
-        if Path("/sys/module").exists()
-        else []
-    )
-    dev = Path("/dev/kvm").exists()
-    usable = dev and any(m in ("kvm_intel", "kvm_amd") for m in modules)
-    return {
-        "qemu": qemu,
-        "qemu_version": version,
-        "dev_kvm": dev,
-        "kvm_modules": modules,
-        "accelerator": "kvm" if usable else "tcg",
-        "reason": (
-            "hardware KVM available"
-            if usable
-            else "kvm_pvm cannot run stock guest kernels"
-            if "kvm_pvm" in modules
-            else "no usable /dev/kvm"
-        ),
-    }
+__all__ = ["main", "probe_host"]
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
