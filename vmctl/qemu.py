@@ -4,7 +4,8 @@ The lifetime in one place (:func:`run_qemu`, an async context manager)::
 
     prepare the state directory ─► listen on qmp.sock ─► spawn QEMU (inherits the socket)
        ─► QMP greeting + negotiation ─► marker in the serial log ─► yield the VM
-       ─► on a clean exit: stop (quit over QMP → SIGTERM → SIGKILL)
+       ─► on a clean exit: stop (quit over QMP → SIGTERM → SIGKILL), unless the caller
+          detached it (``vm.detach()``: ``vmctl run`` leaves QEMU running for ``vmctl stop``)
        ─► on any error or cancellation, at any step after the spawn: SIGKILL and reap
 
 Waiting is on conditions, each raced against QEMU exiting: a QEMU that dies while we wait for its
@@ -30,6 +31,7 @@ worker thread that may exit at any time, so it cannot be used). ``qemu.pid`` is 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -42,13 +44,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
 from vfs.durable import write_atomic
-from vfs.errors import NotFound, UsageError
+from vfs.errors import BusyError, NotFound, UsageError
 from vmctl.errors import (
     GuestTimeout,
+    QemuError,
     QemuExited,
     QemuStartError,
     QMPConnectError,
@@ -93,13 +97,17 @@ class VmPaths:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), None if there is no such process."""
+    """Field 22 of /proc/PID/stat (clock ticks since boot); None if there is no such process or
+    it is a zombie (it has exited; only its exit status is left to collect)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def read_pidfile(path: Path) -> int | None:
@@ -145,6 +153,8 @@ class QemuVM:
         self._serial = b""
         self._serial_read = 0
         self._cursor = 0
+        self.detached = False
+        self._keep_running = False
         self.logger = log.getChild(spec.name.replace(".", "_"))
 
     @property
@@ -207,6 +217,10 @@ class QemuVM:
 
     # -- ending it -------------------------------------------------------------------------------
 
+    def detach(self) -> None:
+        """Leave QEMU running when run_qemu's block ends cleanly (an error still kills it)."""
+        self.detached = True
+
     async def wait_exit(self, timeout: float | None = None) -> int | None:
         """QEMU's exit status, or None if it is still running after ``timeout`` seconds."""
         with trio.move_on_after(math.inf if timeout is None else timeout):
@@ -243,13 +257,13 @@ class QemuVM:
             self.process.send_signal(sig)
 
     def _remove_runtime_files(self) -> None:
-        for p in (self.paths.qmp_socket, self.paths.pidfile):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        _remove_files(self.paths)
 
     async def _reap(self) -> None:
         """The last step of every path out of run_qemu: make sure QEMU is gone."""
         with trio.CancelScope(shield=True):
+            if self._keep_running and self.returncode is None:
+                return
             if self.returncode is None:
                 self.logger.info("killing QEMU (pid %d)", self.pid)
                 await self.kill()
@@ -296,18 +310,78 @@ def _listen_unix(path: Path) -> socket.socket:
     return sock
 
 
-def prepare_state_dir(state_dir: Path) -> VmPaths:
+def prepare_state_dir(state_dir: Path) -> tuple[VmPaths, BinaryIO]:
+    """Make the directory ready for a new start; returns it and the start lock (an flock on
+    ``.lock``, held until the new QEMU's pidfile is written, so two starts cannot race)."""
     paths = VmPaths(Path(state_dir))
     paths.dir.mkdir(parents=True, exist_ok=True)
+    lock = open(paths.dir / ".lock", "ab")  # noqa: SIM115 (held past this function)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise BusyError(f"another vmctl is starting a VM in {paths.dir}") from None
     running = read_pidfile(paths.pidfile)
     if running is not None:
-        from vfs.errors import BusyError
-
+        lock.close()
         raise BusyError(f"a QEMU (pid {running}) already runs in {paths.dir}")
     for p in (paths.serial_log, paths.qemu_log, paths.pidfile):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
-    return paths
+    return paths, lock
+
+
+async def _wait_pidfd(pidfd: int, timeout: float) -> bool:
+    """True once the process behind ``pidfd`` has exited (its pidfd turns readable)."""
+    with trio.move_on_after(timeout):
+        await trio.lowlevel.wait_readable(pidfd)
+        return True
+    return False
+
+
+async def stop_detached(
+    paths: VmPaths, *, force: bool = False, timeout: float = 20.0, term_timeout: float = 5.0
+) -> bool:
+    """Stop a QEMU that is not our child (``vmctl run`` left it running): quit over QMP unless
+    ``force``, then SIGTERM, then SIGKILL, each sent through a pidfd so a pid reused meanwhile
+    is never signalled. Returns False if no QEMU was running there."""
+    pid = read_pidfile(paths.pidfile)
+    if pid is None:
+        _remove_files(paths)
+        return False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        _remove_files(paths)
+        return False
+    try:
+        gone = False
+        if not force:
+            try:
+                async with open_qmp(paths.qmp_socket, name="stop", connect_timeout=5) as qmp:
+                    await qmp.execute("quit", timeout=5)
+            except QMPError as e:
+                log.info("quit over QMP (pid %d): %s", pid, e)
+            gone = await _wait_pidfd(pidfd, timeout)
+        for sig, wait in ((signal.SIGTERM, term_timeout), (signal.SIGKILL, 10.0)):
+            if gone:
+                break
+            log.info("sending %s to QEMU (pid %d)", sig.name, pid)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+            gone = await _wait_pidfd(pidfd, wait)
+        if not gone:
+            raise QemuError(f"QEMU (pid {pid}) survived SIGKILL (stuck in the kernel?)")
+    finally:
+        os.close(pidfd)
+    _remove_files(paths)
+    return True
+
+
+def _remove_files(paths: VmPaths) -> None:
+    for p in (paths.qmp_socket, paths.pidfile):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 @contextlib.asynccontextmanager
@@ -327,8 +401,12 @@ async def run_qemu(
     if binary is None:
         raise NotFound("qemu-system-x86_64 is not installed")
     accel = accel or choose_accelerator()
-    paths = prepare_state_dir(state_dir)
-    listener = _listen_unix(paths.qmp_socket)
+    paths, lock = prepare_state_dir(state_dir)
+    try:
+        listener = _listen_unix(paths.qmp_socket)
+    except BaseException:
+        lock.close()
+        raise
     try:
         argv = build_argv(spec, binary=binary, accel=accel.name, qmp_fd=listener.fileno(),
                           serial_log=paths.serial_log)  # fmt: skip
@@ -345,11 +423,15 @@ async def run_qemu(
                 pass_fds=(listener.fileno(),),
                 start_new_session=True,
             )
+    except BaseException:
+        lock.close()
+        raise
     finally:
         # Only QEMU may hold the listening end: if it dies, our connection must see EOF at once.
         listener.close()
     vm = QemuVM(spec, paths, accel, argv, process)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(lock.close)
         stack.push_async_callback(vm._reap)
         start = process_start_time(process.pid)
         if start is not None:
@@ -372,11 +454,14 @@ async def run_qemu(
         log.info("%s is up (pid %d) after %.2fs", spec.name, vm.pid,
                  time.monotonic() - vm.started_at)  # fmt: skip
         clean = False
+        lock.close()  # started: from now on the pidfile says the directory is busy
         try:
             yield vm
             clean = True
         finally:
-            if clean and vm.returncode is None:
+            if clean and vm.detached:
+                vm._keep_running = True
+            elif clean and vm.returncode is None:
                 with trio.CancelScope(shield=True):
                     try:
                         await vm.stop()
