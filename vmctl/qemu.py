@@ -15,7 +15,8 @@ shielded from cancellation, so a cancelled or failed start still kills and reaps
 
 State directory of a VM (one per VM; the CLI puts them under ``<root>/<name>/``)::
 
-    vm.json      the spec, the command line, the accelerator and why (written before the spawn)
+    vm.json      {"format": "vmctl-vm", "version": 1, "spec", "argv", "accel", "accel_reason"}:
+                 the spec, the command line, the accelerator and why (written before the spawn)
     qmp.sock     the QMP socket (QEMU holds the listening end; removed at stop)
     serial.log   the guest's serial console
     qemu.log     QEMU's stdout and stderr
@@ -65,6 +66,10 @@ from vmctl.qmp import QMPClient, Runstate, open_qmp
 
 log = logging.getLogger("vmctl.qemu")
 
+#: vm.json names itself and has a version, so later vmctl releases (hibernate bundles record
+#: the platform from it) can tell what they read and refuse what they do not know.
+VM_RECORD_FORMAT = "vmctl-vm"
+VM_RECORD_VERSION = 1
 #: Serial log polling interval while waiting for a pattern (the file has no change events).
 _POLL = 0.02
 #: Longest unix socket path (sun_path is 108 bytes with the NUL).
@@ -410,7 +415,8 @@ async def run_qemu(
     try:
         argv = build_argv(spec, binary=binary, accel=accel.name, qmp_fd=listener.fileno(),
                           serial_log=paths.serial_log)  # fmt: skip
-        record = {"spec": spec.describe(), "argv": argv, "accel": accel.name,
+        record = {"format": VM_RECORD_FORMAT, "version": VM_RECORD_VERSION,
+                  "spec": spec.describe(), "argv": argv, "accel": accel.name,
                   "accel_reason": accel.reason}  # fmt: skip
         write_atomic(paths.spec, json.dumps(record, indent=2).encode())
         log.info("starting %s under %s (%s)", spec.name, accel.name.upper(), accel.reason)

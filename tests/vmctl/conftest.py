@@ -38,3 +38,18 @@ def fail_on_unexpected_vmctl_warnings(request: pytest.FixtureRequest):
     if collector.records and request.node.get_closest_marker("log_warnings") is None:
         lines = [f"{r.name} {r.levelname}: {r.getMessage()}" for r in collector.records[:5]]
         pytest.fail("vmctl logged unexpected warnings:\n  " + "\n  ".join(lines), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_qemu_left_behind(request: pytest.FixtureRequest):
+    """After every qemu test: no process (QEMU, qemu-nbd) still mentions its tmp_path — every
+    one the test started was stopped and reaped, whatever the test did."""
+    if request.node.get_closest_marker("qemu") is None:
+        yield
+        return
+    from tests.vmctl.helpers import processes_mentioning
+
+    tmp = request.getfixturevalue("tmp_path")
+    yield
+    left = processes_mentioning(tmp)
+    assert not left, f"processes left running: {left}"

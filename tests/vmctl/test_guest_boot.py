@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.vmctl.helpers import guest_spec, synced_numbers
 from tools.guest import APPEND_LOG, Guest, make_disk, read_disk_file
-from vmctl.disks import ImageFile
+from vmctl.disks import Blockdevs, ImageFile
 from vmctl.qemu import run_qemu
 
 pytestmark = pytest.mark.qemu
@@ -58,3 +59,37 @@ async def test_poweroff_workload_and_numbering_goes_on_across_boots(tmp_path: Pa
         assert synced_numbers(vm.serial_text()) == list(range(5 * boot + 1, 5 * boot + 6))
     assert disk_lines(image) == list(range(1, 11))
     assert read_disk_file(image, "README") == b"test disk\n"
+
+
+async def test_a_disk_behind_nbd_plugs_in_as_blockdev_specs(tmp_path: Path, guest: Guest):
+    """The shape the vimg export (issue 11) will take: a driver=nbd node over a unix socket.
+    qemu-nbd stands in for the export here; the guest's fsynced lines must reach the image."""
+    import os
+    import signal
+    import subprocess
+
+    image = make_disk(tmp_path / "disk.qcow2", "32M", fmt="qcow2")
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbd.pid"
+    subprocess.run(
+        ["qemu-nbd", "--fork", f"--socket={sock}", f"--pid-file={pidfile}", "--format=qcow2",
+         "--export-name=disk0", "--cache=writeback", "--persistent", str(image)],
+        check=True, timeout=30,
+    )  # fmt: skip
+    nbd_pid = int(pidfile.read_text())
+    pidfd = os.pidfd_open(nbd_pid)
+    try:
+        disk = Blockdevs([{"driver": "nbd", "server": {"type": "unix", "path": str(sock)},
+                           "export": "disk0", "node-name": "nbd0"}])  # fmt: skip
+        spec = guest_spec(guest, run="append", disks=[disk])
+        async with run_qemu(
+            spec, tmp_path / "vm", marker="vfsguest: ready run=append disk=yes"
+        ) as vm:
+            await vm.wait_serial(r"vfsguest: synced 5\n", timeout=60)
+        acknowledged = synced_numbers(vm.serial_text())
+    finally:
+        os.kill(nbd_pid, signal.SIGTERM)
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(pidfd)
+        os.close(pidfd)
+    on_disk = disk_lines(image)
+    assert on_disk == list(range(1, len(on_disk) + 1)) and len(on_disk) >= acknowledged[-1]
