@@ -11,6 +11,7 @@ what came back, the QEMU command line and the tail of its stderr or serial log.
         ├── QMPError               anything on a QMP connection
         │   ├── QMPStateError      a call the connection's runstate does not allow (.runstate)
         │   ├── QMPConnectError    no session: socket refused, no greeting, negotiation refused
+        │                          (.sent, .received: the negotiation, when it got that far)
         │   ├── QMPProtocolError   the peer sent something that is not QMP (.received, .sent)
         │   ├── QMPExecuteError    QEMU answered a command with an error
         │   │                      (.sent, .received, .error_class, .desc)
@@ -50,7 +51,12 @@ class QMPStateError(QMPError):
 
 
 class QMPConnectError(QMPError):
-    """No QMP session could be established."""
+    """No QMP session could be established (.sent/.received: the negotiation, if it got there)."""
+
+    def __init__(self, message: str, sent: dict | None = None, received: dict | None = None):
+        super().__init__(message)
+        self.sent = sent
+        self.received = received
 
 
 class QMPProtocolError(QMPError):

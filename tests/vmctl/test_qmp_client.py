@@ -254,10 +254,13 @@ async def test_connect_failures_are_named(script: list, match: str):
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
-            with pytest.raises(QMPConnectError, match=match):
+            with pytest.raises(QMPConnectError, match=match) as info:
                 async with open_qmp(client_end, connect_timeout=0.2):
                     pass
             nursery.cancel_scope.cancel()
+    if "refused" in match:  # got as far as negotiating: both sides are in the error
+        assert info.value.sent["execute"] == "qmp_capabilities"
+        assert info.value.received["error"]["desc"] == "no"
 
 
 async def test_connect_to_missing_socket(tmp_path):

@@ -278,9 +278,9 @@ class QMPClient:
                 if reply is None:
                     raise QMPConnectError("the peer closed the connection during negotiation")
                 if "return" not in reply:
-                    err = QMPConnectError(f"qmp_capabilities refused: {reply.get('error')}")
-                    err.context.update(sent=sent, received=reply)
-                    raise err
+                    raise QMPConnectError(
+                        f"qmp_capabilities refused: {reply.get('error')}", sent, reply
+                    )
         except trio.TooSlowError:
             await self._abort()
             raise QMPConnectError(f"no QMP session within {timeout}s") from None
