@@ -349,7 +349,8 @@ def _prune(root: Path, keep: Path, builds: int = 3) -> None:
         for pkg, ver in json.loads((p / "manifest.json").read_text())["packages"].items():
             wanted.add(_deb_path(root / "debs", pkg, ver).name)
     for deb in (root / "debs").glob("*.deb"):
-        if deb.name not in wanted:
+        # An hour's grace: another builder may have just fetched it for a build not done yet.
+        if deb.name not in wanted and time.time() - deb.stat().st_mtime > 3600:
             deb.unlink(missing_ok=True)
 
 
