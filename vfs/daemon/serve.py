@@ -39,6 +39,8 @@ from vfs.tree.view import Views
 
 log = logging.getLogger(__name__)
 
+#: pyfuse3 worker tasks (concurrent requests in the daemon).
+MAX_REQUEST_TASKS = 1024
 MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_other", "dev", "suid"}
 
 
@@ -252,7 +254,9 @@ async def serve(
             await nursery.start(control.serve_control, state, daemon.handle)
             nursery.start_soon(_signals, nursery.cancel_scope)
             nursery.start_soon(_kernel_ready, mount, views, ops)
-            await pyfuse3.main()
+            # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
+            # bounded by the fetch deadline) never leave none to answer the other VEEs.
+            await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
             nursery.cancel_scope.cancel()
         log.info("vfsd at %s stopping", mount)
 

@@ -78,6 +78,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: the VEEs, so no other host user may reach a VEE's setuid binaries or devices through it.
 #: Containers reach their VEE root through a bind mount, which never traverses the mount root.
 ROOT_MODE = 0o700
+#: Threads for fetches of objects from the remote, and for local disk work (docs/vee-layer.md).
+FETCH_THREADS = 16
+DISK_THREADS = 16
 
 #: Nodes made during the current request (per trio task): those the kernel did not take a
 #: lookup reference to by the end of the request (names only checked, readdir entries the
@@ -148,6 +151,11 @@ class Views:
         self._next_fh = 1
         self._paths_cache: dict[str, dict[int, list[bytes]]] = {}
         self._copy_locks: dict[int, trio.Lock] = {}
+        # Worker threads in two pools: fetches wait on a network that may stall or drip (a
+        # lying server), local work (copy-up staging, fsync) on this host's disks. Apart, 50
+        # stalled fetches cannot make a copy-up or an fsync of another VEE wait for a thread.
+        self.fetch_threads = trio.CapacityLimiter(FETCH_THREADS)
+        self.disk_threads = trio.CapacityLimiter(DISK_THREADS)
         root = Node(ROOT_INO, None, stat.S_IFDIR, None)
         self.nodes[ROOT_INO] = root
         self.root = root
@@ -576,8 +584,12 @@ class Views:
                 # this file.
                 with self._content_errors(node):
                     if fill is not None and not self.content.has_local(e.oid or ""):
-                        await trio.to_thread.run_sync(self.content.ensure, e.oid)
-                    tmp = await trio.to_thread.run_sync(vee.layer.stage, meta, fill)
+                        await trio.to_thread.run_sync(
+                            self.content.ensure, e.oid, limiter=self.fetch_threads
+                        )
+                    tmp = await trio.to_thread.run_sync(
+                        vee.layer.stage, meta, fill, limiter=self.disk_threads
+                    )
                 if node.vee is not vee:
                     vee.layer.discard(tmp)
                     raise FsError(errno.ESTALE, "VEE removed during a copy-up")
@@ -1227,7 +1239,8 @@ class Views:
             data = self.content.read_local(e.oid, off, size, drop_cache=True)
             if data is None:
                 data = await trio.to_thread.run_sync(
-                    functools.partial(self.content.read, e.oid, off, size, drop_cache=True)
+                    functools.partial(self.content.read, e.oid, off, size, drop_cache=True),
+                    limiter=self.fetch_threads,
                 )
         return data
 
@@ -1267,7 +1280,8 @@ class Views:
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles[fh]
         if h.fd is not None and h.writable:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+            sync = os.fdatasync if datasync else os.fsync
+            await trio.to_thread.run_sync(sync, h.fd, limiter=self.disk_threads)
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
