@@ -1253,7 +1253,9 @@ class Views:
         except (NotFound, IntegrityError, RemoteError) as exc:
             e = node.lower
             where = self._describe(node)
-            log.error("template file %s: object %s: %s", where, e.oid if e else "?", exc)
+            oid = e.oid if e is not None and e.oid else "?"
+            msg = str(exc) if oid in str(exc) else f"object {oid}: {exc}"
+            log.error("template file %s: %s", where, msg)
             raise FsError(errno.EIO, f"content of {where} unavailable") from None
 
     def _describe(self, node: Node) -> str:
