@@ -140,7 +140,8 @@ class PosixRoot:
     def nameless_lower_frozen(self, *, lower_only: bool) -> bool:
         """Overlayfs cannot copy up a lower file that lost its last name while a read-only or
         O_PATH fd held it (never copied up): through that fd it still reports st_nlink 1 (the
-        lower file keeps its name in the lower layer), and every change fails with EEXIST.
+        lower file keeps its name in the lower layer) and its old ctime, and every change
+        fails with EEXIST.
         POSIX (ext4, and the VEE root) answers st_nlink 0 and makes the change."""
         return lower_only and self.kind == "overlay"
 

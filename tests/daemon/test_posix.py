@@ -29,6 +29,7 @@ from tests.daemon.posix_support import (
     pread_all,
     read_file,
     set_times,
+    tick,
     write_file,
 )
 
@@ -175,6 +176,38 @@ def test_fd_of_file_that_lost_one_of_two_names(posix_root: PosixRoot, kind: str)
         os.close(fd)
 
 
+@pytest.mark.parametrize("op", ["rename", "link", "unlink-other-name", "rename-over-it"])
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_close_after_a_name_change_of_an_open_file(posix_root: PosixRoot, kind: str, op: str):
+    """Name changes set the file's ctime; with the file open read-only, fstat shows the new
+    ctime and close succeeds (a FUSE writeback cache flushes that ctime at close)."""
+    p = file_of_kind(posix_root, kind)
+    if op == "unlink-other-name":
+        os.link(p, "t/second")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        before = os.fstat(fd).st_ctime_ns
+        tick()
+        if op == "rename":
+            os.rename(p, "t/deep/moved")
+        elif op == "link":
+            os.link(p, "t/deep/linked")
+        elif op == "unlink-other-name":
+            os.unlink("t/second")
+        else:
+            write_file("t/other", b"other")
+            os.rename("t/other", p)  # the open file loses its name this way
+        st = os.fstat(fd)
+        lower_only = kind in ("template", "unshared") and op == "rename-over-it"
+        if posix_root.nameless_lower_frozen(lower_only=lower_only):
+            assert st.st_ctime_ns == before
+        else:
+            assert st.st_ctime_ns > before
+        assert pread_all(fd) == FILE_DATA
+    finally:
+        os.close(fd)
+
+
 # -- inode identity ------------------------------------------------------------------------------
 
 NEW_TYPES = ["reg", "lnk", "dir", "fifo"]
@@ -217,8 +250,8 @@ def test_new_file_never_inherits_a_deleted_file(
     a = file_of_kind(posix_root, dead)
     fd = os.open(a, os.O_PATH if holder == "path" else os.O_RDONLY)
     try:
-        os.unlink(a)
         held = os.fstat(fd)
+        os.unlink(a)
         made = []
         for i in range(4):
             path = f"t/C{i}"
@@ -227,7 +260,7 @@ def test_new_file_never_inherits_a_deleted_file(
             assert os.lstat(path).st_ino != held.st_ino, f"{path} got the deleted file's inode"
         for i, path in enumerate(made):
             _check_new(new, path, i)
-        st = os.fstat(fd)
+        st = os.fstat(fd)  # last: the nameless file itself (see test_fd_of_removed_file)
         assert (st.st_ino, st.st_nlink, st.st_size) == (held.st_ino, 0, 4096)
         assert stat.S_ISREG(st.st_mode)
         if holder == "rdonly":
@@ -305,9 +338,11 @@ def test_hard_links_share_everything(posix_root: PosixRoot) -> None:
     a, b = os.stat("t/hard1"), os.stat("t/hard2")
     assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
     os.link("t/hard1", "t/hard3")
+    # (one st_ino on all names; that it is still a's is test_st_ino_stable_across_a_write's)
+    ino = os.stat("t/hard3").st_ino
     for n in ("t/hard1", "t/hard2", "t/hard3"):
         st = os.stat(n)
-        assert (st.st_ino, st.st_nlink) == (a.st_ino, 3), n
+        assert (st.st_ino, st.st_nlink) == (ino, 3), n
     with open("t/hard2", "r+b") as f:
         f.write(b"written via hard2")
     for n in ("t/hard1", "t/hard3"):
