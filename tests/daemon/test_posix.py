@@ -332,6 +332,23 @@ def test_st_ino_stable_across_a_write(posix_root: PosixRoot, kind: str) -> None:
     assert os.stat("t/dir").st_ino == d
 
 
+def test_st_ino_survives_the_kernel_forgetting_an_inode(posix_root: PosixRoot) -> None:
+    """st_ino names a file for as long as it exists, not for as long as the kernel happens to
+    cache its inode: after the kernel drops its dentries and inodes (a FUSE file system gets
+    FORGET), every entry reports the st_ino it had. (find -inum, tar and rsync -H rely on it.)"""
+    os.mkdir("t/pdir")
+    write_file("t/pdir/f", b"private")
+    os.symlink("f", "t/pdir/sym")
+    os.mkfifo("t/pdir/fifo")
+    write_file("t/file2", b"copied up")
+    os.rename("t/pdir/f", "t/pdir/g")
+    names = ["t/pdir", "t/pdir/g", "t/pdir/sym", "t/pdir/fifo", "t/file2", "t/file", "t/dir"]
+    before = {n: os.lstat(n).st_ino for n in names}
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # dentries and inodes (no page cache): the kernel forgets unused inodes
+    assert {n: os.lstat(n).st_ino for n in names} == before
+
+
 def test_hard_links_share_everything(posix_root: PosixRoot) -> None:
     """Template and new hard links: one st_ino and nlink on every name, and a write through one
     name (the first write copies a template file up) is seen through every other name."""
