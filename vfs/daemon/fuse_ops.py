@@ -234,7 +234,7 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass  # private-layer directory changes are fsynced when made
+        await self.views.fsyncdir(fh)
 
     @_errno
     async def statfs(self, ctx: Any) -> Any:

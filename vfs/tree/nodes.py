@@ -105,7 +105,6 @@ class Node:
         "attr",
         "fd",
         "opens",
-        "unlinked",
         "nsub",
         "gen",
     )
@@ -130,8 +129,6 @@ class Node:
         self.fd: int | None = None
         #: open handles (the node lives while it has any, or a kernel lookup reference)
         self.opens = 0
-        #: per-VEE template files: names of this inode the VEE removed (its nlink drops)
-        self.unlinked = 0
         #: directories: number of visible subdirectories (None = not counted yet)
         self.nsub: int | None = None
         #: the file-handle generation: random, so a VEE cannot forge a handle of another
@@ -157,6 +154,9 @@ class Vee:
         self.root: Node | None = None
         self.dirs: dict[tuple[int, bytes], Node] = {}
         self.files: dict[tuple[object, ...], Node] = {}
+        #: identities of template files this VEE sees as its own per-VEE inodes while other
+        #: VEEs keep sharing them (renamed or linked here, or a name of a hard link removed)
+        self.own: set[bytes] = set()
 
 
 class Handle:
