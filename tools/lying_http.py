@@ -21,6 +21,7 @@ import gzip
 import http.server
 import os
 import socket
+import ssl
 import sys
 import threading
 import urllib.parse
@@ -71,6 +72,11 @@ class Lie:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, in the connection's thread, not in accept()
+        super().setup()
 
     def log_message(self, *args: object) -> None:
         pass
@@ -198,15 +204,22 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: ssl.SSLContext | None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = root
+        self.tls = tls
         self.lock = threading.Lock()
         self.lies: list[Lie] = []
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.sent: dict[str, int] = {}
         self.stopping = threading.Event()
         self.errors: list[BaseException | None] = []  # the server's own failures, for tests
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def handle_error(self, request: object, client_address: object) -> None:
         err = sys.exc_info()[1]
@@ -224,17 +237,25 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class LyingServer:
     """The server, started on a free port of 127.0.0.1 (a context manager; stop() ends every
-    drip and stall at once)."""
+    drip and stall at once). ``cert``/``key``: serve HTTPS with that certificate."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self._srv = _Server(Path(root))
+    def __init__(
+        self, root: str | os.PathLike[str], *, cert: str | None = None, key: str | None = None
+    ) -> None:
+        tls = None
+        if cert is not None:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(cert, key)
+        self._https = tls is not None
+        self._srv = _Server(Path(root), tls)
         self._thread = threading.Thread(
             target=self._srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._srv.server_port}"
+        scheme = "https" if self._https else "http"
+        return f"{scheme}://127.0.0.1:{self._srv.server_port}"
 
     @property
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
