@@ -22,14 +22,31 @@ CACHE_TIMEOUT = 3600.0
 
 
 class Content(Protocol):
-    """Where template file contents come from (a :class:`vfs.redirect.Resolver`)."""
+    """Where template file contents come from (a :class:`vfs.redirect.Resolver`).
+
+    ``expected_size`` is the length the manifest gives the object: a fetch never reads past
+    it, and an object of another length is refused (IntegrityError) before a byte is served."""
 
     def has_local(self, oid: str) -> bool: ...
-    def ensure(self, oid: str) -> None: ...
+    def ensure(self, oid: str, *, expected_size: int | None = None) -> None: ...
     def read_local(
-        self, oid: str, offset: int, size: int, *, drop_cache: bool = False
+        self,
+        oid: str,
+        offset: int,
+        size: int,
+        *,
+        drop_cache: bool = False,
+        expected_size: int | None = None,
     ) -> bytes | None: ...
-    def read(self, oid: str, offset: int, size: int, *, drop_cache: bool = False) -> bytes: ...
+    def read(
+        self,
+        oid: str,
+        offset: int,
+        size: int,
+        *,
+        drop_cache: bool = False,
+        expected_size: int | None = None,
+    ) -> bytes: ...
 
 
 class TemplateLike(Protocol):

@@ -67,9 +67,10 @@ def _object_chunks(source: Any, oid: str, size: int) -> Iterator[bytes]:
     or store), checked: exactly ``size`` bytes hashing to ``oid``. The last chunk is handed out
     only once the whole object has matched, so a bad object never completes a member."""
     if hasattr(source, "iter_object"):
-        chunks: Iterator[bytes] = iter(source.iter_object(oid))
+        chunks: Iterator[bytes] = iter(source.iter_object(oid, expected_size=size))
     else:
-        chunks = (source.read(oid, off, _CHUNK) for off in range(0, size, _CHUNK))
+        offsets = range(0, size, _CHUNK)
+        chunks = (source.read(oid, off, _CHUNK, expected_size=size) for off in offsets)
     h = hashlib.sha256()
     n = 0
     for chunk in chunks:

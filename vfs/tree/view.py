@@ -720,7 +720,8 @@ class Views:
                 with self._content_errors(node):
                     if fill is not None and not self.content.has_local(e.oid or ""):
                         await trio.to_thread.run_sync(
-                            self.content.ensure, e.oid, limiter=self.fetch_threads
+                            functools.partial(self.content.ensure, e.oid, expected_size=e.size),
+                            limiter=self.fetch_threads,
                         )
                     tmp = await trio.to_thread.run_sync(
                         vee.layer.stage, meta, fill, limiter=self.disk_threads
@@ -813,7 +814,7 @@ class Views:
             for start, length in extents:
                 off, end = start, start + length
                 while off < end:
-                    chunk = content.read(oid, off, min(1 << 20, end - off))
+                    chunk = content.read(oid, off, min(1 << 20, end - off), expected_size=size)
                     if not chunk:
                         raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
                     for i in range(0, len(chunk), 1 << 16):
@@ -1359,10 +1360,14 @@ class Views:
         # First redirection inline (a local read is cheaper than a thread hop); the second
         # (a fetch) in a thread, so other VEEs keep being served.
         with self._content_errors(node):
-            data = self.content.read_local(e.oid, off, size, drop_cache=True)
+            # expected_size: the manifest's size; an object of another length (a lying
+            # manifest, or a lying server) is refused before a byte of it is served
+            data = self.content.read_local(e.oid, off, size, drop_cache=True, expected_size=e.size)
             if data is None:
                 data = await trio.to_thread.run_sync(
-                    functools.partial(self.content.read, e.oid, off, size, drop_cache=True),
+                    functools.partial(
+                        self.content.read, e.oid, off, size, drop_cache=True, expected_size=e.size
+                    ),
                     limiter=self.fetch_threads,
                 )
         return data
