@@ -50,7 +50,7 @@ def test_backing_loop_is_refused(tmp_path):
     # make a.vimg point at b.vimg without opening the chain (rebase -u would open it)
     from vfs.image import layout as L
     from vfs.image.fileio import ImageFile
-    from vfs.image.image import read_current_header
+    from vfs.image.header import read_current_header
 
     f = ImageFile(a, writable=True)
     h = read_current_header(f)

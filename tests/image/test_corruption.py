@@ -64,7 +64,7 @@ def test_flipped_data_byte_is_an_error_naming_the_guest_offset(image):
 def test_flipped_l2_byte_detected_and_salvaged(image):
     path, content = image
     with Image.open(path, readonly=True) as img:
-        l2_off = img._l1[0][0]
+        l2_off = next(img.roots())[2][0][0]
     # Damage the checksum field of entry 5 (guest cluster 5) in the first L2 table.
     flip(path, l2_off + 5 * L.L2_ENTRY_SIZE + 16)
     with Image.open(path, readonly=True) as img:
@@ -87,7 +87,7 @@ def test_flipped_l2_byte_detected_and_salvaged(image):
 def test_flipped_refcount_block(image):
     path, content = image
     with Image.open(path) as img:
-        block = img._rct[0][0]
+        block = img._core.rct[0][0]
     flip(path, block + 2 * 3)  # refcount of host cluster 3
     with Image.open(path, readonly=True) as img:  # readers do not need refcounts
         assert img.read(0, CS) == content[0]
@@ -122,8 +122,8 @@ def test_flipped_l1_salvage_keeps_verified_tables(image):
 def test_leak_is_reported_and_repaired(image):
     path, content = image
     with Image.open(path) as img:
-        img._alloc.incref(img.entry(0)[4] // CS)  # a refcount too high: a leak
-        img._alloc.alloc()  # and a cluster nobody references
+        img._core.alloc.incref(img.entry(0)[4] // CS)  # a refcount too high: a leak
+        img._core.alloc.alloc()  # and a cluster nobody references
     res = check(path)
     assert (res.corruptions, res.leaks, res.exit_code) == (0, 2, 3)
     fixed = check(path, "leaks")
@@ -231,8 +231,8 @@ def test_damaged_snapshot_is_dropped_by_repair(image):
         img.snapshot_create("old")
         img.write(0, b"n" * CS)  # the active root now has its own copy of L2 table 0
         img.flush()
-        snap_l1 = img.snapshot_l1(img.snapshots[0])
-        assert snap_l1[0][0] != img._l1[0][0]
+        snap_l1 = [r for r in img.roots() if r[0] == "old"][0][2]
+        assert snap_l1[0][0] != next(img.roots())[2][0][0]
         snap_l2 = snap_l1[0][0]
     flip(path, snap_l2 + 7 * L.L2_ENTRY_SIZE + 20)
     with Image.open(path, readonly=True) as img:

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from vfs.errors import FormatError, VfsError
 from vfs.image import layout as L
 from vfs.image.check import check, verify
-from vfs.image.image import Image, read_current_header
+from vfs.image.header import read_current_header
+from vfs.image.image import Image
 
 FUZZ = settings(
     max_examples=int(os.environ.get("VIMG_FUZZ_EXAMPLES", "150")),
@@ -147,7 +148,7 @@ def test_resealed_l2_mutations(tmp_path_factory, muts, which):
     shutil.copy(BASE, path)
     with Image.open(path, readonly=True) as img:
         h = img.header
-        l1 = list(img._l1)
+        l1 = list(next(img.roots())[2])
     present = [i for i, (off, _s) in enumerate(l1) if off]
     idx = present[which % len(present)]
     with open(path, "r+b") as f:

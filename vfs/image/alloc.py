@@ -28,6 +28,11 @@ class Allocator:
         self._free = [i for i, c in enumerate(counts) if c == 0] if any(counts) else []
         heapq.heapify(self._free)
 
+    @classmethod
+    def empty(cls, per_block: int, host_clusters: int = 0) -> Allocator:
+        """All counts zero (a reader's stand-in: readers never allocate)."""
+        return cls(array("H", bytes(2 * host_clusters)), per_block)
+
     def __len__(self) -> int:
         return len(self.counts)
 

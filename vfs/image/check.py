@@ -30,7 +30,8 @@ import xxhash
 from vfs.errors import UsageError, VfsError
 from vfs.image import layout as L
 from vfs.image.fileio import ImageFile
-from vfs.image.image import Image, Salvaged, default_opener, read_current_header
+from vfs.image.header import HeaderChoice, choose_header
+from vfs.image.image import Image, Salvaged, default_opener
 
 log = logging.getLogger(__name__)
 _xxh = xxhash.xxh3_64_intdigest
@@ -314,7 +315,8 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         raise UsageError(f"-r must be 'leaks' or 'all', not {repair!r}")
     f = opener(path, repair is not None, False)
     try:
-        h = read_current_header(f)
+        choice = choose_header(f)
+        h = choice.header
         res = CheckResult(filename=path)
         res.total_clusters = -(-h.virtual_size // h.cluster_size)
         res.image_end_offset = h.host_clusters * h.cluster_size
@@ -340,7 +342,7 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         if walk.fatal:
             res.messages.append("active L1 table lost: cannot repair")
             return res
-        _rebuild(f, h, walk)
+        _rebuild(f, choice, walk)
         res.leaks_fixed = res.leaks
         res.corruptions_fixed = res.corruptions
         if walk.dropped_snapshots:
@@ -357,7 +359,7 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         f.close()
 
 
-def _rebuild(f: ImageFile, h: L.Header, walk: _Walk) -> None:
+def _rebuild(f: ImageFile, choice: HeaderChoice, walk: _Walk) -> None:
     """Commit the salvaged tree with recomputed refcounts (through the normal flush).
 
     The structures the committed header uses (old refcount blocks and table, damaged L2 tables)
@@ -372,53 +374,50 @@ def _rebuild(f: ImageFile, h: L.Header, walk: _Walk) -> None:
         snapshots_changed=bool(walk.dropped_snapshots),
         tables=walk.damaged_l2,
     )
-    img = Image(f.path, f, h, readonly=False, resolver=None, salvaged=salvaged)
-    img.flush()
+    Image.rebuild(f, choice, salvaged).flush()
 
 
 def verify(img: Image) -> list[dict[str, Any]]:
-    """Read every stored cluster of the active image and every snapshot; return the bad ones."""
+    """Read every stored cluster of the active image and every snapshot; return the bad ones.
+
+    A cluster shared by several roots is read once. Remote clusters are verified only when the
+    image has a resolver."""
     bad: list[dict[str, Any]] = []
-    seen: set[tuple[int, int]] = set()
-    img._settle_all()  # an open writer's tables: no stale checksum (spec section 7)
-    roots: list[tuple[str, list[tuple[int, int]], bool]] = [("active", img._l1, True)]
-    for snap in img.snapshots:
+    seen: set[tuple[int, int, bytes]] = set()
+    names: list[str | None] = [None]
+    try:
+        names += [s.name for s in img.snapshots]
+    except VfsError as e:
+        bad.append({"root": "snapshot table", "offset": 0, "error": str(e)})
+    for name in names:
+        root = name or "active"
+
+        def table_error(offset: int, err: VfsError, root: str = root) -> None:
+            bad.append({"root": root, "offset": offset, "error": str(err)})
+
         try:
-            roots.append((snap.name, img.snapshot_l1(snap), False))
-        except VfsError as e:
-            bad.append({"root": snap.name, "offset": 0, "error": str(e)})
-    for name, l1, active in roots:
-        for idx, (off, s) in enumerate(l1):
-            if not off and not (active and idx in img._l2cache):
+            entries = list(img.iter_entries(name, on_error=table_error))
+        except VfsError as e:  # the snapshot's L1 table itself
+            bad.append({"root": root, "offset": 0, "error": str(e)})
+            continue
+        for ci, e in entries:
+            if not e.stored:
+                continue
+            key = (e.host, e.checksum, e.oid)
+            if key in seen:  # shared with an already verified root
+                continue
+            seen.add(key)
+            if e.kind == L.REMOTE and img.resolver is None:
                 continue
             try:
-                t = img._l2cache.get(idx) if active else None
-                if t is None:
-                    t = img.load_l2(off, s, idx)
-            except VfsError as e:
+                img.cluster_data(ci, e)
+            except VfsError as err:  # checksum, missing object, unreachable remote
                 bad.append(
-                    {"root": name, "offset": idx * img._per_l2 * img.cluster_size, "error": str(e)}
+                    {
+                        "root": root,
+                        "offset": ci * img.cluster_size,
+                        "host-offset": e.host,
+                        "error": str(err),
+                    }
                 )
-                continue
-            for i, e in enumerate(L.L2_ENTRY.iter_unpack(t)):
-                if e[0] not in (L.LOCAL, L.COMPRESSED, L.REMOTE):
-                    continue
-                key = (e[4], e[5], e[6])
-                if key in seen:  # shared with an already verified root
-                    continue
-                seen.add(key)
-                ci = idx * img._per_l2 + i
-                if e[0] == L.REMOTE and img.resolver is None:
-                    continue
-                try:
-                    img._cluster(ci, e)
-                except VfsError as err:  # checksum, missing object, unreachable remote
-                    bad.append(
-                        {
-                            "root": name,
-                            "offset": ci * img.cluster_size,
-                            "host-offset": e[4],
-                            "error": str(err),
-                        }
-                    )
     return bad

@@ -143,7 +143,7 @@ def _close(img: Any) -> None:
 def _check_vimg(path: str, fmt: str | None) -> None:
     if fmt not in (None, "vimg"):
         raise UsageError(f"this command works on vimg images only (got -f {fmt})")
-    from vfs.image.qemu import probe_format
+    from vfs.image.fileio import probe_format
 
     if os.path.exists(path) and probe_format(path) != "vimg":
         raise UsageError(f"{path}: not a vimg image (found {probe_format(path)})")
@@ -530,7 +530,7 @@ def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
 
 
 def _probe(path: str) -> str:
-    from vfs.image.qemu import probe_format
+    from vfs.image.fileio import probe_format
 
     return probe_format(path)
 
@@ -550,7 +550,7 @@ def commit(fmt, keep, progress, store, repo, file):
     _check_vimg(file, fmt)
     img = _open(file, readonly=False, store=store, repo=repo)
     try:
-        do_commit(img, drop=keep, progress=_Progress("commit") if progress else None)
+        do_commit(img, keep=keep, progress=_Progress("commit") if progress else None)
     finally:
         _close(img)
     click.echo("Image committed.")

@@ -1,4 +1,5 @@
-"""Byte access to image files: one small class per kind of file, all through os.pread/os.pwrite.
+"""Byte access to image files: one small class per kind of file, all through os.pread/os.pwrite,
+and :func:`probe_format` (which format a file is, from its first bytes).
 
 The :class:`Image` core talks to its file only through :class:`ImageFile`, so tests can wrap it
 (e.g. record every pwrite/fsync to replay power failures) without touching the core.
@@ -106,6 +107,8 @@ class RawFile:
                 raise UsageError(f"{path}: no such file") from None
         self.fd = fd
         self.size = os.fstat(fd).st_size
+        self.writable = writable or create_size is not None
+        self._extents: list[tuple[int, int, bool]] | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset) if offset < self.size else b""
@@ -141,7 +144,16 @@ class RawFile:
         os.fsync(self.fd)
 
     def extents(self) -> list[tuple[int, int, bool]]:
-        """(start, length, is_data) covering the file, from SEEK_DATA/SEEK_HOLE."""
+        """(start, length, is_data) covering the file, from SEEK_DATA/SEEK_HOLE (computed once
+        for a read-only file: a backing file or a convert source does not change under us)."""
+        if self._extents is not None:
+            return self._extents
+        out = self._scan_extents()
+        if not self.writable:
+            self._extents = out
+        return out
+
+    def _scan_extents(self) -> list[tuple[int, int, bool]]:
         out: list[tuple[int, int, bool]] = []
         pos = 0
         while pos < self.size:
@@ -168,3 +180,26 @@ class RawFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: First bytes of a qcow2 image (qemu's "QFI\xfb").
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_format(path: str) -> str:
+    """'vimg', 'qcow2' or 'raw' from the first bytes of the file (no other parsing)."""
+    from vfs.image.layout import HEADER_SLOT_OFFSETS, MAGIC
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(max(HEADER_SLOT_OFFSETS) + 8)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory") from None
+    # Any header copy may hold the current header (a torn write can damage the others).
+    if any(head[o : o + 8] == MAGIC for o in HEADER_SLOT_OFFSETS):
+        return "vimg"
+    if head[:4] == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"

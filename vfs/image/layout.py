@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import xxhash
 
@@ -255,6 +256,27 @@ ENTRY_TYPES = {
     REMOTE: "remote",
 }
 NO_OID = b"\0" * 32
+
+
+class Entry(NamedTuple):
+    """One L2 entry with named fields (the hot paths use the plain ``L2_ENTRY`` tuple, whose
+    fields are in the same order)."""
+
+    kind: int  #: UNALLOCATED, ZERO, LOCAL, COMPRESSED or REMOTE
+    flags: int
+    reserved: int
+    length: int  #: COMPRESSED: bytes of the zstd frame
+    host: int  #: LOCAL: cluster offset; COMPRESSED: frame offset
+    checksum: int  #: xxh3 of the uncompressed cluster
+    oid: bytes  #: REMOTE: SHA-256 of the cluster
+
+    @property
+    def stored(self) -> bool:
+        """The entry holds data of its own (LOCAL, COMPRESSED or REMOTE)."""
+        return self.kind in (LOCAL, COMPRESSED, REMOTE)
+
+
+UNALLOCATED_ENTRY = Entry(UNALLOCATED, 0, 0, 0, 0, 0, NO_OID)
 
 
 def l2_entries_per_table(cluster_size: int) -> int:

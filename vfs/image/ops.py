@@ -16,9 +16,10 @@ from typing import Any
 
 from vfs.errors import UsageError
 from vfs.image import layout as L
-from vfs.image.fileio import RawFile
+from vfs.image.extents import backing_status
+from vfs.image.fileio import RawFile, probe_format
 from vfs.image.image import Image, Resolver
-from vfs.image.qemu import probe_format, qemu_img
+from vfs.image.qemu import qemu_img
 
 log = logging.getLogger(__name__)
 
@@ -69,62 +70,11 @@ def layer_status(
 ) -> Iterator[tuple[int, int, Status]]:
     """(start, length, status) pieces covering [start, end) of ``layer`` and what is below."""
     if isinstance(layer, Image):
-        yield from _image_status(layer, start, end, depth)
-        return
-    for s, n, is_data in _raw_extents(layer):
-        a, b = max(s, start), min(s + n, end)
-        if a < b:
-            yield (a, b - a, (depth, True, not is_data, is_data, a))
-    if end > layer.size and start < end:
-        a = max(start, layer.size)
-        yield (a, end - a, (depth, False, True, False, None))
-
-
-def _raw_extents(raw: RawFile) -> list[tuple[int, int, bool]]:
-    cached = getattr(raw, "_extents_cache", None)
-    if cached is None:
-        cached = raw.extents()
-        raw._extents_cache = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def _image_status(
-    img: Image, start: int, end: int, depth: int
-) -> Iterator[tuple[int, int, Status]]:
-    cs = img.cluster_size
-    span = cs * img._per_l2
-    pos = start
-    while pos < end:
-        idx = pos // span
-        if img._l1[idx][0] == 0 and idx not in img._l2cache:
-            nxt = min((idx + 1) * span, end)
-            yield from _below(img, pos, nxt, depth)
-            pos = nxt
-            continue
-        ci = pos // cs
-        nxt = min((ci + 1) * cs, end)
-        e = img.entry(ci)
-        t = e[0]
-        if t == L.LOCAL:
-            yield (pos, nxt - pos, (depth, True, False, True, e[4] + pos % cs))
-        elif t in (L.COMPRESSED, L.REMOTE):
-            yield (pos, nxt - pos, (depth, True, False, True, None))
-        elif t == L.ZERO:
-            yield (pos, nxt - pos, (depth, True, True, False, None))
-        else:
-            yield from _below(img, pos, nxt, depth)
-        pos = nxt
-
-
-def _below(img: Image, pos: int, nxt: int, depth: int) -> Iterator[tuple[int, int, Status]]:
-    b = img.backing
-    if b is None or pos >= b.size:
-        yield (pos, nxt - pos, (depth if b is None else depth + 1, False, True, False, None))
-        return
-    b_end = min(nxt, b.size)
-    yield from layer_status(b, pos, b_end, depth + 1)
-    if nxt > b_end:
-        yield (b_end, nxt - b_end, (depth + 1, False, True, False, None))
+        extents: Any = layer.block_status(start, end - start, chain=True, host_offsets=True)
+    else:
+        extents = backing_status(layer, start, end, True)
+    for e in extents:
+        yield (e.offset, e.length, (depth + e.depth, e.allocated, e.zero, e.data, e.host_offset))
 
 
 def image_map(img: Any) -> list[dict[str, Any]]:
@@ -186,11 +136,7 @@ def image_info(img: Image) -> dict[str, Any]:
     }
     if img.backing_name:
         info["backing-filename"] = img.backing_name
-        info["full-backing-filename"] = (
-            os.path.join(os.path.dirname(os.path.abspath(img.path)), img.backing_name)
-            if not os.path.isabs(img.backing_name)
-            else img.backing_name
-        )
+        info["full-backing-filename"] = img.backing_path()
         info["backing-filename-format"] = img.backing_format
     if img.snapshots:
         info["snapshots"] = [

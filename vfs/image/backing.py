@@ -1,0 +1,77 @@
+"""Backing chains (spec section 8): naming, probing and opening the layers below an image.
+
+Every layer below the top is opened read-only; a chain refuses loops and absurd depths.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vfs.errors import FormatError, NotFound, UsageError
+from vfs.image import layout as L
+from vfs.image.core import Backing, Resolver
+from vfs.image.fileio import RawFile, probe_format
+
+MAX_CHAIN_DEPTH = 64
+
+
+def resolve_name(name: str, image_path: str) -> str:
+    """The path a backing name stands for: relative names are relative to the image's
+    directory (as qemu-img), absolute ones are themselves."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def backing_format_of(path: str) -> str:
+    """The format of a would-be backing file (raw or vimg; anything else is refused)."""
+    if not os.path.exists(path):
+        raise UsageError(f"backing file {path!r} does not exist")
+    fmt = probe_format(path)
+    if fmt not in L.BACKING_FORMAT_CODES:
+        raise UsageError(f"backing format {fmt!r} not supported (raw or vimg)")
+    return fmt
+
+
+def check_backing_name(name: str, fmt: str | None, image_path: str) -> str:
+    """Validate a backing name for ``image_path``; return its format (probed if not given)."""
+    if len(name.encode()) > L.MAX_BACKING_NAME:
+        raise UsageError("backing file name too long")
+    path = resolve_name(name, image_path)
+    if not os.path.exists(path):
+        raise UsageError(f"backing file {name!r} does not exist")
+    fmt = fmt or backing_format_of(path)
+    if fmt not in L.BACKING_FORMAT_CODES:
+        raise UsageError(f"backing format {fmt!r} not supported (raw or vimg)")
+    return fmt
+
+
+def virtual_size_of(name: str, fmt: str, image_path: str) -> int:
+    """The guest size a backing file offers (for ``create -b`` without a size)."""
+    path = resolve_name(name, image_path)
+    if fmt == "vimg":
+        from vfs.image.image import Image
+
+        with Image.open(path, readonly=True, with_backing=False) as b:
+            return b.size
+    return os.path.getsize(path)
+
+
+def open_layer(
+    name: str, fmt: str, image_path: str, resolver: Resolver | None, chain: tuple[str, ...]
+) -> Backing:
+    """Open the backing file ``name`` of ``image_path`` read-only. ``chain`` holds the real
+    paths of the layers above it (loop detection)."""
+    path = resolve_name(name, image_path)
+    real = os.path.realpath(path)
+    if real in chain:
+        raise FormatError(f"backing chain loops back to {path}")
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise FormatError("backing chain too deep")
+    if not os.path.exists(path):
+        raise NotFound(f"backing file {name!r} of {image_path} not found")
+    if fmt == "raw":
+        return RawFile(path)
+    from vfs.image.image import Image
+
+    return Image.open(path, readonly=True, resolver=resolver, _chain=chain)
