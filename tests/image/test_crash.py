@@ -170,41 +170,110 @@ def test_sigkill_mid_work(tmp_path):
     assert check(path).exit_code == 0
 
 
-@pytest.mark.parametrize("fail_at", [1, 3, 6, 10])
-def test_write_error_during_commit(tmp_path, fail_at):
-    """ENOSPC in the middle of a commit: the error surfaces, the image stops writing, and the
-    file still holds the previous commit, whole."""
-    import errno
+class _Failing:
+    """An opener whose files fail (pwrite ENOSPC, or fsync EIO) once armed, at the n-th call."""
 
-    from vfs.errors import ReadOnlyError
-    from vfs.image.fileio import ImageFile
+    def __init__(self, what: str, at: int) -> None:
+        self.what, self.at, self.armed, self.n = what, at, False, 0
 
-    state = {"armed": False, "n": 0}
+    def opener(self, path, writable, create):
+        import errno
 
-    class Failing(ImageFile):
-        def pwrite(self, data, offset):
-            if state["armed"]:
-                state["n"] += 1
-                if state["n"] == fail_at:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-            super().pwrite(data, offset)
+        from vfs.image.fileio import ImageFile
 
-    def opener(path, writable, create):
+        inj = self
+
+        class Failing(ImageFile):
+            def pwrite(self, data, offset):
+                if inj.armed and inj.what == "pwrite":
+                    inj.n += 1
+                    if inj.n == inj.at:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                super().pwrite(data, offset)
+
+            def fsync(self):
+                if inj.armed and inj.what == "fsync":
+                    inj.n += 1
+                    if inj.n == inj.at:
+                        raise OSError(errno.EIO, "Input/output error")
+                super().fsync()
+
         return Failing(path, writable=writable, create=create)
 
+
+@pytest.mark.parametrize("fail_at", [1, 3, 6, 10])
+def test_write_error_during_commit(tmp_path, fail_at):
+    """ENOSPC in the middle of writes or a commit: the error surfaces, and from then on every
+    write and every flush fails (errseq: a later flush must not report durability it does not
+    have) until the image is reopened; the file still holds the previous commit, whole."""
+    from vfs.errors import WriteFailed
+
+    inj = _Failing("pwrite", fail_at)
     path = str(tmp_path / "f.vimg")
-    img = Image.create(path, 1 << 20, cluster_size=4096, opener=opener)
+    img = Image.create(path, 1 << 20, cluster_size=4096, opener=inj.opener)
     img.write(0, b"A" * 50000)
     img.flush()
     img.write(20000, b"B" * 70000)
-    state["armed"] = True
+    inj.armed = True
     with pytest.raises(OSError):
         for i in range(20):  # each write allocates or rewrites; the commit writes metadata
             img.write(100000 + i * 4096, b"C" * 4096)
         img.flush()
-    with pytest.raises(ReadOnlyError, match="earlier write failed"):
+    with pytest.raises(WriteFailed, match="earlier write failed"):
         img.write(0, b"x")
-    img.close()  # must not try to commit
+    for _ in range(3):  # every later flush, not only the first
+        with pytest.raises(WriteFailed, match="reopen"):
+            img.flush()
+    with pytest.raises(WriteFailed):
+        img.close()  # reports it too, and must not try to commit
+    img.close()  # closed: nothing left to report
     with Image.open(path, readonly=True) as again:
         assert again.read(0, 50000) == b"A" * 50000
     assert check(path).exit_code == 0
+    with Image.open(path) as again:  # reopened: writes and flushes work again
+        again.write(0, b"D" * 4096)
+        again.flush()
+    with Image.open(path, readonly=True) as again:
+        assert again.read(0, 4096) == b"D" * 4096
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_failed_fsync_fails_every_later_flush(tmp_path, fail_at):
+    """EIO from fsync (the page cache may have dropped the dirty pages): the flush that hit it
+    raises, and so does every later one, even with nothing new written; the previous commit
+    stays readable."""
+    from vfs.errors import WriteFailed
+
+    inj = _Failing("fsync", fail_at)
+    path = str(tmp_path / "f.vimg")
+    img = Image.create(path, 1 << 20, cluster_size=4096, opener=inj.opener)
+    img.write(0, b"A" * 8192)
+    img.flush()
+    committed = img.sequence
+    img.write(0, b"B" * 8192)
+    inj.armed = True
+    with pytest.raises(OSError, match="Input/output"):
+        img.flush()
+    inj.armed = False  # the disk "recovers": the flushes must still not claim durability
+    for _ in range(3):
+        with pytest.raises(WriteFailed):
+            img.flush()
+    with pytest.raises(WriteFailed):
+        img.write(8192, b"C")
+    with pytest.raises(WriteFailed):
+        img.close()
+    with Image.open(path, readonly=True) as again:
+        assert again.sequence in (committed, committed + 1)
+        assert again.read(0, 8192) in (b"A" * 8192, b"B" * 8192)
+    assert check(path).exit_code == 0
+
+
+def test_a_with_block_keeps_the_first_error(tmp_path):
+    """Leaving a with block on an error closes the image without replacing that error by the
+    WriteFailed of the implicit close."""
+    inj = _Failing("pwrite", 1)
+    path = str(tmp_path / "f.vimg")
+    Image.create(path, 1 << 20, cluster_size=4096).close()
+    with pytest.raises(OSError, match="No space"), Image.open(path, opener=inj.opener) as img:
+        inj.armed = True
+        img.write(0, b"x" * 4096)

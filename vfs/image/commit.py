@@ -63,9 +63,15 @@ class Committer:
     def flush(self) -> None:
         """Commit: new metadata to fresh clusters, fsync, then the header into the slot that
         does not hold the committed one, fsync. Nothing before the header write touches
-        anything the committed header references."""
+        anything the committed header references. Raises WriteFailed once any write or fsync
+        of this open image has failed."""
         c = self.c
-        if c.readonly or c.closed or c.failed is not None:
+        if c.failed is not None:
+            # errseq: a failed write makes every later flush fail until the image is reopened
+            # (the bytes it was to commit may not be on disk, and a retry could overwrite the
+            # committed header slot).
+            raise c.write_failed()
+        if c.readonly or c.closed:
             return
         if c.header.autoclear & ~L.KNOWN_AUTOCLEAR:
             c.header.autoclear &= L.KNOWN_AUTOCLEAR

@@ -122,12 +122,7 @@ class Core:
         if self.closed:
             raise UsageError("image is closed")
         if self.failed is not None:
-            from vfs.errors import ReadOnlyError
-
-            raise ReadOnlyError(
-                f"{self.path}: an earlier write failed; reopen the image "
-                "(its last commit is intact)"
-            )
+            raise self.write_failed()
 
     def write_failed(self) -> WriteFailed:
         return WriteFailed(

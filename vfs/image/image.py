@@ -250,6 +250,9 @@ class Image:
         return cls(f.path, f, choice, readonly=False, resolver=None, salvaged=salvaged)
 
     def close(self) -> None:
+        """Commit (writers) and release the file. After a failed write the file is released
+        and :class:`~vfs.errors.WriteFailed` is raised: what was written since the last commit
+        is not durable."""
         c = self._core
         if c.closed:
             return
@@ -266,8 +269,14 @@ class Image:
     def __enter__(self) -> Image:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error is on its way out already: do not replace it with close's
+            self.close()
+        except VfsError as e:
+            log.debug("%s: close after an error: %s", self.path, e)
 
     def _install(self, s: Salvaged) -> None:
         """Take the tables ``check -r`` rebuilt; the next flush commits them copy-on-write."""
