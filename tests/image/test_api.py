@@ -9,6 +9,8 @@ from vfs.errors import AlreadyExists, BusyError, FormatError, ReadOnlyError, Usa
 from vfs.image.cli import main
 from vfs.image.image import Image
 
+from .helpers import write_header
+
 
 def test_one_writer_or_many_readers(tmp_path):
     p = str(tmp_path / "a.vimg")
@@ -54,8 +56,8 @@ def test_backing_loop_is_refused(tmp_path):
 
     f = ImageFile(a, writable=True)
     h = read_current_header(f)
-    h.backing_name, h.backing_format, h.sequence = "b.vimg", L.BACKING_VIMG, h.sequence + 1
-    f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[h.sequence % 2])
     f.close()
+    h.backing_name, h.backing_format, h.sequence = "b.vimg", L.BACKING_VIMG, h.sequence + 1
+    write_header(a, h)
     with pytest.raises(FormatError, match="loops"):
         Image.open(b, readonly=True)

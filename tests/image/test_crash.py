@@ -68,10 +68,10 @@ def _workload(path: str, rec: Recorder, seed: int, compress: bool):
 
 
 def _committed_sequence(ops: list[tuple], upto: int) -> int:
-    """Highest sequence whose header write is followed by an fsync within ops[:upto]."""
+    """Highest sequence whose primary header write is followed by an fsync in ops[:upto]."""
     best, pending = -1, None
     for op in ops[:upto]:
-        if op[0] == "w" and op[1] in L.HEADER_SLOT_OFFSETS and len(op[2]) < L.HEADER_SLOT_SIZE:
+        if op[0] == "w" and op[1] in L.HEADER_SLOT_OFFSETS and len(op[2]) == L.HEADER_SLOT_SIZE:
             pending = L.unpack_header(op[2]).sequence
         elif op[0] == "sync" and pending is not None:
             best, pending = max(best, pending), None

@@ -28,6 +28,7 @@ from typing import Any
 import xxhash
 
 from vfs.errors import UsageError, VfsError
+from vfs.image import directories as D
 from vfs.image import layout as L
 from vfs.image.fileio import ImageFile
 from vfs.image.header import HeaderChoice, choose_header
@@ -108,11 +109,15 @@ class _Walk:
         #: Damaged structures whose clusters the committed header still references.
         self.damaged_l2: dict[int, bytearray] = {}  # active l1 index -> salvaged table
         self.active_l1: list[tuple[int, int]] = []
-        self.snapshots: list[L.Snapshot] = []
+        self.snapshots: list[D.Snapshot] = []
         self.dropped_snapshots: list[str] = []
         self.stored: array | None = None
         self.rct: list[tuple[int, int]] = []
         self.fatal = False
+        #: The active L1 failed its checksum and was salvaged entry by entry.
+        self.salvaged_active_l1 = False
+        self.has_backing = bool(h.backing_name)
+        self.guest_clusters = -(-h.virtual_size // cs)
 
     def corrupt(self, msg: str) -> None:
         self.res.corruptions += 1
@@ -152,7 +157,7 @@ class _Walk:
                 self.dropped_snapshots.append("*")
             else:
                 try:
-                    self.snapshots = L.unpack_snapshots(raw, h.nb_snapshots, cs)
+                    self.snapshots = D.unpack_snapshots(raw, h.nb_snapshots, cs)
                 except VfsError as e:
                     self.corrupt(f"snapshot table: {e}")
                     self.dropped_snapshots.append("*")
@@ -218,6 +223,7 @@ class _Walk:
             if not (self.salvage and active) or l1_off + entries * 16 > self.host_end:
                 return None
             raw = self.f.pread(entries * 16, l1_off).ljust(entries * 16, b"\0")
+            self.salvaged_active_l1 = True
         for c in self._run(l1_off, entries * 16):
             self.use(c, "L1")
         l1 = []
@@ -228,16 +234,14 @@ class _Walk:
                 self.corrupt(f"L1 of {name} entry {idx}: bad L2 offset {off:#x}")
                 l1.append((0, 0))
                 if active:
-                    self.damaged_l2[idx] = bytearray(cs)
-                    self._lost(idx * per, per)
+                    self.lose_table(idx)
                 continue
             l1.append((off, s))
             if not off:
                 continue
             if not self.use(off >> bits, "L2"):
                 if active:
-                    self.damaged_l2[idx] = bytearray(cs)
-                    self._lost(idx * per, per)
+                    self.lose_table(idx)
                 l1[-1] = (0, 0)
                 continue
             t = self.f.pread(cs, off)
@@ -248,8 +252,7 @@ class _Walk:
                     l1[-1] = (0, 0)
                     self.computed[off >> bits] -= 1
                     if active:
-                        self.damaged_l2[idx] = bytearray(cs)
-                        self._lost(idx * per, per)
+                        self.lose_table(idx)
                     continue
                 self.corrupt(
                     f"L2 table of {name} at {off:#x} (guest {idx * per * cs:#x}): checksum mismatch"
@@ -258,8 +261,14 @@ class _Walk:
                     return None
                 t = t.ljust(cs, b"\0")
             table = bytearray(t)
+            # In a table that fails its checksum an UNALLOCATED entry may be a zeroed one: over
+            # a backing file it would show the backing file's bytes, so it becomes ZERO.
+            distrust_holes = damaged and active and self.has_backing
             for i, e in enumerate(L.L2_ENTRY.iter_unpack(table)):
                 guest = (idx * per + i) * cs
+                if e[0] == L.UNALLOCATED and distrust_holes and idx * per + i < self.guest_clusters:
+                    self._drop(table, i, guest, active)
+                    continue
                 why = L.check_l2_entry(e[0], e[3], e[4], cs, self.host_end)
                 if why:
                     if not damaged:
@@ -304,9 +313,15 @@ class _Walk:
         if active:
             self.res.lost_clusters.append(guest)
 
-    def _lost(self, first_ci: int, n: int) -> None:
-        # A whole L2 table is gone: its guest range is lost (reported once, by its start).
-        self.res.lost_clusters.append(first_ci * self.cs)
+    def lose_table(self, idx: int) -> None:
+        """A whole L2 table of the active root is gone: its guest range reads as zeros (ZERO
+        entries, never the backing file's bytes) and is reported lost (once, by its start)."""
+        per = L.l2_entries_per_table(self.cs)
+        table = bytearray(self.cs)
+        for i in range(min(per, self.guest_clusters - idx * per)):
+            L.L2_ENTRY.pack_into(table, i * 64, L.ZERO, 0, 0, 0, 0, 0, L.NO_OID)
+        self.damaged_l2[idx] = table
+        self.res.lost_clusters.append(idx * per * self.cs)
 
 
 def check(path: str, repair: str | None = None, *, opener: Any = default_opener) -> CheckResult:
@@ -321,6 +336,11 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         res.total_clusters = -(-h.virtual_size // h.cluster_size)
         res.image_end_offset = h.host_clusters * h.cluster_size
         walk = _Walk(f, h, res, salvage=repair == "all")
+        res.messages += [f"note: header {n}" for n in choice.notes]
+        for d in choice.damaged:
+            walk.corrupt(f"header {d}")
+        if choice.fallback:
+            walk.corrupt(choice.fallback)
         walk.run()
         corruptions_before = res.corruptions
         if walk.stored is not None:
@@ -334,6 +354,18 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
                     res.messages.append(f"ERROR cluster {c} refcount={s} reference={want}")
         elif not res.corruptions:
             res.corruptions += 1
+        if walk.salvaged_active_l1 and walk.has_backing:
+            # A (0, 0) entry of a damaged L1 may be a zeroed one. It stays unallocated only if
+            # the stored refcounts are intact and every cluster they count is accounted for
+            # (then no L2 table is missing); otherwise its range is lost too.
+            proven = walk.stored is not None and all(
+                walk.stored[c] <= walk.computed[c]
+                for c in range(min(len(walk.stored), walk.host_clusters))
+            )
+            if not proven:
+                for idx, (off, _s) in enumerate(walk.active_l1):
+                    if off == 0 and idx not in walk.damaged_l2:
+                        walk.lose_table(idx)
         if repair is None or (res.corruptions == 0 and res.leaks == 0):
             return res
         if repair == "leaks" and res.corruptions:
@@ -350,6 +382,8 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
                 "(unreadable table)" if n == "*" else repr(n) for n in walk.dropped_snapshots
             )
             res.messages.append(f"dropped damaged snapshot(s): {names}")
+        if choice.fallback:
+            res.messages.append(f"accepted the header of sequence {h.sequence}")
         if corruptions_before:
             res.messages.append(
                 f"repaired; {len(res.lost_clusters)} damaged range(s) now read as zeros"

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from vfs.cli_util import emit_json, handle_errors, json_option, parse_size, setup_logging
-from vfs.errors import IntegrityError, UsageError
+from vfs.errors import CorruptionError, IntegrityError, UsageError
 from vfs.image.image import Image
 
 FMT = click.Choice(["raw", "qcow2", "vimg"])
@@ -127,7 +127,26 @@ def _open(
     with_backing: bool = True,
 ) -> Image:
     res = _LazyResolver(store, repo)
-    return Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
+    img = Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
+    _warn_header(img)
+    return img
+
+
+def _header_problems(src: Any) -> list[str]:
+    """Header problems of a vimg source and every vimg layer below it."""
+    from vfs.image.ops import header_problems
+
+    out: list[str] = []
+    while isinstance(src, Image):
+        out += [f"{src.path}: {p}" for p in header_problems(src)]
+        src = src.backing
+    return out
+
+
+def _warn_header(src: Any) -> None:
+    """A possible roll-back is never silent: one warning line per problem on stderr."""
+    for p in _header_problems(src):
+        click.echo(f"vimg: warning: {p}", err=True)
 
 
 def _close(img: Any) -> None:
@@ -264,12 +283,7 @@ def info(fmt, backing_chain, as_json, output, file):
         try:
             if isinstance(src, Image):
                 infos.append(image_info(src))
-                nxt = src.backing_name
-                path = (
-                    os.path.join(os.path.dirname(os.path.abspath(path)), nxt)
-                    if nxt and not os.path.isabs(nxt)
-                    else nxt
-                )
+                path = src.backing_path()
                 f = src.backing_format or None
             else:
                 st = os.stat(path)
@@ -291,6 +305,13 @@ def info(fmt, backing_chain, as_json, output, file):
         emit_json(infos if backing_chain else infos[0])
     else:
         click.echo("\n\n".join(info_text(i) for i in infos))
+    problems = [
+        f"{i['filename']}: {p}"
+        for i in infos
+        for p in i.get("format-specific", {}).get("data", {}).get("header-problems", [])
+    ]
+    if problems:  # never silent: a possible roll-back or damaged header copies
+        raise CorruptionError("; ".join(problems) + " (see 'vimg check')")
 
 
 # ----------------------------------------------------------------------------------- check
@@ -354,14 +375,17 @@ def verify(as_json, output, store, repo, file):
         if not (store or repo):
             img.resolver = None  # remote clusters are then skipped, not fetched
         bad = do_verify(img)
+        problems = _header_problems(img)
     finally:
         _close(img)
     if _want_json(as_json, output):
-        emit_json({"filename": file, "bad-clusters": bad})
+        emit_json({"filename": file, "bad-clusters": bad, "header-problems": problems})
     else:
         for b in bad:
             click.echo(f"bad cluster ({b['root']}) at guest offset {b['offset']:#x}: {b['error']}")
         click.echo(f"{len(bad)} bad clusters" if bad else "All checksums verified.")
+    if problems:
+        raise CorruptionError("; ".join(problems) + " (see 'vimg check')")
     if bad:
         raise IntegrityError(f"{len(bad)} bad cluster(s) in {file}")
 
@@ -386,6 +410,7 @@ def map_cmd(fmt, as_json, output, store, repo, file):
 
     src = open_source(file, fmt)
     try:
+        _warn_header(src)
         m = image_map(src)
     finally:
         src.close()
@@ -437,6 +462,7 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
             cluster_size=parse_size(cluster_size),
             resolver=res,
             progress=_Progress("convert") if progress else None,
+            on_source=_warn_header,
         )
     finally:
         if res is not None:
@@ -461,8 +487,10 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
     res = _LazyResolver(store, repo) if (store or repo) else None
     a = open_source(file1, fmt1, res)
     try:
+        _warn_header(a)
         b = open_source(file2, fmt2, res)
         try:
+            _warn_header(b)
             if a.size != b.size and not quiet:
                 click.echo("Warning: Image size mismatch!")
             off = do_compare(a, b, strict=strict)

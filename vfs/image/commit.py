@@ -4,8 +4,11 @@
    blocks go to clusters the committed header does not reference (their own if fresh and
    unshared, else new ones), with checksums flowing upward;
 2. ``fsync``;
-3. the new header (sequence + 1) into the slot that does not hold the committed one, ``fsync``;
-4. only now may clusters freed by this commit be reused (and punched out of the file).
+3. the new header (sequence + 1) into the primary copy of the slot that does not hold the
+   committed one, ``fsync`` (the commit point);
+4. the same bytes into that slot's mirror copy (durable by the next commit's first fsync, or
+   at close);
+5. only now may clusters freed by this commit be reused (and punched out of the file).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Committer:
         self.w = writer
         #: Collaborators with their own metadata, in the order they are placed and written.
         self.parts: list[MetadataPart] = []
+        #: The last commit's mirror copy is written but not yet known durable.
+        self.mirror_pending = False
 
     @property
     def dirty(self) -> bool:
@@ -78,7 +83,12 @@ class Committer:
             c.header_dirty = True
         if not self.dirty:
             return
+        if c.header.sequence + 1 >= L.MAX_SEQUENCE:
+            from vfs.errors import FormatError
+
+            raise FormatError(f"{c.path}: commit sequence exhausted (the header is hostile)")
         c.settle_all()
+        self.mirror_pending = False  # the fsync of step 2 makes the last mirror durable
         self._place_l2_tables()
         if c.l1_dirty:
             new_bytes = len(c.l1) * L.L1_ENTRY_SIZE
@@ -104,9 +114,14 @@ class Committer:
             )
             for p in self.parts:
                 p.fill_header(h)
-            # The commit point.
-            self.w.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[h.sequence % 2])
+            slot = L.pack_header(h).ljust(L.HEADER_SLOT_SIZE, b"\0")
+            # The commit point: the slot's primary copy, durable.
+            self.w.pwrite(slot, L.HEADER_SLOT_OFFSETS[h.sequence % 2])
             c.f.fsync()
+            # Then its mirror, durable at the next commit's first fsync (or at close): a crash
+            # before that leaves the primary intact (spec 9).
+            self.w.pwrite(slot, L.HEADER_MIRROR_OFFSETS[h.sequence % 2])
+            self.mirror_pending = True
         except OSError as e:
             # After a failed write or fsync the page cache cannot be trusted (and a retry could
             # overwrite the committed slot): stop writing. The committed state on disk is intact.
@@ -126,6 +141,16 @@ class Committer:
         for p in self.parts:
             p.committed()
         log.debug("%s: committed sequence %d, %d clusters freed", c.path, h.sequence, len(freed))
+
+    def sync_mirror(self) -> None:
+        """Make the last commit's mirror copy durable (at close: no later commit will)."""
+        if self.mirror_pending and self.c.failed is None:
+            try:
+                self.c.f.fsync()
+            except OSError as e:
+                self.c.failed = e
+                raise
+            self.mirror_pending = False
 
     def _place_l2_tables(self) -> None:
         """Give every changed L2 table a cluster it may write: its own if fresh and unshared,

@@ -27,6 +27,7 @@ import xxhash
 
 from vfs.errors import AlreadyExists, CorruptionError, NotFound, UsageError, VfsError
 from vfs.image import backing as B
+from vfs.image import directories as D
 from vfs.image import extents as X
 from vfs.image import layout as L
 from vfs.image.alloc import Allocator
@@ -34,7 +35,7 @@ from vfs.image.commit import Committer
 from vfs.image.core import Backing, Core, FileOpener, Resolver
 from vfs.image.extents import Extent
 from vfs.image.fileio import ImageFile
-from vfs.image.header import HeaderChoice, choose_header
+from vfs.image.header import HeaderChoice, choose_header, heal, refuse_fallback
 from vfs.image.reader import Reader
 from vfs.image.snapshots import Snapshots
 from vfs.image.writer import Writer
@@ -56,7 +57,7 @@ class Salvaged:
     l1: list[tuple[int, int]]
     counts: array
     rct: list[tuple[int, int]]
-    snapshots: list[L.Snapshot]
+    snapshots: list[D.Snapshot]
     snapshots_changed: bool
     tables: dict[int, bytearray] = field(default_factory=dict)
 
@@ -197,7 +198,9 @@ class Image:
             for b, blk in enumerate(blocks):
                 f.pwrite(blk, (first_block + b) * cs)
             f.pwrite(rct, table_off)
-            f.pwrite(L.pack_header(h), L.HEADER_SLOT_OFFSETS[0])
+            slot = L.pack_header(h).ljust(L.HEADER_SLOT_SIZE, b"\0")
+            f.pwrite(slot, L.HEADER_SLOT_OFFSETS[0])
+            f.pwrite(slot, L.HEADER_MIRROR_OFFSETS[0])
             f.fsync()
         finally:
             f.close()
@@ -217,7 +220,11 @@ class Image:
     ) -> Image:
         """Open an existing image. ``with_backing=False`` skips opening the backing chain (for
         metadata work such as ``info``, ``snapshot`` or ``rebase -u`` when the backing file is
-        gone); reading a range that would fall through to it is then an error, never zeros."""
+        gone); reading a range that would fall through to it is then an error, never zeros.
+
+        A header that may have rolled back (spec 3.1) is reported in :attr:`header_choice`
+        and logged; a read-write open refuses it (``check -r all`` accepts it). A writer first
+        rewrites damaged copies of the current header from the intact one."""
         try:
             f = opener(path, not readonly, False)
         except FileNotFoundError:
@@ -227,7 +234,13 @@ class Image:
         try:
             choice = choose_header(f)
             h = choice.header
-            if h.version == L.VERSION and h.autoclear & ~L.KNOWN_AUTOCLEAR:
+            if choice.fallback:
+                if not readonly:
+                    refuse_fallback(path, choice)
+                log.warning("%s: %s", path, choice.fallback)
+            if not readonly:
+                heal(f, choice)
+            if h.autoclear & ~L.KNOWN_AUTOCLEAR:
                 log.info("clearing unknown autoclear features %#x", h.autoclear)
             return cls(
                 path,
@@ -246,7 +259,9 @@ class Image:
     def rebuild(cls, f: ImageFile, choice: HeaderChoice, salvaged: Salvaged) -> Image:
         """An image on ``f`` (open read-write) whose tables are the ones ``check -r`` rebuilt;
         its next :meth:`flush` commits them copy-on-write (the old header stays valid until
-        the new one is written). Used by :func:`vfs.image.check.check`."""
+        the new one is written) and so accepts a possible roll-back. Used by
+        :func:`vfs.image.check.check`."""
+        heal(f, choice)
         return cls(f.path, f, choice, readonly=False, resolver=None, salvaged=salvaged)
 
     def close(self) -> None:
@@ -259,6 +274,7 @@ class Image:
         try:
             if not c.readonly:
                 self.flush()
+                self._committer.sync_mirror()
                 self._writer.trim_preallocation(self.dirty)
         finally:
             c.closed = True
@@ -451,14 +467,14 @@ class Image:
 
     # ------------------------------------------------------------------ snapshots
     @property
-    def snapshots(self) -> list[L.Snapshot]:
+    def snapshots(self) -> list[D.Snapshot]:
         """The snapshot table (read on first use: the active view does not need it)."""
         return self._snapshots.items
 
-    def snapshot_list(self) -> list[L.Snapshot]:
+    def snapshot_list(self) -> list[D.Snapshot]:
         return list(self._snapshots.items)
 
-    def snapshot_create(self, name: str) -> L.Snapshot:
+    def snapshot_create(self, name: str) -> D.Snapshot:
         """Freeze the current state under ``name`` (commits first and after)."""
         return self._snapshots.create(name)
 

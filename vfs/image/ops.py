@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vfs.errors import UsageError
+from vfs.errors import UsageError, VfsError
 from vfs.image import layout as L
 from vfs.image.extents import backing_status
 from vfs.image.fileio import RawFile, probe_format
@@ -124,6 +124,11 @@ def data_ranges(src: Any) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------------- info
 def image_info(img: Image) -> dict[str, Any]:
+    """qemu-img info's fields for a vimg image, plus vimg's own under "format-specific".
+
+    Damage that does not stop reading the disk is reported, not raised: an unreadable snapshot
+    table ("snapshots-error"), a possible header roll-back or damaged header copies
+    ("header-problems")."""
     st = os.stat(img.path)
     h = img.header
     info: dict[str, Any] = {
@@ -138,7 +143,12 @@ def image_info(img: Image) -> dict[str, Any]:
         info["backing-filename"] = img.backing_name
         info["full-backing-filename"] = img.backing_path()
         info["backing-filename-format"] = img.backing_format
-    if img.snapshots:
+    try:
+        snaps = img.snapshots
+    except VfsError as e:
+        snaps = []
+        info["snapshots-error"] = str(e)
+    if snaps:
         info["snapshots"] = [
             {
                 "icount": 0,
@@ -148,23 +158,37 @@ def image_info(img: Image) -> dict[str, Any]:
                 "date-nsec": s.date_nsec,
                 "vm-clock-sec": s.vm_clock_nsec // 10**9,
                 "id": s.id,
-                "vm-state-size": 0,
+                "vm-state-size": s.vm_state_size,
             }
-            for s in img.snapshots
+            for s in snaps
         ]
-    features = [name for bit, name in L.INCOMPAT_NAMES.items() if h.incompatible >> bit & 1]
-    info["format-specific"] = {
-        "type": "vimg",
-        "data": {
-            "version": h.version,
-            "sequence": h.sequence,
-            "compression-type": "zstd" if h.compression == L.COMPRESSION_ZSTD else "none",
-            "checksum": "xxh3-64",
-            "incompatible-features": features,
-            "host-clusters": h.host_clusters,
-        },
+
+    def names(kind: int, bits: int) -> list[str]:
+        return [h.feature_name(kind, b) or f"bit {b}" for b in range(64) if bits >> b & 1]
+
+    data: dict[str, Any] = {
+        "version": h.version,
+        "sequence": h.sequence,
+        "compression-type": "zstd" if h.compression == L.COMPRESSION_ZSTD else "none",
+        "checksum": "xxh3-64",
+        "incompatible-features": names(L.FEATURE_INCOMPAT, h.incompatible),
+        "compatible-features": names(L.FEATURE_COMPAT, h.compatible),
+        "autoclear-features": names(L.FEATURE_AUTOCLEAR, h.autoclear),
+        "host-clusters": h.host_clusters,
     }
+    problems = header_problems(img)
+    if problems:
+        data["header-problems"] = problems
+    info["format-specific"] = {"type": "vimg", "data": data}
     return info
+
+
+def header_problems(img: Image) -> list[str]:
+    """What is wrong with the header copies (empty when nothing is): a possible roll-back
+    first, then damaged copies of the current header."""
+    choice = img.header_choice
+    out = [choice.fallback] if choice.fallback else []
+    return out + list(choice.damaged)
 
 
 def format_size(n: int) -> str:
@@ -199,7 +223,13 @@ def info_text(info: dict[str, Any]) -> str:
     if fs:
         lines.append("Format specific information:")
         for k, v in fs["data"].items():
+            if k == "header-problems":
+                continue
             lines.append(f"    {k}: {(', '.join(v) or 'none') if isinstance(v, list) else v}")
+        for p in fs["data"].get("header-problems", []):
+            lines.append(f"WARNING: header: {p}")
+    if "snapshots-error" in info:
+        lines.append(f"WARNING: snapshot table: {info['snapshots-error']}")
     return "\n".join(lines)
 
 
@@ -214,8 +244,10 @@ def convert(
     cluster_size: int = 1 << L.DEFAULT_CLUSTER_BITS,
     resolver: Resolver | None = None,
     progress: Progress | None = None,
+    on_source: Callable[[Any], None] | None = None,
 ) -> None:
-    """Copy the guest view of ``src`` (its whole backing chain) into a new image."""
+    """Copy the guest view of ``src`` (its whole backing chain) into a new image.
+    ``on_source`` is called with the opened source (the CLI reports header problems)."""
     if dst_fmt not in FORMATS:
         raise UsageError(f"unknown output format {dst_fmt!r} (raw, qcow2, vimg)")
     if (
@@ -230,6 +262,8 @@ def convert(
         raise UsageError("-c needs a compressing output format (qcow2 or vimg)")
     src = open_source(src_path, src_fmt, resolver)
     try:
+        if on_source is not None:
+            on_source(src)
         if dst_fmt == "qcow2":
             tmpdir = tempfile.mkdtemp(prefix="vimg-convert-")
             try:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from vfs.errors import AlreadyExists, NotFound, UsageError
+from vfs.image import directories as D
 from vfs.image import layout as L
 from vfs.image.core import Core
 
@@ -29,7 +30,7 @@ class Snapshots:
         self.c = core
         self.commit = committer
         h = core.header
-        self._list: list[L.Snapshot] | None = None
+        self._list: list[D.Snapshot] | None = None
         self.off, self.sum, self.size = h.snapshots_offset, h.snapshots_checksum, h.snapshots_size
         self.count = h.nb_snapshots
         self._dirty = False
@@ -37,21 +38,21 @@ class Snapshots:
 
     # ------------------------------------------------------------------ the table
     @property
-    def items(self) -> list[L.Snapshot]:
+    def items(self) -> list[D.Snapshot]:
         """The snapshot table (read and verified on first use)."""
         if self._list is None:
             self._list = []
             if self.count:
                 raw = self.c.read_meta(self.off, self.size, self.sum, "snapshot table")
-                self._list = L.unpack_snapshots(raw, self.count, self.c.cluster_size)
+                self._list = D.unpack_snapshots(raw, self.count, self.c.cluster_size)
         return self._list
 
-    def install(self, snaps: list[L.Snapshot], changed: bool) -> None:
+    def install(self, snaps: list[D.Snapshot], changed: bool) -> None:
         """Take a table rebuilt by ``check -r`` (rewritten at the next commit if ``changed``)."""
         self._list = list(snaps)
         self._dirty = changed
 
-    def find(self, name: str) -> L.Snapshot:
+    def find(self, name: str) -> D.Snapshot:
         for s in self.items:
             if s.name == name:
                 return s
@@ -68,7 +69,7 @@ class Snapshots:
         if not self._dirty:
             return
         snaps = self.items
-        self._bytes = L.pack_snapshots(snaps)
+        self._bytes = D.pack_snapshots(snaps)
         if snaps:
             self.off = self.commit.relocate_run(self.off, self.size, len(self._bytes))
         else:
@@ -103,7 +104,7 @@ class Snapshots:
         for s in self.items:
             yield (s.name, s.l1_offset, self.snapshot_l1(s), False)
 
-    def snapshot_l1(self, s: L.Snapshot) -> list[tuple[int, int]]:
+    def snapshot_l1(self, s: D.Snapshot) -> list[tuple[int, int]]:
         """A snapshot's L1 table, checksum-verified."""
         c = self.c
         raw = c.read_meta(
@@ -130,10 +131,10 @@ class Snapshots:
                     yield e[4] >> bits
 
     # ------------------------------------------------------------------ operations
-    def create(self, name: str) -> L.Snapshot:
+    def create(self, name: str) -> D.Snapshot:
         c = self.c
         c.writable()
-        if not name or len(name.encode()) > L.MAX_SNAPSHOT_NAME:
+        if not name or len(name.encode()) > D.MAX_SNAPSHOT_NAME:
             raise UsageError("snapshot name must be 1..256 bytes")
         if any(s.name == name for s in self.items):
             raise AlreadyExists(f"snapshot {name!r} already exists")
@@ -142,7 +143,7 @@ class Snapshots:
         self._change_refs(list(self.root_clusters(c.l1_off, c.l1, True)), [])
         now = time.time_ns()
         ids = [int(s.id) for s in self.items if s.id.isdigit()]
-        snap = L.Snapshot(
+        snap = D.Snapshot(
             id=str(max(ids, default=0) + 1),
             name=name,
             l1_offset=c.l1_off,
