@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from vfs.errors import UsageError
 from vfs.image import layout as L
-from vfs.image.backing import backing_format_of, resolve_name
+from vfs.image.backing import backing_format_of, confine
 from vfs.image.fileio import RawFile
 from vfs.image.image import Image
 
@@ -29,12 +29,12 @@ def commit(img: Image, *, keep: bool = False, progress: Progress | None = None) 
     if not img.backing_name:
         raise UsageError(f"{img.path} has no backing file to commit into")
     img.flush()
-    path = img.backing_path()
+    path = img.confined_backing_path()
     img.close_backing()  # our read-only handle (and its shared lock) while we write into it
     cs = img.cluster_size
     target: Image | RawFile
     if img.backing_format == "vimg":
-        target = Image.open(path, resolver=img.resolver)
+        target = Image.open(path, resolver=img.resolver, backing_dirs=img.allowed_backing_dirs)
     else:
         target = RawFile(path, writable=True)
     copied = 0
@@ -72,9 +72,15 @@ def rebase(img: Image, backing: str | None, fmt: str | None, *, unsafe: bool = F
         old = img.backing
         new: Image | RawFile | None = None
         if backing:
-            p = resolve_name(backing, img.path)
+            p = confine(backing, img.path, img.allowed_backing_dirs)
             f = fmt or backing_format_of(p)
-            new = Image.open(p, readonly=True, resolver=img.resolver) if f == "vimg" else RawFile(p)
+            new = (
+                Image.open(
+                    p, readonly=True, resolver=img.resolver, backing_dirs=img.allowed_backing_dirs
+                )
+                if f == "vimg"
+                else RawFile(p)
+            )
         try:
             cs = img.cluster_size
             for ci in range(img.guest_clusters):

@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, json_option, parse_size, setup_logging
+from vfs.cli_util import emit_json, handle_errors, json_option, setup_logging
 from vfs.errors import CorruptionError, IntegrityError, UsageError
 from vfs.image.image import Image
+from vfs.image.qemuio import parse_size
 
 FMT = click.Choice(["raw", "qcow2", "vimg"])
 
@@ -88,7 +89,35 @@ def _tls_opts(fn: Any) -> Any:
     return fn
 
 
+def _store_backing_dirs(ctx: click.Context, param: click.Parameter, value: tuple) -> None:
+    if value:
+        ctx.meta.setdefault("vimg.backing_dirs", []).extend(value)
+
+
+def _backing_opts(fn: Any) -> Any:
+    return click.option(
+        "--backing-dir",
+        "backing_dirs",
+        multiple=True,
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=_store_backing_dirs,
+        help="Also follow backing files in DIR (repeatable; default: only the image's own "
+        "directory; also $VIMG_BACKING_DIRS, colon-separated).",
+    )(fn)
+
+
+def _backing_dirs() -> tuple[str, ...]:
+    """Directories backing files may lie in beyond the image's own (spec 8)."""
+    ctx = click.get_current_context(silent=True)
+    dirs = list(ctx.meta.get("vimg.backing_dirs", [])) if ctx is not None else []
+    env = os.environ.get("VIMG_BACKING_DIRS", "")
+    dirs += [d for d in env.split(os.pathsep) if d]
+    return tuple(dirs)
+
+
 def _remote_opts(fn: Any) -> Any:
+    fn = _backing_opts(fn)
     fn = _tls_opts(fn)
     fn = click.option(
         "--store",
@@ -127,7 +156,13 @@ def _open(
     with_backing: bool = True,
 ) -> Image:
     res = _LazyResolver(store, repo)
-    img = Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
+    img = Image.open(
+        path,
+        readonly=readonly,
+        resolver=res,
+        with_backing=with_backing,
+        backing_dirs=_backing_dirs(),
+    )
     _warn_header(img)
     return img
 
@@ -224,6 +259,7 @@ def main(verbose: int) -> None:
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="none")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("size", required=False)
+@_backing_opts
 @handle_errors
 def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
     """Create a new, empty image FILE of SIZE bytes (or the backing file's size)."""
@@ -238,6 +274,7 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
         backing=backing,
         backing_format=backing_fmt,
         compress=compress == "zstd",
+        backing_dirs=_backing_dirs(),
     ) as img:
         click.echo(
             f"Formatting '{file}', fmt=vimg cluster_size={img.cluster_size} "
@@ -252,6 +289,7 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain.")
 @_json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
+@_backing_opts
 @handle_errors
 def info(fmt, backing_chain, as_json, output, file):
     """Show the header, backing file and snapshots of FILE (qcow2: asks qemu-img)."""
@@ -267,6 +305,9 @@ def info(fmt, backing_chain, as_json, output, file):
             click.echo(qemu_img("info", *extra, "-f", "qcow2", file), nl=False)
         return
 
+    from vfs.image.backing import allowed_dirs, confine
+
+    allowed = allowed_dirs(file, _backing_dirs())
     infos = []
     path, f = file, fmt
     seen: set[str] = set()
@@ -283,7 +324,7 @@ def info(fmt, backing_chain, as_json, output, file):
         try:
             if isinstance(src, Image):
                 infos.append(image_info(src))
-                path = src.backing_path()
+                path = confine(src.backing_name, path, allowed) if src.backing_name else ""
                 f = src.backing_format or None
             else:
                 st = os.stat(path)
@@ -408,7 +449,7 @@ def map_cmd(fmt, as_json, output, store, repo, file):
         click.echo(qemu_img("map", out, "-f", "qcow2", file), nl=False)
         return
 
-    src = open_source(file, fmt)
+    src = open_source(file, fmt, backing_dirs=_backing_dirs())
     try:
         _warn_header(src)
         m = image_map(src)
@@ -463,6 +504,7 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
             resolver=res,
             progress=_Progress("convert") if progress else None,
             on_source=_warn_header,
+            backing_dirs=_backing_dirs(),
         )
     finally:
         if res is not None:
@@ -485,10 +527,10 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
     from vfs.image.ops import open_source
 
     res = _LazyResolver(store, repo) if (store or repo) else None
-    a = open_source(file1, fmt1, res)
+    a = open_source(file1, fmt1, res, _backing_dirs())
     try:
         _warn_header(a)
-        b = open_source(file2, fmt2, res)
+        b = open_source(file2, fmt2, res, _backing_dirs())
         try:
             _warn_header(b)
             if a.size != b.size and not quiet:
@@ -517,6 +559,7 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
 @click.option("--cluster-size", default="64k", show_default=True)
 @_json_opts
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
+@_backing_opts
 @handle_errors
 def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
     """Bytes a new image needs to hold FILE (or an empty one of --size). qcow2 via qemu-img."""
@@ -538,7 +581,7 @@ def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
 
         result = json.loads(qemu_img(*args))
     else:
-        src = open_source(file, fmt) if file else None
+        src = open_source(file, fmt, backing_dirs=_backing_dirs()) if file else None
         try:
             if out_fmt == "raw":
                 n = src.size if src is not None else parse_size(size)
@@ -624,9 +667,9 @@ def snapshot(create_name, list_, apply_name, delete_name, as_json, output, file)
     img = _open(file, readonly=bool(list_), with_backing=False)  # snapshots never read data
     try:
         if list_:
-            from vfs.image.ops import image_info, info_text
+            from vfs.image.ops import info_text, snapshot_info
 
-            snaps = image_info(img).get("snapshots", [])
+            snaps = [snapshot_info(s) for s in img.snapshots]
             if _want_json(as_json, output):
                 emit_json(snaps)
             elif snaps:
@@ -655,6 +698,7 @@ def snapshot(create_name, list_, apply_name, delete_name, as_json, output, file)
 @click.option("--shrink", is_flag=True, help="Allow shrinking (data past the new end is lost).")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("size")
+@_backing_opts
 @handle_errors
 def resize(shrink, file, size):
     """Set FILE's virtual size to SIZE, or grow/shrink by +SIZE / -SIZE."""
@@ -782,6 +826,7 @@ def io(commands, fmt, store, repo, file):
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
 @click.option("--ref", "ref", help="Also publish the image as a template under this name.")
 @click.argument("file", type=click.Path(dir_okay=False))
+@_backing_opts
 @handle_errors
 def push(repo, store, quiet, ref, file):
     """Move FILE's clusters into a repository: entries become remote objects (SHA-256).

@@ -86,6 +86,7 @@ class Image:
         chain: tuple[str, ...] = (),
         salvaged: Salvaged | None = None,
         with_backing: bool = True,
+        allowed: tuple[str, ...] = (),
     ) -> None:
         header = choice.header
         cs = header.cluster_size
@@ -96,6 +97,8 @@ class Image:
                 f"({f.size():#x}): truncated?"
             )
         self._core = c = Core(path, f, choice, readonly=readonly, resolver=resolver)
+        #: Directories backing files may lie in (real paths): spec 8, "Confinement".
+        self._allowed = allowed or B.allowed_dirs(path)
         self._reader = Reader(c)
         self._writer = Writer(c, self._reader)
         self._committer = Committer(c, self._writer)
@@ -116,6 +119,7 @@ class Image:
                 path,
                 resolver,
                 chain + (os.path.realpath(path),),
+                self._allowed,
             )
 
     # ------------------------------------------------------------------ open / create / close
@@ -131,18 +135,21 @@ class Image:
         compress: bool = False,
         opener: FileOpener = default_opener,
         resolver: Resolver | None = None,
+        backing_dirs: tuple[str, ...] | list[str] = (),
     ) -> Image:
         """Create a new image (refusing to overwrite an existing file) and open it read-write.
-        With a backing file and ``size < 0`` the size is the backing file's."""
+        With a backing file and ``size < 0`` the size is the backing file's. The backing file
+        must lie in the new image's directory or one of ``backing_dirs`` (spec 8)."""
         bits = cluster_size.bit_length() - 1
         if cluster_size != 1 << bits or not L.MIN_CLUSTER_BITS <= bits <= L.MAX_CLUSTER_BITS:
             raise UsageError(f"cluster size {cluster_size} must be a power of two, 4k..2M")
         bfmt = L.BACKING_NONE
         if backing:
-            fmt = B.check_backing_name(backing, backing_format, path)
+            allowed = B.allowed_dirs(path, backing_dirs)
+            fmt = B.check_backing_name(backing, backing_format, path, allowed)
             bfmt = L.BACKING_FORMAT_CODES[fmt]
             if size < 0:
-                size = -(-B.virtual_size_of(backing, fmt, path) // L.SECTOR) * L.SECTOR
+                size = -(-B.virtual_size_of(backing, fmt, path, allowed) // L.SECTOR) * L.SECTOR
         if size % L.SECTOR or size < 0 or size > L.MAX_VIRTUAL_SIZE:
             raise UsageError(f"image size {size} must be a multiple of 512 and at most 2^56")
         if os.path.exists(path):
@@ -205,7 +212,7 @@ class Image:
         finally:
             f.close()
         _fsync_dir(path)
-        return cls.open(path, opener=opener, resolver=resolver)
+        return cls.open(path, opener=opener, resolver=resolver, backing_dirs=backing_dirs)
 
     @classmethod
     def open(
@@ -216,11 +223,15 @@ class Image:
         resolver: Resolver | None = None,
         opener: FileOpener = default_opener,
         with_backing: bool = True,
+        backing_dirs: tuple[str, ...] | list[str] = (),
         _chain: tuple[str, ...] = (),
+        _allowed: tuple[str, ...] = (),
     ) -> Image:
         """Open an existing image. ``with_backing=False`` skips opening the backing chain (for
         metadata work such as ``info``, ``snapshot`` or ``rebase -u`` when the backing file is
         gone); reading a range that would fall through to it is then an error, never zeros.
+        Backing files are followed only inside this image's directory and ``backing_dirs``
+        (spec 8); the layers below are confined to the same directories.
 
         A header that may have rolled back (spec 3.1) is reported in :attr:`header_choice`
         and logged; a read-write open refuses it (``check -r all`` accepts it). A writer first
@@ -250,6 +261,7 @@ class Image:
                 resolver=resolver,
                 chain=_chain,
                 with_backing=with_backing,
+                allowed=_allowed or B.allowed_dirs(path, backing_dirs),
             )
         except BaseException:
             f.close()
@@ -345,6 +357,11 @@ class Image:
     def backing(self) -> Backing | None:
         """The open layer below (None without a backing file, or opened without it)."""
         return self._core.backing
+
+    @property
+    def allowed_backing_dirs(self) -> tuple[str, ...]:
+        """The directories backing files may lie in (real paths), for this whole chain."""
+        return self._allowed
 
     @property
     def backing_name(self) -> str:
@@ -547,12 +564,14 @@ class Image:
         c = self._core
         c.writable()
         if name:
-            fmt = B.check_backing_name(name, fmt, c.path)
+            fmt = B.check_backing_name(name, fmt, c.path, self._allowed)
         # Open the new chain first: a missing file or a loop must leave the image unchanged.
         new = None
         if name:
             assert fmt is not None
-            new = B.open_layer(name, fmt, c.path, c.resolver, (os.path.realpath(c.path),))
+            new = B.open_layer(
+                name, fmt, c.path, c.resolver, (os.path.realpath(c.path),), self._allowed
+            )
         self.close_backing()
         c.backing = new
         c.header.backing_name = name or ""
@@ -578,12 +597,20 @@ class Image:
                 c.path,
                 c.resolver,
                 (os.path.realpath(c.path),),
+                self._allowed,
             )
 
     def backing_path(self) -> str:
-        """The path the backing name stands for ('' without a backing file)."""
+        """The path the backing name stands for ('' without a backing file); not checked
+        against the allowed directories (:meth:`confined_backing_path` is)."""
         name = self.backing_name
         return B.resolve_name(name, self.path) if name else ""
+
+    def confined_backing_path(self) -> str:
+        """The real path of the backing file if it lies in an allowed directory ('' without
+        a backing file); UsageError otherwise."""
+        name = self.backing_name
+        return B.confine(name, self.path, self._allowed) if name else ""
 
 
 def _fsync_dir(path: str) -> None:

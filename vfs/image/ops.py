@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from vfs.errors import UsageError, VfsError
+from vfs.image import directories as D
 from vfs.image import layout as L
+from vfs.image.backing import allowed_dirs, confine
 from vfs.image.extents import backing_status
 from vfs.image.fileio import RawFile, probe_format
 from vfs.image.image import Image, Resolver
@@ -30,11 +32,16 @@ Status = tuple[int, bool, bool, bool, int | None]
 
 
 class Qcow2Source(RawFile):
-    """A qcow2 image read through a sparse raw copy made by qemu-img (deleted on close)."""
+    """A qcow2 image read through a sparse raw copy made by qemu-img (deleted on close).
+
+    Its backing chain is confined as a vimg chain is (spec 8): each layer's backing name is
+    read with ``qemu-img info`` (which does not open the backing file) and checked against the
+    allowed directories before qemu-img is let to follow it."""
 
     format = "qcow2"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, backing_dirs: tuple[str, ...] | list[str] = ()) -> None:
+        _confine_qcow2_chain(path, allowed_dirs(path, backing_dirs))
         self._tmpdir = tempfile.mkdtemp(prefix="vimg-qcow2-")
         raw = os.path.join(self._tmpdir, "image.raw")
         try:
@@ -50,17 +57,39 @@ class Qcow2Source(RawFile):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def open_source(path: str, fmt: str | None = None, resolver: Resolver | None = None) -> Any:
-    """Open an image for reading in any supported format (probed when ``fmt`` is None)."""
+def _confine_qcow2_chain(path: str, allowed: tuple[str, ...]) -> None:
+    import json
+
+    layer, seen = path, set()
+    while layer and len(seen) < 64:
+        seen.add(layer)
+        info = json.loads(qemu_img("info", "--output=json", "-U", layer))
+        name = info.get("backing-filename")
+        if not name:
+            return
+        real = confine(name, layer, allowed)
+        if probe_format(real) not in ("qcow2", "raw"):
+            raise UsageError(f"{layer}: backing file {name!r} is not a qcow2 or raw image")
+        layer = real if real not in seen else ""
+
+
+def open_source(
+    path: str,
+    fmt: str | None = None,
+    resolver: Resolver | None = None,
+    backing_dirs: tuple[str, ...] | list[str] = (),
+) -> Any:
+    """Open an image for reading in any supported format (probed when ``fmt`` is None). A vimg
+    image's backing files are confined to its directory and ``backing_dirs``."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (raw, qcow2, vimg)")
     fmt = fmt or probe_format(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if fmt == "vimg":
-        return Image.open(path, readonly=True, resolver=resolver)
+        return Image.open(path, readonly=True, resolver=resolver, backing_dirs=backing_dirs)
     if fmt == "qcow2":
-        return Qcow2Source(path)
+        return Qcow2Source(path, backing_dirs)
     return RawFile(path)
 
 
@@ -149,19 +178,7 @@ def image_info(img: Image) -> dict[str, Any]:
         snaps = []
         info["snapshots-error"] = str(e)
     if snaps:
-        info["snapshots"] = [
-            {
-                "icount": 0,
-                "vm-clock-nsec": s.vm_clock_nsec % 10**9,
-                "name": s.name,
-                "date-sec": s.date_sec,
-                "date-nsec": s.date_nsec,
-                "vm-clock-sec": s.vm_clock_nsec // 10**9,
-                "id": s.id,
-                "vm-state-size": s.vm_state_size,
-            }
-            for s in snaps
-        ]
+        info["snapshots"] = [snapshot_info(s) for s in snaps]
 
     def names(kind: int, bits: int) -> list[str]:
         return [h.feature_name(kind, b) or f"bit {b}" for b in range(64) if bits >> b & 1]
@@ -181,6 +198,20 @@ def image_info(img: Image) -> dict[str, Any]:
         data["header-problems"] = problems
     info["format-specific"] = {"type": "vimg", "data": data}
     return info
+
+
+def snapshot_info(s: D.Snapshot) -> dict[str, Any]:
+    """One snapshot as qemu-img info lists it."""
+    return {
+        "icount": 0,
+        "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+        "name": s.name,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec // 10**9,
+        "id": s.id,
+        "vm-state-size": s.vm_state_size,
+    }
 
 
 def header_problems(img: Image) -> list[str]:
@@ -218,7 +249,11 @@ def info_text(info: dict[str, Any]) -> str:
 
         for s in info["snapshots"]:
             date = _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(s["date-sec"]))
-            lines.append(f"{s['id']:<10}{s['name']:<18}{'0 B':>7} {date:>19} 00:00:00.000")
+            vm = format_size(s["vm-state-size"]) if s["vm-state-size"] else "0 B"
+            clock = s["vm-clock-sec"]
+            hms = f"{clock // 3600:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}"
+            ms = s["vm-clock-nsec"] // 10**6
+            lines.append(f"{s['id']:<10}{s['name']:<18}{vm:>7} {date:>19} {hms}.{ms:03d}")
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")
@@ -245,6 +280,7 @@ def convert(
     resolver: Resolver | None = None,
     progress: Progress | None = None,
     on_source: Callable[[Any], None] | None = None,
+    backing_dirs: tuple[str, ...] | list[str] = (),
 ) -> None:
     """Copy the guest view of ``src`` (its whole backing chain) into a new image.
     ``on_source`` is called with the opened source (the CLI reports header problems)."""
@@ -260,7 +296,7 @@ def convert(
         raise UsageError(f"{dst_path}: output file exists")
     if compress and dst_fmt == "raw":
         raise UsageError("-c needs a compressing output format (qcow2 or vimg)")
-    src = open_source(src_path, src_fmt, resolver)
+    src = open_source(src_path, src_fmt, resolver, backing_dirs)
     try:
         if on_source is not None:
             on_source(src)

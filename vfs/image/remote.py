@@ -148,7 +148,7 @@ def fetch_template(remote: Any, name: str, dest: str) -> str:
         raise AlreadyExists(f"{dest}: file exists")
     oid = remote.get_ref(name)
     data = remote.get(oid, max_size=1 << 30)  # verified against its SHA-256
-    if not any(data[o : o + 8] == L.MAGIC for o in L.HEADER_SLOT_OFFSETS):
+    if not any(data[o : o + 8] == L.MAGIC for o in L.HEADER_COPY_OFFSETS):
         raise FormatError(f"ref {name!r} does not name a vimg image")
     write_atomic(dest, data)
     try:
