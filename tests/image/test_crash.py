@@ -20,17 +20,22 @@ from vfs.image.image import Image
 from .helpers import Recorder, apply_ops
 
 
-def _workload(path: str, rec: Recorder, seed: int, compress: bool):
-    """Random writes/discards/snapshots/resizes with flushes; returns {sequence: content}."""
+def _workload(path: str, rec: Recorder, seed: int, compress: bool, bitmaps: bool = False):
+    """Random writes/discards/snapshots/resizes (and bitmap takes, VM state) with flushes;
+    returns {sequence: content}."""
     r = random.Random(seed)
     size = 1 << 20
     img = Image.create(path, size, cluster_size=4096, compress=compress, opener=rec.opener)
+    if bitmaps:
+        img.bitmap_add("b", granularity=512)
+        img.bitmap_add("frozen", enabled=False)
     model = bytearray(size)
     states = {img.sequence: bytes(model)}
     snaps: dict[str, bytes] = {}
     for i in range(120):
         op = r.choices(
-            ["write", "discard", "flush", "snap", "apply", "resize"], [50, 8, 12, 2, 1, 2]
+            ["write", "discard", "flush", "snap", "apply", "resize", "take"],
+            [50, 8, 12, 2, 1, 2, 4 if bitmaps else 0],
         )[0]
         off = r.randrange(0, len(model))
         n = min(r.choice([512, 4096, 9000, 20000]), len(model) - off)
@@ -46,8 +51,11 @@ def _workload(path: str, rec: Recorder, seed: int, compress: bool):
         elif op == "snap":
             img.flush()
             states[img.sequence] = bytes(model)
-            img.snapshot_create(f"s{i}")
+            vm = r.randbytes(r.choice([0, 5000, 20000])) if bitmaps else None
+            img.snapshot_create(f"s{i}", vm_state=vm)
             snaps[f"s{i}"] = bytes(model)
+        elif op == "take":
+            img.bitmap_take("b")
         elif op == "apply" and img.snapshots:
             img.flush()
             states[img.sequence] = bytes(model)
@@ -92,10 +100,12 @@ def _verify(path: str, states: dict[int, bytes], at_least: int) -> int:
     return seq
 
 
-@pytest.mark.parametrize("seed,compress", [(1, False), (2, True), (3, False)])
-def test_power_failure_replay(tmp_path, seed, compress):
+@pytest.mark.parametrize(
+    "seed,compress,bitmaps", [(1, False, False), (2, True, False), (3, False, True)]
+)
+def test_power_failure_replay(tmp_path, seed, compress, bitmaps):
     rec = Recorder()
-    states = _workload(str(tmp_path / "img.vimg"), rec, seed, compress)
+    states = _workload(str(tmp_path / "img.vimg"), rec, seed, compress, bitmaps)
     ops = rec.ops
     syncs = [i for i, op in enumerate(ops) if op[0] == "sync"]
     first_commit = next(i for i in syncs if _committed_sequence(ops, i + 1) >= 0)

@@ -116,6 +116,10 @@ class _Walk:
         self.fatal = False
         #: The active L1 failed its checksum and was salvaged entry by entry.
         self.salvaged_active_l1 = False
+        #: Snapshots whose VM state table was damaged (repair drops the state).
+        self.dropped_vmstate: list[str] = []
+        #: The bitmap directory or a bitmap table was damaged (repair drops the bitmaps).
+        self.bitmaps_damaged = False
         self.has_backing = bool(h.backing_name)
         self.guest_clusters = -(-h.virtual_size // cs)
 
@@ -170,10 +174,83 @@ class _Walk:
             saved = (array("I", self.computed), dict(self.kind))
             if self._root(s.name, s.l1_offset, s.l1_entries, s.l1_checksum, active=False):
                 kept.append(s)
+                self._vmstate(s)
             else:  # forget the partial counts of a root that is dropped
                 self.computed, self.kind = saved
                 self.dropped_snapshots.append(s.name)
         self.snapshots = kept
+        self._bitmaps()
+
+    def _table(
+        self, what: str, off: int, entries: int, checksum: int, kind: str, data: bool = False
+    ) -> bool:
+        """Count a cluster table (bitmaps, VM state) and the clusters it names; False (and a
+        corruption) when it is damaged. With ``data`` its clusters are verified too (bitmap
+        bits are metadata; VM state is data, verify's to read)."""
+        nbytes = entries * 16
+        raw = self.read(off, nbytes, checksum)
+        if raw is None:
+            self.corrupt(f"{what}: table at {off:#x}: checksum mismatch")
+            return False
+        try:
+            table = L.unpack_table(raw, entries, self.cs, self.host_end)
+        except VfsError as e:
+            self.corrupt(f"{what}: {e}")
+            return False
+        for c in self._run(off, nbytes):
+            self.use(c, f"{kind} table")
+        ok = True
+        for o, sm in table:
+            if o:
+                self.use(o >> self.bits, kind)
+                if data and self.read(o, self.cs, sm) is None:
+                    self.corrupt(f"{what}: cluster at {o:#x}: checksum mismatch")
+                    ok = False
+        return ok
+
+    def _vmstate(self, s: D.Snapshot) -> None:
+        if not s.vm_state_table_offset:
+            return
+        what = f"VM state of snapshot {s.name!r}"
+        ok = self._table(
+            what,
+            s.vm_state_table_offset,
+            s.vm_state_table_entries,
+            s.vm_state_table_checksum,
+            "VM state",
+        )
+        if not ok:  # repair: the snapshot keeps its disk, loses its VM state
+            s.vm_state_size = s.vm_state_table_offset = 0
+            s.vm_state_table_entries = s.vm_state_table_checksum = 0
+            self.dropped_vmstate.append(s.name)
+
+    def _bitmaps(self) -> None:
+        ext = self.h.bitmaps
+        if ext is None:
+            return
+        raw = self.read(ext.directory_offset, ext.directory_size, ext.directory_checksum)
+        if raw is None:
+            self.corrupt("bitmap directory checksum mismatch")
+            self.bitmaps_damaged = True
+            return
+        try:
+            entries = D.unpack_bitmap_directory(raw, ext.nb_bitmaps, self.cs, self.h.virtual_size)
+        except VfsError as e:
+            self.corrupt(f"bitmap directory: {e}")
+            self.bitmaps_damaged = True
+            return
+        for c in self._run(ext.directory_offset, ext.directory_size):
+            self.use(c, "bitmap directory")
+        for e in entries:
+            if e.table_offset and not self._table(
+                f"bitmap {e.name!r}",
+                e.table_offset,
+                e.table_entries,
+                e.table_checksum,
+                "bitmap",
+                data=True,
+            ):
+                self.bitmaps_damaged = True
 
     def _run(self, off: int, nbytes: int) -> range:
         first = off >> self.bits
@@ -382,6 +459,11 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
                 "(unreadable table)" if n == "*" else repr(n) for n in walk.dropped_snapshots
             )
             res.messages.append(f"dropped damaged snapshot(s): {names}")
+        if walk.dropped_vmstate:
+            names = ", ".join(repr(n) for n in walk.dropped_vmstate)
+            res.messages.append(f"dropped the damaged VM state of snapshot(s): {names}")
+        if walk.bitmaps_damaged:
+            res.messages.append("dropped the dirty bitmaps (their metadata was damaged)")
         if choice.fallback:
             res.messages.append(f"accepted the header of sequence {h.sequence}")
         if corruptions_before:
@@ -405,8 +487,10 @@ def _rebuild(f: ImageFile, choice: HeaderChoice, walk: _Walk) -> None:
         counts=counts,
         rct=walk.rct,
         snapshots=walk.snapshots,
-        snapshots_changed=bool(walk.dropped_snapshots),
+        snapshots_changed=bool(walk.dropped_snapshots or walk.dropped_vmstate),
         tables=walk.damaged_l2,
+        drop_bitmaps=walk.bitmaps_damaged,
+        stale_bitmaps=bool(walk.res.lost_clusters) or choice.fallback is not None,
     )
     Image.rebuild(f, choice, salvaged).flush()
 
@@ -423,6 +507,13 @@ def verify(img: Image) -> list[dict[str, Any]]:
         names += [s.name for s in img.snapshots]
     except VfsError as e:
         bad.append({"root": "snapshot table", "offset": 0, "error": str(e)})
+    for snap in img.snapshots if len(names) > 1 else []:
+        if snap.vm_state_size:
+            try:
+                for _chunk in img.load_vmstate(snap.name):
+                    pass
+            except VfsError as e:
+                bad.append({"root": snap.name, "vm-state": True, "offset": 0, "error": str(e)})
     for name in names:
         root = name or "active"
 

@@ -693,6 +693,98 @@ def snapshot(create_name, list_, apply_name, delete_name, as_json, output, file)
         _close(img)
 
 
+# ----------------------------------------------------------------------------------- bitmap
+@main.command()
+@click.option("--add", "op", flag_value="add", help="Create NAME (enabled, all clear).")
+@click.option("--remove", "op", flag_value="remove", help="Delete NAME.")
+@click.option("--clear", "op", flag_value="clear", help="Reset NAME to all clear.")
+@click.option("--enable", "op", flag_value="enable", help="Record writes in NAME.")
+@click.option("--disable", "op", flag_value="disable", help="Stop recording writes in NAME.")
+@click.option("--dirty", "op", flag_value="dirty", help="List NAME's dirty ranges.")
+@click.option("--list", "op", flag_value="list", help="List the bitmaps of FILE.")
+@click.option("-g", "granularity", help="With --add: bytes per bit (power of two, 512..2G).")
+@json_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("name", required=False)
+@handle_errors
+def bitmap(op, granularity, as_json, file, name):
+    """Persistent dirty bitmaps of FILE (as qemu-img bitmap): which ranges changed since a
+    bitmap was added or cleared. A bitmap flagged in-use (after a crash, a repair) reads as
+    all dirty until cleared."""
+    from vfs.image.ops import bitmap_info
+
+    if op is None:
+        raise UsageError("give one of --add --remove --clear --enable --disable --dirty --list")
+    if op != "list" and not name:
+        raise UsageError(f"--{op} needs a bitmap NAME")
+    _check_vimg(file, None)
+    img = _open(file, readonly=op in ("dirty", "list"), with_backing=False)
+    try:
+        if op == "list":
+            items = [bitmap_info(b) for b in img.bitmap_list()]
+            if as_json:
+                emit_json(items)
+            for b in [] if as_json else items:
+                flags = ",".join(b["flags"]) or "-"
+                click.echo(f"{b['name']}\t{b['granularity']}\t{flags}\t{b['dirty']}")
+        elif op == "dirty":
+            ranges = img.bitmap_dirty(name)
+            if as_json:
+                emit_json([{"start": o, "length": n} for o, n in ranges])
+            for o, n in [] if as_json else ranges:
+                click.echo(f"{o:#x}\t{n:#x}")
+        elif op == "add":
+            img.bitmap_add(name, granularity=parse_size(granularity) if granularity else None)
+        elif op == "remove":
+            img.bitmap_remove(name)
+        elif op == "clear":
+            img.bitmap_clear(name)
+        else:
+            img.bitmap_enable(name, op == "enable")
+    finally:
+        _close(img)
+
+
+# ----------------------------------------------------------------------------------- vmstate
+@main.command()
+@click.option(
+    "--save",
+    "save_from",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Store the VM state read from this file ('-': stdin).",
+)
+@click.option(
+    "--load",
+    "load_to",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write the VM state to this file ('-': stdout).",
+)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("snapshot_name")
+@handle_errors
+def vmstate(save_from, load_to, file, snapshot_name):
+    """The VM state saved with snapshot SNAPSHOT_NAME of FILE (device and memory state, e.g.
+    a QEMU migration stream): --save stores one (replacing any), --load reads it back
+    (verified); without either, print its size."""
+    if save_from and load_to:
+        raise UsageError("give --save or --load, not both")
+    _check_vimg(file, None)
+    img = _open(file, readonly=not save_from, with_backing=False)
+    try:
+        if save_from:
+            with click.open_file(save_from, "rb") as src:
+                n = img.save_vmstate(snapshot_name, src)
+            click.echo(f"saved {n} bytes of VM state with snapshot {snapshot_name!r}", err=True)
+        elif load_to:
+            with click.open_file(load_to, "wb") as dst:
+                for chunk in img.load_vmstate(snapshot_name):
+                    dst.write(chunk)
+        else:
+            click.echo(img.vmstate_size(snapshot_name))
+    finally:
+        _close(img)
+
+
 # ----------------------------------------------------------------------------------- resize
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--shrink", is_flag=True, help="Allow shrinking (data past the new end is lost).")

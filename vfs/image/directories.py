@@ -230,7 +230,7 @@ def unpack_bitmap_directory(
             raise FormatError(f"bitmap {name!r}: granularity bits {gbits} out of range 9..31")
         if entries != bitmap_table_entries(virtual_size, gbits, cluster_size):
             raise FormatError(f"bitmap {name!r}: table size does not match the virtual size")
-        if (off == 0) != (entries == 0) or (off and (off % cluster_size or off < HEADER_AREA)):
+        if off and (off % cluster_size or off < HEADER_AREA):
             raise FormatError(f"bitmap {name!r}: bad table offset")
         out.append(
             BitmapEntry(

@@ -31,13 +31,14 @@ from vfs.image import directories as D
 from vfs.image import extents as X
 from vfs.image import layout as L
 from vfs.image.alloc import Allocator
+from vfs.image.bitmaps import BitmapInfo, Bitmaps
 from vfs.image.commit import Committer
 from vfs.image.core import Backing, Core, FileOpener, Resolver
 from vfs.image.extents import Extent
 from vfs.image.fileio import ImageFile
 from vfs.image.header import HeaderChoice, choose_header, heal, refuse_fallback
 from vfs.image.reader import Reader
-from vfs.image.snapshots import Snapshots
+from vfs.image.snapshots import Snapshots, VmState
 from vfs.image.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,15 @@ _xxh = xxhash.xxh3_64_intdigest
 #: guest at 64 KiB clusters, 64 PiB at 2 MiB.
 MAX_L1_ENTRIES = 1 << 20
 
-__all__ = ["Backing", "Extent", "Image", "Resolver", "Salvaged", "default_opener"]
+__all__ = [
+    "Backing",
+    "BitmapInfo",
+    "Extent",
+    "Image",
+    "Resolver",
+    "Salvaged",
+    "default_opener",
+]
 
 
 @dataclass
@@ -60,6 +69,10 @@ class Salvaged:
     snapshots: list[D.Snapshot]
     snapshots_changed: bool
     tables: dict[int, bytearray] = field(default_factory=dict)
+    #: The bitmap directory (or a bitmap's table) was damaged: drop every bitmap.
+    drop_bitmaps: bool = False
+    #: The repair changed what some ranges read: every bitmap becomes stale (spec 11).
+    stale_bitmaps: bool = False
 
 
 def default_opener(path: str, writable: bool, create: bool) -> ImageFile:
@@ -103,7 +116,8 @@ class Image:
         self._writer = Writer(c, self._reader)
         self._committer = Committer(c, self._writer)
         self._snapshots = Snapshots(c, self._committer)
-        self._committer.parts.append(self._snapshots)
+        self._bitmaps = Bitmaps(c, self._committer, self._writer)
+        self._committer.parts += [self._snapshots, self._bitmaps]
         if salvaged is not None:
             self._install(salvaged)
             return
@@ -121,6 +135,16 @@ class Image:
                 chain + (os.path.realpath(path),),
                 self._allowed,
             )
+        if not readonly:
+            # Dirty bitmaps go to disk as in use before the first write is accepted (spec 7.3).
+            self._bitmaps.start_session()
+            if self._committer.dirty:
+                try:
+                    self._committer.flush()
+                except BaseException:
+                    if c.backing is not None:
+                        c.backing.close()
+                    raise
 
     # ------------------------------------------------------------------ open / create / close
     @classmethod
@@ -285,6 +309,8 @@ class Image:
             return
         try:
             if not c.readonly:
+                if c.failed is None:
+                    self._bitmaps.end_session()  # the bits go back, in_use cleared
                 self.flush()
                 self._committer.sync_mirror()
                 self._writer.trim_preallocation(self.dirty)
@@ -317,6 +343,11 @@ class Image:
         c.rct = list(s.rct) or [(0, 0)] * L.refcount_blocks_for(len(s.counts), cs)
         c.alloc.dirty_blocks.update(range(len(c.rct)))  # rewrite every refcount block
         self._snapshots.install(s.snapshots, s.snapshots_changed)
+        if s.drop_bitmaps:
+            c.header.bitmaps = None
+            c.header.autoclear &= ~L.AUTOCLEAR_BITMAPS
+        elif c.header.bitmaps is not None and s.stale_bitmaps:
+            self._bitmaps.mark_stale()  # the repair changed what ranges read (spec 11)
         c.header_dirty = c.l1_dirty = True
         for idx, table in s.tables.items():
             c.l2cache[idx] = table
@@ -491,13 +522,35 @@ class Image:
     def snapshot_list(self) -> list[D.Snapshot]:
         return list(self._snapshots.items)
 
-    def snapshot_create(self, name: str) -> D.Snapshot:
-        """Freeze the current state under ``name`` (commits first and after)."""
-        return self._snapshots.create(name)
+    def snapshot_create(
+        self, name: str, *, vm_state: VmState | None = None, vm_clock_nsec: int = 0
+    ) -> D.Snapshot:
+        """Freeze the current disk under ``name`` (commits first and after), optionally with
+        the VM state that belongs to it (see :meth:`save_vmstate`)."""
+        return self._snapshots.create(name, vm_state, vm_clock_nsec)
+
+    def save_vmstate(self, snapshot: str, data: VmState) -> int:
+        """Store VM state (bytes, a binary file, or an iterable of chunks, e.g. QEMU's
+        migration stream) with snapshot ``snapshot``, replacing any; commits. Returns its
+        size. The state lives in the image file, freed with the snapshot (spec 6.1)."""
+        return self._snapshots.save_vmstate(snapshot, data)
+
+    def load_vmstate(self, snapshot: str) -> Iterator[bytes]:
+        """The VM state saved with ``snapshot``, in order, in verified chunks of at most one
+        cluster (empty when there is none)."""
+        return self._snapshots.load_vmstate(snapshot)
+
+    def vmstate_size(self, snapshot: str) -> int:
+        return self._snapshots.find(snapshot).vm_state_size
 
     def snapshot_apply(self, name: str) -> None:
-        """Revert the active image to a snapshot (the snapshot itself stays)."""
+        """Revert the active image to a snapshot (the snapshot itself stays). Dirty bitmaps
+        record the whole disk as changed."""
+        old = self.size
         self._snapshots.apply(name)
+        if self.size != old:
+            self._bitmaps.resize(self.size)
+        self._writer.mark(0, self.size)
 
     def snapshot_delete(self, name: str) -> None:
         self._snapshots.delete(name)
@@ -505,6 +558,42 @@ class Image:
     def roots(self) -> Iterator[tuple[str, int, list[tuple[int, int]], bool]]:
         """(name, l1_offset, l1 entries, is_active) for the active root and every snapshot."""
         return self._snapshots.roots()
+
+    # ------------------------------------------------------------------ dirty bitmaps
+    def bitmap_add(
+        self, name: str, *, granularity: int | None = None, enabled: bool = True
+    ) -> BitmapInfo:
+        """A new dirty bitmap, all clear: from now on (``enabled``) every write path marks the
+        ranges it changes. ``granularity`` (bytes per bit): a power of two, 512 .. 2 GiB;
+        default the cluster size. Durable at the next flush."""
+        return self._bitmaps.add(name, granularity, enabled)
+
+    def bitmap_remove(self, name: str) -> None:
+        self._bitmaps.remove(name)
+
+    def bitmap_clear(self, name: str) -> None:
+        """Reset to all clear (a new point in time; a stale bitmap is usable again)."""
+        self._bitmaps.clear(name)
+
+    def bitmap_enable(self, name: str, enabled: bool = True) -> None:
+        """Start (or with False, stop) recording writes in the bitmap."""
+        self._bitmaps.set_enabled(name, enabled)
+
+    def bitmap_list(self) -> list[BitmapInfo]:
+        return [self._bitmaps.info(bm) for bm in self._bitmaps.items]
+
+    def bitmap_dirty(
+        self, name: str, offset: int = 0, length: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Dirty (offset, length) ranges inside [offset, offset+length), in guest order and
+        merged, at the bitmap's granularity. A stale bitmap (see :class:`BitmapInfo`) is
+        dirty everywhere."""
+        return self._bitmaps.dirty_ranges(name, offset, length)
+
+    def bitmap_take(self, name: str) -> list[tuple[int, int]]:
+        """:meth:`bitmap_dirty` of the whole disk and :meth:`bitmap_clear` in one step: what
+        a copier (migration, backup) must copy now; writes after it are marked again."""
+        return self._bitmaps.take(name)
 
     # ------------------------------------------------------------------ resize / backing
     def resize(self, new_size: int) -> None:
@@ -528,14 +617,16 @@ class Image:
                 if e[0] != L.UNALLOCATED:
                     c.release(e)
                     c.set_entry(ci, L.UNALLOCATED)
+        b = c.backing
+        if new_size > old and c.header.backing_name and b is None:
+            raise UsageError(f"{c.path} was opened without its backing file")
         self._set_l1_size(L.l1_entries_for(new_size, cs))
         c.size = new_size
         c.header_dirty = True
-        b = c.backing
-        if new_size > old and c.header.backing_name:
-            if b is None:
-                raise UsageError(f"{c.path} was opened without its backing file")
-            if b.size > old:
+        self._bitmaps.resize(new_size)
+        if new_size > old:
+            self._writer.mark(old, new_size - old)  # the new range changed (spec 7.3)
+            if b is not None and b.size > old:
                 self.write_zeroes(old, min(new_size, b.size) - old)
 
     def _set_l1_size(self, n: int) -> None:

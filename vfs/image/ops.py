@@ -18,6 +18,7 @@ from vfs.errors import UsageError, VfsError
 from vfs.image import directories as D
 from vfs.image import layout as L
 from vfs.image.backing import allowed_dirs, confine
+from vfs.image.bitmaps import BitmapInfo
 from vfs.image.extents import backing_status
 from vfs.image.fileio import RawFile, probe_format
 from vfs.image.image import Image, Resolver
@@ -193,6 +194,13 @@ def image_info(img: Image) -> dict[str, Any]:
         "autoclear-features": names(L.FEATURE_AUTOCLEAR, h.autoclear),
         "host-clusters": h.host_clusters,
     }
+    try:
+        bitmaps = img.bitmap_list()
+    except VfsError as e:
+        bitmaps = []
+        info["bitmaps-error"] = str(e)
+    if bitmaps:
+        data["bitmaps"] = [bitmap_info(b) for b in bitmaps]
     problems = header_problems(img)
     if problems:
         data["header-problems"] = problems
@@ -212,6 +220,13 @@ def snapshot_info(s: D.Snapshot) -> dict[str, Any]:
         "id": s.id,
         "vm-state-size": s.vm_state_size,
     }
+
+
+def bitmap_info(b: BitmapInfo) -> dict[str, Any]:
+    """One bitmap as qemu-img info lists a qcow2 bitmap (flags "auto" = enabled, "in-use" =
+    stale), plus how much of the disk it marks dirty."""
+    flags = (["auto"] if b.enabled else []) + (["in-use"] if b.stale else [])
+    return {"flags": flags, "name": b.name, "granularity": b.granularity, "dirty": b.dirty_bytes}
 
 
 def header_problems(img: Image) -> list[str]:
@@ -244,7 +259,7 @@ def info_text(info: dict[str, Any]) -> str:
         lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}")
+        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>9}{'DATE':>20}{'VM CLOCK':>13}")
         import time as _t
 
         for s in info["snapshots"]:
@@ -253,18 +268,27 @@ def info_text(info: dict[str, Any]) -> str:
             clock = s["vm-clock-sec"]
             hms = f"{clock // 3600:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}"
             ms = s["vm-clock-nsec"] // 10**6
-            lines.append(f"{s['id']:<10}{s['name']:<18}{vm:>7} {date:>19} {hms}.{ms:03d}")
+            lines.append(f"{s['id']:<10}{s['name']:<18}{vm:>9} {date:>19} {hms}.{ms:03d}")
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")
         for k, v in fs["data"].items():
-            if k == "header-problems":
+            if k in ("header-problems", "bitmaps"):
                 continue
             lines.append(f"    {k}: {(', '.join(v) or 'none') if isinstance(v, list) else v}")
+        if fs["data"].get("bitmaps"):
+            lines.append("    bitmaps:")
+            for b in fs["data"]["bitmaps"]:
+                lines.append(
+                    f"        {b['name']}: granularity {b['granularity']}, flags "
+                    f"{', '.join(b['flags']) or 'none'}, {format_size(b['dirty'])} dirty"
+                )
         for p in fs["data"].get("header-problems", []):
             lines.append(f"WARNING: header: {p}")
     if "snapshots-error" in info:
         lines.append(f"WARNING: snapshot table: {info['snapshots-error']}")
+    if "bitmaps-error" in info:
+        lines.append(f"WARNING: bitmaps: {info['bitmaps-error']}")
     return "\n".join(lines)
 
 
