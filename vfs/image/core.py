@@ -288,6 +288,28 @@ class Core:
             if self.pack is not None and self.pack[0] == c and self.alloc.counts[c] == 0:
                 self.pack = None
 
+    def resize_l1(self, n: int) -> None:
+        """Grow or shrink the active L1 table to ``n`` entries, releasing what a shrink drops."""
+        c = self
+        if n == len(c.l1):
+            return
+        while len(c.l1) > n:
+            idx = len(c.l1) - 1
+            off = c.l1[idx][0]
+            t = c.l2cache.pop(idx, None)
+            c.dirty_l2.discard(idx)
+            if t is not None or off:
+                if t is None:
+                    t = c.load_l2(off, c.l1[idx][1], idx)
+                for e in L.L2_ENTRY.iter_unpack(t):
+                    c.release(e)
+            if off:
+                c.alloc.decref(off >> c.cluster_bits)
+            c.l1.pop()
+        while len(c.l1) < n:
+            c.l1.append((0, 0))
+        c.l1_dirty = True
+
     def table_entries(self, idx: int) -> bytearray | None:
         """The active root's L2 table ``idx`` (cached or loaded, verified), None if absent."""
         return self.l2(idx, False)

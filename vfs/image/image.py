@@ -23,8 +23,6 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import xxhash
-
 from vfs.errors import AlreadyExists, CorruptionError, NotFound, UsageError, VfsError
 from vfs.image import backing as B
 from vfs.image import directories as D
@@ -34,6 +32,7 @@ from vfs.image.alloc import Allocator
 from vfs.image.bitmaps import BitmapInfo, Bitmaps
 from vfs.image.commit import Committer
 from vfs.image.core import Backing, Core, FileOpener, Resolver
+from vfs.image.create import write_new_image
 from vfs.image.extents import Extent
 from vfs.image.fileio import ImageFile
 from vfs.image.header import HeaderChoice, choose_header, heal, refuse_fallback
@@ -43,7 +42,6 @@ from vfs.image.writer import Writer
 
 log = logging.getLogger(__name__)
 
-_xxh = xxhash.xxh3_64_intdigest
 #: Implementation limit on the L1 table (held in memory as a list): 1 Mi entries = 64 TiB of
 #: guest at 64 KiB clusters, 64 PiB at 2 MiB.
 MAX_L1_ENTRIES = 1 << 20
@@ -178,64 +176,20 @@ class Image:
             raise UsageError(f"image size {size} must be a multiple of 512 and at most 2^56")
         if os.path.exists(path):
             raise AlreadyExists(f"{path}: file exists")
-        cs = cluster_size
-        per = L.refcounts_per_block(cs)
-        reserved = L.clusters_for(L.HEADER_AREA, cs)
-        l1_entries = L.l1_entries_for(size, cs)
-        if l1_entries > MAX_L1_ENTRIES:
-            limit = MAX_L1_ENTRIES * cs * L.l2_entries_per_table(cs)
+        if L.l1_entries_for(size, cluster_size) > MAX_L1_ENTRIES:
+            limit = MAX_L1_ENTRIES * cluster_size * L.l2_entries_per_table(cluster_size)
             raise UsageError(
                 f"{size} bytes exceeds this implementation's limit of {limit} bytes at "
-                f"{cs // 1024} KiB clusters; use a larger cluster size (-c)"
+                f"{cluster_size // 1024} KiB clusters; use a larger cluster size (-c)"
             )
-        l1_bytes = l1_entries * L.L1_ENTRY_SIZE
-        l1_clusters = L.clusters_for(l1_bytes, cs)
-        # Layout of a new image: header area, L1, refcount blocks, refcount table.
-        nblocks = 1
-        while True:
-            table_clusters = L.clusters_for(nblocks * L.L1_ENTRY_SIZE, cs)
-            host_clusters = reserved + l1_clusters + nblocks + table_clusters
-            if L.refcount_blocks_for(host_clusters, cs) == nblocks:
-                break
-            nblocks = L.refcount_blocks_for(host_clusters, cs)
-        l1_off = reserved * cs
-        first_block = reserved + l1_clusters
-        table_off = (first_block + nblocks) * cs
-        counts = array("H", [1] * host_clusters)
-        blocks = []
-        for b in range(nblocks):
-            chunk = counts[b * per : (b + 1) * per].tobytes()
-            blocks.append(chunk + bytes(cs - len(chunk)))
-        rct = L.pack_l1([((first_block + b) * cs, _xxh(blk)) for b, blk in enumerate(blocks)])
-        h = L.Header(
-            virtual_size=size,
-            cluster_bits=bits,
-            sequence=0,
-            l1_offset=l1_off,
-            l1_checksum=_xxh(bytes(l1_bytes)),
-            l1_entries=l1_entries,
-            refcount_table_offset=table_off,
-            refcount_table_checksum=_xxh(rct),
-            refcount_table_entries=nblocks,
-            backing_format=bfmt,
-            compression=L.COMPRESSION_ZSTD if compress else L.COMPRESSION_NONE,
-            incompatible=L.INCOMPAT_COMPRESSED if compress else 0,
-            host_clusters=host_clusters,
+        write_new_image(
+            opener(path, True, True),
+            size,
+            bits,
             backing_name=backing or "",
+            backing_format=bfmt,
+            compress=compress,
         )
-        f = opener(path, True, True)
-        try:
-            f.truncate(host_clusters * cs)  # the L1 table is all zeros: leave it sparse
-            for b, blk in enumerate(blocks):
-                f.pwrite(blk, (first_block + b) * cs)
-            f.pwrite(rct, table_off)
-            slot = L.pack_header(h).ljust(L.HEADER_SLOT_SIZE, b"\0")
-            f.pwrite(slot, L.HEADER_SLOT_OFFSETS[0])
-            f.pwrite(slot, L.HEADER_MIRROR_OFFSETS[0])
-            f.fsync()
-        finally:
-            f.close()
-        _fsync_dir(path)
         return cls.open(path, opener=opener, resolver=resolver, backing_dirs=backing_dirs)
 
     @classmethod
@@ -620,7 +574,7 @@ class Image:
         b = c.backing
         if new_size > old and c.header.backing_name and b is None:
             raise UsageError(f"{c.path} was opened without its backing file")
-        self._set_l1_size(L.l1_entries_for(new_size, cs))
+        c.resize_l1(L.l1_entries_for(new_size, cs))
         c.size = new_size
         c.header_dirty = True
         self._bitmaps.resize(new_size)
@@ -628,27 +582,6 @@ class Image:
             self._writer.mark(old, new_size - old)  # the new range changed (spec 7.3)
             if b is not None and b.size > old:
                 self.write_zeroes(old, min(new_size, b.size) - old)
-
-    def _set_l1_size(self, n: int) -> None:
-        c = self._core
-        if n == len(c.l1):
-            return
-        while len(c.l1) > n:
-            idx = len(c.l1) - 1
-            off = c.l1[idx][0]
-            t = c.l2cache.pop(idx, None)
-            c.dirty_l2.discard(idx)
-            if t is not None or off:
-                if t is None:
-                    t = c.load_l2(off, c.l1[idx][1], idx)
-                for e in L.L2_ENTRY.iter_unpack(t):
-                    c.release(e)
-            if off:
-                c.alloc.decref(off >> c.cluster_bits)
-            c.l1.pop()
-        while len(c.l1) < n:
-            c.l1.append((0, 0))
-        c.l1_dirty = True
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Change the backing reference (no data is copied: that is rebase's job)."""
@@ -702,11 +635,3 @@ class Image:
         a backing file); UsageError otherwise."""
         name = self.backing_name
         return B.confine(name, self.path, self._allowed) if name else ""
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
