@@ -1,6 +1,6 @@
 """Power-failure replay: record the image's write stream, cut it at every fsync, and check.
 
-The crash model (docs/vimg-format.md, section 7) promises: after a crash at any instant the image
+The crash model (docs/vimg-format.md, section 9) promises: after a crash at any instant the image
 opens without repair, every byte acknowledged by a completed flush reads back exactly, and
 ``check`` finds no corruption. Writes between two fsyncs may reach the disk in any order and
 partially, so besides every prefix ending at an fsync we also replay random subsets of the next

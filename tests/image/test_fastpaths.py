@@ -1,4 +1,4 @@
-"""The request fast paths (docs/vimg-format.md section 7 and README "Disk images"): reads into a
+"""The request fast paths (docs/vimg-format.md 9 and 13.3, README "Disk images"): reads into a
 caller's buffer, host-contiguous runs read and written with one system call, and the checksum of a
 fresh cluster rewritten in part computed once, at the commit or at the first read."""
 

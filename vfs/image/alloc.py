@@ -1,6 +1,6 @@
 """Host-cluster allocation and refcounts for one open image (in memory; persisted at commit).
 
-Why a separate class: the copy-on-write rules of the crash model (docs/vimg-format.md, 5.2 and 7)
+Why a separate class: the copy-on-write rules of the crash model (docs/vimg-format.md, 5.2 and 9)
 live here and only here — which clusters may be overwritten in place (*fresh*: allocated since
 the last commit, refcount 1) and which freed clusters must wait for the next commit (*pending*:
 still referenced by the committed header).

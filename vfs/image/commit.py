@@ -1,4 +1,4 @@
-"""The commit (``flush``): the one point where metadata is written (spec section 7).
+"""The commit (``flush``): the one point where metadata is written (spec section 9).
 
 1. every changed L2 table, the L1 table, the snapshot table, the bitmaps and the refcount
    blocks go to clusters the committed header does not reference (their own if fresh and

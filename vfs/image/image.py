@@ -403,7 +403,7 @@ class Image:
         self._writer.zero_range(offset, length, discard=True)
 
     def flush(self) -> None:
-        """Commit everything written so far (spec section 7). Raises
+        """Commit everything written so far (spec section 9). Raises
         :class:`~vfs.errors.WriteFailed` once any write of this open image has failed."""
         self._committer.flush()
 

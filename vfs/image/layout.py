@@ -1,10 +1,10 @@
 """On-disk structures of the vimg format: constants, byte layouts, pack/unpack. No behaviour.
 
-This module is the canonical definition of the format's bytes; ``docs/vimg-format.md`` describes
-the same structures in prose with their invariants. Everything is little-endian. Parsers raise
-:class:`vfs.errors.FormatError` (never struct.error, IndexError or UnicodeError) and bound every
-length they read by the size of the buffer they were given, so a hostile file cannot make them
-allocate or loop beyond it.
+``docs/vimg-format.md`` is canonical; this module implements its bytes (the snapshot table and
+the bitmap directory are in :mod:`vfs.image.directories`). Everything is little-endian.
+Parsers raise :class:`vfs.errors.FormatError` (never struct.error, IndexError or UnicodeError)
+and bound every length they read by the size of the buffer they were given, so a hostile file
+cannot make them allocate or loop beyond it.
 """
 
 from __future__ import annotations
