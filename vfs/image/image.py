@@ -213,7 +213,8 @@ class Image:
 
         A header that may have rolled back (spec 3.1) is reported in :attr:`header_choice`
         and logged; a read-write open refuses it (``check -r all`` accepts it). A writer first
-        rewrites damaged copies of the current header from the intact one."""
+        rewrites damaged copies of the current header from the intact one, and, when the image
+        has enabled dirty bitmaps, commits them as in use before returning (spec 7.3)."""
         try:
             f = opener(path, not readonly, False)
         except FileNotFoundError:
