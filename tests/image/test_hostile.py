@@ -135,6 +135,9 @@ def test_a_qcow2_input_with_a_hostile_backing_file_is_refused(tmp_path, secret):
     r = vimg("convert", "-O", "raw", str(q), str(out))
     assert r.returncode == 2 and "outside the allowed directories" in r.stderr
     assert not out.exists() or b"secret-hash" not in out.read_bytes()
+    for args in (["info", "--backing-chain", str(q)], ["map", str(q)], ["compare", str(q), str(q)]):
+        r = vimg(*args)
+        assert r.returncode == 2 and "outside the allowed directories" in r.stderr, args
 
 
 # ------------------------------------------------------------------------- FIFOs

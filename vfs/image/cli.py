@@ -84,8 +84,11 @@ def info(fmt, backing_chain, as_json, output, file):
     from vfs.image.ops import image_info, info_text, open_source
 
     if (fmt or probe(file)) == "qcow2":
+        from vfs.image.backing import allowed_dirs
+        from vfs.image.ops import confine_qcow2_chain
         from vfs.image.qemu import qemu_img
 
+        confine_qcow2_chain(file, allowed_dirs(file, backing_dirs()))
         extra = ["--backing-chain"] if backing_chain else []
         if want_json(as_json, output):
             click.echo(qemu_img("info", "--output=json", *extra, "-f", "qcow2", file), nl=False)
@@ -231,8 +234,11 @@ def map_cmd(fmt, as_json, output, store, repo, file):
     from vfs.image.ops import image_map, open_source
 
     if (fmt or probe(file)) == "qcow2":
+        from vfs.image.backing import allowed_dirs
+        from vfs.image.ops import confine_qcow2_chain
         from vfs.image.qemu import qemu_img
 
+        confine_qcow2_chain(file, allowed_dirs(file, backing_dirs()))
         out = "--output=json" if want_json(as_json, output) else "--output=human"
         click.echo(qemu_img("map", out, "-f", "qcow2", file), nl=False)
         return

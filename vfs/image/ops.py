@@ -42,7 +42,7 @@ class Qcow2Source(RawFile):
     format = "qcow2"
 
     def __init__(self, path: str, backing_dirs: tuple[str, ...] | list[str] = ()) -> None:
-        _confine_qcow2_chain(path, allowed_dirs(path, backing_dirs))
+        confine_qcow2_chain(path, allowed_dirs(path, backing_dirs))
         self._tmpdir = tempfile.mkdtemp(prefix="vimg-qcow2-")
         raw = os.path.join(self._tmpdir, "image.raw")
         try:
@@ -58,7 +58,9 @@ class Qcow2Source(RawFile):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def _confine_qcow2_chain(path: str, allowed: tuple[str, ...]) -> None:
+def confine_qcow2_chain(path: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a qcow2 image whose backing chain leaves the allowed directories (spec 8),
+    before qemu-img is asked to follow it."""
     import json
 
     layer, seen = path, set()
