@@ -25,6 +25,8 @@ one-line message and an exit code (``.exit_code``).
     ├── StoreFull                 exit 8, ENOSPC   disk full or quota cannot be met
     ├── BusyError                 exit 9, EBUSY    in use (pinned, locked, mounted)
     ├── ReadOnlyError             exit 10, EROFS
+    ├── WriteFailed               exit 11, EIO     an earlier write/fsync failed: nothing since
+    │                                              the last commit is durable (reopen)
     ├── FsError                   exit 1, any      a plain file-system errno (ENOTEMPTY, EISDIR)
     ├── StaleHandle               exit 1, ESTALE   a shared inode must be looked up again
     ├── DaemonNotRunning          exit 3           no daemon answers on the control socket
@@ -124,6 +126,14 @@ class BusyError(VfsError):
 class ReadOnlyError(VfsError):
     errno = _errno.EROFS
     exit_code = 10
+
+
+class WriteFailed(VfsError):
+    """An earlier write or fsync of this open file failed: data written since the last durable
+    point may be lost, so every later write and flush fails too until the file is reopened
+    (errseq semantics, as Linux reports a writeback error to every later fsync)."""
+
+    exit_code = 11
 
 
 class FsError(VfsError):
