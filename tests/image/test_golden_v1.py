@@ -54,7 +54,7 @@ class Objects:
             hashlib.sha256(fill(0x40 + ci)).hexdigest(): fill(0x40 + ci) for ci in range(4)
         }
 
-    def get(self, oid: str) -> bytes:
+    def get(self, oid: str, *, expected_size: int | None = None) -> bytes:
         return self.objects[oid]
 
 

@@ -49,11 +49,11 @@ class LazyResolver:
             self._r = Resolver(store, remote)
         return self._r
 
-    def get(self, oid: str) -> bytes:
-        return self.resolver().get(oid)
+    def get(self, oid: str, *, expected_size: int | None = None) -> bytes:
+        return self.resolver().get(oid, expected_size=expected_size)
 
-    def ensure(self, oid: str, *, size_hint: int | None = None) -> None:
-        self.resolver().ensure(oid, size_hint=size_hint)
+    def ensure(self, oid: str, *, expected_size: int | None = None) -> None:
+        self.resolver().ensure(oid, expected_size=expected_size)
 
     def close(self) -> None:
         for o in reversed(self._objs):

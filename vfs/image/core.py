@@ -46,7 +46,7 @@ class Backing(Protocol):
 class Resolver(Protocol):
     """The part of ``vfs.redirect.Resolver`` the image uses."""
 
-    def get(self, oid: str) -> bytes: ...
+    def get(self, oid: str, *, expected_size: int | None = None) -> bytes: ...
 
 
 FileOpener = Callable[[str, bool, bool], ImageFile]

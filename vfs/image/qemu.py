@@ -9,11 +9,6 @@ import shutil
 import subprocess
 
 from vfs.errors import FormatError, UsageError
-from vfs.image.fileio import probe_format
-
-#: ``probe_format`` lives in :mod:`vfs.image.fileio` (it reads magics; it runs no qemu-img);
-#: this name stays for callers that imported it from here (vmctl.disks) until they move.
-__all__ = ["probe_format", "qemu_img"]
 
 
 def qemu_img(*args: str) -> str:

@@ -208,7 +208,8 @@ class Reader:
                 f"cluster at guest offset {ci * c.cluster_size:#x} is remote (object {oid}); "
                 "give a store/repository to read it"
             )
-        data = c.resolver.get(oid)
+        # a remote cluster is exactly one cluster: a server sending more is cut off there
+        data = c.resolver.get(oid, expected_size=c.cluster_size)
         if len(data) != c.cluster_size or hashlib.sha256(data).digest() != e[6]:
             raise IntegrityError(
                 f"cluster at guest offset {ci * c.cluster_size:#x}: object {oid} does not "

@@ -86,7 +86,7 @@ def pull(
                 for j in range(done - 1, min(done - 1 + 2 * parallel, len(todo))):
                     if j not in ahead:
                         oid = img.entry(todo[j]).oid.hex()
-                        ahead[j] = pool.submit(ensure, oid, size_hint=cs)
+                        ahead[j] = pool.submit(ensure, oid, expected_size=cs)
                 ahead.pop(done - 1).result()  # a failed fetch fails here, in order
             data = img.read_cluster(ci)  # from the store now: SHA-256 and xxh3 verified
             img.store_cluster(ci, data)
