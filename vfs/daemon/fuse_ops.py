@@ -5,6 +5,10 @@ Every handler is a translation: arguments in, :class:`Attr` → ``EntryAttribute
 long entry/attr timeouts and ``keep_cache`` (template content never changes, and everything else
 changes only through this daemon), ``flush`` answered with ENOSYS so the kernel stops sending it,
 and the writeback cache (the kernel merges small writes and handles O_APPEND).
+
+It needs the pyfuse3 that ``make`` builds with the patches of ``tools/pyfuse3`` (FALLOCATE,
+opendir returning ``FileInfo.cache_readdir``, ``invalidate_inode_async``): :func:`check_pyfuse3`
+refuses to start on a plain PyPI pyfuse3.
 """
 
 from __future__ import annotations
@@ -24,6 +28,22 @@ from vfs.tree.view import Views
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def check_pyfuse3() -> None:
+    """Fail clearly unless pyfuse3 is the build ``make`` makes (``tools/pyfuse3``)."""
+    missing = []
+    if getattr(pyfuse3.Operations, "fallocate", None) is None:
+        missing.append("Operations.fallocate")
+    if not hasattr(pyfuse3.FileInfo(), "cache_readdir"):
+        missing.append("FileInfo.cache_readdir")
+    if not hasattr(pyfuse3, "invalidate_inode_async"):
+        missing.append("invalidate_inode_async")
+    if missing:
+        raise VfsError(
+            f"pyfuse3 {pyfuse3.__version__} ({pyfuse3.__file__}) is not the vfs-patched build "
+            f"(no {', '.join(missing)}): run `make setup` (tools/pyfuse3/build.py)"
+        )
 
 
 def _errno(fn: F) -> F:
@@ -83,6 +103,7 @@ class VeeOperations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, views: Views) -> None:
+        check_pyfuse3()
         super().__init__()
         self.views = views
         #: EntryAttributes of shared inodes, made once: their attributes never change (pyfuse3
@@ -183,6 +204,10 @@ class VeeOperations(pyfuse3.Operations):
     @_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.views.fsync(fh, datasync)
+
+    @_errno
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        await self.views.fallocate(fh, mode, offset, length)
 
     @_errno
     async def opendir(self, inode: int, ctx: Any) -> int:
