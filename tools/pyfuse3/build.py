@@ -147,8 +147,14 @@ def build(version: str, series: list[Path]) -> None:
             ],
             "installing the pyfuse3 wheel",
         )
+    # A new process reads the installed metadata (importing pyfuse3 needs trio, which a fresh
+    # venv gets only with the project, next; the daemon checks the features at start-up).
     check = subprocess.run(
-        [sys.executable, "-c", "import pyfuse3; print(pyfuse3.__version__)"],
+        [
+            sys.executable,
+            "-c",
+            "from importlib import metadata; print(metadata.version('pyfuse3'))",
+        ],
         capture_output=True,
         text=True,
         check=False,
