@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from vfs.daemon.confine import Confinement
 from vfs.errors import VfsError
 from vfs.tree.nodes import CACHE_TIMEOUT, ROOT_INO, Attr, SetAttr
 from vfs.tree.view import Views
@@ -77,7 +78,7 @@ def _errno(fn: F) -> F:
 def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
-    e.generation = 0
+    e.generation = a.generation
     e.entry_timeout = CACHE_TIMEOUT
     e.attr_timeout = CACHE_TIMEOUT
     e.st_mode = a.mode
@@ -113,6 +114,15 @@ def invalidate_listing(ino: int) -> None:
         log.debug("invalidate_inode(%d) failed", ino, exc_info=True)
 
 
+def invalidate_attr(inode: int) -> None:
+    """Drop the kernel's cached attributes of an inode (attributes only: no page-cache work,
+    so the kernel answers at once and the loop never waits on itself)."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except Exception:  # not mounted yet, or going away
+        log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
+
+
 class _OpenDir:
     """A directory the kernel has open: its inode, and the view's listing once it is read."""
 
@@ -136,9 +146,16 @@ class VeeOperations(pyfuse3.Operations):
         #: open directories by the handle the kernel holds (see :meth:`opendir`)
         self._dirs: dict[int, _OpenDir] = {}
         self._next_dir_fh = 1
+        #: set once the mount is up (serve): checks of the callers confined to a VEE
+        self.confinement: Confinement | None = None
         #: EntryAttributes of shared inodes, made once: their attributes never change (pyfuse3
         #: copies the fields into each reply, so one object can answer every lookup/readdir)
         self._shared_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+
+    def _check(self, ctx: Any, *inodes: int) -> None:
+        """EACCES for a caller confined to one VEE touching another's inodes (confine.py)."""
+        if self.confinement is not None and ctx is not None:
+            self.confinement.check(ctx.pid, *inodes)
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         if not a.shared:
@@ -168,6 +185,7 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        self._check(ctx, inode)
         ch = SetAttr(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -180,45 +198,55 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self._check(ctx, inode)
         return self.views.readlink(inode)
 
     @_errno
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         return entry_attributes(self.views.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errno
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         return entry_attributes(self.views.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errno
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check(ctx, parent_inode)
         self.views.unlink(parent_inode, name)
 
     @_errno
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check(ctx, parent_inode)
         self.views.rmdir(parent_inode, name)
 
     @_errno
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         return entry_attributes(self.views.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errno
     async def rename(
         self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int, ctx
     ) -> None:
+        self._check(ctx, parent_old, parent_new)
         await self.views.rename(parent_old, name_old, parent_new, name_new, flags)
 
     @_errno
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self._check(ctx, inode, new_parent_inode)
         return entry_attributes(await self.views.link(inode, new_parent_inode, new_name))
 
     @_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        self._check(ctx, inode)
         fh = await self.views.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_errno
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         fh, attr = self.views.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(attr)
 
@@ -258,8 +286,9 @@ class VeeOperations(pyfuse3.Operations):
         never cached: ``vfsd vee add/rm`` change it behind the kernel's back.
 
         The view's listing is made by :meth:`readdir` when the kernel reads from offset 0, so a
-        warm open (the kernel lists from its cache) costs only this check.
+        warm open (the kernel lists from its cache) costs only these checks.
         """
+        self._check(ctx, inode)
         if not self.views.node(inode).is_dir:  # ESTALE for a directory that is gone
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_dir_fh
@@ -281,10 +310,14 @@ class VeeOperations(pyfuse3.Operations):
                 self.views.releasedir(d.listing)
                 d.listing = None
             d.listing = self.views.opendir(d.ino)
-        for name, attr, next_id in self.views.readdir(d.listing, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
-                return
-            self.views.count_lookup(attr.ino)  # readdirplus: each entry is a lookup
+        # readdirplus: the view counts a lookup for each entry the kernel's buffer took
+        self.views.readdir(
+            d.listing,
+            start_id,
+            lambda name, attr, next_id: pyfuse3.readdir_reply(
+                token, name, self._entry(attr), next_id
+            ),
+        )
 
     @_errno
     async def releasedir(self, fh: int) -> None:
@@ -313,18 +346,22 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._check(ctx, inode)
         await self.views.setxattr(inode, name, value)
 
     @_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self._check(ctx, inode)
         return self.views.getxattr(inode, name)
 
     @_errno
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self._check(ctx, inode)
         return self.views.listxattr(inode)
 
     @_errno
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._check(ctx, inode)
         await self.views.removexattr(inode, name)
 
 
