@@ -1411,6 +1411,30 @@ class Views:
             sync = os.fdatasync if datasync else os.fsync
             await trio.to_thread.run_sync(sync, h.fd, limiter=self.disk_threads)
 
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with ``mode`` on the private file of a writable handle.
+
+        The host file system answers every mode for itself (EOPNOTSUPP where it has none, so
+        glibc's posix_fallocate falls back to writing as it would there); the kernel forwards
+        only 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE, and keeps i_size itself
+        (writeback cache). Allocation can wait on the journal: it runs in a worker thread.
+        """
+        import ctypes
+
+        h = self.handles[fh]
+        if h.fd is None or not h.writable:
+            raise FsError(errno.EBADF)
+        fd = h.fd
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+        def call() -> None:
+            if libc.fallocate(fd, mode, offset, length) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+
+        await trio.to_thread.run_sync(call, limiter=self.disk_threads)
+
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is None:
