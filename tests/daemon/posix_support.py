@@ -156,6 +156,18 @@ class PosixRoot:
         """st_nlink through the fd of such a frozen file (overlayfs: the lower file's 1)."""
         return 1 if self.kind == "overlay" else 0
 
+    @property
+    def shift_ranges(self) -> bool:
+        """fallocate COLLAPSE_RANGE/INSERT_RANGE: the kernel's FUSE client refuses both with
+        EOPNOTSUPP before asking the file system (a FUSE engine limit, docs/vee-layer.md §8)."""
+        return self.kind != "vee"
+
+    @property
+    def o_tmpfile(self) -> bool:
+        """O_TMPFILE: libfuse 3.14 has no TMPFILE operation, so the FUSE engine answers
+        EOPNOTSUPP (a documented limit; the kernel engine has it)."""
+        return self.kind != "vee"
+
     def shared_inode_detached(self, kind: str) -> bool:
         """The FUSE engine's shared template inodes (docs/vee-layer.md §3, the ESTALE rule):
         the first change of an unmodified template file through a name (a write, a rename, a

@@ -141,9 +141,9 @@ def test_unshare_changes_the_inode_behind_a_cached_listing(dd, dentry):
     assert (a / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
 
 
-def test_forgotten_nodes_do_not_leave_stale_inode_numbers(dd):
-    """A private file's node dies with the kernel's FORGET and its next lookup gets a new inode
-    number; a listing the kernel still caches must not keep the old one as d_ino."""
+def test_forgotten_nodes_keep_their_inode_numbers_in_cached_listings(dd):
+    """A private file's node dies with the kernel's FORGET; its next lookup gets the same inode
+    number (numbers come from identities), so a listing the kernel still caches stays right."""
     d = dd.mnt / "a" / "pd"
     d.mkdir()
     for i in range(20):
@@ -157,8 +157,7 @@ def test_forgotten_nodes_do_not_leave_stale_inode_numbers(dd):
         after = listing(d)
     finally:
         os.close(fd)
-    assert sorted(after) == sorted(before)
-    assert after != before, "no node was forgotten: the test proved nothing"
+    assert after == before
 
 
 def test_upgrade_and_vee_set_show_through_cached_listings(dd, tmp_path: Path):

@@ -115,10 +115,9 @@ def invalidate_listing(ino: int) -> None:
 
 
 def invalidate_attr(inode: int) -> None:
-    """Drop the kernel's cached attributes of an inode (attributes only: no page-cache work,
-    so the kernel answers at once and the loop never waits on itself)."""
+    """Drop the kernel's cached attributes of an inode (queued, attributes only)."""
     try:
-        pyfuse3.invalidate_inode(inode, attr_only=True)
+        pyfuse3.invalidate_inode_async(inode, attr_only=True, ignore_enoent=True)
     except Exception:  # not mounted yet, or going away
         log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
 
@@ -170,14 +169,9 @@ class VeeOperations(pyfuse3.Operations):
         return self._entry(self.views.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Any) -> None:
-        # A per-VEE file node the view drops here gets a new inode number at its next lookup,
-        # while a listing the kernel cached keeps the old one as d_ino: drop those listings.
-        nodes = self.views.nodes
-        files = [n for ino, _ in inode_list if (n := nodes.get(ino)) is not None and not n.is_dir]
+        # A file the view drops here gets the same inode number at its next lookup (numbers
+        # come from identities), so a listing the kernel cached keeps a right d_ino.
         self.views.forget(inode_list)
-        stale = {p.ino for n in files if n.ino not in nodes for p, _ in n.links}
-        for ino in stale:
-            invalidate_listing(ino)
 
     @_errno
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -280,10 +274,11 @@ class VeeOperations(pyfuse3.Operations):
 
         The kernel drops a directory's cache itself when the directory changes through the
         mount (create, mknod, mkdir, symlink, link, unlink, rmdir, rename: ``fuse_dir_changed``).
-        What changes without it is invalidated here: a name whose inode changes (unsharing:
-        :func:`invalidate_entry`), a file node the view drops (:meth:`forget`); a VEE whose
-        template is swapped (upgrade) gets new directory inodes altogether. The mount root is
-        never cached: ``vfsd vee add/rm`` change it behind the kernel's back.
+        What changes without it is invalidated here: a name whose inode changes (unsharing, a
+        template file becoming a VEE's own: :func:`invalidate_entry`); a VEE whose template is
+        swapped (upgrade) gets new directory nodes altogether. (A file node the view drops at
+        FORGET comes back with the same number: inode numbers come from identities.) The mount
+        root is never cached: ``vfsd vee add/rm`` change it behind the kernel's back.
 
         The view's listing is made by :meth:`readdir` when the kernel reads from offset 0, so a
         warm open (the kernel lists from its cache) costs only these checks.
@@ -327,7 +322,7 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.views.fsyncdir(fh)
+        await self.views.fsyncdir(self._dirs[fh].ino)
 
     @_errno
     async def statfs(self, ctx: Any) -> Any:

@@ -597,6 +597,17 @@ def chown_fd(fd: int, uid: int, gid: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any ``mode`` (``os.posix_fallocate`` has none): the host file system
+    answers each mode for itself."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def reopen(fd: int, flags: int) -> int:
     """A real open file of the inode an ``O_PATH`` fd holds (works after unlink, as the kernel
     keeps the inode). ``O_NOFOLLOW`` is dropped: the magic link itself is a symlink."""

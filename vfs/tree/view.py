@@ -69,6 +69,7 @@ from vfs.tree.private import (
     PrivateLayer,
     check_name,
     chown_fd,
+    fallocate,
     fsync_dir,
     is_whiteout,
     proc_path,
@@ -1308,10 +1309,10 @@ class Views:
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
-    async def fsyncdir(self, fh: int) -> None:
-        """fsync of an open directory: its private directory, if it has one (a VEE that made
-        a file and fsyncs the file and its directory must find the name after a crash)."""
-        node, _ = self.dir_handles[fh]
+    async def fsyncdir(self, ino: int) -> None:
+        """fsync of a directory: its private directory, if it has one (a VEE that made a file
+        and fsyncs the file and its directory must find the name after a crash)."""
+        node = self.node(ino)
         if node.upper and isinstance(node.vee, Vee):
             with node.vee.layer.dirfd(self.path(node)) as pfd:
                 fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
@@ -1419,21 +1420,12 @@ class Views:
         only 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE, and keeps i_size itself
         (writeback cache). Allocation can wait on the journal: it runs in a worker thread.
         """
-        import ctypes
-
         h = self.handles[fh]
         if h.fd is None or not h.writable:
             raise FsError(errno.EBADF)
-        fd = h.fd
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-
-        def call() -> None:
-            if libc.fallocate(fd, mode, offset, length) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, os.strerror(e))
-
-        await trio.to_thread.run_sync(call, limiter=self.disk_threads)
+        await trio.to_thread.run_sync(
+            fallocate, h.fd, mode, offset, length, limiter=self.disk_threads
+        )
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
