@@ -235,6 +235,9 @@ def tree_differences(
 
 @pytest.fixture(scope="module")
 def debian() -> DebianRoot:
+    reason = fuse_available()  # root, /dev/fuse: without them there is nothing to build for
+    if reason:
+        pytest.skip(reason)
     try:
         return ensure(progress=lambda s: print(f"debian_root: {s}"))
     except DebianRootError as e:
@@ -244,9 +247,6 @@ def debian() -> DebianRoot:
 @pytest.fixture
 def debian_daemon(tmp_path: Path, debian: DebianRoot):
     """vfsd serving the Debian root as template 'debian', with VEES fresh VEEs d0, d1, ..."""
-    reason = fuse_available()
-    if reason:
-        pytest.skip(reason)
     d = Daemon(
         tmp_path, tmp_path / "state", tmp_path / "mnt", tmp_path / "store", tmp_path / "repo"
     )
