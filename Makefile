@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-system-x86 qemu-utils nginx-light fio openssl \
-                curl fuse-overlayfs rsync git xz-utils debootstrap apt-utils
+                curl fuse-overlayfs rsync git xz-utils e2fsprogs debootstrap apt-utils
 STAMP := $(VENV)/.installed
 
 .PHONY: all setup deps venv test lint demo bench clean

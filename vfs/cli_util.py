@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vfs.errors import VfsError
+from vfs.errors import VfsError, from_os_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,10 +50,9 @@ def handle_errors(fn: F) -> F:
             sys.exit(e.exit_code)
         except OSError as e:
             log.debug("command failed", exc_info=True)
-            prog = _prog()
-            where = f": {e.filename}" if e.filename else ""
-            click.echo(f"{prog}: error: {e.strerror or e}{where}", err=True)
-            sys.exit(1)
+            err = from_os_error(e)
+            click.echo(f"{_prog()}: error: {err}", err=True)
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo(f"{_prog()}: interrupted", err=True)
             sys.exit(130)

@@ -135,3 +135,24 @@ class ControlError(VfsError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+_OS_ERRORS: dict[int, type[VfsError]] = {
+    _errno.ENOSPC: StoreFull,
+    _errno.EDQUOT: StoreFull,
+    _errno.EROFS: ReadOnlyError,
+    _errno.EBUSY: BusyError,
+    _errno.ENOENT: NotFound,
+    _errno.EEXIST: AlreadyExists,
+}
+
+
+def from_os_error(e: OSError) -> VfsError:
+    """The error of the hierarchy an OSError stands for at an edge (a CLI, the control socket):
+    the one line says what failed and where, the class gives the exit code (ENOSPC: 8)."""
+    cls = _OS_ERRORS.get(e.errno or 0, VfsError)
+    where = f": {e.filename}" if e.filename else ""
+    err = cls(f"{e.strerror or e}{where}")
+    if cls is VfsError and e.errno:
+        err.errno = e.errno
+    return err

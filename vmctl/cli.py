@@ -1,62 +1,52 @@
 """`vmctl`: a thin launcher of QEMU guests on vimg images.
 
-Only the host probe exists yet (`vmctl host`): which accelerator a guest would get here. The
-launcher, migration and hibernation commands come with their own issue.
+``host`` says what a guest would get here (KVM or TCG, and why). ``run`` starts a guest on
+local raw or qcow2 disks and returns once it is running (QEMU keeps running after vmctl exits);
+``list``, ``status``, ``stop`` and ``console`` find it again through its state directory
+(``--root``, ``$VMCTL_ROOT``, default ``$VFS_ROOT/vmctl``). Disks behind the vimg export,
+migration, hibernate and restore come with the image exports (issue 11).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import click
+import trio
 
-from vfs.cli_util import OneLineErrorGroup, emit_json, handle_errors, json_option, setup_logging
+from vfs.cli_util import (
+    OneLineErrorGroup,
+    emit_json,
+    handle_errors,
+    json_option,
+    parse_size,
+    setup_logging,
+)
+from vfs.errors import NotFound
+from vmctl.errors import VmError
+from vmctl.host import probe_host
+
+__all__ = ["main", "probe_host"]
+
+root_option = click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="State root holding one directory per VM (default $VMCTL_ROOT or $VFS_ROOT/vmctl).",
+)
 
 
-def probe_host() -> dict:
-    """What this host offers a guest: QEMU binary and version, KVM device and its flavour.
+def _root(root: Path | None) -> Path:
+    from vmctl.vms import default_root
 
-    ``kvm_pvm`` (a paravirtual KVM found inside some cloud VMs) cannot run stock guest kernels,
-    so it counts as unusable and guests fall back to TCG.
-    """
-    qemu = shutil.which("qemu-system-x86_64")
-    version = None
-    if qemu:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
-        version = out.splitlines()[0] if out else None
-    modules = (
-        sorted(
-            m.name
-            for m in Path("/sys/module").glob("kvm*")
-            if m.name in ("kvm_intel", "kvm_amd", "kvm_pvm")
-        )
-        if Path("/sys/module").exists()
-        else []
-    )
-    dev = Path("/dev/kvm").exists()
-    usable = dev and any(m in ("kvm_intel", "kvm_amd") for m in modules)
-    return {
-        "qemu": qemu,
-        "qemu_version": version,
-        "dev_kvm": dev,
-        "kvm_modules": modules,
-        "accelerator": "kvm" if usable else "tcg",
-        "reason": (
-            "hardware KVM available"
-            if usable
-            else "kvm_pvm cannot run stock guest kernels"
-            if "kvm_pvm" in modules
-            else "no usable /dev/kvm"
-        ),
-    }
+    return root or default_root()
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
-    """Launch and move QEMU guests on vimg images (host probe only, so far)."""
+    """Launch QEMU guests and find them again: run, list, status, stop, console, host."""
     setup_logging(verbose)
 
 
@@ -75,3 +65,144 @@ def host(as_json: bool) -> None:
         f" ({', '.join(info['kvm_modules']) or 'no kvm module'})"
     )
     click.echo(f"accelerator: {info['accelerator']} ({info['reason']})")
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A raw or qcow2 image, the guest's next virtio disk (repeatable).",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Boot this kernel directly (no firmware boot from disk).",
+)
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--append", help="Kernel command line (with --kernel).")
+@click.option("--memory", default="256M", show_default=True, help="Guest memory (e.g. 512M, 1G).")
+@click.option("--cpus", default=1, show_default=True, type=int)
+@click.option("--machine", default="q35", show_default=True, type=click.Choice(["q35", "pc"]))
+@click.option(
+    "--wait-for",
+    metavar="REGEX",
+    help="Return only once the guest printed a line matching REGEX on its console.",
+)
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for QMP and for --wait-for.",
+)
+@root_option
+@json_option
+@handle_errors
+def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | None,
+        append: str | None, memory: str, cpus: int, machine: str, wait_for: str | None,
+        timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Start guest NAME; return once it runs (QEMU stays up after vmctl exits)."""
+    from vmctl.disks import open_disk
+    from vmctl.machine import MachineSpec
+    from vmctl.qemu import run_qemu
+    from vmctl.vms import vm_paths
+
+    memory_mib = parse_size(memory) >> 20
+    spec = MachineSpec(name, memory_mib=memory_mib, cpus=cpus, machine=machine, kernel=kernel,
+                       initrd=initrd, append=append,
+                       disks=[open_disk(d, i) for i, d in enumerate(disks)])  # fmt: skip
+    paths = vm_paths(_root(root), name)
+
+    async def start() -> dict:
+        async with run_qemu(spec, paths.dir, marker=wait_for, boot_timeout=timeout,
+                            connect_timeout=timeout) as vm:  # fmt: skip
+            vm.detach()
+            return {"name": name, "pid": vm.pid, "accel": vm.accel.name,
+                    "accel_reason": vm.accel.reason, "state_dir": str(paths.dir),
+                    "serial_log": str(paths.serial_log)}  # fmt: skip
+
+    info = trio.run(start)
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(f"{name}: running (pid {info['pid']}, {info['accel']}: {info['accel_reason']})")
+
+
+@main.command(name="list")
+@root_option
+@json_option
+@handle_errors
+def list_(root: Path | None, as_json: bool) -> None:
+    """List the VMs of the state root and whether they run."""
+    from vmctl.vms import list_vms
+
+    vms = list_vms(_root(root))
+    if as_json:
+        emit_json(vms)
+        return
+    for vm in vms:
+        pid = f"pid {vm['pid']}" if vm["pid"] else ""
+        click.echo(f"{vm['name']:24} {vm['state']:8} {pid}")
+
+
+@main.command()
+@click.argument("name")
+@root_option
+@json_option
+@handle_errors
+def status(name: str, root: Path | None, as_json: bool) -> None:
+    """Show one VM: its run state (from QEMU), accelerator and why, disks, paths."""
+    from vmctl.vms import vm_status
+
+    info = trio.run(vm_status, _root(root), name)
+    if as_json:
+        emit_json(info)
+        return
+    for key in ("name", "state", "pid", "accel", "accel_reason", "memory_mib", "cpus",
+                "machine", "state_dir", "serial_log"):  # fmt: skip
+        click.echo(f"{key + ':':14} {info.get(key)}")
+    for disk in info.get("disks") or []:
+        click.echo(
+            f"{'disk:':14} {disk.get('node')} {disk.get('format', '')} {disk.get('path', '')}"
+        )
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Do not ask the guest's QEMU to quit: kill it.")
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait for quit.")
+@root_option
+@handle_errors
+def stop(name: str, force: bool, timeout: float, root: Path | None) -> None:
+    """Stop VM NAME: quit over QMP, then SIGTERM, then SIGKILL (--force: kill at once)."""
+    from vmctl.qemu import stop_detached
+    from vmctl.vms import vm_paths
+
+    paths = vm_paths(_root(root), name)
+    if not paths.spec.exists():
+        raise NotFound(f"no VM named {name!r} in {_root(root)}")
+    if not trio.run(lambda: stop_detached(paths, force=force, timeout=timeout)):
+        raise VmError(f"VM {name!r} is not running")
+    click.echo(f"{name}: stopped")
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--follow/--no-follow",
+    default=True,
+    show_default=True,
+    help="Keep printing what the guest prints until it stops.",
+)
+@root_option
+@handle_errors
+def console(name: str, follow: bool, root: Path | None) -> None:
+    """Print VM NAME's serial console (and follow it)."""
+    from vmctl.vms import follow_serial, vm_paths
+
+    paths = vm_paths(_root(root), name)
+    if not paths.spec.exists():
+        raise NotFound(f"no VM named {name!r} in {_root(root)}")
+    trio.run(lambda: follow_serial(paths, sys.stdout.buffer, follow=follow))

@@ -178,3 +178,105 @@ def daemon(tmp_path: Path):
         d.stop()
         leftovers = [ln for ln in d.log_text().splitlines() if "Traceback" in ln or "ERROR" in ln]
         assert not leftovers, d.log_text()
+
+
+# -- the POSIX suite's roots (tests/daemon/test_posix*.py; see posix_support.py) -----------
+
+
+@pytest.fixture(scope="session")
+def posix_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.daemon.posix_support import make_posix_tree
+
+    if os.geteuid() != 0:
+        pytest.skip("the POSIX suite needs root (owners, device nodes, mounts)")
+    tree = tmp_path_factory.mktemp("posix") / "tree"
+    make_posix_tree(tree)
+    return tree
+
+
+@pytest.fixture(scope="session")
+def posix_daemon(tmp_path_factory: pytest.TempPathFactory):
+    """One `vfsd serve` for the whole suite; each case gets VEEs of a template of its own."""
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("posix-vfsd")
+    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo")
+    d.mnt.mkdir()
+    vfsd("repo", "init", str(d.repo))
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _publish_salted(d: Daemon, tree: Path, salt: bytes) -> str:
+    """Publish ``tree`` (with a fresh salt file, so the digest is new) in this process."""
+    from tests.daemon.posix_support import T_ATIME_NS, T_MTIME_NS
+    from vfs.redirect import LocalStore
+    from vfs.redirect.remote import FileRemote
+    from vfs.tree.template import publish_template
+
+    (tree / "salt").write_bytes(salt)
+    os.utime(tree / "salt", ns=(T_ATIME_NS, T_MTIME_NS))
+    os.utime(tree, ns=(T_ATIME_NS, T_MTIME_NS))
+    store = LocalStore(d.store)
+    try:
+        return publish_template(tree, FileRemote(d.repo), store=store).digest
+    finally:
+        store.close()
+
+
+_posix_case = iter(range(1 << 62))
+_BAD_LOG_WORDS = ("Traceback", " ERROR:", " WARNING:", " CRITICAL:")
+
+
+@pytest.fixture(params=["plain", "overlay", pytest.param("vee", marks=pytest.mark.fuse)])
+def posix_root(request: pytest.FixtureRequest, posix_tree: Path, tmp_path: Path):
+    """The directory a POSIX case runs in (its working directory): see posix_support.py."""
+    from tests.daemon.posix_support import PosixRoot, mount_overlay, umount
+
+    kind = request.param
+    old_cwd = os.getcwd()
+    old_umask = os.umask(0o022)
+    mounted: Path | None = None
+    if kind == "plain":
+        subprocess.run(["cp", "-a", str(posix_tree), str(tmp_path / "plain")], check=True)
+        root = PosixRoot(kind, tmp_path / "plain")
+    elif kind == "overlay":
+        subprocess.run(["cp", "-a", str(posix_tree), str(tmp_path / "lower")], check=True)
+        for sub in ("upper", "work", "mnt"):
+            (tmp_path / sub).mkdir()
+        mount_overlay(tmp_path / "lower", tmp_path / "upper", tmp_path / "work", tmp_path / "mnt")
+        mounted = tmp_path / "mnt"
+        root = PosixRoot(kind, mounted)
+    else:
+        d: Daemon = request.getfixturevalue("posix_daemon")
+        if d.proc is None or d.proc.poll() is not None:
+            d.stop()
+            d.start()  # an earlier case killed it: that case failed; this one starts afresh
+        n = next(_posix_case)
+        digest = _publish_salted(d, posix_tree, f"case {n} {request.node.name}\n".encode())
+        from vfs.daemon import control
+
+        for name in (f"p{n}", f"p{n}s"):
+            control.call(d.state, {"op": "add", "name": name, "template": digest})
+        root = PosixRoot(kind, d.mnt / f"p{n}", sibling=d.mnt / f"p{n}s", log=d.log)
+        root.log_start = d.log.stat().st_size
+    os.chdir(root.path)
+    try:
+        yield root
+    finally:
+        os.chdir(old_cwd)
+        os.umask(old_umask)
+        for fn in reversed(root.cleanup):
+            fn()
+        if mounted is not None:
+            umount(mounted)
+        if root.log is not None:
+            with open(root.log, "rb") as f:
+                f.seek(root.log_start)
+                text = f.read().decode(errors="replace")
+            bad = [ln for ln in text.splitlines() if any(w in ln for w in _BAD_LOG_WORDS)]
+            assert not bad, f"vfsd logged problems during this case:\n{text[-4000:]}"

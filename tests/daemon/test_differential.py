@@ -4,6 +4,11 @@ The plain directory starts as a copy of the template's source tree (what a local
 hold); the VEE root starts as the template. Every operation must give the same result (value or
 errno) on both, and the trees must stay identical (names, types, modes, sizes, contents, link
 targets). The seed is printed (and taken from ``VFS_DIFF_SEED`` when set) to replay a failure.
+
+Each example runs on a fresh daemon (fresh mount, fresh state directory, the same published
+template): what a daemon remembers over its lifetime (which template files were unshared, which
+inodes the kernel holds) would otherwise make an example's outcome depend on the examples before
+it, and a failure would not replay.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from tests.daemon.vee_helpers import copy_tree
+from tests.daemon.conftest import Daemon, fuse_available, vfsd
+from tests.daemon.vee_helpers import copy_tree, make_sample_tree
 from vfs.daemon import control
 
 pytestmark = pytest.mark.fuse
@@ -118,21 +124,34 @@ class Ops:
 
 
 class DiffMachine(RuleBasedStateMachine):
-    daemon = None  # set by the test
+    base: Daemon | None = None  # the published template (set by the test)
     counter = itertools.count()
 
     def __init__(self) -> None:
         super().__init__()
-        d = type(self).daemon
-        assert d is not None
+        base = type(self).base
+        assert base is not None
         n = next(type(self).counter)
-        name = f"ex{n}"
-        control.call(d.state, {"op": "add", "name": name, "template": d.templates["base"]})
-        self.vee = d.mnt / name
-        self.plain = d.root / "plain" / name
-        self.plain.parent.mkdir(exist_ok=True)
-        copy_tree(d.root / "src", self.plain)
-        self.name = name
+        root = base.root / f"ex{n}"
+        root.mkdir()
+        (root / "mnt").mkdir()
+        self.daemon = Daemon(root, root / "state", root / "mnt", base.store, base.repo)
+        self.daemon.templates = base.templates
+        try:
+            self.daemon.start()
+            request = {"op": "add", "name": "v", "template": base.templates["base"]}
+            control.call(self.daemon.state, request)
+        except BaseException:
+            self.daemon.stop()
+            raise
+        self.vee = self.daemon.mnt / "v"
+        self.plain = root / "plain"
+        copy_tree(base.root / "src", self.plain)
+
+    def teardown(self) -> None:
+        self.daemon.stop()
+        bad = [ln for ln in self.daemon.log_text().splitlines() if "Traceback" in ln]
+        assert not bad, self.daemon.log_text()
 
     def both(self, fn, *args):  # type: ignore[no-untyped-def]
         a = outcome(fn, self.plain, *args)
@@ -198,10 +217,24 @@ class DiffMachine(RuleBasedStateMachine):
         assert snapshot(self.plain) == snapshot(self.vee)
 
 
-def test_differential_vs_plain_directory(daemon):
+@pytest.fixture
+def published(tmp_path: Path):
+    """The sample tree published as 'base' into a repository and a store (no daemon yet)."""
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path
+    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo")
+    vfsd("repo", "init", str(d.repo))
+    make_sample_tree(tmp_path / "src")
+    d.publish(tmp_path / "src", "base")
+    return d
+
+
+def test_differential_vs_plain_directory(published):
     seed = int(os.environ.get("VFS_DIFF_SEED", random.randrange(1 << 32)))
     print(f"differential test seed: {seed} (replay: VFS_DIFF_SEED={seed})")
-    DiffMachine.daemon = daemon
+    DiffMachine.base = published
     machine = hypothesis.seed(seed)(DiffMachine)
     try:
         run_state_machine_as_test(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
 
 import pytest
 
-from tests.daemon.conftest import Daemon, fuse_available
+from tests.daemon.conftest import Daemon, fuse_available, vfsd, wait_for
+from vfs.redirect import LocalStore
+from vfs.tree.view import FETCH_THREADS
 
 pytestmark = [pytest.mark.fuse, pytest.mark.network]
 
@@ -81,3 +84,107 @@ def test_templates_served_from_a_mutual_tls_repository(tmp_path, nginx, nginx_re
     finally:
         d.stop()
     assert "Traceback" not in d.log_text(), d.log_text()
+
+
+class _StallingRepo:
+    """A static HTTP server over a repository directory that never answers object GETs (it
+    holds each connection open, sending nothing): a stalled mirror."""
+
+    def __init__(self, root: os.PathLike[str]) -> None:
+        import http.server
+        import socketserver
+
+        self.release = threading.Event()
+        self.stalled = 0
+        release = self.release
+        directory = os.fspath(root)
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+                super().__init__(*a, directory=directory, **kw)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.startswith("/objects/"):
+                    outer.stalled += 1
+                    release.wait(120)  # stall: headers never come
+                    return
+                super().do_GET()
+
+            def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_stalled_fetches_do_not_starve_copy_ups_of_other_vees(tmp_path):
+    """50 VEE reads waiting on a mirror that stalls must leave threads for another VEE's
+    copy-up and fsync of local files (they waited 23-25 s for the worker pool)."""
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    d = Daemon(
+        tmp_path, tmp_path / "state", tmp_path / "mnt", tmp_path / "store", tmp_path / "repo"
+    )
+    d.mnt.mkdir()
+    vfsd("repo", "init", str(d.repo))
+    src = tmp_path / "src"
+    (src / "cold").mkdir(parents=True)
+    for i in range(50):
+        (src / "cold" / f"f{i}").write_bytes(os.urandom(1000) + b"%d" % i)
+    (src / "local").write_bytes(b"local file\n")
+    digest = d.publish(src, "t")
+    store = LocalStore(d.store)  # the cold files are not local: they must come from the mirror
+    try:
+        for i in range(50):
+            data = (src / "cold" / f"f{i}").read_bytes()
+            store.delete(hashlib.sha256(data).hexdigest())
+    finally:
+        store.close()
+    mirror = _StallingRepo(d.repo)
+    d.remote_url = mirror.url
+    d.start()
+    threads = []
+    try:
+        d.vee("add", "a", "--template", digest)
+        d.vee("add", "b", "--template", digest)
+        for i in range(50):
+            t = threading.Thread(
+                target=lambda i=i: _swallow(lambda: (d.mnt / "a" / "cold" / f"f{i}").read_bytes()),
+                daemon=True,
+            )
+            t.start()
+            threads.append(t)
+        # the fetches hold their threads, stalled at the mirror
+        wait_for(lambda: mirror.stalled >= FETCH_THREADS, what="stalled fetches", proc=d.proc)
+        t0 = time.monotonic()
+        with open(d.mnt / "b" / "local", "ab") as f:  # copy-up + fsync in another VEE
+            f.write(b"appended\n")
+            f.flush()
+            os.fsync(f.fileno())
+        took = time.monotonic() - t0
+        assert (d.mnt / "b" / "local").read_bytes() == b"local file\nappended\n"
+        assert took < 5.0, f"copy-up of a local file waited {took:.1f} s behind stalled fetches"
+    finally:
+        mirror.close()
+        for t in threads:
+            t.join(timeout=60)
+        d.stop()
+
+
+def _swallow(fn) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except OSError:
+        pass

@@ -75,7 +75,8 @@ class VeeClient:
     def listdir(self, path: str) -> list[str]:
         fh = self.views.opendir(self.ino(path))
         try:
-            return [n.decode() for n, _, _ in self.views.readdir(fh, 0)]
+            entries = self.views.readdir(fh, 0)
+            return [n.decode() for n, _, _ in entries if n not in (b".", b"..")]
         finally:
             self.views.releasedir(fh)
 

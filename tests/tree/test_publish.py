@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from vfs.errors import FormatError, NotFound, StoreFull
 from vfs.redirect import FileRemote, LocalStore, Resolver
+from vfs.tree.dirsource import data_extents
+from vfs.tree.manifest_build import canonical_extents
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.template import Template, publish_template
 
@@ -53,7 +55,7 @@ def make_rich_tree(root: Path) -> None:
     (root / "shared").mkdir()
     os.chmod(root / "shared", 0o2775)
     os.chown(root / "shared", 0, 100)
-    os.setxattr(root / "shared", "trusted.overlay.x", b"")
+    os.setxattr(root / "shared", "trusted.vfs-test.x", b"")
     os.setxattr(root / "shared", "user.bin", bytes(range(256)))
     (root / "empty").write_bytes(b"")
     (root / "data").write_bytes(os.urandom(300_000))
@@ -121,8 +123,7 @@ def assert_matches_source(t: Template, root: Path, repo: FileRemote, snap) -> No
         assert (e.uid, e.gid) == (sr.st_uid, sr.st_gid), path
         assert e.mtime_ns == sr.st_mtime_ns, path
         assert e.ctime_ns == sr.st_ctime_ns, path
-        if not stat.S_ISLNK(sr.st_mode):
-            assert e.atime_ns == sr.st_atime_ns, path
+        assert e.atime_ns == e.mtime_ns, path  # a template keeps no atime
         assert e.rdev == (sr.st_rdev if e.kind in ("chr", "blk") else 0), path
         want_x = {os.fsencode(k): os.getxattr(full, k, follow_symlinks=False)
                   for k in os.listxattr(full, follow_symlinks=False)}  # fmt: skip
@@ -139,6 +140,15 @@ def assert_matches_source(t: Template, root: Path, repo: FileRemote, snap) -> No
                 assert h.hexdigest() == e.oid
                 assert e.oid == hashlib.sha256(_read_noatime(full)).hexdigest()
             assert inos.setdefault((sr.st_dev, sr.st_ino), e.ino) == e.ino  # hard links
+            if sr.st_blocks * 512 < sr.st_size:  # holes: their map, and du's number
+                fd = os.open(full, os.O_RDONLY | os.O_NOATIME)
+                try:
+                    want = canonical_extents(data_extents(fd, sr.st_size), sr.st_size)
+                finally:
+                    os.close(fd)
+                assert e.extents == want and e.blocks <= sr.st_blocks, path
+            else:
+                assert e.extents is None, path
         elif e.kind == "lnk":
             assert e.target == os.readlink(full)
         elif e.kind == "dir":
@@ -190,6 +200,47 @@ def test_gnu_tar_with_xattrs_round_trips_like_the_directory(tmp_path, repo):
     tool = from_tar.resolve(b"bin/tool")
     assert from_tar.resolve(b"bin/tool-hardlink") is tool and tool.nlink == 3
     assert tool.xattrs[b"security.capability"].startswith(b"\x01\x00\x00\x02")
+
+
+@needs_root
+def test_republish_after_cp_a_and_reads_gives_the_same_digest(tmp_path, repo):
+    """Reading a source tree (cp -a of it, cat, ls -lR) changes its atimes, never its digest:
+    a template keeps no atime (issue 10, "Template identity")."""
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    day = 86_400 * 10**9
+    for path, sr in snapshot(src).items():  # atimes older than mtimes: any read now updates them
+        full = os.path.join(os.fsencode(src), path) if path else os.fsencode(src)
+        os.utime(full, ns=(sr.st_mtime_ns - day, sr.st_mtime_ns), follow_symlinks=False)
+    r1 = publish_template(src, repo, name="t")
+    before = snapshot(src)
+    subprocess.run(["cp", "-a", str(src), str(tmp_path / "copy")], check=True)
+    subprocess.run("find . -type f -exec cat {} + >/dev/null && ls -lR >/dev/null", shell=True,
+                   cwd=src, check=True)  # fmt: skip
+    after = snapshot(src)
+    read = [p for p in before if before[p].st_atime_ns != after[p].st_atime_ns]
+    assert b"data" in read and b"bin" in read and len(read) > 5  # the reads did change atimes
+    assert all(before[p].st_ctime_ns == after[p].st_ctime_ns for p in before)
+    r2 = publish_template(src, repo, name="t")
+    assert r2.digest == r1.digest and r2.objects_uploaded == 0
+    t = Template.load(repo, r2.digest)
+    assert all(e.atime_ns == e.mtime_ns for _, e in t.walk())  # what a VEE shows as atime
+
+
+def test_tar_atime_records_do_not_change_the_digest():
+    def tar(atime: str) -> io.BytesIO:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            ti = tarfile.TarInfo("f")
+            ti.size = 2
+            ti.pax_headers = {"mtime": "1700000000.5", "atime": atime}
+            tf.addfile(ti, io.BytesIO(b"hi"))
+        buf.seek(0)
+        return buf
+
+    repo = MemRepo()
+    digests = {publish_template(tar(a), repo).digest for a in ("1.0", "1800000000.25", "-5")}
+    assert len(digests) == 1
 
 
 def test_tar_built_with_tarfile_keeps_metadata(tmp_path, repo):
@@ -416,6 +467,10 @@ def _small_tar() -> bytes:
         ti.type = tarfile.CHRTYPE
         ti.devmajor, ti.devminor = 1, 3
         tf.addfile(ti)
+        ti = tarfile.TarInfo("sparse")  # a PAX 0.1 sparse member: 3 + 2 data bytes in 40
+        ti.size = 5
+        ti.pax_headers = {"GNU.sparse.map": "0,3,30,2", "GNU.sparse.size": "40"}
+        tf.addfile(ti, io.BytesIO(b"abcde"))
     return buf.getvalue()
 
 
@@ -553,7 +608,7 @@ def test_big_source_file_changing_between_hash_and_upload_is_refused(repo, secon
         {"mtime": "1e30"},
         {"mtime": "inf"},
         {"mtime": "nan"},
-        {"atime": "-1e20"},
+        {"ctime": "-1e20"},
         {"uid": "99999999999"},
         {"gid": "4294967295"},
         {"SCHILY.xattr.user." + "n" * 300: "v"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import pytest
 
@@ -98,7 +97,9 @@ def test_resolve_ref():
         resolve_ref("bad", Refs())
 
 
-def test_loading_20000_entries_is_fast():
+def test_loading_20000_entries():
+    """Correctness of a big template's index (its load time is a benchmark figure:
+    ``python -m tools.bench.template``, not a timed test)."""
     root = Node("dir", 0o755)
     k = 0
     for i in range(200):
@@ -110,15 +111,11 @@ def test_loading_20000_entries_is_fast():
                 "reg", 0o644, size=j + 1, oid=hashlib.sha256(b"%d" % k).hexdigest(), mtime_ns=k
             )
     data = manifest.encode(*build_tables(root))
-    t0 = time.perf_counter()
     t = Template.from_bytes(data)
-    dt = time.perf_counter() - t0
     assert len(t) == 20_201
-    assert dt < 1.0, f"loading 20k entries took {dt:.2f} s"
-    t0 = time.perf_counter()
     for i in range(200):
-        assert t.lookup(i + 2, b"file-00042.txt") is not None
-    assert time.perf_counter() - t0 < 0.01
+        e = t.lookup(i + 2, b"file-00042.txt")
+        assert e is not None and e.size == 43
 
 
 def test_entries_are_hashable_and_too_big_templates_refused():

@@ -33,10 +33,10 @@ def env(tmp_path):
 
 def _manifest_with_name(name: bytes) -> bytes:
     """A hand-made manifest: a root directory holding one empty file called ``name``."""
-    d = L.INODE.pack(2, 0, 0, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, 0, bytes(32))
-    f = L.INODE.pack(1, 0, 0, stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, bytes(32))
+    d = L.INODE.pack(2, 0, 0, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, bytes(32))
+    f = L.INODE.pack(1, 0, 0, stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, bytes(32))
     body = d + f + L.DIRENT.pack(1, 2, len(name), 0) + name
-    head = L.HEADER.pack(L.MAGIC, 1, 64, 0, 0, 2, 1, 0, 0, len(name), len(body), len(body), 0)
+    head = L.HEADER.pack(L.MAGIC, L.VERSION, 0, 0, 2, 1, 0, 0, len(name), bytes(24))
     return head + body
 
 

@@ -25,6 +25,7 @@ def world(tmp_path: Path):
     views = Views(pub.resolver, invalidate_entry=lambda p, n: invalidated.append((p, n)))
     for name in ("a", "b"):
         views.add_vee(name, pub.template, PrivateLayer(tmp_path / "state" / name))
+    invalidated.clear()  # the VEE names added at the mount root
     yield views, pub, invalidated, tmp_path
     views.close()
     pub.close()

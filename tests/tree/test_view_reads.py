@@ -12,7 +12,6 @@ import pytest
 
 from tests.daemon.vee_helpers import make_sample_tree, publish
 from tests.daemon.view_client import VeeClient
-from vfs.errors import IntegrityError
 from vfs.redirect import Resolver
 from vfs.redirect.objectid import shard
 from vfs.tree.nodes import ROOT_INO, FsError
@@ -70,15 +69,34 @@ async def test_damaged_object_is_fetched_again_from_the_remote(pub, tmp_path):
 
 
 @pytest.mark.log_warnings
-async def test_damaged_object_without_remote_is_an_error_not_data(pub, tmp_path):
+@pytest.mark.log_warnings
+async def test_damaged_object_without_remote_is_an_error_not_data(pub, tmp_path, caplog):
     views = _views(pub, tmp_path, remote=False)
     a = VeeClient(views, "a")
     oid = _hosts_oid(views, a)
     _damage(pub, oid)
-    with pytest.raises(IntegrityError) as exc:
+    with pytest.raises(FsError) as exc:
         await a.read("etc/hosts")
     assert exc.value.errno == errno.EIO
     assert not pub.store.has(oid)  # quarantined: a later fetch can replace it
+    # one log line names the object and the file
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and oid in errors[0] and "/etc/hosts" in errors[0]
+    views.close()
+
+
+@pytest.mark.log_warnings
+async def test_missing_object_without_remote_reads_as_eio_not_enoent(pub, tmp_path, caplog):
+    views = _views(pub, tmp_path, remote=False)
+    a = VeeClient(views, "a")
+    oid = _hosts_oid(views, a)
+    pub.store.delete(oid)
+    for attempt in (a.read("etc/hosts"), a.write("etc/hosts", b"x")):  # read, and copy-up
+        with pytest.raises(FsError) as exc:
+            await attempt
+        assert exc.value.errno == errno.EIO
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all(oid in m and "/etc/hosts" in m for m in errors)
     views.close()
 
 

@@ -32,6 +32,7 @@ from vfs.errors import (  # noqa: F401 - ControlError, DaemonNotRunning re-expor
     FormatError,
     UsageError,
     VfsError,
+    from_os_error,
 )
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,14 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 buf += data
                 if len(buf) > MAX_REQUEST:
                     raise UsageError("control request too long")
-            req = json.loads(buf.split(b"\n", 1)[0])
-            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                raise UsageError("control request must be a JSON object with an 'op'")
+            req = parse_request(buf.split(b"\n", 1)[0])
             result = await handler(req)
             reply: dict[str, Any] = {"ok": True, "result": result}
         except VfsError as e:
             reply = {"ok": False, "error": str(e), "exit_code": e.exit_code}
-        except ValueError as e:
-            reply = {"ok": False, "error": f"malformed control request: {e}", "exit_code": 2}
+        except OSError as e:
+            err = from_os_error(e)
+            reply = {"ok": False, "error": str(err), "exit_code": err.exit_code}
         except Exception as e:  # a bug must not kill the daemon: report it
             log.exception("control request failed")
             reply = {"ok": False, "error": f"internal error: {e}", "exit_code": 1}
@@ -97,6 +97,50 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
             await stream.send_all(json.dumps(reply).encode() + b"\n")
         except trio.BrokenResourceError:
             pass
+
+
+#: Every op and the fields it takes, with their types (bool is not int here: ``"purge": "no"``
+#: or ``1`` is refused, never read as true). Unknown ops and unknown fields are refused.
+REQUESTS: dict[str, dict[str, type]] = {
+    "ping": {},
+    "list": {},
+    "add": {"name": str, "template": str},
+    "rm": {"name": str, "purge": bool},
+    "upgrade": {"name": str, "template": str, "dry_run": bool},
+}
+#: Fields that may be left out, with their defaults.
+DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False}
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """Decode and validate one request line strictly: a flat JSON object whose ``op`` is known
+    and whose fields all have their exact types (UsageError otherwise, never a traceback)."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"malformed control request: {str(e)[:100]}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise UsageError("control request must be a JSON object with a string 'op'")
+    op = req["op"]
+    fields = REQUESTS.get(op)
+    if fields is None:
+        raise UsageError(f"unknown control op {op[:40]!r}")
+    out: dict[str, Any] = {"op": op}
+    for key, value in req.items():
+        if key == "op":
+            continue
+        want = fields.get(key)
+        if want is None:
+            raise UsageError(f"control op {op!r} takes no field {key[:40]!r}")
+        if type(value) is not want:
+            raise UsageError(f"control field {key!r} must be a {want.__name__}")
+        out[key] = value
+    for key in fields:
+        if key not in out:
+            if key not in DEFAULTS:
+                raise UsageError(f"control op {op!r} needs a {fields[key].__name__} {key!r}")
+            out[key] = DEFAULTS[key]
+    return out
 
 
 def call(state_dir: str | Path, request: dict[str, Any], timeout: float = 600.0) -> Any:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from vfs.daemon.confine import Confinement
 from vfs.errors import VfsError
 from vfs.tree.nodes import CACHE_TIMEOUT, Attr, SetAttr
 from vfs.tree.view import Views
@@ -51,7 +52,7 @@ def _errno(fn: F) -> F:
 def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
-    e.generation = 0
+    e.generation = a.generation
     e.entry_timeout = CACHE_TIMEOUT
     e.attr_timeout = CACHE_TIMEOUT
     e.st_mode = a.mode
@@ -76,6 +77,15 @@ def invalidate_entry(parent: int, name: bytes) -> None:
         log.debug("invalidate_entry(%d, %r) failed", parent, name, exc_info=True)
 
 
+def invalidate_attr(inode: int) -> None:
+    """Drop the kernel's cached attributes of an inode (attributes only: no page-cache work,
+    so the kernel answers at once and the loop never waits on itself)."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except Exception:  # not mounted yet, or going away
+        log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
+
+
 class VeeOperations(pyfuse3.Operations):
     """pyfuse3 handlers over one :class:`Views`."""
 
@@ -85,9 +95,16 @@ class VeeOperations(pyfuse3.Operations):
     def __init__(self, views: Views) -> None:
         super().__init__()
         self.views = views
+        #: set once the mount is up (serve): checks of the callers confined to a VEE
+        self.confinement: Confinement | None = None
         #: EntryAttributes of shared inodes, made once: their attributes never change (pyfuse3
         #: copies the fields into each reply, so one object can answer every lookup/readdir)
         self._shared_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+
+    def _check(self, ctx: Any, *inodes: int) -> None:
+        """EACCES for a caller confined to one VEE touching another's inodes (confine.py)."""
+        if self.confinement is not None and ctx is not None:
+            self.confinement.check(ctx.pid, *inodes)
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         if not a.shared:
@@ -110,6 +127,7 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        self._check(ctx, inode)
         ch = SetAttr(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -122,45 +140,55 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self._check(ctx, inode)
         return self.views.readlink(inode)
 
     @_errno
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         return entry_attributes(self.views.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errno
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         return entry_attributes(self.views.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errno
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check(ctx, parent_inode)
         self.views.unlink(parent_inode, name)
 
     @_errno
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check(ctx, parent_inode)
         self.views.rmdir(parent_inode, name)
 
     @_errno
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         return entry_attributes(self.views.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errno
     async def rename(
         self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int, ctx
     ) -> None:
+        self._check(ctx, parent_old, parent_new)
         await self.views.rename(parent_old, name_old, parent_new, name_new, flags)
 
     @_errno
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self._check(ctx, inode, new_parent_inode)
         return entry_attributes(await self.views.link(inode, new_parent_inode, new_name))
 
     @_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        self._check(ctx, inode)
         fh = await self.views.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_errno
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        self._check(ctx, parent_inode)
         fh, attr = self.views.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(attr)
 
@@ -186,14 +214,19 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def opendir(self, inode: int, ctx: Any) -> int:
+        self._check(ctx, inode)
         return self.views.opendir(inode)
 
     @_errno
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for name, attr, next_id in self.views.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
-                return
-            self.views.count_lookup(attr.ino)  # readdirplus: each entry is a lookup
+        # readdirplus: the view counts a lookup for each entry the kernel's buffer took
+        self.views.readdir(
+            fh,
+            start_id,
+            lambda name, attr, next_id: pyfuse3.readdir_reply(
+                token, name, self._entry(attr), next_id
+            ),
+        )
 
     @_errno
     async def releasedir(self, fh: int) -> None:
@@ -220,18 +253,22 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._check(ctx, inode)
         await self.views.setxattr(inode, name, value)
 
     @_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self._check(ctx, inode)
         return self.views.getxattr(inode, name)
 
     @_errno
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self._check(ctx, inode)
         return self.views.listxattr(inode)
 
     @_errno
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._check(ctx, inode)
         await self.views.removexattr(inode, name)
 
 

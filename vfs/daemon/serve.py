@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -27,7 +28,8 @@ import pyfuse3
 import trio
 
 from vfs.daemon import control
-from vfs.daemon.fuse_ops import VeeOperations, invalidate_entry, set_read_ahead
+from vfs.daemon.confine import Confinement
+from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
 from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
 from vfs.redirect import LocalStore, Resolver, open_remote
 from vfs.tree.template import Template, is_digest, resolve_ref
@@ -37,6 +39,8 @@ from vfs.tree.view import Views
 
 log = logging.getLogger(__name__)
 
+#: pyfuse3 worker tasks (concurrent requests in the daemon).
+MAX_REQUEST_TASKS = 1024
 MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_other", "dev", "suid"}
 
 
@@ -81,19 +85,18 @@ class Daemon:
     # -- control requests ------------------------------------------------------------------
 
     async def handle(self, req: dict[str, Any]) -> Any:
+        """One request, already validated by :func:`control.parse_request` (exact types)."""
         op = req["op"]
         if op == "ping":
             return {"pid": os.getpid()}
         if op == "list":
             return self.list()
         if op == "add":
-            return await self.add(_str(req, "name"), _str(req, "template"))
+            return await self.add(req["name"], req["template"])
         if op == "rm":
-            return self.rm(_str(req, "name"), bool(req.get("purge", False)))
+            return self.rm(req["name"], req["purge"])
         if op == "upgrade":
-            return await self.upgrade(
-                _str(req, "name"), _str(req, "template"), bool(req.get("dry_run", False))
-            )
+            return await self.upgrade(req["name"], req["template"], req["dry_run"])
         raise UsageError(f"unknown control op {op!r}")
 
     def list(self) -> list[dict[str, Any]]:
@@ -113,11 +116,20 @@ class Daemon:
             raise AlreadyExists(f"VEE {name!r} exists")
         digest = await trio.to_thread.run_sync(self._digest, ref)
         t = await trio.to_thread.run_sync(self.load_template, digest)
-        self.registry.add(name, digest, ref)
+        # Save-then-apply: everything that can fail on a full disk (the layer's directories,
+        # the registry file) happens before the VEE appears in the mount; the last step only
+        # changes memory. A failure leaves no ghost: not listed, not mounted, not registered.
+        layer = self.registry.open_layer(name)
         try:
-            self.views.add_vee(name, t, self.registry.open_layer(name))
+            self.views.prepare_layer(t, layer)
+            self.registry.add(name, digest, ref)
         except BaseException:
-            self.registry.remove(name)  # the layer (maybe adopted, not new) is moved aside
+            layer.close()
+            raise
+        try:
+            self.views.add_vee(name, t, layer)
+        except BaseException:
+            self.registry.forget(name)  # the layer (maybe adopted, not new) stays where it is
             raise
         return {"name": name, "template": digest}
 
@@ -125,10 +137,11 @@ class Daemon:
         self.registry.get(name)
         if any(h.node.vee is self.views.vees.get(name) for h in self.views.handles.values()):
             raise BusyError(f"VEE {name!r} has open files")
+        self.registry.forget(name)  # durable first: a failure here changes nothing
         with contextlib.suppress(NotFound):
             self.views.remove_vee(name)
         self.broken.pop(name, None)
-        kept = self.registry.remove(name, purge=purge)
+        kept = self.registry.retire_layer(name, purge=purge)
         return {"name": name, "kept_layer": str(kept) if kept else None}
 
     async def upgrade(self, name: str, ref: str, dry_run: bool) -> dict[str, Any]:
@@ -157,11 +170,21 @@ class Daemon:
         return out
 
 
-def _str(req: dict[str, Any], key: str) -> str:
-    v = req.get(key)
-    if not isinstance(v, str):
-        raise UsageError(f"control request needs a string {key!r}")
-    return v
+def _raise_fd_limit() -> None:
+    """The view pins every private file the kernel holds with an ``O_PATH`` fd (its identity,
+    ``docs/vee-layer.md`` §3): take as many fds as the host allows (root may raise the hard
+    limit up to ``fs.nr_open``), and say how many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    with contextlib.suppress(OSError, ValueError):
+        want = max(hard, int(Path("/proc/sys/fs/nr_open").read_text()))
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            break
+        except (OSError, ValueError):
+            continue
+    log.info("open file limit %d (was %d)", resource.getrlimit(resource.RLIMIT_NOFILE)[0], soft)
 
 
 def _lock_state(state: Path) -> int:
@@ -203,6 +226,7 @@ async def serve(
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
     state.mkdir(parents=True, exist_ok=True)
+    _raise_fd_limit()
     async with contextlib.AsyncExitStack() as stack:
         lock_fd = _lock_state(state)
         stack.callback(os.close, lock_fd)
@@ -215,30 +239,37 @@ async def serve(
             stack.callback(remote.close)
         resolver = Resolver(store, remote)
         registry = VeeRegistry(state)
-        views = Views(resolver, invalidate_entry=invalidate_entry)
+        views = Views(resolver)
         stack.callback(views.close)
         daemon = Daemon(registry, views, resolver, remote)
         daemon.start_all()
         options = set(MOUNT_OPTIONS)
         if debug_fuse:
             options.add("debug")
-        pyfuse3.init(VeeOperations(views), os.fspath(mount), options)
+        ops = VeeOperations(views)
+        pyfuse3.init(ops, os.fspath(mount), options)
         stack.callback(pyfuse3.close, unmount=True)
         log.info("serving %d VEE(s) at %s", len(views.vees), mount)
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve_control, state, daemon.handle)
             nursery.start_soon(_signals, nursery.cancel_scope)
-            nursery.start_soon(_tune_read_ahead, mount)
-            await pyfuse3.main()
+            nursery.start_soon(_kernel_ready, mount, views, ops)
+            # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
+            # bounded by the fetch deadline) never leave none to answer the other VEEs.
+            await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
             nursery.cancel_scope.cancel()
         log.info("vfsd at %s stopping", mount)
 
 
-async def _tune_read_ahead(mount: Path) -> None:
-    """Raise read-ahead once the FUSE INIT handshake is over (INIT resets it): a stat of the
-    mount from a worker thread returns only after this loop answered INIT and GETATTR."""
-    await trio.to_thread.run_sync(os.stat, mount)
+async def _kernel_ready(mount: Path, views: Views, ops: VeeOperations) -> None:
+    """Once the FUSE INIT handshake is over (a stat of the mount from a worker thread returns
+    only after this loop answered INIT and GETATTR): raise read-ahead (INIT resets it), let
+    the view send the kernel invalidations (refused before INIT), and start checking callers
+    confined to a VEE (their roots are identified by the mount's device number)."""
+    st = await trio.to_thread.run_sync(os.stat, mount)
     set_read_ahead(os.fspath(mount))
+    views.attach_kernel(invalidate_entry, invalidate_attr)
+    ops.confinement = Confinement(st.st_dev, views)
 
 
 async def _signals(scope: trio.CancelScope) -> None:

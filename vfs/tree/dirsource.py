@@ -1,10 +1,13 @@
 """Read a directory tree into manifest nodes (for ``publish_template``).
 
-Everything is opened with ``O_NOATIME`` where the kernel allows it (we run as the owner or as
-root), so publishing a tree does not change the atimes it records: publishing it again gives the
-same manifest, hence the same digest, and uploads nothing. (Symlinks cannot be read without
-touching their atime: theirs is recorded as their mtime.) Hard links are found by
-``(st_dev, st_ino)``; link counts are recomputed from the published tree.
+No atime is recorded (a template keeps none: reading a tree must not change its digest), but
+everything is still opened with ``O_NOATIME`` where the kernel allows it (we run as the owner or
+as root), so publishing leaves the source's atimes as they were for whoever else uses them.
+Hard links are found by ``(st_dev, st_ino)``; link counts are recomputed from the published tree.
+
+Sparse files: a file that has fewer blocks than its size needs (the test ``cp`` and GNU tar use)
+is mapped with ``SEEK_DATA``/``SEEK_HOLE``, and its data extents go into the manifest; while the
+file is hashed its holes are checked to read as zeros, so the map and the content agree.
 """
 
 from __future__ import annotations
@@ -49,12 +52,39 @@ def _xattrs(path: bytes) -> dict[bytes, bytes]:
         if not key.startswith(L.XATTR_NAMESPACES):
             log.warning("%s: skipping xattr %r (namespace not supported)", path, key)
             continue
+        if key.startswith(L.RESERVED_XATTR_PREFIX):
+            raise UsageError(
+                f"{os.fsdecode(path)}: xattr {os.fsdecode(key)} is an overlay marker: a template "
+                "cannot carry one (publish the merged tree, not an overlay's upper directory)"
+            )
         try:
             out[key] = os.getxattr(path, n, follow_symlinks=False)
         except OSError as e:
             if e.errno == errno.ENODATA:  # removed meanwhile
                 continue
             raise
+    return out
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Where an open file has data, from SEEK_DATA/SEEK_HOLE; None if the file system cannot
+    tell (then the file counts as fully allocated)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from pos to the end
+                break
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            break
+        out.append((start, end - start))
+        pos = end
     return out
 
 
@@ -68,24 +98,23 @@ def _node(path: bytes, st: os.stat_result, sink: ObjectSink) -> Node:
         uid=st.st_uid,
         gid=st.st_gid,
         size=st.st_size if kind in ("reg", "dir") else 0,
-        atime_ns=st.st_atime_ns,
         mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns,
         rdev=st.st_rdev if kind in ("chr", "blk") else 0,
         xattrs=_xattrs(path),
     )
     if kind == "lnk":
-        # readlink() updates a link's atime whatever the open flags, so a recorded link atime
-        # would change between two publishes of the same tree: record mtime instead.
         node.target = os.readlink(path)
-        node.atime_ns = st.st_mtime_ns
     elif kind == "reg" and st.st_size > 0:
 
         def opener() -> BinaryIO:
             fd = _open(path, os.O_RDONLY | os.O_NOFOLLOW)
             return os.fdopen(fd, "rb", buffering=0)
 
-        node.oid, node.size = sink.put_file(opener, st.st_size)
+        if st.st_blocks * 512 < st.st_size:  # fewer blocks than bytes: it may have holes
+            with opener() as f:
+                node.extents = data_extents(f.fileno(), st.st_size)
+        node.oid, node.size = sink.put_file(opener, st.st_size, extents=node.extents)
         if node.size != st.st_size:
             log.warning("%s changed size while being published", os.fsdecode(path))
         if node.size == 0:

@@ -3,6 +3,9 @@
 Kept in its own module so the manifest codec and the template index share it without importing
 each other. Instances are created once at template load and shared by every lookup, so they are
 frozen (nobody may change the template under a VEE) and slotted (20,000+ of them per template).
+
+A template records no atime (it is not part of a template's identity: reading a source tree
+must not change its digest); :attr:`Entry.atime_ns` is the mtime, as CernVM-FS presents it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ IFMT_TO_KIND: dict[int, str] = {v: k for k, v in KIND_TO_IFMT.items()}
 
 ROOT_INO = 1
 
+#: Data extents of a sparse file: ``(offset, length)`` pairs, sorted, each non-empty, with a hole
+#: of at least one byte between two of them, inside ``[0, size)``.
+Extents = tuple[tuple[int, int], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -36,7 +43,6 @@ class Entry:
     uid: int
     gid: int
     size: int  # reg: content length; lnk: len(target); dir: as recorded; others 0
-    atime_ns: int
     mtime_ns: int
     ctime_ns: int
     nlink: int  # non-dir: number of names in the template; dir: 2 + number of subdirs
@@ -44,6 +50,8 @@ class Entry:
     target: bytes | None  # symlink target (lnk only)
     oid: str | None  # content object id (SHA-256 hex) for non-empty regular files
     xattrs: Mapping[bytes, bytes]
+    #: reg only: None = fully allocated; else the data extents, the rest being holes (zeros)
+    extents: Extents | None = None
 
     def __hash__(self) -> int:
         # xattrs is a read-only mapping (unhashable): hash what identifies an entry in practice
@@ -52,3 +60,22 @@ class Entry:
     @property
     def is_dir(self) -> bool:
         return self.kind == "dir"
+
+    @property
+    def atime_ns(self) -> int:
+        """Templates keep no atime: a view shows the mtime (docs/template-format.md)."""
+        return self.mtime_ns
+
+    @property
+    def data_extents(self) -> Extents:
+        """Where the file's bytes are allocated: its extents, or all of it when not sparse."""
+        if self.extents is not None:
+            return self.extents
+        return ((0, self.size),) if self.size else ()
+
+    @property
+    def blocks(self) -> int:
+        """``st_blocks`` (512-byte units): a sparse file counts its data extents only."""
+        if self.extents is None:
+            return (self.size + 511) // 512
+        return sum((n + 511) // 512 for _, n in self.extents)

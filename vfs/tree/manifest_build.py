@@ -3,17 +3,19 @@
 Sources (a directory walker, a tar reader) produce :class:`Node` objects: one per inode, a hard
 link being the same Node under two names. :func:`build_tables` numbers them breadth-first in name
 order and computes link counts from the tree itself (never from the source's ``st_nlink``, which
-counts names outside the published tree too), which is the canonical form that
+counts names outside the published tree too), and brings data extents into their one canonical
+shape (:func:`canonical_extents`), which is the canonical form that
 :func:`vfs.tree.manifest.decode` insists on.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from vfs.tree.entry import KIND_TO_IFMT, Entry
+from vfs.tree.entry import KIND_TO_IFMT, Entry, Extents
 from vfs.tree.manifest import NO_XATTRS, Dirent
 
 
@@ -26,18 +28,37 @@ class Node:
     uid: int = 0
     gid: int = 0
     size: int = 0
-    atime_ns: int = 0
     mtime_ns: int = 0
     ctime_ns: int = 0
     rdev: int = 0
     target: bytes | None = None
     oid: str | None = None
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    #: reg: where the source has data, ``(offset, length)`` in any order (None: all of it)
+    extents: list[tuple[int, int]] | None = None
     children: dict[bytes, Node] | None = None  # dirs only
 
     def __post_init__(self) -> None:
         if self.kind == "dir" and self.children is None:
             self.children = {}
+
+
+def canonical_extents(ranges: Iterable[tuple[int, int]] | None, size: int) -> Extents | None:
+    """The one way to write a file's allocation: data ranges clipped to the file, empty ones
+    dropped, overlapping or touching ones merged, sorted; None when that is the whole file
+    (not sparse)."""
+    if ranges is None or size <= 0:
+        return None
+    merged: list[list[int]] = []
+    for start, end in sorted((max(0, off), min(off + n, size)) for off, n in ranges):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    out = tuple((a, b - a) for a, b in merged)
+    return None if out == ((0, size),) else out
 
 
 def build_tables(root: Node) -> tuple[list[Entry], list[Dirent]]:
@@ -82,7 +103,6 @@ def build_tables(root: Node) -> tuple[list[Entry], list[Dirent]]:
                 uid=n.uid,
                 gid=n.gid,
                 size=size,
-                atime_ns=n.atime_ns,
                 mtime_ns=n.mtime_ns,
                 ctime_ns=n.ctime_ns,
                 nlink=nlink,
@@ -90,6 +110,7 @@ def build_tables(root: Node) -> tuple[list[Entry], list[Dirent]]:
                 target=n.target if n.kind == "lnk" else None,
                 oid=n.oid if n.kind == "reg" and size > 0 else None,
                 xattrs=MappingProxyType(dict(n.xattrs)) if n.xattrs else NO_XATTRS,
+                extents=canonical_extents(n.extents, size) if n.kind == "reg" else None,
             )
         )
     return entries, dirents

@@ -3,7 +3,8 @@
 Loading a template already proves its manifest (digest, format, every invariant). What loading
 does not prove is that the repository still holds every content object the manifest names, and
 that those bytes are right: this module checks that, as ``cvmfs_server check`` does, either by
-presence (cheap: one ``has`` per object) or fully (``--verify``: read and hash every object).
+presence (cheap: one ``has`` per object) or fully (``--verify``: read and hash every object, and
+check that the holes of every sparse file that uses it read as zeros).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfs.errors import ObjectNotFound, VfsError
+from vfs.tree.publish import HoleCheck
 from vfs.tree.template import Template
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ class CheckReport:
     bytes: int
     verified: bool  # contents were read and hashed, not only found
     missing: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)  # wrong bytes or wrong size
+    corrupt: list[str] = field(default_factory=list)  # wrong bytes, wrong size, data in a hole
     paths: dict[str, bytes] = field(default_factory=dict)  # oid -> one path naming it
 
     @property
@@ -62,10 +64,13 @@ def check_template(
     ``iter_object`` + SHA-256 + size). Never raises for a missing or bad object: reports it."""
     sizes: dict[str, int] = {}
     paths: dict[str, bytes] = {}
+    sparse: dict[str, set] = {}  # oid -> the distinct extent maps of the sparse files using it
     for path, e in t.walk():
         if e.oid is not None and e.oid not in sizes:
             sizes[e.oid] = e.size
             paths[e.oid] = path
+        if e.oid is not None and e.extents is not None:
+            sparse.setdefault(e.oid, set()).add(e.extents)
     rep = CheckReport(t.digest, len(t), len(sizes), sum(sizes.values()), verify, paths=paths)
     for i, (oid, size) in enumerate(sorted(sizes.items())):
         if not verify:
@@ -74,8 +79,11 @@ def check_template(
         else:
             h = hashlib.sha256()
             n = 0
+            holes = [HoleCheck(x, "a sparse file's hole holds data") for x in sparse.get(oid, ())]
             try:
                 for chunk in remote.iter_object(oid):
+                    for check in holes:
+                        check(chunk, n)
                     h.update(chunk)
                     n += len(chunk)
             except ObjectNotFound:

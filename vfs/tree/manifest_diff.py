@@ -1,8 +1,8 @@
 """Compare two templates path by path (``vfsd template diff``; also what an upgrade needs to know:
 which paths changed between two template versions).
 
-Entries are compared on what a user of the tree can observe, except atime and ctime (which change
-whenever anything else does, or on mere reads, and would drown the real differences).
+Entries are compared on what a user of the tree can observe, except ctime (which changes whenever
+anything else does and would drown the real differences; templates keep no atime at all).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("gid", "gid"),
     ("size", "size"),
     ("content", "oid"),
+    ("allocation", "extents"),  # sparse or not, and where the holes are
     ("target", "target"),
     ("rdev", "rdev"),
     ("mtime", "mtime_ns"),

@@ -6,6 +6,7 @@ what every field means, is in one short place.
 
 from __future__ import annotations
 
+import secrets
 import stat
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +58,7 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     shared: bool = False
+    generation: int = 0
 
 
 @dataclass(slots=True)
@@ -77,7 +79,14 @@ class Node:
     ``vee`` is None for the mount root and for shared nodes. ``lower`` is the template entry the
     node shows (files: content not yet copied up; dirs: the template directory merged below).
     ``upper`` says a private object exists. Directories have one location (``parent``,
-    ``name``); files may have several names (``links``).
+    ``name``); files may have several names (``links``), and may have none left while the
+    kernel still holds them (unlinked, still open).
+
+    Identity and lifetime: a private non-directory node holds ``fd``, an ``O_PATH`` fd of its
+    host inode, from its creation until it is dropped (no kernel lookup reference and no open
+    handle left). The fd is what identifies the file: the host cannot reuse the inode number
+    while it is held, so the (st_dev, st_ino) index never attaches a new file to a dead node,
+    and fd-level operations work after the last name is gone.
     """
 
     __slots__ = (
@@ -94,6 +103,11 @@ class Node:
         "template",
         "seen",
         "attr",
+        "fd",
+        "opens",
+        "unlinked",
+        "nsub",
+        "gen",
     )
 
     def __init__(self, ino: int, vee: Vee | None, kind: int, lower: Entry | None) -> None:
@@ -112,6 +126,17 @@ class Node:
         self.seen: set[tuple[Node, bytes]] = set()
         #: shared nodes: their attributes, made once (a template entry never changes)
         self.attr: Attr | None = None
+        #: private non-directories: O_PATH fd of the host inode (the node's identity)
+        self.fd: int | None = None
+        #: open handles (the node lives while it has any, or a kernel lookup reference)
+        self.opens = 0
+        #: per-VEE template files: names of this inode the VEE removed (its nlink drops)
+        self.unlinked = 0
+        #: directories: number of visible subdirectories (None = not counted yet)
+        self.nsub: int | None = None
+        #: the file-handle generation: random, so a VEE cannot forge a handle of another
+        #: VEE's inode for open_by_handle_at (node numbers are small sequential integers)
+        self.gen = 0 if ino == ROOT_INO else secrets.randbits(32)
 
     @property
     def is_dir(self) -> bool:

@@ -437,6 +437,64 @@ class PrivateLayer:
                     raise
                 return fd
 
+    def pin(self, path: tuple[bytes, ...]) -> int:
+        """An ``O_PATH|O_NOFOLLOW`` fd of the entry at ``path``: the identity of a private
+        inode for as long as the view's node lives. Holding it keeps the host inode (and so its
+        inode number) from being freed and reused while the kernel still knows the node, and
+        every fd-level operation (fstat, ftruncate, fchmod, fchown, utimes, xattrs, reopen)
+        reaches the file through it, also after its last name was removed (libfuse's
+        passthrough_hp keeps the same fd per inode)."""
+        with self.dirfd(path[:-1]) as pfd:
+            return os.open(
+                check_name(path[-1]), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+            )
+
+    def pin_staged(self, tmp: bytes) -> int:
+        """Pin a file staged in ``work/`` and remove its name there: a private copy that no
+        name shows (the copy-up of a file whose last name a VEE removed while holding it)."""
+        with self.workfd() as wfd:
+            fd = os.open(tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
+            os.unlink(tmp, dir_fd=wfd)
+            return fd
+
+    @contextlib.contextmanager
+    def keeping_times(self, path: tuple[bytes, ...]) -> Iterator[None]:
+        """Restore directory ``path``'s atime and mtime after the body changed its entries.
+
+        A copy-up is not a change the VEE made: the parents of a copied-up entry keep the times
+        they had (as overlayfs restores them), or ``tar`` reports "file changed as we read it"
+        and make-style tools see a directory modified by a read. ctime cannot be kept."""
+        with self.dirfd(path) as cached:
+            fd = os.open(".", _DIR_FLAGS, dir_fd=cached)  # own fd: the body may drop the cache
+        try:
+            before = os.stat(fd)
+            yield
+            os.utime(proc_path(fd), ns=(before.st_atime_ns, before.st_mtime_ns))
+        finally:
+            os.close(fd)
+
+    def replace_dir_with_whiteout(self, path: tuple[bytes, ...]) -> None:
+        """Atomically replace a private directory (holding only markers) by a whiteout: a
+        whiteout made in ``work/`` is exchanged with it, then the old directory is removed from
+        ``work/`` (a crash in between leaves garbage only in ``work/``)."""
+        tmp = b"rmdir-" + secrets.token_hex(8).encode()
+        with self.workfd() as wfd, self.dirfd(path[:-1]) as pfd:
+            name = check_name(path[-1])
+            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=wfd)
+            renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)
+            fsync_dir(pfd)
+            self._rmtree_at(wfd, tmp)
+        self.forget_dirs()
+
+    def remove_dir_atomically(self, path: tuple[bytes, ...]) -> None:
+        """Remove a private directory holding only markers in one step: it is renamed into
+        ``work/`` (the name vanishes atomically), then deleted there."""
+        tmp = b"old-" + secrets.token_hex(8).encode()
+        with self.workfd() as wfd, self.dirfd(path[:-1]) as pfd:
+            os.rename(check_name(path[-1]), tmp, src_dir_fd=pfd, dst_dir_fd=wfd)
+            self._rmtree_at(wfd, tmp)
+        self.forget_dirs()
+
     @contextlib.contextmanager
     def at(self, path: tuple[bytes, ...]) -> Iterator[tuple[int, bytes]]:
         """(parent O_PATH fd, checked name) of ``path`` for *at system calls."""
@@ -478,6 +536,37 @@ def renameat2(sfd: int, sname: bytes, dfd: int, dname: bytes, flags: int) -> Non
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(sname))
+
+
+AT_EMPTY_PATH = 0x1000
+_libc.fchownat.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+    ctypes.c_uint,
+    ctypes.c_int,
+]
+
+
+def proc_path(fd: int) -> str:
+    """``/proc/self/fd/N``: names exactly the inode an (``O_PATH``) fd holds, even after its last
+    name is gone — for calls that take no fd (chmod, utime, xattrs) and to reopen the file."""
+    return f"/proc/self/fd/{fd}"
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", AT_EMPTY_PATH): chown the inode an ``O_PATH`` fd holds (also a symlink,
+    also with no name left); ``os.chown(fd)`` is fchown, which refuses ``O_PATH`` fds."""
+    if _libc.fchownat(fd, b"", ctypes.c_uint(uid), ctypes.c_uint(gid), AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def reopen(fd: int, flags: int) -> int:
+    """A real open file of the inode an ``O_PATH`` fd holds (works after unlink, as the kernel
+    keeps the inode). ``O_NOFOLLOW`` is dropped: the magic link itself is a symlink."""
+    flags &= ~(os.O_NOFOLLOW | os.O_CREAT | os.O_EXCL | os.O_DIRECTORY)
+    return os.open(proc_path(fd), flags | os.O_CLOEXEC)
 
 
 def _exists_at(dfd: int, name: bytes) -> bool:

@@ -178,14 +178,24 @@ class ObjectSink:
             self._check(oid, self.store.put(data))
         return oid
 
-    def put_stream(self, f: BinaryIO, size_hint: int) -> tuple[str, int]:
-        """Store the content of a stream that can be read only once (a tar member)."""
+    def put_stream(
+        self, f: BinaryIO, size_hint: int, *, extents: Iterable[tuple[int, int]] | None = None
+    ) -> tuple[str, int]:
+        """Store the content of a stream that can be read only once (a tar member); with
+        ``extents`` (a sparse member's map), every byte outside them must be zero."""
+        holes = (
+            None
+            if extents is None
+            else HoleCheck(extents, "tar: a sparse member has data in a hole")
+        )
         if size_hint <= SMALL_FILE:
             data = _read_all(f)
+            if holes is not None:
+                holes(data, 0)
             return self.put_bytes(data), len(data)
         with self._spool() as spool:
             h = hashlib.sha256()
-            n = _copy(f, spool, h)
+            n = _copy(f, spool, h, holes)
             spool.flush()
             oid = h.hexdigest()
             self._tick(n)
@@ -194,16 +204,30 @@ class ObjectSink:
                 self._put_path(oid, n, spool.name)
             return oid, n
 
-    def put_file(self, opener: Callable[[], BinaryIO], size_hint: int) -> tuple[str, int]:
+    def put_file(
+        self,
+        opener: Callable[[], BinaryIO],
+        size_hint: int,
+        *,
+        extents: Iterable[tuple[int, int]] | None = None,
+    ) -> tuple[str, int]:
         """Store the content of a file that can be reopened (a directory source): hash it
-        first, and read it a second time only if some target lacks the object."""
+        first, and read it a second time only if some target lacks the object.
+
+        ``extents``: the file's data map (sparse files); every byte outside it must read as
+        zero, or the file changed since it was mapped and the publish stops."""
+        holes = HoleCheck(extents) if extents is not None else None
         with opener() as f:
             if size_hint <= SMALL_FILE:
                 data = _read_all(f)
+                if holes is not None:
+                    holes(data, 0)
                 return self.put_bytes(data), len(data)
             h = hashlib.sha256()
             n = 0
             while chunk := f.read(_CHUNK):
+                if holes is not None:
+                    holes(chunk, n)
                 h.update(chunk)
                 n += len(chunk)
         oid = h.hexdigest()
@@ -252,6 +276,37 @@ class ObjectSink:
             raise IntegrityError(f"repository stored object {got[:16]}… for {want[:16]}…")
 
 
+class HoleCheck:
+    """Checks, chunk by chunk in file order, that every byte outside a file's data extents is
+    zero (a hole). Raises IntegrityError at the first that is not."""
+
+    _END = 1 << 63
+
+    def __init__(self, extents: Iterable[tuple[int, int]], message: str = "") -> None:
+        self.holes: list[tuple[int, int]] = []
+        prev = 0
+        for off, n in sorted(extents):
+            if off > prev:
+                self.holes.append((prev, off))
+            prev = max(prev, off + n)
+        self.holes.append((prev, self._END))  # past the last extent: zeros up to the end
+        self.i = 0
+        self.message = message or "a source file changed while it was being published"
+
+    def __call__(self, chunk: bytes, pos: int) -> None:
+        end = pos + len(chunk)
+        while self.i < len(self.holes):
+            a, b = self.holes[self.i]
+            if a >= end:
+                return
+            lo, hi = max(a, pos), min(b, end)
+            if lo < hi and chunk.count(0, lo - pos, hi - pos) != hi - lo:
+                raise IntegrityError(f"{self.message} (data in a hole at byte {lo})")
+            if b > end:
+                return
+            self.i += 1
+
+
 def _read_all(f: BinaryIO) -> bytes:
     parts = []
     while chunk := f.read(_CHUNK):
@@ -259,12 +314,14 @@ def _read_all(f: BinaryIO) -> bytes:
     return b"".join(parts)
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, h) -> int:
-    """Copy (and hash, unless ``h`` is None); runs of zeros become holes, so a sparse file
-    stays sparse in the spool."""
+def _copy(src: BinaryIO, dst: BinaryIO, h, holes: HoleCheck | None = None) -> int:
+    """Copy (and hash, unless ``h`` is None; check holes with ``holes``); runs of zeros become
+    holes, so a sparse file stays sparse in the spool."""
     n = 0
     hole = False
     while chunk := src.read(_CHUNK):
+        if holes is not None:
+            holes(chunk, n)
         if h is not None:
             h.update(chunk)
         n += len(chunk)

@@ -3,8 +3,10 @@
 The archive is read as a stream (any compression :mod:`tarfile` knows), each member once, so a
 compressed archive of any size is never held in memory. What a tar can carry is kept exactly:
 numeric owners, modes with setuid/setgid/sticky, device numbers, hard links, PAX nanosecond
-times (``mtime``/``atime``/``ctime`` records), and xattrs in both common PAX spellings
-(``SCHILY.xattr.NAME`` as GNU tar/star write them, ``LIBARCHIVE.xattr.NAME`` base64 as bsdtar).
+times (``mtime``/``ctime`` records; a template keeps no atime), xattrs in both common PAX
+spellings (``SCHILY.xattr.NAME`` as GNU tar/star write them, ``LIBARCHIVE.xattr.NAME`` base64 as
+bsdtar), and the data map of sparse members (GNU ``S`` members and PAX sparse formats 0.0, 0.1
+and 1.0, as ``tar --sparse`` writes them; :mod:`tarfile` parses them and reads holes as zeros).
 
 Member names are normalised like ``tar -x`` does (leading ``/`` and ``./`` dropped); a name with a
 ``..`` component is refused (a template never contains a path that escapes its root). A parent
@@ -85,6 +87,11 @@ def _xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
     for k, v in out.items():
         if not 0 < len(k) <= L.MAX_XATTR_NAME or b"\0" in k or len(v) > L.MAX_XATTR_VALUE:
             raise FormatError(f"tar: illegal xattr {k[:40]!r} ({len(v)} bytes)")
+    marker = next((k for k in out if k.startswith(L.RESERVED_XATTR_PREFIX)), None)
+    if marker is not None:
+        raise FormatError(
+            f"tar: xattr {marker[:60]!r} is an overlay marker: a template cannot carry one"
+        )
     bad = [k for k in out if not k.startswith(L.XATTR_NAMESPACES)]
     for k in bad:
         log.warning("tar: skipping xattr %r (namespace not supported)", k)
@@ -156,7 +163,8 @@ def read_tar(src: Path | BinaryIO, sink: ObjectSink, exclude: Exclude | None = N
                 if exclude and _excluded(exclude, m):
                     continue
                 _add(tree, tf, m, sink)
-    except (tarfile.TarError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+    except (tarfile.TarError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, ValueError) as e:
+        # (ValueError: tarfile's own int() of a malformed GNU sparse map)
         raise FormatError(f"{what}: not a readable tar archive ({e})") from None
     except EOFError:
         raise FormatError(f"{what}: tar archive is truncated") from None
@@ -170,6 +178,23 @@ def _excluded(exclude: Exclude, m: tarfile.TarInfo) -> bool:
         if exclude(b"/".join(parts[:i]), i < len(parts) or m.isdir()):
             return True
     return False
+
+
+def _sparse_map(m: tarfile.TarInfo) -> list[tuple[int, int]] | None:
+    """A sparse member's data map, checked: sorted, non-overlapping, inside the file (tarfile
+    assumes all three when it reads the member, and reads every other byte as zero)."""
+    if m.sparse is None:
+        return None
+    out: list[tuple[int, int]] = []
+    end = 0
+    for off, n in m.sparse:
+        if n == 0 and 0 <= off <= m.size:
+            continue  # GNU's end marker (size, 0) and the unused (0, 0) slots of an S header
+        if off < end or n < 0 or off + n > m.size:
+            raise FormatError(f"tar member {m.name!r}: bad sparse map at {off}+{n}")
+        out.append((off, n))
+        end = off + n
+    return out
 
 
 def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink) -> None:
@@ -203,7 +228,6 @@ def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink)
         uid=m.uid,
         gid=m.gid,
         mtime_ns=mtime,
-        atime_ns=_ns(pax, "atime", mtime),
         ctime_ns=_ns(pax, "ctime", mtime),
         rdev=_rdev(m) if kind in ("chr", "blk") else 0,
         xattrs=_xattrs(pax),
@@ -213,9 +237,10 @@ def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink)
         if not node.target or len(node.target) > L.MAX_TARGET or b"\0" in node.target:
             raise FormatError(f"tar member {m.name!r}: illegal symlink target")
     elif kind == "reg" and m.size > 0:
+        node.extents = _sparse_map(m)
         f = tf.extractfile(m)
         assert f is not None
-        node.oid, node.size = sink.put_stream(f, m.size)
+        node.oid, node.size = sink.put_stream(f, m.size, extents=node.extents)
         if node.size == 0:
             node.oid = None
     if not parts:  # the archive's "." entry describes the root

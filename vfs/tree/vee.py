@@ -1,8 +1,11 @@
 """The VEE registry: which VEEs a ``vfsd`` state directory serves, on which template.
 
-One small JSON file, ``<state>/vees.json``, written through :func:`durable_write` (temp file,
-fsync, rename, fsync of the directory): after a crash it holds either the old or the new set,
-never a torn one, so the daemon restarts with the same VEEs. Format::
+One small JSON file, ``<state>/vees.json``, written through :func:`vfs.durable.write_atomic`
+(temp file, fsync, rename, fsync of the directory): after a crash it holds either the old or the
+new set, never a torn one, so the daemon restarts with the same VEEs. Every change is
+*save-then-apply*: the new set is written first and the in-memory set changes only once that
+succeeded, so a full disk (or any failed write) leaves memory, file and mount agreeing on the old
+set (a ghost VEE — listed, but in neither the file nor the mount — cannot arise). Format::
 
     {"format": "vfs-vees", "version": 1,
      "vees": {"<name>": {"template": "<64 hex digest>", "ref": "<name or digest given>",
@@ -14,6 +17,7 @@ keeps that directory under ``<state>/removed/<name>.<time>/`` unless purged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfs.durable import write_atomic
 from vfs.errors import AlreadyExists, FormatError, NotFound, UsageError
 from vfs.tree.private import PrivateLayer
 from vfs.tree.template import check_digest
@@ -41,23 +46,6 @@ def check_vee_name(name: str) -> str:
             f"invalid VEE name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
         )
     return name
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically and durably (temp + fsync + rename + fsync of the dir)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass
@@ -98,13 +86,14 @@ class VeeRegistry:
         except (ValueError, KeyError, TypeError, AttributeError, UsageError) as e:
             raise FormatError(f"{self.file}: malformed VEE registry ({e})") from None
 
-    def _save(self) -> None:
+    def _save(self, vees: dict[str, VeeRecord]) -> None:
+        """Write ``vees`` as the registry (durably); the caller applies it to memory after."""
         doc = {
             "format": FORMAT,
             "version": VERSION,
-            "vees": {n: r.to_json() for n, r in sorted(self.vees.items())},
+            "vees": {n: r.to_json() for n, r in sorted(vees.items())},
         }
-        durable_write(self.file, json.dumps(doc, indent=1).encode() + b"\n")
+        write_atomic(self.file, json.dumps(doc, indent=1).encode() + b"\n", mode=0o600)
 
     def layer_dir(self, name: str) -> Path:
         return self.state / "vees" / check_vee_name(name)
@@ -123,22 +112,34 @@ class VeeRegistry:
         if name in self.vees:
             raise AlreadyExists(f"VEE {name!r} exists")
         rec = VeeRecord(name, check_digest(digest), ref, time.time_ns())
+        self._save({**self.vees, name: rec})
         self.vees[name] = rec
-        self._save()
         return rec
 
     def set_template(self, name: str, digest: str, ref: str) -> VeeRecord:
-        rec = self.get(name)
-        rec.template = check_digest(digest)
-        rec.ref = ref
-        self._save()
+        rec = dataclasses.replace(self.get(name), template=check_digest(digest), ref=ref)
+        self._save({**self.vees, name: rec})
+        self.vees[name] = rec
         return rec
 
     def remove(self, name: str, *, purge: bool = False) -> Path | None:
-        """Forget a VEE; its private layer is moved aside (or deleted with ``purge``)."""
+        """Forget a VEE, then retire its private layer (:meth:`forget` + :meth:`retire_layer`)."""
+        self.forget(name)
+        return self.retire_layer(name, purge=purge)
+
+    def forget(self, name: str) -> None:
+        """Remove a VEE from the registry (durably first; memory changes only after)."""
         self.get(name)
+        self._save({n: r for n, r in self.vees.items() if n != name})
         del self.vees[name]
-        self._save()
+
+    def retire_layer(self, name: str, *, purge: bool = False) -> Path | None:
+        """Move an unregistered VEE's private layer aside (or delete it with ``purge``).
+
+        Called only after :meth:`forget` succeeded (and the VEE is unmounted): a crash in
+        between leaves an unregistered layer, which a later ``add`` of the name adopts."""
+        if name in self.vees:
+            raise UsageError(f"VEE {name!r} is still registered")
         layer = self.layer_dir(name)
         if not layer.exists():
             return None

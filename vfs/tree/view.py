@@ -24,17 +24,20 @@ yields a per-VEE node of the asking VEE, and copy-up happens on that node.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
+import inspect
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import trio
 
-from vfs.errors import NotFound, VfsError
+from vfs.errors import IntegrityError, NotFound, RemoteError, VfsError
 from vfs.tree.entry import Entry
 from vfs.tree.nodes import (
     _DEAD,
@@ -53,22 +56,75 @@ from vfs.tree.private import (
     OPAQUE_XATTR,
     PRIVATE_XATTR_PREFIX,
     REDIRECT_XATTR,
-    RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     FileMeta,
     PrivateLayer,
     check_name,
+    chown_fd,
     fsync_dir,
     is_whiteout,
+    proc_path,
     renameat2,
+    reopen,
 )
 
 log = logging.getLogger(__name__)
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The mount root (whose entries are the VEE roots) is root's alone: the mount allows other
+#: users (containers run as any uid) and keeps device nodes and setuid binaries working for
+#: the VEEs, so no other host user may reach a VEE's setuid binaries or devices through it.
+#: Containers reach their VEE root through a bind mount, which never traverses the mount root.
+ROOT_MODE = 0o700
+#: Threads for fetches of objects from the remote, and for local disk work (docs/vee-layer.md).
+FETCH_THREADS = 16
+DISK_THREADS = 16
+
+#: Nodes made during the current request (per trio task): those the kernel did not take a
+#: lookup reference to by the end of the request (names only checked, readdir entries the
+#: kernel's buffer had no room for) are dropped then, with their pinned fds.
+_FRESH: contextvars.ContextVar[list[Node] | None] = contextvars.ContextVar(
+    "vfs_view_fresh", default=None
+)
+
+
+def _request(fn: F) -> F:
+    """Mark a public entry point: nodes it makes and hands to nobody are dropped at its end."""
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def awrapper(self: Views, *args: Any, **kwargs: Any) -> Any:
+            token = _FRESH.set([])
+            try:
+                return await fn(self, *args, **kwargs)
+            finally:
+                fresh = _FRESH.get()
+                _FRESH.reset(token)
+                self._sweep(fresh)
+
+        return awrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(self: Views, *args: Any, **kwargs: Any) -> Any:
+        token = _FRESH.set([])
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            fresh = _FRESH.get()
+            _FRESH.reset(token)
+            self._sweep(fresh)
+
+    return wrapper  # type: ignore[return-value]
+
 
 def _entry_meta(e: Entry) -> FileMeta:
-    return FileMeta(e.mode, e.uid, e.gid, e.atime_ns, e.mtime_ns, dict(e.xattrs), e.rdev)
+    """What a private copy of template entry ``e`` starts with. Xattrs in the overlay marker
+    namespace are never carried into the private layer, whatever a template says: there they
+    would act as opaque/redirect markers (and the kernel engine reads the same names)."""
+    xattrs = {k: v for k, v in e.xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIX)}
+    return FileMeta(e.mode, e.uid, e.gid, e.atime_ns, e.mtime_ns, xattrs, e.rdev)
 
 
 class Views:
@@ -79,30 +135,58 @@ class Views:
         content: Content,
         *,
         invalidate_entry: Callable[[int, bytes], None] | None = None,
+        invalidate_attr: Callable[[int], None] | None = None,
     ) -> None:
         self.content = content
-        self.invalidate_entry = invalidate_entry or (lambda parent, name: None)
+        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
+        self.invalidate_attr: Callable[[int], None] = lambda ino: None
+        self.attach_kernel(invalidate_entry, invalidate_attr)
         self.vees: dict[str, Vee] = {}
         self.nodes: dict[int, Node] = {}
         self.shared: dict[tuple[str, int], Node] = {}
         self.unshared: set[tuple[str, int]] = set()
         self.handles: dict[int, Handle] = {}
-        self.dir_handles: dict[int, list[tuple[bytes, Node]]] = {}
+        self.dir_handles: dict[int, tuple[Node, list[bytes]]] = {}
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
         self._paths_cache: dict[str, dict[int, list[bytes]]] = {}
         self._copy_locks: dict[int, trio.Lock] = {}
+        # Worker threads in two pools: fetches wait on a network that may stall or drip (a
+        # lying server), local work (copy-up staging, fsync) on this host's disks. Apart, 50
+        # stalled fetches cannot make a copy-up or an fsync of another VEE wait for a thread.
+        self.fetch_threads = trio.CapacityLimiter(FETCH_THREADS)
+        self.disk_threads = trio.CapacityLimiter(DISK_THREADS)
         root = Node(ROOT_INO, None, stat.S_IFDIR, None)
         self.nodes[ROOT_INO] = root
         self.root = root
 
+    def attach_kernel(
+        self,
+        invalidate_entry: Callable[[int, bytes], None] | None,
+        invalidate_attr: Callable[[int], None] | None = None,
+    ) -> None:
+        """Set how to drop what the kernel cached (names, attributes) when the view changes it
+        behind the kernel's back. Until the mount is up there is nothing to drop (and the
+        kernel refuses notifications before its INIT), so the daemon attaches them then."""
+        if invalidate_entry is not None:
+            self.invalidate_entry = invalidate_entry
+        if invalidate_attr is not None:
+            self.invalidate_attr = invalidate_attr
+
     # -- VEE set ---------------------------------------------------------------------------
+
+    @staticmethod
+    def prepare_layer(template: TemplateLike, layer: PrivateLayer) -> None:
+        """Create the layer's root directory (the VEE root) if it does not exist yet: the one
+        step of mounting a VEE that writes to disk, so callers can do it before committing to
+        the VEE (a full disk fails here, before anything changed)."""
+        layer.ensure_upper(_entry_meta(template.root))
 
     def add_vee(self, name: str, template: TemplateLike, layer: PrivateLayer) -> Vee:
         check_name(name.encode())
         if name in self.vees:
             raise FsError(errno.EEXIST, f"VEE {name!r} already mounted")
-        layer.ensure_upper(_entry_meta(template.root))
+        self.prepare_layer(template, layer)
         vee = Vee(name, template, layer)
         root = self._new_node(vee, stat.S_IFDIR, template.root)
         root.parent = self.root
@@ -112,6 +196,9 @@ class Views:
             root.lower = None
         vee.root = root
         self.vees[name] = vee
+        # a negative dentry of the name and the mount root's link count are stale now
+        self.invalidate_entry(ROOT_INO, name.encode())
+        self.invalidate_attr(ROOT_INO)
         log.info("VEE %s mounted (template %s…)", name, template.digest[:16])
         return vee
 
@@ -127,6 +214,9 @@ class Views:
         for node in list(self.nodes.values()):
             if node.vee is vee:
                 node.vee = _DEAD
+                if node.fd is not None:  # dead nodes answer ESTALE: the pin has no use left
+                    os.close(node.fd)
+                    node.fd = None
         for node in self.shared.values():
             node.seen = {(p, n) for p, n in node.seen if p.vee is not _DEAD}
         vee.layer.close()
@@ -138,7 +228,33 @@ class Views:
         node = Node(self._next_ino, vee, kind, lower)
         self._next_ino += 1
         self.nodes[node.ino] = node
+        if kind != stat.S_IFDIR and vee is not None:
+            fresh = _FRESH.get()
+            if fresh is not None:
+                fresh.append(node)
         return node
+
+    def _unref(self, node: Node) -> None:
+        """Drop a per-VEE non-directory node nobody refers to any more (no kernel lookup
+        reference, no open handle): its pinned fd is closed, its index entry removed.
+
+        Directories stay (their nodes carry the merged path the children hang off); shared
+        nodes stay (one per template inode, bounded by the templates)."""
+        if node.nlookup > 0 or node.opens > 0 or node.is_dir or node.vee is None:
+            return
+        if self.nodes.get(node.ino) is node:
+            del self.nodes[node.ino]
+        vee = node.vee
+        if isinstance(vee, Vee) and vee.files.get(node.key) is node:
+            del vee.files[node.key]
+        if node.fd is not None:
+            os.close(node.fd)
+            node.fd = None
+        self._copy_locks.pop(node.ino, None)
+
+    def _sweep(self, fresh: list[Node] | None) -> None:
+        for node in fresh or ():
+            self._unref(node)
 
     def node(self, ino: int) -> Node:
         n = self.nodes.get(ino)
@@ -152,7 +268,8 @@ class Views:
         return node.vee
 
     def path(self, node: Node) -> tuple[bytes, ...]:
-        """Components of a per-VEE node's path below its VEE root."""
+        """Components of a per-VEE node's path below its VEE root (ENOENT: a file whose last
+        name is gone — fd-level operations reach it through ``node.fd`` instead)."""
         if not node.is_dir:
             if not node.links:
                 raise FsError(errno.ENOENT, "file has no name left")
@@ -170,15 +287,42 @@ class Views:
             node = self.nodes.get(ino)
             if node is None:
                 continue
-            node.nlookup -= count
-            if node.nlookup <= 0 and not node.is_dir and not node.shared:
-                node.nlookup = 0
-                if any(h.node is node for h in self.handles.values()):
-                    continue
-                del self.nodes[ino]
-                vee = node.vee
-                if isinstance(vee, Vee) and vee.files.get(node.key) is node:
-                    del vee.files[node.key]
+            node.nlookup = max(node.nlookup - count, 0)
+            if node.nlookup == 0:
+                self._unref(node)
+
+    # -- isolation (the FUSE adapter's confinement checks) -----------------------------------
+
+    def confinement_of(self, root_ino: int) -> str | None:
+        """The VEE a process whose root directory is inode ``root_ino`` is confined to: its
+        name, None for the mount root (a host chroot: not confined), or a name no VEE has for
+        an inode that is not a live VEE directory."""
+        if root_ino == ROOT_INO:
+            return None
+        node = self.nodes.get(root_ino)
+        if node is None or not isinstance(node.vee, Vee):
+            return "\0gone"
+        return node.vee.name
+
+    def visible_in(self, ino: int, vee_name: str) -> bool:
+        """Whether inode ``ino`` belongs to VEE ``vee_name``: its own per-VEE inodes and the
+        shared inodes of its own template, never the mount root or another VEE's inodes."""
+        if ino == ROOT_INO:
+            return False
+        node = self.nodes.get(ino)
+        if node is None or node.vee is _DEAD:
+            return True  # unknown or gone: the request answers ESTALE by itself
+        if isinstance(node.vee, Vee):
+            return node.vee.name == vee_name
+        vee = self.vees.get(vee_name)
+        return (
+            vee is not None
+            and node.template is not None
+            and (node.template.digest == vee.template.digest)
+        )
+
+    def count_lookup(self, ino: int) -> None:
+        self.nodes[ino].nlookup += 1
 
     # -- resolution ------------------------------------------------------------------------
 
@@ -205,7 +349,9 @@ class Views:
                     node = self._new_node(vee, stat.S_IFDIR, None)
                     node.parent, node.name = parent, name
                     vee.dirs[(parent.ino, name)] = node
-                node.upper = True
+                if not node.upper:
+                    node.upper = True
+                    node.nsub = None
                 node.lower = self._dir_lower(vee, parent, name)
                 return node
             return self._upper_file_node(vee, parent, name, st)
@@ -240,14 +386,25 @@ class Views:
         return node
 
     def _upper_file_node(self, vee: Vee, parent: Node, name: bytes, st: os.stat_result) -> Node:
-        """The node of a private non-directory (hard links: one node per host inode)."""
+        """The node of a private non-directory: one node per host inode (hard links), found by
+        (st_dev, st_ino) — safe because every live node pins its inode (``Node.fd``)."""
         key = ("u", st.st_dev, st.st_ino)
         node = vee.files.get(key)
         if node is None:
-            node = self._new_node(vee, stat.S_IFMT(st.st_mode), None)
-            node.upper = True
-            node.key = key
-            vee.files[key] = node
+            fd = vee.layer.pin(self.path(parent) + (name,))
+            try:
+                pst = os.stat(fd)
+                key = ("u", pst.st_dev, pst.st_ino)
+                node = vee.files.get(key)  # only differs from st if the entry just changed
+                if node is None:
+                    node = self._new_node(vee, stat.S_IFMT(pst.st_mode), None)
+                    node.upper = True
+                    node.key = key
+                    node.fd, fd = fd, -1
+                    vee.files[key] = node
+            finally:
+                if fd >= 0:
+                    os.close(fd)
         node.links.add((parent, name))
         return node
 
@@ -270,53 +427,91 @@ class Views:
             return None
         return parent.vee.template.lookup(parent.lower.ino, name)
 
+    @_request
     def lookup(self, parent_ino: int, name: bytes) -> Attr:
         parent = self.node(parent_ino)
         node = self._child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT)
+        attr = self.getattr(node.ino)
         node.nlookup += 1
-        return self.getattr(node.ino)
+        return attr
 
     # -- attributes ------------------------------------------------------------------------
 
     def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
         if node.ino == ROOT_INO:
-            return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 4096, 8, 0, 0, 0)
+            return Attr(
+                ROOT_INO, stat.S_IFDIR | ROOT_MODE, 2 + len(self.vees), 0, 0, 0, 4096, 8, 0, 0, 0
+            )
+        if node.fd is not None:
+            return _stat_attr(node, os.stat(node.fd))  # fstat of the pinned inode: no walk
         if node.upper:
             vee = self._vee(node)
             st = vee.layer.lstat(self.path(node))
             if st is None:
                 raise FsError(errno.ENOENT)
-            return _stat_attr(node, st)
+            attr = _stat_attr(node, st)
+            if node.is_dir:
+                attr.nlink = 2 + self._subdirs(node, st)
+            return attr
         if node.attr is not None:
             return node.attr
         e = node.lower
         if e is None:
             raise FsError(errno.ENOENT)
+        if node.is_dir:
+            nlink = 2 + self._subdirs(node, None)
+        else:
+            nlink = max(e.nlink - node.unlinked, 0)
         attr = Attr(
             node.ino,
             e.mode,
-            1 if node.is_dir else e.nlink,
+            nlink,
             e.uid,
             e.gid,
             e.rdev,
             e.size,
-            (e.size + 511) // 512,
+            e.blocks,
             e.atime_ns,
             e.mtime_ns,
             e.ctime_ns,
             shared=node.shared,
+            generation=node.gen,
         )
         if attr.shared:
             node.attr = attr  # the template entry is immutable and the node never changes
         return attr
 
+    def _subdirs(self, node: Node, st: os.stat_result | None) -> int:
+        """Visible subdirectories of a VEE directory (its link count is 2 + this, as on ext4).
+
+        Counted once and kept on the node; mkdir, rmdir and directory renames reset the count of
+        the directories they change (creating or removing files never changes it)."""
+        if node.nsub is not None:
+            return node.nsub
+        vee = self._vee(node)
+        upper: dict[bytes, bool] = {}
+        if node.upper:
+            if node.lower is None and st is not None and st.st_nlink >= 2:
+                node.nsub = st.st_nlink - 2  # a private-only directory: the host counted
+                return node.nsub
+            upper = {n: stat.S_ISDIR(s.st_mode) for n, s in vee.layer.listdir(self.path(node))}
+        count = sum(upper.values())
+        if node.lower is not None:
+            count += sum(
+                1 for n, e in vee.template.readdir(node.lower.ino) if e.is_dir and n not in upper
+            )
+        node.nsub = count
+        return count
+
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
         if node.kind != stat.S_IFLNK:
             raise FsError(errno.EINVAL)
+        if node.fd is not None:
+            return os.readlink(b"", dir_fd=node.fd)  # readlinkat(fd, "") on the pinned link
         if node.upper:
             vee = self._vee(node)
             with vee.layer.at(self.path(node)) as (fd, name):
@@ -338,7 +533,9 @@ class Views:
         return StaleHandle("shared template inode modified: look the name up again")
 
     def _ensure_dir_upper(self, node: Node) -> None:
-        """Give directory ``node`` (and its parents) a private directory (metadata copy-up)."""
+        """Give directory ``node`` (and its parents) a private directory (metadata copy-up).
+
+        The parent keeps its times: a copy-up is not a change the VEE made."""
         if node.upper:
             return
         vee = self._vee(node)
@@ -346,18 +543,24 @@ class Views:
         self._ensure_dir_upper(node.parent)
         e = node.lower
         assert e is not None
-        vee.layer.make_dir(
-            self.path(node),
-            e.mode,
-            e.uid,
-            e.gid,
-            xattrs=dict(e.xattrs),
-            times_ns=(e.atime_ns, e.mtime_ns),
-        )
+        path = self.path(node)
+        with vee.layer.keeping_times(path[:-1]):
+            vee.layer.make_dir(
+                path,
+                e.mode,
+                e.uid,
+                e.gid,
+                xattrs=_entry_meta(e).xattrs,
+                times_ns=(e.atime_ns, e.mtime_ns),
+            )
         node.upper = True
+        node.nsub = None
 
     async def _copy_up(self, node: Node, *, with_data: bool = True) -> None:
-        """Give a per-VEE template file a private copy (all its hard-link names too)."""
+        """Give a per-VEE template file a private copy (all its hard-link names too).
+
+        A file whose last name the VEE removed while holding it gets a private copy that no
+        name shows (made in ``work/``, pinned, unlinked there), as the host would keep it."""
         if node.upper:
             return
         if node.shared:
@@ -368,60 +571,91 @@ class Views:
                 return
             vee = self._vee(node)
             e = node.lower
-            assert e is not None
-            path = self.path(node)
-            parent = next(iter(node.links))[0]
-            self._ensure_dir_upper(parent)
-            if node.is_dir:
-                raise AssertionError("directories use _ensure_dir_upper")
+            assert e is not None and not node.is_dir
+            path = self.path(node) if node.links else None
+            if path is not None:
+                self._ensure_dir_upper(next(iter(node.links))[0])
             meta = _entry_meta(e)
             if stat.S_ISREG(e.mode):
                 fill = self._filler(e) if with_data and e.oid and e.size else None
-                if fill is not None and not self.content.has_local(e.oid or ""):
-                    await trio.to_thread.run_sync(self.content.ensure, e.oid)
                 # Staging (copy + fsync) runs in a thread whatever the size: an fsync costs
                 # milliseconds, the thread hop ~0.1 ms, and the loop keeps serving every VEE.
                 # Only the atomic rename into place happens here, if the name still shows
                 # this file.
-                tmp = await trio.to_thread.run_sync(vee.layer.stage, meta, fill)
+                with self._content_errors(node):
+                    if fill is not None and not self.content.has_local(e.oid or ""):
+                        await trio.to_thread.run_sync(
+                            self.content.ensure, e.oid, limiter=self.fetch_threads
+                        )
+                    tmp = await trio.to_thread.run_sync(
+                        vee.layer.stage, meta, fill, limiter=self.disk_threads
+                    )
+                if node.vee is not vee:
+                    vee.layer.discard(tmp)
+                    raise FsError(errno.ESTALE, "VEE removed during a copy-up")
                 try:
-                    still = node.vee is vee and self.path(node) == path
+                    still = path is not None and self.path(node) == path
                 except FsError:
                     still = False
                 if not still:
-                    vee.layer.discard(tmp)
-                    raise FsError(errno.ENOENT, "file removed during its copy-up")
-                vee.layer.install(tmp, path)
+                    if node.links:  # renamed meanwhile: the next attempt copies it anew
+                        vee.layer.discard(tmp)
+                        raise FsError(errno.EAGAIN, "file renamed during its copy-up")
+                    self._set_upper(node, vee, vee.layer.pin_staged(tmp))
+                    return
+                with vee.layer.keeping_times(path[:-1]):
+                    vee.layer.install(tmp, path)
+            elif path is None:
+                raise FsError(errno.ENOENT, "a removed special file cannot be changed")
             else:
-                vee.layer.make_special(path, meta, target=e.target)
+                with vee.layer.keeping_times(path[:-1]):
+                    vee.layer.make_special(path, meta, target=e.target)
             # hard links: every other template name of this inode that still shows it
             if e.nlink > 1:
                 self._relink_group(vee, node, path)
-            st = vee.layer.lstat(path)
-            assert st is not None
-            node.upper = True
-            if vee.files.get(node.key) is node:
-                del vee.files[node.key]
-            node.key = ("u", st.st_dev, st.st_ino)
-            vee.files[node.key] = node
+            self._set_upper(node, vee, vee.layer.pin(path))
         self._copy_locks.pop(node.ino, None)
 
+    def _set_upper(self, node: Node, vee: Vee, fd: int) -> None:
+        """Node ``node`` now shows the private inode pinned by ``fd``."""
+        st = os.stat(fd)
+        node.upper = True
+        node.fd = fd
+        if vee.files.get(node.key) is node:
+            del vee.files[node.key]
+        node.key = ("u", st.st_dev, st.st_ino)
+        vee.files[node.key] = node
+
     def _relink_group(self, vee: Vee, node: Node, path: tuple[bytes, ...]) -> None:
-        assert node.lower is not None
+        """After a copy-up of a hard-linked template file at ``path``, link every other name of
+        the template inode that still shows it in this VEE (whether through ``node`` or the
+        shared inode) to the copy, so the names stay one file."""
+        e = node.lower
+        assert e is not None
         paths = self._paths_cache.get(vee.template.digest)
         if paths is None:
             paths = self._paths_cache[vee.template.digest] = vee.template.paths()
-        for tpath in paths.get(node.lower.ino, []):
+        for tpath in paths.get(e.ino, []):
             comps = tuple(tpath.split(b"/"))
             if comps == path:
                 continue
             try:
                 parent = self._walk(vee, comps[:-1])
-                if parent is None or self._child(parent, comps[-1]) is not node:
+                if parent is None:
                     continue
+                child = self._child(parent, comps[-1])
+                if child is None or (child is not node and (child.upper or child.lower is not e)):
+                    continue  # the name was removed or replaced in this VEE
                 self._ensure_dir_upper(parent)
-                with vee.layer.at(path) as (sfd, sname), vee.layer.at(comps) as (dfd, dname):
+                with (
+                    vee.layer.keeping_times(comps[:-1]),
+                    vee.layer.at(path) as (sfd, sname),
+                    vee.layer.at(comps) as (dfd, dname),
+                ):
                     os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                if child is not node:  # the shared inode's name now shows the private copy
+                    child.seen.discard((parent, comps[-1]))
+                    self.invalidate_entry(parent.ino, comps[-1])
                 node.links.add((parent, comps[-1]))
             except (VfsError, OSError) as exc:
                 log.warning("hard link %r not re-created after copy-up: %s", tpath, exc)
@@ -436,23 +670,25 @@ class Views:
 
     def _filler(self, e: Entry) -> Callable[[int], None]:
         content = self.content
-        oid, size = e.oid, e.size
+        oid, size, extents = e.oid, e.size, e.data_extents
         assert oid is not None
 
         def fill(fd: int) -> None:
-            """Copy the template content, leaving all-zero blocks as holes (sparse files)."""
+            """Copy the template content's data extents, leaving holes and all-zero blocks as
+            holes (sparse files)."""
             os.ftruncate(fd, size)
-            off = 0
             zero = bytes(1 << 16)
-            while off < size:
-                chunk = content.read(oid, off, min(1 << 20, size - off))
-                if not chunk:
-                    raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
-                for i in range(0, len(chunk), 1 << 16):
-                    piece = chunk[i : i + (1 << 16)]
-                    if piece != zero[: len(piece)]:
-                        os.pwrite(fd, piece, off + i)
-                off += len(chunk)
+            for start, length in extents:
+                off, end = start, start + length
+                while off < end:
+                    chunk = content.read(oid, off, min(1 << 20, end - off))
+                    if not chunk:
+                        raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
+                    for i in range(0, len(chunk), 1 << 16):
+                        piece = chunk[i : i + (1 << 16)]
+                        if piece != zero[: len(piece)]:
+                            os.pwrite(fd, piece, off + i)
+                    off += len(chunk)
 
         return fill
 
@@ -468,63 +704,107 @@ class Views:
         if node.is_dir:
             self._ensure_dir_upper(node)
         else:
-            await self._copy_up(node, with_data=with_data)
+            for _ in range(3):  # a rename racing the copy-up: copy again at the new name
+                try:
+                    await self._copy_up(node, with_data=with_data)
+                    break
+                except FsError as e:
+                    if e.errno != errno.EAGAIN:
+                        raise
+            else:
+                raise FsError(errno.EBUSY, "file keeps being renamed during its copy-up")
         return vee
 
     # -- setattr and xattrs ----------------------------------------------------------------
 
+    @_request
     async def setattr(self, ino: int, ch: SetAttr, fh: int | None = None) -> Attr:
         node = self.node(ino)
+        if not node.upper and node.ino != ROOT_INO and _changes_nothing(self.getattr(ino), ch):
+            # e.g. the writeback cache flushing unchanged times when a template file the VEE
+            # unlinked is closed: no reason to copy up (or to ESTALE a shared inode's close)
+            return self.getattr(ino)
         vee = await self._writable(node, with_data=ch.size != 0)
-        path = self.path(node)
+        if node.is_dir:
+            self._setattr_dir(vee, node, ch)
+        else:
+            self._setattr_file(node, ch, self.handles.get(fh) if fh is not None else None)
+        return self.getattr(ino)
+
+    def _setattr_file(self, node: Node, ch: SetAttr, h: Handle | None) -> None:
+        """Every change through the pinned inode (``node.fd``): works after the last name is
+        gone (the writeback cache sends a SETATTR when an unlinked file is closed)."""
+        pin = node.fd
+        assert pin is not None
         if ch.size is not None:
-            h = self.handles.get(fh) if fh is not None else None
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
             if h is not None and h.fd is not None and h.writable:
                 os.ftruncate(h.fd, ch.size)
             else:
-                fd = vee.layer.open(path, os.O_WRONLY)
+                fd = reopen(pin, os.O_WRONLY)
                 try:
                     os.ftruncate(fd, ch.size)
                 finally:
                     os.close(fd)
         if ch.uid is not None or ch.gid is not None:
-            with vee.layer.at(path) if path else _root_at(vee) as (fd, name):
-                os.chown(
-                    name,
-                    -1 if ch.uid is None else ch.uid,
-                    -1 if ch.gid is None else ch.gid,
-                    dir_fd=fd,
-                    follow_symlinks=False,
-                )
-        if ch.mode is not None and node.kind != stat.S_IFLNK:
-            with vee.layer.handle(path) as p:
-                os.chmod(p, stat.S_IMODE(ch.mode))
+            chown_fd(pin, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+        symlink = node.kind == stat.S_IFLNK
+        if ch.mode is not None and not symlink:
+            os.chmod(proc_path(pin), stat.S_IMODE(ch.mode))
         if ch.atime_ns is not None or ch.mtime_ns is not None:
-            if ch.atime_ns is not None and ch.mtime_ns is not None:
-                times = (ch.atime_ns, ch.mtime_ns)  # both given (utimensat, tar): no lstat
-            else:
-                st = vee.layer.lstat(path)
-                assert st is not None
+            if ch.atime_ns is None or ch.mtime_ns is None:
+                st = os.stat(pin)
                 times = (
                     st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
                     st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns,
                 )
-            with vee.layer.at(path) if path else _root_at(vee) as (fd, name):
-                os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
-        return self.getattr(ino)
+            else:
+                times = (ch.atime_ns, ch.mtime_ns)  # both given (utimensat, tar): no fstat
+            if not symlink:
+                os.utime(proc_path(pin), ns=times)
+            elif node.links:  # a symlink's own times: through a name (no fd-level call)
+                assert isinstance(node.vee, Vee)
+                with node.vee.layer.at(self.path(node)) as (fd, name):
+                    os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
+
+    def _setattr_dir(self, vee: Vee, node: Node, ch: SetAttr) -> None:
+        if ch.size is not None:
+            raise FsError(errno.EISDIR)
+        path = self.path(node)
+        if ch.uid is not None or ch.gid is not None:
+            with vee.layer.dirfd(path) as fd:
+                chown_fd(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+        if ch.mode is not None:
+            with vee.layer.dirfd(path) as fd:
+                os.chmod(proc_path(fd), stat.S_IMODE(ch.mode))
+        if ch.atime_ns is not None or ch.mtime_ns is not None:
+            with vee.layer.dirfd(path) as fd:
+                if ch.atime_ns is None or ch.mtime_ns is None:
+                    st = os.stat(fd)
+                    times = (
+                        st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
+                        st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns,
+                    )
+                else:
+                    times = (ch.atime_ns, ch.mtime_ns)
+                os.utime(proc_path(fd), ns=times)
+
+    def _xattr_target(self, node: Node) -> tuple[bytes | str, bool]:
+        """(path, follow_symlinks) for the xattr calls naming exactly this private entry: the
+        pinned inode's magic link (followed), or a directory's walked path (not followed)."""
+        if node.fd is not None:
+            return proc_path(node.fd), True
+        vee = self._vee(node)
+        return vee.layer.xattr_path(self.path(node)), False
 
     def listxattr(self, ino: int) -> list[bytes]:
         node = self.node(ino)
         if node.ino == ROOT_INO:
             return []
         if node.upper:
-            vee = self._vee(node)
             if node.kind == stat.S_IFLNK:
                 return []
-            p = vee.layer.xattr_path(self.path(node))
-            names = [os.fsencode(n) for n in os.listxattr(p, follow_symlinks=False)]
+            target, follow = self._xattr_target(node)
+            names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
         else:
             assert node.lower is not None
             names = list(node.lower.xattrs)
@@ -535,35 +815,37 @@ class Views:
         if name.startswith(PRIVATE_XATTR_PREFIX) or node.ino == ROOT_INO:
             raise FsError(errno.ENODATA)
         if node.upper:
-            vee = self._vee(node)
             if node.kind == stat.S_IFLNK:
                 raise FsError(errno.ENODATA)
-            return os.getxattr(vee.layer.xattr_path(self.path(node)), name, follow_symlinks=False)
+            target, follow = self._xattr_target(node)
+            return os.getxattr(target, name, follow_symlinks=follow)
         assert node.lower is not None
         try:
             return node.lower.xattrs[name]
         except KeyError:
             raise FsError(errno.ENODATA) from None
 
+    @_request
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if name.startswith(PRIVATE_XATTR_PREFIX):
             raise FsError(errno.EPERM, "this xattr namespace is reserved")
         node = self.node(ino)
-        vee = await self._writable(node)
+        await self._writable(node)
         if node.kind == stat.S_IFLNK:
             raise FsError(errno.EPERM)
-        with vee.layer.handle(self.path(node)) as p:
-            os.setxattr(p, name, value)
+        target, follow = self._xattr_target(node)
+        os.setxattr(target, name, value, follow_symlinks=follow)
 
+    @_request
     async def removexattr(self, ino: int, name: bytes) -> None:
         if name.startswith(PRIVATE_XATTR_PREFIX):
             raise FsError(errno.ENODATA)
         node = self.node(ino)
         if not node.upper and node.lower is not None and name not in node.lower.xattrs:
             raise FsError(errno.ENODATA)
-        vee = await self._writable(node)
-        with vee.layer.handle(self.path(node)) as p:
-            os.removexattr(p, name)
+        await self._writable(node)
+        target, follow = self._xattr_target(node)
+        os.removexattr(target, name, follow_symlinks=follow)
 
     # -- creating names --------------------------------------------------------------------
 
@@ -595,9 +877,11 @@ class Views:
         node = self._child(parent, name)
         if node is None:
             raise FsError(errno.EIO, "new entry vanished")
+        attr = self.getattr(node.ino)
         node.nlookup += 1
-        return self.getattr(node.ino)
+        return attr
 
+    @_request
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, mode = self._owner(parent, uid, gid, stat.S_IFDIR | mode)
@@ -606,9 +890,15 @@ class Views:
         old = vee.dirs.pop((parent.ino, name), None)
         if old is not None:
             old.parent = None
+        parent.nsub = None
         return self._finish_new(parent, name)
 
+    @_request
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # a 0/0 character device is the whiteout format of the private layer: refused
+            # before anything is made (overlayfs answers EPERM too)
+            raise FsError(errno.EPERM, "a 0/0 character device cannot be created in a VEE")
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, mode = self._owner(parent, uid, gid, mode)
         now = _now_ns()
@@ -619,6 +909,7 @@ class Views:
             vee.layer.make_special(path, FileMeta(mode, uid, gid, now, now, rdev=rdev))
         return self._finish_new(parent, name)
 
+    @_request
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, _ = self._owner(parent, uid, gid, stat.S_IFLNK)
@@ -628,6 +919,7 @@ class Views:
         )
         return self._finish_new(parent, name)
 
+    @_request
     def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Attr]:
@@ -645,6 +937,7 @@ class Views:
         node.nlookup += 1
         return self._new_handle(node, fd, True), _stat_attr(node, st)
 
+    @_request
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
         node = self.node(ino)
         if node.is_dir:
@@ -665,8 +958,9 @@ class Views:
             else:
                 os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
         node.links.add((parent, new_name))
+        attr = self.getattr(node.ino)
         node.nlookup += 1
-        return self.getattr(node.ino)
+        return attr
 
     # -- removing names --------------------------------------------------------------------
 
@@ -689,41 +983,45 @@ class Views:
         elif parent.upper:
             vee.layer.remove(path)
 
+    def _name_gone(self, node: Node, parent: Node, name: bytes) -> None:
+        """Bookkeeping after ``parent/name`` stopped showing the non-directory ``node``."""
+        node.links.discard((parent, name))
+        node.seen.discard((parent, name))
+        if not node.upper and not node.shared:
+            node.unlinked += 1
+
+    @_request
     def unlink(self, parent_ino: int, name: bytes) -> None:
         vee, parent, node = self._existing(parent_ino, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         self._drop_name(vee, parent, name)
-        node.links.discard((parent, name))
-        node.seen.discard((parent, name))
+        self._name_gone(node, parent, name)
 
-    def _merged_names(self, node: Node) -> list[tuple[bytes, Node]]:
+    def _names(self, node: Node) -> list[bytes]:
+        """The names a VEE directory shows (sorted), without making nodes for them."""
         vee = self._vee(node)
-        names: dict[bytes, None] = {}
+        names: dict[bytes, bool] = {}
         if node.upper:
-            for n, _st in vee.layer.listdir(self.path(node)):
-                names[n] = None
+            for n, st in vee.layer.listdir(self.path(node)):
+                names[n] = not is_whiteout(st)
         if node.lower is not None:
             for n, _ in vee.template.readdir(node.lower.ino):
-                names[n] = None
-        out = []
-        for n in sorted(names):
-            child = self._child(node, n)
-            if child is not None:
-                out.append((n, child))
-        return out
+                names.setdefault(n, True)
+        return sorted(n for n, shown in names.items() if shown)
 
+    @_request
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         vee, parent, node = self._existing(parent_ino, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
-        if self._merged_names(node):
+        if self._names(node):
             raise FsError(errno.ENOTEMPTY)
         path = self.path(node)
         if self._natural_lower(parent, name) is not None:
             self._ensure_dir_upper(parent)
             if node.upper:
-                self._exchange_with_whiteout(vee, path)
+                vee.layer.replace_dir_with_whiteout(path)
             else:
                 vee.layer.whiteout(path)
         elif node.upper:
@@ -731,19 +1029,12 @@ class Views:
         vee.dirs.pop((parent.ino, name), None)
         node.parent = None
         node.vee = _DEAD
+        parent.nsub = None
         vee.layer.forget_dirs()
-
-    def _exchange_with_whiteout(self, vee: Vee, path: tuple[bytes, ...]) -> None:
-        """Atomically replace a private directory (holding only markers) by a whiteout."""
-        tmp = b"rmdir-" + os.urandom(8).hex().encode()
-        with vee.layer.workfd() as wfd, vee.layer.at(path) as (pfd, name):
-            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=wfd)
-            renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)
-            fsync_dir(pfd)
-            vee.layer._rmtree_at(wfd, tmp)
 
     # -- rename ----------------------------------------------------------------------------
 
+    @_request
     async def rename(self, p1_ino: int, n1: bytes, p2_ino: int, n2: bytes, flags: int = 0) -> None:
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL, "only RENAME_NOREPLACE is supported")
@@ -764,7 +1055,7 @@ class Views:
                 raise FsError(errno.ENOTDIR)
             if not src.is_dir and dst.is_dir:
                 raise FsError(errno.EISDIR)
-            if dst.is_dir and self._merged_names(dst):
+            if dst.is_dir and self._names(dst):
                 raise FsError(errno.ENOTEMPTY)
         # 1. the source gets a private object at its old name
         if src.is_dir:
@@ -772,7 +1063,7 @@ class Views:
         elif src.shared:
             await self._copy_shared(vee, p1, n1, src)
         else:
-            await self._copy_up(src)
+            await self._writable(src)
         self._ensure_dir_upper(p2)
         spath = self.path(p1) + (n1,)
         dpath = self.path(p2) + (n2,)
@@ -785,10 +1076,7 @@ class Views:
                 vee.layer.set_dir_marker(spath, OPAQUE_XATTR, b"y")
         # 3. the target name: an empty private dir holding only markers goes away first
         if dst is not None and dst.is_dir and dst.upper:
-            with vee.layer.workfd() as wfd, vee.layer.at(dpath) as (dfd, dname):
-                tmp = b"old-" + os.urandom(8).hex().encode()
-                os.rename(dname, tmp, src_dir_fd=dfd, dst_dir_fd=wfd)
-                vee.layer._rmtree_at(wfd, tmp)
+            vee.layer.remove_dir_atomically(dpath)
         elif dst is None or not dst.upper:
             # a whiteout (or nothing) at the target: rename replaces a whiteout atomically
             st = vee.layer.lstat(dpath)
@@ -804,42 +1092,43 @@ class Views:
         # 5. bookkeeping (cached directory fds may name moved or removed directories)
         if src.is_dir or (dst is not None and dst.is_dir):
             vee.layer.forget_dirs()
+            p1.nsub = p2.nsub = None
         if dst is not None:
             if dst.is_dir:
                 vee.dirs.pop((p2.ino, n2), None)
                 dst.parent = None
                 dst.vee = _DEAD
             else:
-                dst.links.discard((p2, n2))
-                dst.seen.discard((p2, n2))
+                self._name_gone(dst, p2, n2)
         if src.is_dir:
             vee.dirs.pop((p1.ino, n1), None)
             vee.dirs[(p2.ino, n2)] = src
             src.parent, src.name = p2, n2
+        elif src.shared:
+            # the kernel moved its dentry of the shared inode to the new name, but the name
+            # now shows this VEE's private copy: make it look the name up again
+            src.seen.discard((p1, n1))
+            self.invalidate_entry(p2.ino, n2)
         else:
             src.links.discard((p1, n1))
-            src.seen.discard((p1, n1))
-            if src.shared:
-                src.seen.add((p2, n2))
-            else:
-                src.links.add((p2, n2))
+            src.links.add((p2, n2))
 
     async def _copy_shared(self, vee: Vee, parent: Node, name: bytes, node: Node) -> None:
-        """Private copy of a shared file at one name (rename of an unmodified file)."""
+        """Private copy of a shared file at one name (rename of an unmodified file), through a
+        per-VEE node of the template inode (its other names are linked to the copy too)."""
         e = node.lower
         assert e is not None
         key = ("l", e.ino)
         tmpnode = vee.files.get(key)
         if tmpnode is None:
-            tmpnode = Node(0, vee, node.kind, e)
+            tmpnode = self._new_node(vee, node.kind, e)  # dropped at the request's end
             tmpnode.key = key
+            vee.files[key] = tmpnode
         tmpnode.links.add((parent, name))
         try:
-            await self._copy_up(tmpnode)
+            await self._writable(tmpnode)
         finally:
             tmpnode.links.discard((parent, name))
-            if tmpnode.ino == 0:
-                vee.files.pop(tmpnode.key, None)
 
     def _template_path(self, vee: Vee, e: Entry) -> bytes:
         paths = self._paths_cache.get(vee.template.digest)
@@ -854,29 +1143,49 @@ class Views:
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         if node.ino == ROOT_INO:
-            listing = [(n.encode(), v.root) for n, v in sorted(self.vees.items())]
-            listing = [(n, r) for n, r in listing if r is not None]
+            names = [n.encode() for n in sorted(self.vees)]
         else:
-            listing = self._merged_names(node)
+            names = self._names(node)
         fh = self._next_fh
         self._next_fh += 1
-        self.dir_handles[fh] = listing  # type: ignore[assignment]
+        self.dir_handles[fh] = (node, [b".", b"..", *names])
         return fh
 
-    def readdir(self, fh: int, start: int) -> Iterable[tuple[bytes, Attr, int]]:
-        """Entries from index ``start``; the consumer takes a lookup reference per entry it
-        accepts (readdirplus), by calling :meth:`count_lookup`."""
-        listing = self.dir_handles[fh]
-        for i in range(start, len(listing)):
-            name, node = listing[i]
+    @_request
+    def readdir(
+        self, fh: int, start: int, emit: Callable[[bytes, Attr, int], bool] | None = None
+    ) -> list[tuple[bytes, Attr, int]]:
+        """Entries from index ``start``, ``.`` and ``..`` first (as on a local disk).
+
+        ``emit(name, attr, next_index)`` hands an entry to the kernel (readdirplus) and says
+        whether it took it; each entry taken, but for ``.`` and ``..``, is a lookup reference
+        (the kernel counts none for those two). Without ``emit`` every entry is taken.
+        Returns the entries taken."""
+        node, names = self.dir_handles[fh]
+        if node.vee is _DEAD and start < len(names):
+            raise StaleHandle("directory removed")
+        out: list[tuple[bytes, Attr, int]] = []
+        for i in range(start, len(names)):
+            name = names[i]
+            if name in (b".", b".."):
+                target = node if name == b"." else (node.parent or node)
+                attr = self.getattr(target.ino)
+                if emit is not None and not emit(name, attr, i + 1):
+                    return out
+                out.append((name, attr, i + 1))
+                continue
             try:
-                attr = self.getattr(node.ino)
+                child = self._child(node, name)
+                if child is None:
+                    continue  # removed since opendir
+                attr = self.getattr(child.ino)
             except (VfsError, OSError):
                 continue
-            yield name, attr, i + 1
-
-    def count_lookup(self, ino: int) -> None:
-        self.nodes[ino].nlookup += 1
+            if emit is not None and not emit(name, attr, i + 1):
+                return out
+            child.nlookup += 1
+            out.append((name, attr, i + 1))
+        return out
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
@@ -893,30 +1202,29 @@ class Views:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(node, fd, writable)
+        node.opens += 1
         return fh
 
+    @_request
     async def open(self, ino: int, flags: int) -> int:
         node = self.node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:
-            fd = None
-            if node.upper:
-                vee = self._vee(node)
-                fd = vee.layer.open(self.path(node), os.O_RDONLY)
+            fd = reopen(node.fd, os.O_RDONLY) if node.fd is not None else None
             return self._new_handle(node, fd, False)
-        vee = await self._writable(node, with_data=not flags & os.O_TRUNC)
-        fd = vee.layer.open(self.path(node), _open_flags(flags))
-        return self._new_handle(node, fd, True)
+        await self._writable(node, with_data=not flags & os.O_TRUNC)
+        assert node.fd is not None
+        return self._new_handle(node, reopen(node.fd, _open_flags(flags)), True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
         node = h.node
         if node.upper:
-            if h.fd is None:
-                vee = self._vee(node)
-                h.fd = vee.layer.open(self.path(node), os.O_RDONLY)
+            if h.fd is None:  # opened on the template file, copied up since
+                assert node.fd is not None
+                h.fd = reopen(node.fd, os.O_RDONLY)
             return os.pread(h.fd, size, off)
         e = node.lower
         assert e is not None
@@ -927,12 +1235,43 @@ class Views:
         # dropped (drop_cache), or two copies would halve the density shared inodes exist for.
         # First redirection inline (a local read is cheaper than a thread hop); the second
         # (a fetch) in a thread, so other VEEs keep being served.
-        data = self.content.read_local(e.oid, off, size, drop_cache=True)
-        if data is None:
-            data = await trio.to_thread.run_sync(
-                functools.partial(self.content.read, e.oid, off, size, drop_cache=True)
-            )
+        with self._content_errors(node):
+            data = self.content.read_local(e.oid, off, size, drop_cache=True)
+            if data is None:
+                data = await trio.to_thread.run_sync(
+                    functools.partial(self.content.read, e.oid, off, size, drop_cache=True),
+                    limiter=self.fetch_threads,
+                )
         return data
+
+    @contextlib.contextmanager
+    def _content_errors(self, node: Node) -> Iterator[None]:
+        """A template file whose object is missing, damaged or unreachable reads as EIO (never
+        ENOENT: the name exists), with one log line naming the object and the file."""
+        try:
+            yield
+        except (NotFound, IntegrityError, RemoteError) as exc:
+            e = node.lower
+            where = self._describe(node)
+            oid = e.oid if e is not None and e.oid else "?"
+            msg = str(exc) if oid in str(exc) else f"object {oid}: {exc}"
+            log.error("template file %s: %s", where, msg)
+            raise FsError(errno.EIO, f"content of {where} unavailable") from None
+
+    def _describe(self, node: Node) -> str:
+        """A path of a template file for log lines (VEE path, else its template path)."""
+        try:
+            if isinstance(node.vee, Vee) and node.links:
+                return f"{node.vee.name}:/" + os.fsdecode(b"/".join(self.path(node)))
+            tmpl = node.template or (node.vee.template if isinstance(node.vee, Vee) else None)
+            if tmpl is not None and node.lower is not None:
+                paths = self._paths_cache.get(tmpl.digest)
+                if paths is None:
+                    paths = self._paths_cache[tmpl.digest] = tmpl.paths()
+                return f"template {tmpl.digest[:12]}:/" + os.fsdecode(paths[node.lower.ino][0])
+        except (VfsError, KeyError, IndexError):
+            pass
+        return f"inode {node.ino}"
 
     def write(self, fh: int, off: int, data: bytes) -> int:
         h = self.handles[fh]
@@ -943,12 +1282,17 @@ class Views:
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles[fh]
         if h.fd is not None and h.writable:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+            sync = os.fdatasync if datasync else os.fsync
+            await trio.to_thread.run_sync(sync, h.fd, limiter=self.disk_threads)
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
-        if h is not None and h.fd is not None:
+        if h is None:
+            return
+        if h.fd is not None:
             os.close(h.fd)
+        h.node.opens -= 1
+        self._unref(h.node)
 
     def statfs(self) -> os.statvfs_result:
         vee = next(iter(self.vees.values()), None)
@@ -957,22 +1301,19 @@ class Views:
     def close(self) -> None:
         for fh in list(self.handles):
             self.release(fh)
+        for node in self.nodes.values():
+            if node.fd is not None:
+                os.close(node.fd)
+                node.fd = None
         for vee in self.vees.values():
             vee.layer.close()
-
-
-@contextlib.contextmanager
-def _root_at(vee: Vee) -> Iterator[tuple[int, bytes]]:
-    """(fd, ".") naming the VEE root directory itself, like PrivateLayer.at for a child."""
-    with vee.layer.dirfd(()) as fd:
-        yield fd, b"."
 
 
 def _stat_attr(node: Node, st: os.stat_result) -> Attr:
     return Attr(
         node.ino,
         st.st_mode,
-        1 if node.is_dir else st.st_nlink,
+        st.st_nlink,
         st.st_uid,
         st.st_gid,
         st.st_rdev,
@@ -981,13 +1322,26 @@ def _stat_attr(node: Node, st: os.stat_result) -> Attr:
         st.st_atime_ns,
         st.st_mtime_ns,
         st.st_ctime_ns,
+        generation=node.gen,
+    )
+
+
+def _changes_nothing(a: Attr, ch: SetAttr) -> bool:
+    """Whether a setattr request leaves every attribute as it is (``a`` = current)."""
+    return (
+        (ch.mode is None or stat.S_IMODE(ch.mode) == stat.S_IMODE(a.mode))
+        and (ch.uid is None or ch.uid == a.uid)
+        and (ch.gid is None or ch.gid == a.gid)
+        and (ch.size is None or ch.size == a.size)
+        and (ch.atime_ns is None or ch.atime_ns == a.atime_ns)
+        and (ch.mtime_ns is None or ch.mtime_ns == a.mtime_ns)
     )
 
 
 def _open_flags(flags: int) -> int:
     """Open flags for the private file: the kernel runs the page cache (writeback), so O_APPEND
     is its business and a write-only open must be able to read (partial page writes)."""
-    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT)
+    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW)
     if flags & os.O_ACCMODE == os.O_WRONLY:
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
     return flags
