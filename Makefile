@@ -2,9 +2,16 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# gcc, libc6-dev, python3-dev, libfuse3-dev, pkg-config, git: the patched pyfuse3 is compiled here
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-system-x86 qemu-utils nginx-light fio openssl \
-                curl fuse-overlayfs rsync git xz-utils e2fsprogs debootstrap apt-utils
+                curl fuse-overlayfs rsync git xz-utils e2fsprogs gcc libc6-dev python3-dev \
+                debootstrap apt-utils
 STAMP := $(VENV)/.installed
+# pyfuse3 3.5.0 from PyPI with the patches of tools/pyfuse3 (README there), built into the venv
+# before the project is installed, so pip never fetches the unpatched one.
+PYFUSE3 := tools/pyfuse3
+PYFUSE3_INPUTS := $(PYFUSE3)/build.py $(PYFUSE3)/series $(PYFUSE3)/build-constraints.txt \
+                  $(wildcard $(PYFUSE3)/patches/*.patch)
 
 .PHONY: all setup deps venv test lint demo bench clean
 
@@ -22,13 +29,17 @@ deps:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PYFUSE3_INPUTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) $(PYFUSE3)/build.py
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+# build.py returns at once when the patched build is installed; it runs every time so that a
+# pyfuse3 replaced behind make's back (pip install pyfuse3) is rebuilt.
 venv: deps $(STAMP)
+	@$(PY) $(PYFUSE3)/build.py
 
 setup: venv
 

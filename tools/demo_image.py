@@ -36,6 +36,39 @@ def run_demo(work: Path, nginx, run, banner) -> None:
     run("vimg", "io", rotten, "-c", "read 0 4k", check=False)
     run("vimg", "check", v)
 
+    print("\n# flip one bit of the current header: its mirror copy keeps the disk (no roll-back);")
+    print("# check reports the damaged copy, the next writer rewrites it")
+    hdr = d / "header.vimg"
+    hdr.write_bytes(v.read_bytes())
+    seq = json.loads(run("vimg", "info", "--json", hdr))["format-specific"]["data"]["sequence"]
+    with open(hdr, "r+b") as f:
+        f.seek((seq % 2) * 4096 + 60)
+        b = f.read(1)
+        f.seek((seq % 2) * 4096 + 60)
+        f.write(bytes([b[0] ^ 1]))
+    run("vimg", "compare", q, hdr)
+    run("vimg", "check", hdr, check=False)
+    run("vimg", "io", hdr, "-c", "write -P 0xab 0 4k")
+    run("vimg", "check", hdr)
+
+    print("\n# a backing name is followed only inside the image's directory (or --backing-dir)")
+    run(
+        "vimg",
+        "create",
+        "-F",
+        "raw",
+        "-b",
+        "../../../../../etc/passwd",
+        d / "evil.vimg",
+        check=False,
+    )
+
+    print("\n# a persistent dirty bitmap: which ranges changed since it was added (or cleared)")
+    run("vimg", "bitmap", "--add", v, "since-demo")
+    run("vimg", "io", v, "-c", "write -P 0x22 8M 128k", "-c", "write -z 16M 64k")
+    run("vimg", "bitmap", "--dirty", v, "since-demo")
+    run("vimg", "bitmap", "--remove", v, "since-demo")
+
     print("\n# push the clusters to a repository served by nginx; 'another host' pulls lazily")
     repo = nginx.webroot / "images"
     run("vfsd", "repo", "init", repo)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -90,6 +91,8 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise UsageError(f"invalid size {text!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"invalid size {text!r}: not a finite number")
     if value < 0:
         raise UsageError(f"invalid size {text!r}: negative")
     return int(value * units[suffix])

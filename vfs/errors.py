@@ -13,14 +13,20 @@ one-line message and an exit code (``.exit_code``).
     │   └── ObjectNotFound        exit 4, ENOENT   neither the store nor the remote has it
     ├── AlreadyExists             exit 4, EEXIST
     ├── IntegrityError            exit 5, EIO      bytes do not match their digest/checksum
-    │   └── CorruptionError       exit 5, EIO      on-disk metadata is inconsistent
+    │   ├── CorruptionError       exit 5, EIO      on-disk metadata is inconsistent
+    │   └── SizeMismatch          exit 5, EIO      an object's length is not the size its
+    │                                              reference (manifest, image) claims
     ├── FormatError               exit 6, EIO      not our format, or a malformed structure
     │   └── UnsupportedFeature    exit 6, EIO      a newer writer set a feature we cannot read
     ├── RemoteError               exit 7, EIO      the repository misbehaved (HTTP 5xx, TLS)
     │   └── RemoteUnavailable     exit 7, EIO      unreachable after bounded retries
+    │       └── RemoteTimeout     exit 7, EIO      a fetch missed its deadline (stalled or
+    │                                              slower than the rate floor)
     ├── StoreFull                 exit 8, ENOSPC   disk full or quota cannot be met
     ├── BusyError                 exit 9, EBUSY    in use (pinned, locked, mounted)
     ├── ReadOnlyError             exit 10, EROFS
+    ├── WriteFailed               exit 11, EIO     an earlier write/fsync failed: nothing since
+    │                                              the last commit is durable (reopen)
     ├── FsError                   exit 1, any      a plain file-system errno (ENOTEMPTY, EISDIR)
     ├── StaleHandle               exit 1, ESTALE   a shared inode must be looked up again
     ├── DaemonNotRunning          exit 3           no daemon answers on the control socket
@@ -80,6 +86,12 @@ class CorruptionError(IntegrityError):
     pass
 
 
+class SizeMismatch(IntegrityError):
+    """An object's real length differs from the size its reference claims. The object itself
+    may be genuine (its digest matches): the reference lies, so it is neither served nor
+    quarantined."""
+
+
 class FormatError(VfsError):
     exit_code = 6
 
@@ -96,6 +108,11 @@ class RemoteUnavailable(RemoteError):
     pass
 
 
+class RemoteTimeout(RemoteUnavailable):
+    """A fetch ran out of its overall deadline: the server stalled, or sent slower than the
+    bytes-per-second floor once the grace period was over."""
+
+
 class StoreFull(VfsError):
     errno = _errno.ENOSPC
     exit_code = 8
@@ -109,6 +126,14 @@ class BusyError(VfsError):
 class ReadOnlyError(VfsError):
     errno = _errno.EROFS
     exit_code = 10
+
+
+class WriteFailed(VfsError):
+    """An earlier write or fsync of this open file failed: data written since the last durable
+    point may be lost, so every later write and flush fails too until the file is reopened
+    (errseq semantics, as Linux reports a writeback error to every later fsync)."""
+
+    exit_code = 11
 
 
 class FsError(VfsError):

@@ -131,7 +131,7 @@ def open_disk(path: Path, index: int) -> Disk:
     path = Path(path)
     if not path.exists():
         raise NotFound(f"disk image {path} does not exist")
-    from vfs.image.qemu import probe_format
+    from vfs.image.fileio import probe_format
 
     fmt = probe_format(str(path))
     if fmt not in FORMATS:

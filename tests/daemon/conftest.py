@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -212,12 +213,19 @@ def posix_daemon(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _publish_salted(d: Daemon, tree: Path, salt: bytes) -> str:
-    """Publish ``tree`` (with a fresh salt file, so the digest is new) in this process."""
+    """Publish ``tree`` with a fresh salt in this process: a salt file (a new digest) and a
+    salt xattr on every entry, so no file is identical to one of an earlier case's template
+    (the view shares one inode between template versions for identical files: a case would
+    otherwise find files an earlier case unshared)."""
     from tests.daemon.posix_support import T_ATIME_NS, T_MTIME_NS
     from vfs.redirect import LocalStore
     from vfs.redirect.remote import FileRemote
     from vfs.tree.template import publish_template
 
+    tag = hashlib.blake2b(salt, digest_size=8).digest()  # small: it must fit in the inode
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            os.setxattr(Path(dirpath) / name, "trusted.s", tag, follow_symlinks=False)
     (tree / "salt").write_bytes(salt)
     os.utime(tree / "salt", ns=(T_ATIME_NS, T_MTIME_NS))
     os.utime(tree, ns=(T_ATIME_NS, T_MTIME_NS))
@@ -257,7 +265,9 @@ def posix_root(request: pytest.FixtureRequest, posix_tree: Path, tmp_path: Path)
             d.stop()
             d.start()  # an earlier case killed it: that case failed; this one starts afresh
         n = next(_posix_case)
-        digest = _publish_salted(d, posix_tree, f"case {n} {request.node.name}\n".encode())
+        salted = tmp_path / "salted"
+        subprocess.run(["cp", "-a", str(posix_tree), str(salted)], check=True)
+        digest = _publish_salted(d, salted, f"case {n} {request.node.name}\n".encode())
         from vfs.daemon import control
 
         for name in (f"p{n}", f"p{n}s"):

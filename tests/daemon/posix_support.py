@@ -137,13 +137,32 @@ class PosixRoot:
         """Overlayfs (redirect_dir=off) refuses to rename a directory with a lower layer."""
         return self.kind == "overlay"
 
-    def nameless_lower_frozen(self, *, lower_only: bool) -> bool:
-        """Overlayfs cannot copy up a lower file that lost its last name while a read-only or
-        O_PATH fd held it (never copied up): through that fd it still reports st_nlink 1 (the
-        lower file keeps its name in the lower layer) and its old ctime, and every change
-        fails with EEXIST.
-        POSIX (ext4, and the VEE root) answers st_nlink 0 and makes the change."""
-        return lower_only and self.kind == "overlay"
+    def nameless_lower_frozen(self, *, lower_only: bool, kind: str = "") -> str | None:
+        """The errno with which changes fail through a read-only or O_PATH fd of a lower file
+        that lost its last name (never copied up), or None where they work (POSIX, ext4).
+
+        Overlayfs cannot copy such a file up: through that fd it still reports st_nlink 1 (the
+        lower file keeps its name in the lower layer) and its old ctime; changes fail EEXIST.
+        The VEE root's FUSE engine cannot tell which VEE asks about a *shared* template inode
+        (docs/vee-layer.md §8): it answers st_nlink 0, and changes with no name left to retry
+        through fail ESTALE. Other files of a VEE (unshared, copied, private) behave as ext4."""
+        if lower_only and self.kind == "overlay":
+            return "EEXIST"
+        if lower_only and self.kind == "vee" and kind == "template":
+            return "ESTALE"
+        return None
+
+    def nameless_lower_nlink(self) -> int:
+        """st_nlink through the fd of such a frozen file (overlayfs: the lower file's 1)."""
+        return 1 if self.kind == "overlay" else 0
+
+    def shared_inode_detached(self, kind: str) -> bool:
+        """The FUSE engine's shared template inodes (docs/vee-layer.md §3, the ESTALE rule):
+        the first change of an unmodified template file through a name (a write, a rename, a
+        link) makes it the VEE's own inode: it has a new st_ino, and an fd opened on the
+        shared inode before keeps the template's content, times and st_ino. Overlayfs (since
+        Linux 4.19) keeps one inode; so does the kernel engine. A documented limit."""
+        return self.kind == "vee" and kind == "template"
 
     def unshare(self, rel: str) -> None:
         """Make the template file ``rel`` per-VEE without touching it in this root: in the VEE

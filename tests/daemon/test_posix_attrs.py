@@ -318,7 +318,9 @@ def test_times_of_parents_and_entries(posix_root: PosixRoot, parent: str) -> Non
         op()
         _assert_changed(before, d, m=True, c=True)
         a, m, c = times(new, follow=False)
-        assert t0 - 10_000_000 <= m == c <= now_ns() and a == m, name  # coarse clock: 10 ms
+        assert t0 - 10_000_000 <= m <= c <= now_ns() and a == m, name  # coarse clock: 10 ms
+        if posix_root.kind != "overlay":  # overlayfs makes some entries in its workdir first
+            assert m == c, name
     # (operation, the file's name before it, after it)
     for op, fa, fb in [
         (lambda: os.link(f"{d}/f", f"{d}/l"), f"{d}/f", f"{d}/f"),

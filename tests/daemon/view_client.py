@@ -91,9 +91,12 @@ class VeeClient:
         self.views.mkdir(p, n, mode, 0, 0)
 
     async def rename(self, a: str, b: str) -> None:
-        pa, na = self.parent(a)
-        pb, nb = self.parent(b)
-        await self.views.rename(pa, na, pb, nb)
+        async def go():  # type: ignore[no-untyped-def]
+            pa, na = self.parent(a)
+            pb, nb = self.parent(b)
+            await self.views.rename(pa, na, pb, nb)
+
+        await self._retry(go)
 
     def exists(self, path: str) -> bool:
         try:

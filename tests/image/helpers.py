@@ -49,3 +49,41 @@ def apply_ops(path: str, ops: list[tuple]) -> None:
                 os.pwrite(fd, bytes(op[2]), op[1])
     finally:
         os.close(fd)
+
+
+def current_header(path: str):
+    """The current header of the image at ``path`` (parsed by the reader's own rules)."""
+    from vfs.image.fileio import ImageFile
+    from vfs.image.header import read_current_header
+
+    f = ImageFile(path, writable=False)
+    try:
+        return read_current_header(f)
+    finally:
+        f.close()
+
+
+def write_header(path: str, h, *, mirror: bool = True) -> None:
+    """Write header ``h`` into both copies (or only the primary) of slot ``h.sequence % 2``,
+    as a commit would (tests that forge headers: features, lengths, hostile values)."""
+    from vfs.image import layout as L
+
+    slot = L.pack_header(h).ljust(L.HEADER_SLOT_SIZE, b"\0")
+    with open(path, "r+b") as f:
+        f.seek(L.HEADER_SLOT_OFFSETS[h.sequence % 2])
+        f.write(slot)
+        if mirror:
+            f.seek(L.HEADER_MIRROR_OFFSETS[h.sequence % 2])
+            f.write(slot)
+
+
+def reseal(buf: bytearray) -> bytes:
+    """Recompute the checksum of a (mutated) header copy at the position its slot_length says."""
+    import struct
+
+    import xxhash
+
+    (length,) = struct.unpack_from("<I", buf, 12)
+    if 32 <= length <= len(buf) and length % 8 == 0:
+        struct.pack_into("<Q", buf, length - 8, xxhash.xxh3_64_intdigest(bytes(buf[: length - 8])))
+    return bytes(buf)

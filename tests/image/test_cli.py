@@ -90,14 +90,14 @@ def test_check_exit_codes_and_json(tmp_path):
     out = json.loads(vimg("check", "--json", a))
     assert out["format"] == "vimg" and out["check-errors"] == 0 and "corruptions" not in out
     with Image.open(a) as img:
-        img._alloc.alloc()  # leak one cluster
+        img._core.alloc.alloc()  # leak one cluster
     assert json.loads(vimg("check", "--json", a, code=3))["leaks"] == 1
     out = json.loads(vimg("check", "-r", "leaks", "--json", a))
     assert out["leaks-fixed"] == 1
     vimg("check", a)
     # corruption: damage the L2 table
     with Image.open(a, readonly=True) as img:
-        l2 = img._l1[0][0]
+        l2 = next(img.roots())[2][0][0]
     with open(a, "r+b") as f:
         f.seek(l2 + 20)
         f.write(b"\xff")
@@ -165,16 +165,16 @@ def test_pull_is_resumable(tmp_path):
     calls = {"n": 0}
 
     class Flaky:
-        def get(self, oid):
+        def get(self, oid, *, expected_size=None):
             calls["n"] += 1
             if calls["n"] > 25:
                 raise KeyboardInterrupt  # the process is stopped
-            return Resolver(store, repo).get(oid)
+            return Resolver(store, repo).get(oid, expected_size=expected_size)
 
     img = Image.open(a, resolver=Flaky())
     with pytest.raises(KeyboardInterrupt):
         pull(img, batch=10)
-    img._f.close()  # the process dies: no final flush
+    img._core.f.close()  # the process dies: no final flush
     with Image.open(a, resolver=Resolver(store, repo)) as img:
         left = sum(img.entry(i)[0] == 4 for i in range(256))
         assert left == 40 - 20  # two batches of 10 were committed

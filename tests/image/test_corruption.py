@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -14,6 +17,8 @@ from vfs.errors import CorruptionError, FormatError, IntegrityError, Unsupported
 from vfs.image import layout as L
 from vfs.image.check import check, verify
 from vfs.image.image import Image
+
+from .helpers import current_header, write_header
 
 CS = 4096
 SIZE = 1 << 20
@@ -64,7 +69,7 @@ def test_flipped_data_byte_is_an_error_naming_the_guest_offset(image):
 def test_flipped_l2_byte_detected_and_salvaged(image):
     path, content = image
     with Image.open(path, readonly=True) as img:
-        l2_off = img._l1[0][0]
+        l2_off = next(img.roots())[2][0][0]
     # Damage the checksum field of entry 5 (guest cluster 5) in the first L2 table.
     flip(path, l2_off + 5 * L.L2_ENTRY_SIZE + 16)
     with Image.open(path, readonly=True) as img:
@@ -87,7 +92,7 @@ def test_flipped_l2_byte_detected_and_salvaged(image):
 def test_flipped_refcount_block(image):
     path, content = image
     with Image.open(path) as img:
-        block = img._rct[0][0]
+        block = img._core.rct[0][0]
     flip(path, block + 2 * 3)  # refcount of host cluster 3
     with Image.open(path, readonly=True) as img:  # readers do not need refcounts
         assert img.read(0, CS) == content[0]
@@ -122,8 +127,8 @@ def test_flipped_l1_salvage_keeps_verified_tables(image):
 def test_leak_is_reported_and_repaired(image):
     path, content = image
     with Image.open(path) as img:
-        img._alloc.incref(img.entry(0)[4] // CS)  # a refcount too high: a leak
-        img._alloc.alloc()  # and a cluster nobody references
+        img._core.alloc.incref(img.entry(0)[4] // CS)  # a refcount too high: a leak
+        img._core.alloc.alloc()  # and a cluster nobody references
     res = check(path)
     assert (res.corruptions, res.leaks, res.exit_code) == (0, 2, 3)
     fixed = check(path, "leaks")
@@ -134,27 +139,10 @@ def test_leak_is_reported_and_repaired(image):
 
 
 def _rewrite_header(path, **changes) -> None:
-    with open(path, "r+b") as f:
-        buf = f.read(L.HEADER_AREA)
-        slots = []
-        for o in L.HEADER_SLOT_OFFSETS:
-            try:
-                slots.append((L.unpack_header(buf[o : o + L.HEADER_SLOT_SIZE]), o))
-            except FormatError:
-                pass
-        h, o = max(slots, key=lambda t: t[0].sequence)
-        for k, v in changes.items():
-            setattr(h, k, v)
-        f.seek(o)
-        f.write(L.pack_header(h))
-
-
-def _valid(b: bytes) -> bool:
-    try:
-        L.unpack_header(b)
-        return True
-    except FormatError:
-        return False
+    h = current_header(path)
+    for k, v in changes.items():
+        setattr(h, k, v)
+    write_header(path, h)
 
 
 def test_unknown_incompatible_feature_is_refused(image):
@@ -175,28 +163,12 @@ def test_unknown_compatible_and_autoclear_bits(image):
         assert img.header.autoclear == 0  # cleared by a writer that does not know it
 
 
-def test_both_headers_damaged(image):
+def test_every_header_copy_damaged(image):
     path, _ = image
-    flip(path, 60)
-    flip(path, 4096 + 60)
+    for o in L.HEADER_COPY_OFFSETS:
+        flip(path, o + 60)
     with pytest.raises(FormatError, match="no valid vimg header"):
         Image.open(path, readonly=True)
-
-
-def test_torn_current_header_falls_back_to_previous_commit(tmp_path):
-    path = str(tmp_path / "a.vimg")
-    with Image.create(path, SIZE, cluster_size=CS) as img:
-        img.write(0, b"1" * CS)
-        img.flush()
-        first = img.sequence
-        img.write(0, b"2" * CS)
-        img.flush()
-        slot = L.HEADER_SLOT_OFFSETS[img.sequence % 2]
-    flip(path, slot + 50)
-    with Image.open(path, readonly=True) as img:
-        assert img.sequence == first
-        assert img.read(0, CS) == b"1" * CS
-    assert check(path).exit_code == 0
 
 
 def test_truncated_file(image):
@@ -213,11 +185,11 @@ def test_header_checksum_is_xxh3_of_the_header():
     h = L.Header(
         virtual_size=SIZE,
         cluster_bits=12,
-        l1_offset=8192,
+        l1_offset=16384,
         l1_entries=4,
-        refcount_table_offset=12288,
+        refcount_table_offset=20480,
         refcount_table_entries=1,
-        host_clusters=4,
+        host_clusters=6,
     )
     raw = L.pack_header(h)
     (s,) = struct.unpack_from("<Q", raw, len(raw) - 8)
@@ -231,8 +203,8 @@ def test_damaged_snapshot_is_dropped_by_repair(image):
         img.snapshot_create("old")
         img.write(0, b"n" * CS)  # the active root now has its own copy of L2 table 0
         img.flush()
-        snap_l1 = img.snapshot_l1(img.snapshots[0])
-        assert snap_l1[0][0] != img._l1[0][0]
+        snap_l1 = [r for r in img.roots() if r[0] == "old"][0][2]
+        assert snap_l1[0][0] != next(img.roots())[2][0][0]
         snap_l2 = snap_l1[0][0]
     flip(path, snap_l2 + 7 * L.L2_ENTRY_SIZE + 20)
     with Image.open(path, readonly=True) as img:
@@ -262,3 +234,81 @@ def test_flipped_refcount_table(image):
         img.write(250 * CS, b"w" * CS)
         assert all(img.read(ci * CS, CS) == d for ci, d in content.items())
     assert check(path).exit_code == 0
+
+
+@pytest.fixture
+def overlay(tmp_path):
+    """A backing file full of 'B' and an overlay whose own data ('O' clusters) spans two L2
+    tables (64 entries each at 4 KiB clusters)."""
+    base = str(tmp_path / "base.vimg")
+    with Image.create(base, SIZE, cluster_size=CS) as b:
+        b.write(0, b"B" * SIZE)
+    top = str(tmp_path / "top.vimg")
+    written = [3, 10, 70, 71, 100]
+    with Image.create(top, SIZE, cluster_size=CS, backing="base.vimg") as t:
+        for ci in written:
+            t.write(ci * CS, b"O" * CS)
+    return top, written
+
+
+def _l1(path):
+    with Image.open(path, readonly=True, with_backing=False) as img:
+        return img.header.l1_offset, list(next(img.roots())[2])
+
+
+def _assert_no_backing_bytes_where_data_was(path, written, lost_tables):
+    with Image.open(path, readonly=True) as img:
+        for ci in range(SIZE // CS):
+            got = img.read(ci * CS, CS)
+            if ci // 64 in lost_tables:
+                assert got == bytes(CS), f"cluster {ci} reads {got[:1]!r}, not zeros"
+            elif ci in written:
+                assert got == b"O" * CS
+            else:
+                assert got == b"B" * CS
+
+
+def test_repair_of_a_zeroed_l2_table_reads_zeros_not_the_backing_file(overlay):
+    top, written = overlay
+    _, l1 = _l1(top)
+    with open(top, "r+b") as f:  # the overlay's first L2 table is wiped
+        f.seek(l1[0][0])
+        f.write(bytes(CS))
+    assert check(top).exit_code == 2
+    res = check(top, "all")
+    assert res.exit_code == 0
+    assert {3 * CS, 10 * CS} <= set(res.lost_clusters)
+    assert check(top).exit_code == 0
+    _assert_no_backing_bytes_where_data_was(top, written, lost_tables={0})
+
+
+def test_repair_of_a_zeroed_l1_entry_reads_zeros_not_the_backing_file(overlay, tmp_path):
+    top, written = overlay
+    l1_off, l1 = _l1(top)
+    with open(top, "r+b") as f:  # L1 entry 1 (guest clusters 64..127) zeroed
+        f.seek(l1_off + 16)
+        f.write(bytes(16))
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "vimg"), "check", "-r", "all", top],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 damaged range(s)" not in r.stdout and "now read as zeros" in r.stdout
+    assert check(top).exit_code == 0
+    # The stored refcounts count an L2 table nothing references now: a table is missing, and
+    # a damaged L1 cannot say which (0, 0) entry was it, so every one of them reads as zeros.
+    _assert_no_backing_bytes_where_data_was(top, written, lost_tables={1, 2, 3})
+
+
+def test_repair_keeps_holes_when_the_refcounts_prove_nothing_is_missing(overlay):
+    """A damaged L1 whose (0, 0) entries are really unallocated (every stored refcount is
+    accounted for): they keep reading the backing file."""
+    top, written = overlay
+    l1_off, _ = _l1(top)
+    with open(top, "r+b") as f:  # damage an unused L1 entry's checksum field: no L2 is lost
+        f.seek(l1_off + 16 * 3 + 8)
+        f.write(b"\x01")
+    res = check(top, "all")
+    assert res.exit_code == 0 and res.lost_clusters == []
+    _assert_no_backing_bytes_where_data_was(top, written, lost_tables=set())

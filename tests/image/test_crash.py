@@ -1,6 +1,6 @@
 """Power-failure replay: record the image's write stream, cut it at every fsync, and check.
 
-The crash model (docs/vimg-format.md, section 7) promises: after a crash at any instant the image
+The crash model (docs/vimg-format.md, section 9) promises: after a crash at any instant the image
 opens without repair, every byte acknowledged by a completed flush reads back exactly, and
 ``check`` finds no corruption. Writes between two fsyncs may reach the disk in any order and
 partially, so besides every prefix ending at an fsync we also replay random subsets of the next
@@ -20,17 +20,22 @@ from vfs.image.image import Image
 from .helpers import Recorder, apply_ops
 
 
-def _workload(path: str, rec: Recorder, seed: int, compress: bool):
-    """Random writes/discards/snapshots/resizes with flushes; returns {sequence: content}."""
+def _workload(path: str, rec: Recorder, seed: int, compress: bool, bitmaps: bool = False):
+    """Random writes/discards/snapshots/resizes (and bitmap takes, VM state) with flushes;
+    returns {sequence: content}."""
     r = random.Random(seed)
     size = 1 << 20
     img = Image.create(path, size, cluster_size=4096, compress=compress, opener=rec.opener)
+    if bitmaps:
+        img.bitmap_add("b", granularity=512)
+        img.bitmap_add("frozen", enabled=False)
     model = bytearray(size)
     states = {img.sequence: bytes(model)}
     snaps: dict[str, bytes] = {}
     for i in range(120):
         op = r.choices(
-            ["write", "discard", "flush", "snap", "apply", "resize"], [50, 8, 12, 2, 1, 2]
+            ["write", "discard", "flush", "snap", "apply", "resize", "take"],
+            [50, 8, 12, 2, 1, 2, 4 if bitmaps else 0],
         )[0]
         off = r.randrange(0, len(model))
         n = min(r.choice([512, 4096, 9000, 20000]), len(model) - off)
@@ -46,8 +51,11 @@ def _workload(path: str, rec: Recorder, seed: int, compress: bool):
         elif op == "snap":
             img.flush()
             states[img.sequence] = bytes(model)
-            img.snapshot_create(f"s{i}")
+            vm = r.randbytes(r.choice([0, 5000, 20000])) if bitmaps else None
+            img.snapshot_create(f"s{i}", vm_state=vm)
             snaps[f"s{i}"] = bytes(model)
+        elif op == "take":
+            img.bitmap_take("b")
         elif op == "apply" and img.snapshots:
             img.flush()
             states[img.sequence] = bytes(model)
@@ -68,10 +76,10 @@ def _workload(path: str, rec: Recorder, seed: int, compress: bool):
 
 
 def _committed_sequence(ops: list[tuple], upto: int) -> int:
-    """Highest sequence whose header write is followed by an fsync within ops[:upto]."""
+    """Highest sequence whose primary header write is followed by an fsync in ops[:upto]."""
     best, pending = -1, None
     for op in ops[:upto]:
-        if op[0] == "w" and op[1] in L.HEADER_SLOT_OFFSETS and len(op[2]) < L.HEADER_SLOT_SIZE:
+        if op[0] == "w" and op[1] in L.HEADER_SLOT_OFFSETS and len(op[2]) == L.HEADER_SLOT_SIZE:
             pending = L.unpack_header(op[2]).sequence
         elif op[0] == "sync" and pending is not None:
             best, pending = max(best, pending), None
@@ -92,10 +100,12 @@ def _verify(path: str, states: dict[int, bytes], at_least: int) -> int:
     return seq
 
 
-@pytest.mark.parametrize("seed,compress", [(1, False), (2, True), (3, False)])
-def test_power_failure_replay(tmp_path, seed, compress):
+@pytest.mark.parametrize(
+    "seed,compress,bitmaps", [(1, False, False), (2, True, False), (3, False, True)]
+)
+def test_power_failure_replay(tmp_path, seed, compress, bitmaps):
     rec = Recorder()
-    states = _workload(str(tmp_path / "img.vimg"), rec, seed, compress)
+    states = _workload(str(tmp_path / "img.vimg"), rec, seed, compress, bitmaps)
     ops = rec.ops
     syncs = [i for i, op in enumerate(ops) if op[0] == "sync"]
     first_commit = next(i for i in syncs if _committed_sequence(ops, i + 1) >= 0)
@@ -170,41 +180,110 @@ def test_sigkill_mid_work(tmp_path):
     assert check(path).exit_code == 0
 
 
-@pytest.mark.parametrize("fail_at", [1, 3, 6, 10])
-def test_write_error_during_commit(tmp_path, fail_at):
-    """ENOSPC in the middle of a commit: the error surfaces, the image stops writing, and the
-    file still holds the previous commit, whole."""
-    import errno
+class _Failing:
+    """An opener whose files fail (pwrite ENOSPC, or fsync EIO) once armed, at the n-th call."""
 
-    from vfs.errors import ReadOnlyError
-    from vfs.image.fileio import ImageFile
+    def __init__(self, what: str, at: int) -> None:
+        self.what, self.at, self.armed, self.n = what, at, False, 0
 
-    state = {"armed": False, "n": 0}
+    def opener(self, path, writable, create):
+        import errno
 
-    class Failing(ImageFile):
-        def pwrite(self, data, offset):
-            if state["armed"]:
-                state["n"] += 1
-                if state["n"] == fail_at:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-            super().pwrite(data, offset)
+        from vfs.image.fileio import ImageFile
 
-    def opener(path, writable, create):
+        inj = self
+
+        class Failing(ImageFile):
+            def pwrite(self, data, offset):
+                if inj.armed and inj.what == "pwrite":
+                    inj.n += 1
+                    if inj.n == inj.at:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                super().pwrite(data, offset)
+
+            def fsync(self):
+                if inj.armed and inj.what == "fsync":
+                    inj.n += 1
+                    if inj.n == inj.at:
+                        raise OSError(errno.EIO, "Input/output error")
+                super().fsync()
+
         return Failing(path, writable=writable, create=create)
 
+
+@pytest.mark.parametrize("fail_at", [1, 3, 6, 10])
+def test_write_error_during_commit(tmp_path, fail_at):
+    """ENOSPC in the middle of writes or a commit: the error surfaces, and from then on every
+    write and every flush fails (errseq: a later flush must not report durability it does not
+    have) until the image is reopened; the file still holds the previous commit, whole."""
+    from vfs.errors import WriteFailed
+
+    inj = _Failing("pwrite", fail_at)
     path = str(tmp_path / "f.vimg")
-    img = Image.create(path, 1 << 20, cluster_size=4096, opener=opener)
+    img = Image.create(path, 1 << 20, cluster_size=4096, opener=inj.opener)
     img.write(0, b"A" * 50000)
     img.flush()
     img.write(20000, b"B" * 70000)
-    state["armed"] = True
+    inj.armed = True
     with pytest.raises(OSError):
         for i in range(20):  # each write allocates or rewrites; the commit writes metadata
             img.write(100000 + i * 4096, b"C" * 4096)
         img.flush()
-    with pytest.raises(ReadOnlyError, match="earlier write failed"):
+    with pytest.raises(WriteFailed, match="earlier write failed"):
         img.write(0, b"x")
-    img.close()  # must not try to commit
+    for _ in range(3):  # every later flush, not only the first
+        with pytest.raises(WriteFailed, match="reopen"):
+            img.flush()
+    with pytest.raises(WriteFailed):
+        img.close()  # reports it too, and must not try to commit
+    img.close()  # closed: nothing left to report
     with Image.open(path, readonly=True) as again:
         assert again.read(0, 50000) == b"A" * 50000
     assert check(path).exit_code == 0
+    with Image.open(path) as again:  # reopened: writes and flushes work again
+        again.write(0, b"D" * 4096)
+        again.flush()
+    with Image.open(path, readonly=True) as again:
+        assert again.read(0, 4096) == b"D" * 4096
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_failed_fsync_fails_every_later_flush(tmp_path, fail_at):
+    """EIO from fsync (the page cache may have dropped the dirty pages): the flush that hit it
+    raises, and so does every later one, even with nothing new written; the previous commit
+    stays readable."""
+    from vfs.errors import WriteFailed
+
+    inj = _Failing("fsync", fail_at)
+    path = str(tmp_path / "f.vimg")
+    img = Image.create(path, 1 << 20, cluster_size=4096, opener=inj.opener)
+    img.write(0, b"A" * 8192)
+    img.flush()
+    committed = img.sequence
+    img.write(0, b"B" * 8192)
+    inj.armed = True
+    with pytest.raises(OSError, match="Input/output"):
+        img.flush()
+    inj.armed = False  # the disk "recovers": the flushes must still not claim durability
+    for _ in range(3):
+        with pytest.raises(WriteFailed):
+            img.flush()
+    with pytest.raises(WriteFailed):
+        img.write(8192, b"C")
+    with pytest.raises(WriteFailed):
+        img.close()
+    with Image.open(path, readonly=True) as again:
+        assert again.sequence in (committed, committed + 1)
+        assert again.read(0, 8192) in (b"A" * 8192, b"B" * 8192)
+    assert check(path).exit_code == 0
+
+
+def test_a_with_block_keeps_the_first_error(tmp_path):
+    """Leaving a with block on an error closes the image without replacing that error by the
+    WriteFailed of the implicit close."""
+    inj = _Failing("pwrite", 1)
+    path = str(tmp_path / "f.vimg")
+    Image.create(path, 1 << 20, cluster_size=4096).close()
+    with pytest.raises(OSError, match="No space"), Image.open(path, opener=inj.opener) as img:
+        inj.armed = True
+        img.write(0, b"x" * 4096)

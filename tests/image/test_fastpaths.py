@@ -1,4 +1,4 @@
-"""The request fast paths (docs/vimg-format.md section 7 and README "Disk images"): reads into a
+"""The request fast paths (docs/vimg-format.md 9 and 13.3, README "Disk images"): reads into a
 caller's buffer, host-contiguous runs read and written with one system call, and the checksum of a
 fresh cluster rewritten in part computed once, at the commit or at the first read."""
 
@@ -103,15 +103,15 @@ def test_partial_rewrites_of_a_fresh_cluster_are_summed_at_commit(tmp_path):
     img.write(CS + 100, b"a" * 50)  # copy-on-write: a fresh cluster, summed
     img.write(CS + 300, b"b" * 50)  # in place, verified first, now unsummed
     img.write(CS + 500, b"c" * 50)  # in place, no re-read
-    assert set(img._unsummed) == {1}
+    assert set(img._core.unsummed) == {1}
     want = img.read(CS, CS)  # a read settles it
-    assert not img._unsummed
+    assert not img._core.unsummed
     assert img.entry(1)[5] == xxhash.xxh3_64_intdigest(want)
     assert want[100:150] == b"a" * 50 and want[300:350] == b"b" * 50
     img.write(CS + 700, b"d" * 50)
     img.write(2 * CS + 1, b"e")
     img.write(2 * CS + 2, b"f")
-    assert set(img._unsummed) == {1, 2}
+    assert set(img._core.unsummed) == {1, 2}
     assert verify(img) == []  # settles an open writer's stale checksums first
     img.write(2 * CS + 3, b"g")
     img.close()  # the commit sums the rest
@@ -128,19 +128,19 @@ def test_unsummed_cluster_survives_snapshot_resize_and_discard(tmp_path):
     img.write(0, os.urandom(CS))
     img.write(10, b"x")
     img.write(20, b"y")
-    assert set(img._unsummed) == {0}
+    assert set(img._core.unsummed) == {0}
     img.snapshot_create("s")  # commits first
-    assert not img._unsummed
+    assert not img._core.unsummed
     img.write(30, b"z")  # copy-on-write (shared with the snapshot)
     img.write(40, b"w")
     img.write(5 * CS, os.urandom(CS))
     img.write(5 * CS + 7, b"v")
     img.write(5 * CS + 9, b"u")
-    assert set(img._unsummed) == {0, 5}
+    assert set(img._core.unsummed) == {0, 5}
     img.discard(5 * CS, CS)
-    assert set(img._unsummed) == {0}
+    assert set(img._core.unsummed) == {0}
     img.resize(8 * CS)
-    assert not img._unsummed
+    assert not img._core.unsummed
     content = img.read(0, CS)
     img.close()
     assert check(p).corruptions == 0
@@ -170,14 +170,14 @@ def test_preallocated_tail_is_given_back_at_close_and_harmless_after_a_crash(tmp
     img = Image.create(p, 256 * CS, cluster_size=CS)
     img.write(0, os.urandom(64 * CS))
     img.flush()
-    end = len(img._alloc) * CS
-    if not img._grown_to:
+    end = len(img._core.alloc) * CS
+    if not img._writer.grown_to:
         img.close()
         pytest.skip("fallocate not supported here")
     assert os.path.getsize(p) > end  # reserved ahead of the image end
     # a "crash": the process goes away without closing; the tail stays, the image is fine
-    img._f.close()
-    img._closed = True
+    img._core.f.close()
+    img._core.closed = True
     res = check(p)
     assert res.corruptions == 0 and res.leaks == 0
     with Image.open(p) as again:
@@ -221,7 +221,7 @@ def test_damage_to_a_rewritten_fresh_cluster_is_still_detected(tmp_path):
         img.write(0, b"a" * CS)  # fresh cluster
         img.write(100, b"b" * 10)  # partial rewrites: checksum now stale
         img.write(200, b"c" * 10)
-        host = img._entry(0)[4]
+        host = img._core.entry_raw(0)[4]
         with open(path, "r+b") as f:  # the disk (or a stray writer) damages the file copy
             f.seek(host + 3000)
             f.write(b"X")
@@ -236,12 +236,12 @@ def test_many_stale_clusters_are_bounded_and_correct(tmp_path):
     path = str(tmp_path / "img.vimg")
     n = 64
     with Image.create(path, n * CS, cluster_size=CS) as img:
-        img._unsummed_limit = 8
+        img._core.unsummed_limit = 8
         for ci in range(n):
             img.write(ci * CS, bytes([ci]) * CS)
         for ci in range(n):
             img.write(ci * CS + 5, b"zz")
-            assert len(img._unsummed) <= 8
+            assert len(img._core.unsummed) <= 8
         img.flush()
     with Image.open(path) as img:
         for ci in range(n):

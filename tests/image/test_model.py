@@ -57,7 +57,7 @@ def _run(
         img = Image.create(path, size, cluster_size=cluster, compress=compress)
         model = bytearray(size)
     if l2_limit:
-        img._l2_limit = l2_limit  # force L2 cache eviction all the time
+        img._core.l2_limit = l2_limit  # force L2 cache eviction all the time
     snaps: dict[str, bytes] = {}
     applicable: set[str] = set()
     log: deque[str] = deque(maxlen=25)
@@ -133,7 +133,7 @@ def _run(
                 img.close()
                 img = Image.open(path)
                 if l2_limit:
-                    img._l2_limit = l2_limit
+                    img._core.l2_limit = l2_limit
             elif op == "commit":
                 log.append(f"{i}: commit")
                 commit(img)

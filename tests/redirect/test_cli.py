@@ -102,3 +102,22 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, repo):
     )  # fmt: skip
     r = vfsd("store", "frobnicate")
     assert r.returncode == 2 and "No such command" in r.stderr
+
+
+def test_repo_get_size_bounds(tmp_path, repo):
+    f = tmp_path / "eleven"
+    f.write_bytes(b"hello world")
+    oid = vfsd("repo", "put", "--repo", str(repo), str(f)).stdout.split()[0]
+    store = str(tmp_path / "store")
+    assert_one_line_error(
+        vfsd("repo", "get", "--repo", str(repo), "--store", store, "--size", "5", oid),
+        5,
+        "11 bytes where 5 were expected",
+    )
+    assert_one_line_error(
+        vfsd("repo", "get", "--repo", str(repo), "--store", store, "--max-size", "5", oid),
+        5,
+        "more than the expected 5 bytes",
+    )
+    r = vfsd("repo", "get", "--repo", str(repo), "--store", store, "--size", "11", oid, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["size"] == 11, r.stderr

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from vfs.errors import IntegrityError, ObjectNotFound, UsageError
+from vfs.errors import IntegrityError, ObjectNotFound, SizeMismatch, UsageError
 from vfs.redirect import LocalStore, Resolver, open_remote
 from vfs.redirect.remote import FileRemote
 
@@ -66,12 +66,16 @@ def test_lying_repository_is_refused_and_nothing_is_stored(env, tmp_path):
     assert store.stats().objects == 0
 
 
-def test_oversized_object_refused_by_size_hint(env):
+def test_object_of_another_size_is_refused_before_it_is_read(env):
     store, remote, res = env
     oid = remote.put(b"x" * 10_000)
-    with pytest.raises(IntegrityError, match="more than the expected"):
-        res.ensure(oid, size_hint=100)
-    assert not store.has(oid)
+    with pytest.raises(SizeMismatch, match=f"{oid}.* 10000 bytes where 100 were expected"):
+        res.ensure(oid, expected_size=100)
+    with pytest.raises(SizeMismatch):
+        res.ensure(oid, size_hint=100)  # the former name (vfs/image callers) means the same
+    with pytest.raises(IntegrityError, match="more than the expected 100 bytes"):
+        res.ensure(oid, max_size=100)
+    assert not store.has(oid) and res.fetches == 0
 
 
 @pytest.mark.log_warnings

@@ -26,7 +26,7 @@ Z = bytes(32)
 
 
 def ino(kind="dir", *, flags=0, tlen=0, mode=None, uid=0, gid=0, nlink=None, size=0, rdev=0,
-        oid=Z, times=(2, 3)):  # fmt: skip
+        oid=Z, times=(2, 0)):  # fmt: skip
     ifmt = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "lnk": stat.S_IFLNK, "fifo": stat.S_IFIFO}
     code = L.KIND_CODES.get(kind, kind) if isinstance(kind, str) else kind
     if mode is None:

@@ -122,8 +122,7 @@ def assert_matches_source(t: Template, root: Path, repo: FileRemote, snap) -> No
         assert e.mode == sr.st_mode, path
         assert (e.uid, e.gid) == (sr.st_uid, sr.st_gid), path
         assert e.mtime_ns == sr.st_mtime_ns, path
-        assert e.ctime_ns == sr.st_ctime_ns, path
-        assert e.atime_ns == e.mtime_ns, path  # a template keeps no atime
+        assert e.atime_ns == e.ctime_ns == e.mtime_ns, path  # a template keeps no atime, ctime
         assert e.rdev == (sr.st_rdev if e.kind in ("chr", "blk") else 0), path
         want_x = {os.fsencode(k): os.getxattr(full, k, follow_symlinks=False)
                   for k in os.listxattr(full, follow_symlinks=False)}  # fmt: skip
@@ -608,7 +607,6 @@ def test_big_source_file_changing_between_hash_and_upload_is_refused(repo, secon
         {"mtime": "1e30"},
         {"mtime": "inf"},
         {"mtime": "nan"},
-        {"ctime": "-1e20"},
         {"uid": "99999999999"},
         {"gid": "4294967295"},
         {"SCHILY.xattr.user." + "n" * 300: "v"},
@@ -733,5 +731,5 @@ def test_export_refuses_an_object_that_does_not_match(tmp_path, repo):
     with pytest.raises(IntegrityError, match="does not match"):
         export_tar(t, repo, io.BytesIO())
     (repo.root / "objects" / oid[:2] / oid).write_bytes(b"short")
-    with pytest.raises(IntegrityError, match="shorter"):
+    with pytest.raises(IntegrityError, match="5 bytes where 10 were expected"):
         export_tar(t, repo, io.BytesIO())

@@ -27,7 +27,7 @@ class Getter:
         self.objects = objects
         self.calls = 0
 
-    def get(self, oid: str) -> bytes:
+    def get(self, oid: str, *, max_size: int) -> bytes:
         self.calls += 1
         return self.objects[oid]
 

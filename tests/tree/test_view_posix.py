@@ -155,8 +155,9 @@ async def test_rename_one_name_of_a_shared_hard_link(world):
     assert a.ino("bin/tool-link") == shared
     await a.rename("bin/tool", "bin/tool2")
     bin_ino = a.ino("bin")
-    # both names the kernel may hold for the shared inode in VEE a are dropped
-    assert (bin_ino, b"tool2") in invalidated and (bin_ino, b"tool-link") in invalidated
+    # both names the kernel holds for the shared inode in VEE a are dropped (the rename was
+    # answered ESTALE once and retried on a's own inode of the file)
+    assert {(bin_ino, b"tool"), (bin_ino, b"tool-link")} <= set(invalidated)
     assert a.ino("bin/tool2") == a.ino("bin/tool-link") != shared
     assert views.getattr(a.ino("bin/tool2")).nlink == 2
     assert b.ino("bin/tool") == b.ino("bin/tool-link") == shared  # b keeps sharing

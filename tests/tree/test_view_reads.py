@@ -148,3 +148,34 @@ async def test_xattrs_of_private_entries_odd_names_and_vee_root(pub, tmp_path):
         views.getxattr(link.ino, b"user.k")
     assert fexc.value.errno == errno.ENODATA
     views.close()
+
+
+@pytest.mark.log_warnings
+async def test_a_manifest_lying_about_a_size_is_never_served(pub, tmp_path, caplog):
+    """A manifest claiming 1 TiB for a 6-byte object (issue 8): no byte is served (it was a
+    1 TiB file of zeros past byte 6), neither read nor copied up; one log line names it."""
+    import hashlib
+
+    from vfs.tree import manifest
+    from vfs.tree.manifest_build import Node, build_tables
+    from vfs.tree.template import Template
+
+    data = b"6bytes"
+    oid = pub.store.put(data)
+    root = Node("dir", 0o755)
+    root.children[b"liar"] = Node("reg", 0o644, size=1 << 40, oid=oid)
+    root.children[b"honest"] = Node("reg", 0o644, size=len(data), oid=oid)
+    blob = manifest.encode(*build_tables(root))
+    t = Template.from_bytes(blob, hashlib.sha256(blob).hexdigest())
+    views = Views(pub.resolver)
+    views.add_vee("a", t, PrivateLayer(tmp_path / "state" / "liar"))
+    a = VeeClient(views, "a")
+    assert await a.read("honest") == data
+    for attempt in (a.read("liar"), a.write("liar", b"x", offset=7)):
+        with pytest.raises(FsError) as exc:
+            await attempt
+        assert exc.value.errno == errno.EIO
+    assert not (tmp_path / "state" / "liar" / "upper" / "liar").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("/liar" in m and oid in m for m in errors), errors
+    views.close()

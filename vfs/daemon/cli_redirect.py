@@ -11,7 +11,7 @@ import click
 from vfs.cli_util import emit_json, handle_errors, json_option, parse_size
 from vfs.errors import UsageError
 from vfs.paths import default_store
-from vfs.redirect import LocalStore, Resolver, check_object_id, open_remote
+from vfs.redirect import LocalStore, Resolver, check_object_id, http_remote, open_remote
 from vfs.redirect.remote import FileRemote
 
 store_option = click.option(
@@ -29,14 +29,32 @@ def _store_proxy(ctx: click.Context, param: click.Parameter, value: str | None) 
         ctx.meta["vfs.proxy"] = value
 
 
+def _store_min_rate(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        try:
+            ctx.meta["vfs.min_rate"] = parse_size(value)
+        except UsageError as e:  # parsing time: click's one-line usage error, not a traceback
+            raise click.BadParameter(str(e)) from None
+
+
+def _store_grace(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        ctx.meta["vfs.grace"] = value
+
+
 def current_proxy() -> str | None:
     """--proxy of the running command (kept in the click context, not in every signature)."""
     ctx = click.get_current_context(silent=True)
     return ctx.meta.get("vfs.proxy") if ctx is not None else None
 
 
+def _current(key: str):
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(key) if ctx is not None else None
+
+
 def repo_options(fn):
-    """--repo URL plus the TLS and proxy options of HTTP(S) repositories."""
+    """--repo URL plus the TLS, proxy and deadline options of HTTP(S) repositories."""
     fn = click.option(
         "--proxy",
         metavar="URL",
@@ -45,18 +63,34 @@ def repo_options(fn):
         help="HTTP forward proxy (e.g. a site cache) for http(s):// repositories.",
     )(fn)
     fn = click.option(
+        "--grace",
+        type=click.FloatRange(min=0),
+        expose_value=False,
+        callback=_store_grace,
+        help=f"Seconds an HTTP fetch may take before --min-rate applies "
+        f"[default: {http_remote.DEFAULT_GRACE:g}].",
+    )(fn)
+    fn = click.option(
+        "--min-rate",
+        metavar="BYTES",
+        expose_value=False,
+        callback=_store_min_rate,
+        help="Bytes/s an HTTP fetch must average once its grace is over, else it is cut off "
+        f"(e.g. 64K; 0: no overall deadline) [default: {http_remote.DEFAULT_MIN_RATE // 1024}K].",
+    )(fn)
+    fn = click.option(
         "--timeout",
-        type=float,
-        default=10.0,
+        type=click.FloatRange(min=0, min_open=True),
+        default=http_remote.DEFAULT_TIMEOUT,
         show_default=True,
-        help="Per-request timeout in seconds.",
+        help="Seconds any one connect, TLS handshake or read may take.",
     )(fn)
     fn = click.option(
         "--retries",
-        type=int,
-        default=4,
+        type=click.IntRange(min=0),
+        default=http_remote.DEFAULT_RETRIES,
         show_default=True,
-        help="Retries after a failed request (exponential backoff).",
+        help="Retries after a failed request (exponential backoff, within the deadline).",
     )(fn)
     fn = click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")(fn)
     fn = click.option(
@@ -92,6 +126,8 @@ def open_repo(repo_url, ca, cert, key, timeout, retries, create=False):
         retries=retries,
         create=create,
         proxy=current_proxy(),
+        min_rate=_current("vfs.min_rate"),
+        grace=_current("vfs.grace"),
     )
 
 
@@ -280,17 +316,35 @@ def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files
 @repo_options
 @store_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the object here.")
+@click.option(
+    "--size",
+    "expected_size",
+    metavar="BYTES",
+    help="The object's exact size: refuse one of any other (read nothing past it).",
+)
+@click.option(
+    "--max-size",
+    metavar="BYTES",
+    default="1G",
+    show_default=True,
+    help="Refuse a larger object (when --size is not given).",
+)
 @json_option
 @click.argument("ref")
 @handle_errors
-def repo_get(repo_url, ca, cert, key, timeout, retries, store_dir, output, as_json, ref):
+def repo_get(
+    repo_url, ca, cert, key, timeout, retries, store_dir, output, expected_size, max_size,
+    as_json, ref,
+):  # fmt: skip
     """Resolve REF (an id or a ref name) through the local store: fetch, verify, store."""
+    exact = parse_size(expected_size) if expected_size is not None else None
+    bound = parse_size(max_size)
     with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
         oid = ref if _looks_like_id(ref) else r.get_ref(ref)
         res = Resolver(s, r)
         local = s.has(oid)
         t0 = time.perf_counter()
-        res.ensure(oid)
+        res.ensure(oid, expected_size=exact, max_size=bound)
         dt = time.perf_counter() - t0
         size = s.size(oid)
         if output:

@@ -4,7 +4,12 @@ Every handler is a translation: arguments in, :class:`Attr` → ``EntryAttribute
 ``VfsError``/``OSError`` → ``FUSEError(errno)``. The tunings of ``PERF-NOTES.md`` live here:
 long entry/attr timeouts and ``keep_cache`` (template content never changes, and everything else
 changes only through this daemon), ``flush`` answered with ENOSYS so the kernel stops sending it,
-and the writeback cache (the kernel merges small writes and handles O_APPEND).
+the writeback cache (the kernel merges small writes and handles O_APPEND), and the kernel's
+readdir cache for every directory of a VEE (see :meth:`VeeOperations.opendir`).
+
+It needs the pyfuse3 that ``make`` builds with the patches of ``tools/pyfuse3`` (FALLOCATE,
+opendir returning ``FileInfo.cache_readdir``, ``invalidate_inode_async``): :func:`check_pyfuse3`
+refuses to start on a plain PyPI pyfuse3.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,12 +25,32 @@ import pyfuse3
 
 from vfs.daemon.confine import Confinement
 from vfs.errors import VfsError
-from vfs.tree.nodes import CACHE_TIMEOUT, Attr, SetAttr
+from vfs.tree.nodes import CACHE_TIMEOUT, ROOT_INO, Attr, SetAttr
 from vfs.tree.view import Views
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+#: ``VFSD_DIR_CACHE=0`` turns the kernel's readdir cache off (benchmarks compare both; an escape
+#: hatch should a directory ever show a stale listing).
+DIR_CACHE = os.environ.get("VFSD_DIR_CACHE", "1") != "0"
+
+
+def check_pyfuse3() -> None:
+    """Fail clearly unless pyfuse3 is the build ``make`` makes (``tools/pyfuse3``)."""
+    missing = []
+    if getattr(pyfuse3.Operations, "fallocate", None) is None:
+        missing.append("Operations.fallocate")
+    if not hasattr(pyfuse3.FileInfo(), "cache_readdir"):
+        missing.append("FileInfo.cache_readdir")
+    if not hasattr(pyfuse3, "invalidate_inode_async"):
+        missing.append("invalidate_inode_async")
+    if missing:
+        raise VfsError(
+            f"pyfuse3 {pyfuse3.__version__} ({pyfuse3.__file__}) is not the vfs-patched build "
+            f"(no {', '.join(missing)}): run `make setup` (tools/pyfuse3/build.py)"
+        )
 
 
 def _errno(fn: F) -> F:
@@ -70,11 +96,22 @@ def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
 
 
 def invalidate_entry(parent: int, name: bytes) -> None:
-    """Drop a cached name in the kernel (queued: never blocks a handler)."""
+    """Drop a cached name in the kernel, and the parent's cached listing (queued: never blocks a
+    handler). The kernel drops the listing itself only when it still has the name's dentry; a
+    listing it keeps would go on showing the name's old inode number (``d_ino``)."""
     try:
         pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
     except Exception:  # the mount may be going away
         log.debug("invalidate_entry(%d, %r) failed", parent, name, exc_info=True)
+    invalidate_listing(parent)
+
+
+def invalidate_listing(ino: int) -> None:
+    """Drop the kernel's cached listing (and attributes) of directory ``ino`` (queued)."""
+    try:
+        pyfuse3.invalidate_inode_async(ino, ignore_enoent=True)
+    except Exception:  # the mount may be going away
+        log.debug("invalidate_inode(%d) failed", ino, exc_info=True)
 
 
 def invalidate_attr(inode: int) -> None:
@@ -86,6 +123,16 @@ def invalidate_attr(inode: int) -> None:
         log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
 
 
+class _OpenDir:
+    """A directory the kernel has open: its inode, and the view's listing once it is read."""
+
+    __slots__ = ("ino", "listing")
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.listing: int | None = None  # a Views.opendir handle
+
+
 class VeeOperations(pyfuse3.Operations):
     """pyfuse3 handlers over one :class:`Views`."""
 
@@ -93,8 +140,12 @@ class VeeOperations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, views: Views) -> None:
+        check_pyfuse3()
         super().__init__()
         self.views = views
+        #: open directories by the handle the kernel holds (see :meth:`opendir`)
+        self._dirs: dict[int, _OpenDir] = {}
+        self._next_dir_fh = 1
         #: set once the mount is up (serve): checks of the callers confined to a VEE
         self.confinement: Confinement | None = None
         #: EntryAttributes of shared inodes, made once: their attributes never change (pyfuse3
@@ -119,7 +170,14 @@ class VeeOperations(pyfuse3.Operations):
         return self._entry(self.views.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Any) -> None:
+        # A per-VEE file node the view drops here gets a new inode number at its next lookup,
+        # while a listing the kernel cached keeps the old one as d_ino: drop those listings.
+        nodes = self.views.nodes
+        files = [n for ino, _ in inode_list if (n := nodes.get(ino)) is not None and not n.is_dir]
         self.views.forget(inode_list)
+        stale = {p.ino for n in files if n.ino not in nodes for p, _ in n.links}
+        for ino in stale:
+            invalidate_listing(ino)
 
     @_errno
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -213,15 +271,48 @@ class VeeOperations(pyfuse3.Operations):
         await self.views.fsync(fh, datasync)
 
     @_errno
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        await self.views.fallocate(fh, mode, offset, length)
+
+    @_errno
+    async def opendir(self, inode: int, ctx: Any) -> Any:
+        """Directories of a VEE are listed from the kernel's readdir cache, kept across opens.
+
+        The kernel drops a directory's cache itself when the directory changes through the
+        mount (create, mknod, mkdir, symlink, link, unlink, rmdir, rename: ``fuse_dir_changed``).
+        What changes without it is invalidated here: a name whose inode changes (unsharing:
+        :func:`invalidate_entry`), a file node the view drops (:meth:`forget`); a VEE whose
+        template is swapped (upgrade) gets new directory inodes altogether. The mount root is
+        never cached: ``vfsd vee add/rm`` change it behind the kernel's back.
+
+        The view's listing is made by :meth:`readdir` when the kernel reads from offset 0, so a
+        warm open (the kernel lists from its cache) costs only these checks.
+        """
         self._check(ctx, inode)
-        return self.views.opendir(inode)
+        if not self.views.node(inode).is_dir:  # ESTALE for a directory that is gone
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = _OpenDir(inode)
+        if inode == ROOT_INO or not DIR_CACHE:
+            return fh
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     @_errno
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        d = self._dirs[fh]
+        if start_id == 0 or d.listing is None:
+            # The listing is taken when it is read from its start, not at opendir: a kernel
+            # reading into an empty cache has noted the directory's version just before, so a
+            # change after this point makes it drop what it caches now; and rewinddir(3) shows
+            # the directory as it is now (POSIX). A warm listing costs no listing at all.
+            if d.listing is not None:
+                self.views.releasedir(d.listing)
+                d.listing = None
+            d.listing = self.views.opendir(d.ino)
         # readdirplus: the view counts a lookup for each entry the kernel's buffer took
         self.views.readdir(
-            fh,
+            d.listing,
             start_id,
             lambda name, attr, next_id: pyfuse3.readdir_reply(
                 token, name, self._entry(attr), next_id
@@ -230,11 +321,13 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def releasedir(self, fh: int) -> None:
-        self.views.releasedir(fh)
+        d = self._dirs.pop(fh, None)
+        if d is not None and d.listing is not None:
+            self.views.releasedir(d.listing)
 
     @_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass  # private-layer directory changes are fsynced when made
+        await self.views.fsyncdir(fh)
 
     @_errno
     async def statfs(self, ctx: Any) -> Any:

@@ -1,6 +1,6 @@
 """Host-cluster allocation and refcounts for one open image (in memory; persisted at commit).
 
-Why a separate class: the copy-on-write rules of the crash model (docs/vimg-format.md, 5.2 and 7)
+Why a separate class: the copy-on-write rules of the crash model (docs/vimg-format.md, 5.2 and 9)
 live here and only here — which clusters may be overwritten in place (*fresh*: allocated since
 the last commit, refcount 1) and which freed clusters must wait for the next commit (*pending*:
 still referenced by the committed header).
@@ -27,6 +27,11 @@ class Allocator:
         self.dirty_blocks: set[int] = set()
         self._free = [i for i, c in enumerate(counts) if c == 0] if any(counts) else []
         heapq.heapify(self._free)
+
+    @classmethod
+    def empty(cls, per_block: int, host_clusters: int = 0) -> Allocator:
+        """All counts zero (a reader's stand-in: readers never allocate)."""
+        return cls(array("H", bytes(2 * host_clusters)), per_block)
 
     def __len__(self) -> int:
         return len(self.counts)

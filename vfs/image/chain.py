@@ -9,63 +9,56 @@ overlay still holds all of them, so the guest view is unchanged).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from vfs.errors import UsageError
 from vfs.image import layout as L
+from vfs.image.backing import backing_format_of, confine
 from vfs.image.fileio import RawFile
-from vfs.image.image import Image, _probe_format, _resolve_rel, open_backing
+from vfs.image.image import Image
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
 
-def commit(img: Image, *, drop: bool = False, progress: Progress | None = None) -> int:
-    """Write every allocated cluster of ``img`` into its backing file, then empty ``img`` —
-    unless ``drop`` is True (qemu-img ``-d``: keep the overlay's data). Returns the number of
-    clusters copied."""
+def commit(img: Image, *, keep: bool = False, progress: Progress | None = None) -> int:
+    """Write every allocated cluster of ``img`` into its backing file, then empty ``img`` (its
+    clusters read through to the backing file again) — unless ``keep`` (qemu-img commit
+    ``-d``: the overlay keeps its data). Returns the number of clusters copied."""
     if not img.backing_name:
         raise UsageError(f"{img.path} has no backing file to commit into")
     img.flush()
-    path = _resolve_rel(img.backing_name, img.path)
-    if img.backing is not None:
-        img.backing.close()  # our read-only handle (and its shared lock) while we write into it
-        img.backing = None
+    path = img.confined_backing_path()
+    img.close_backing()  # our read-only handle (and its shared lock) while we write into it
     cs = img.cluster_size
     target: Image | RawFile
     if img.backing_format == "vimg":
-        target = Image.open(path, resolver=img.resolver)
+        target = Image.open(path, resolver=img.resolver, backing_dirs=img.allowed_backing_dirs)
     else:
         target = RawFile(path, writable=True)
     copied = 0
+    n = img.guest_clusters
     try:
         if target.size < img.size:
             target.resize(img.size)
-        n = img.guest_clusters
-        for ci in range(n):
-            e = img.entry(ci)
-            if e[0] == L.UNALLOCATED:
-                continue
+        for ci, e in img.iter_entries():
             start = ci * cs
             length = min(cs, img.size - start)
-            if e[0] == L.ZERO:
+            if e.kind == L.ZERO:
                 target.write_zeroes(start, length)
             else:
-                target.write(start, img.cluster_data(ci)[:length])
+                target.write(start, img.cluster_data(ci, e)[:length])
             copied += 1
             if progress:
                 progress(ci + 1, n)
         target.flush()
     finally:
         target.close()
-        img.backing = open_backing(img, (os.path.realpath(img.path),))
-    if not drop:
-        for ci in range(img.guest_clusters):
-            if img.entry(ci)[0] != L.UNALLOCATED:
-                img._release(img.entry(ci))
-                img._set_entry(ci, L.UNALLOCATED)
+        img.open_backing()
+    if not keep:
+        for ci, _e in list(img.iter_entries()):
+            img.drop_cluster(ci)
         img.flush()
     return copied
 
@@ -79,13 +72,19 @@ def rebase(img: Image, backing: str | None, fmt: str | None, *, unsafe: bool = F
         old = img.backing
         new: Image | RawFile | None = None
         if backing:
-            p = _resolve_rel(backing, img.path)
-            f = fmt or _probe_format(p)
-            new = Image.open(p, readonly=True, resolver=img.resolver) if f == "vimg" else RawFile(p)
+            p = confine(backing, img.path, img.allowed_backing_dirs)
+            f = fmt or backing_format_of(p)
+            new = (
+                Image.open(
+                    p, readonly=True, resolver=img.resolver, backing_dirs=img.allowed_backing_dirs
+                )
+                if f == "vimg"
+                else RawFile(p)
+            )
         try:
             cs = img.cluster_size
             for ci in range(img.guest_clusters):
-                if img.entry(ci)[0] != L.UNALLOCATED:
+                if img.entry(ci).kind != L.UNALLOCATED:
                     continue
                 start = ci * cs
                 length = min(cs, img.size - start)

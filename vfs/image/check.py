@@ -28,9 +28,11 @@ from typing import Any
 import xxhash
 
 from vfs.errors import UsageError, VfsError
+from vfs.image import directories as D
 from vfs.image import layout as L
 from vfs.image.fileio import ImageFile
-from vfs.image.image import Image, Salvaged, default_opener, read_current_header
+from vfs.image.header import HeaderChoice, choose_header
+from vfs.image.image import Image, Salvaged, default_opener
 
 log = logging.getLogger(__name__)
 _xxh = xxhash.xxh3_64_intdigest
@@ -107,11 +109,19 @@ class _Walk:
         #: Damaged structures whose clusters the committed header still references.
         self.damaged_l2: dict[int, bytearray] = {}  # active l1 index -> salvaged table
         self.active_l1: list[tuple[int, int]] = []
-        self.snapshots: list[L.Snapshot] = []
+        self.snapshots: list[D.Snapshot] = []
         self.dropped_snapshots: list[str] = []
         self.stored: array | None = None
         self.rct: list[tuple[int, int]] = []
         self.fatal = False
+        #: The active L1 failed its checksum and was salvaged entry by entry.
+        self.salvaged_active_l1 = False
+        #: Snapshots whose VM state table was damaged (repair drops the state).
+        self.dropped_vmstate: list[str] = []
+        #: The bitmap directory or a bitmap table was damaged (repair drops the bitmaps).
+        self.bitmaps_damaged = False
+        self.has_backing = bool(h.backing_name)
+        self.guest_clusters = -(-h.virtual_size // cs)
 
     def corrupt(self, msg: str) -> None:
         self.res.corruptions += 1
@@ -151,7 +161,7 @@ class _Walk:
                 self.dropped_snapshots.append("*")
             else:
                 try:
-                    self.snapshots = L.unpack_snapshots(raw, h.nb_snapshots, cs)
+                    self.snapshots = D.unpack_snapshots(raw, h.nb_snapshots, cs)
                 except VfsError as e:
                     self.corrupt(f"snapshot table: {e}")
                     self.dropped_snapshots.append("*")
@@ -164,10 +174,83 @@ class _Walk:
             saved = (array("I", self.computed), dict(self.kind))
             if self._root(s.name, s.l1_offset, s.l1_entries, s.l1_checksum, active=False):
                 kept.append(s)
+                self._vmstate(s)
             else:  # forget the partial counts of a root that is dropped
                 self.computed, self.kind = saved
                 self.dropped_snapshots.append(s.name)
         self.snapshots = kept
+        self._bitmaps()
+
+    def _table(
+        self, what: str, off: int, entries: int, checksum: int, kind: str, data: bool = False
+    ) -> bool:
+        """Count a cluster table (bitmaps, VM state) and the clusters it names; False (and a
+        corruption) when it is damaged. With ``data`` its clusters are verified too (bitmap
+        bits are metadata; VM state is data, verify's to read)."""
+        nbytes = entries * 16
+        raw = self.read(off, nbytes, checksum)
+        if raw is None:
+            self.corrupt(f"{what}: table at {off:#x}: checksum mismatch")
+            return False
+        try:
+            table = L.unpack_table(raw, entries, self.cs, self.host_end)
+        except VfsError as e:
+            self.corrupt(f"{what}: {e}")
+            return False
+        for c in self._run(off, nbytes):
+            self.use(c, f"{kind} table")
+        ok = True
+        for o, sm in table:
+            if o:
+                self.use(o >> self.bits, kind)
+                if data and self.read(o, self.cs, sm) is None:
+                    self.corrupt(f"{what}: cluster at {o:#x}: checksum mismatch")
+                    ok = False
+        return ok
+
+    def _vmstate(self, s: D.Snapshot) -> None:
+        if not s.vm_state_table_offset:
+            return
+        what = f"VM state of snapshot {s.name!r}"
+        ok = self._table(
+            what,
+            s.vm_state_table_offset,
+            s.vm_state_table_entries,
+            s.vm_state_table_checksum,
+            "VM state",
+        )
+        if not ok:  # repair: the snapshot keeps its disk, loses its VM state
+            s.vm_state_size = s.vm_state_table_offset = 0
+            s.vm_state_table_entries = s.vm_state_table_checksum = 0
+            self.dropped_vmstate.append(s.name)
+
+    def _bitmaps(self) -> None:
+        ext = self.h.bitmaps
+        if ext is None:
+            return
+        raw = self.read(ext.directory_offset, ext.directory_size, ext.directory_checksum)
+        if raw is None:
+            self.corrupt("bitmap directory checksum mismatch")
+            self.bitmaps_damaged = True
+            return
+        try:
+            entries = D.unpack_bitmap_directory(raw, ext.nb_bitmaps, self.cs, self.h.virtual_size)
+        except VfsError as e:
+            self.corrupt(f"bitmap directory: {e}")
+            self.bitmaps_damaged = True
+            return
+        for c in self._run(ext.directory_offset, ext.directory_size):
+            self.use(c, "bitmap directory")
+        for e in entries:
+            if e.table_offset and not self._table(
+                f"bitmap {e.name!r}",
+                e.table_offset,
+                e.table_entries,
+                e.table_checksum,
+                "bitmap",
+                data=True,
+            ):
+                self.bitmaps_damaged = True
 
     def _run(self, off: int, nbytes: int) -> range:
         first = off >> self.bits
@@ -217,6 +300,7 @@ class _Walk:
             if not (self.salvage and active) or l1_off + entries * 16 > self.host_end:
                 return None
             raw = self.f.pread(entries * 16, l1_off).ljust(entries * 16, b"\0")
+            self.salvaged_active_l1 = True
         for c in self._run(l1_off, entries * 16):
             self.use(c, "L1")
         l1 = []
@@ -227,16 +311,14 @@ class _Walk:
                 self.corrupt(f"L1 of {name} entry {idx}: bad L2 offset {off:#x}")
                 l1.append((0, 0))
                 if active:
-                    self.damaged_l2[idx] = bytearray(cs)
-                    self._lost(idx * per, per)
+                    self.lose_table(idx)
                 continue
             l1.append((off, s))
             if not off:
                 continue
             if not self.use(off >> bits, "L2"):
                 if active:
-                    self.damaged_l2[idx] = bytearray(cs)
-                    self._lost(idx * per, per)
+                    self.lose_table(idx)
                 l1[-1] = (0, 0)
                 continue
             t = self.f.pread(cs, off)
@@ -247,8 +329,7 @@ class _Walk:
                     l1[-1] = (0, 0)
                     self.computed[off >> bits] -= 1
                     if active:
-                        self.damaged_l2[idx] = bytearray(cs)
-                        self._lost(idx * per, per)
+                        self.lose_table(idx)
                     continue
                 self.corrupt(
                     f"L2 table of {name} at {off:#x} (guest {idx * per * cs:#x}): checksum mismatch"
@@ -257,8 +338,14 @@ class _Walk:
                     return None
                 t = t.ljust(cs, b"\0")
             table = bytearray(t)
+            # In a table that fails its checksum an UNALLOCATED entry may be a zeroed one: over
+            # a backing file it would show the backing file's bytes, so it becomes ZERO.
+            distrust_holes = damaged and active and self.has_backing
             for i, e in enumerate(L.L2_ENTRY.iter_unpack(table)):
                 guest = (idx * per + i) * cs
+                if e[0] == L.UNALLOCATED and distrust_holes and idx * per + i < self.guest_clusters:
+                    self._drop(table, i, guest, active)
+                    continue
                 why = L.check_l2_entry(e[0], e[3], e[4], cs, self.host_end)
                 if why:
                     if not damaged:
@@ -303,9 +390,15 @@ class _Walk:
         if active:
             self.res.lost_clusters.append(guest)
 
-    def _lost(self, first_ci: int, n: int) -> None:
-        # A whole L2 table is gone: its guest range is lost (reported once, by its start).
-        self.res.lost_clusters.append(first_ci * self.cs)
+    def lose_table(self, idx: int) -> None:
+        """A whole L2 table of the active root is gone: its guest range reads as zeros (ZERO
+        entries, never the backing file's bytes) and is reported lost (once, by its start)."""
+        per = L.l2_entries_per_table(self.cs)
+        table = bytearray(self.cs)
+        for i in range(min(per, self.guest_clusters - idx * per)):
+            L.L2_ENTRY.pack_into(table, i * 64, L.ZERO, 0, 0, 0, 0, 0, L.NO_OID)
+        self.damaged_l2[idx] = table
+        self.res.lost_clusters.append(idx * per * self.cs)
 
 
 def check(path: str, repair: str | None = None, *, opener: Any = default_opener) -> CheckResult:
@@ -314,11 +407,17 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         raise UsageError(f"-r must be 'leaks' or 'all', not {repair!r}")
     f = opener(path, repair is not None, False)
     try:
-        h = read_current_header(f)
+        choice = choose_header(f)
+        h = choice.header
         res = CheckResult(filename=path)
         res.total_clusters = -(-h.virtual_size // h.cluster_size)
         res.image_end_offset = h.host_clusters * h.cluster_size
         walk = _Walk(f, h, res, salvage=repair == "all")
+        res.messages += [f"note: header {n}" for n in choice.notes]
+        for d in choice.damaged:
+            walk.corrupt(f"header {d}")
+        if choice.fallback:
+            walk.corrupt(choice.fallback)
         walk.run()
         corruptions_before = res.corruptions
         if walk.stored is not None:
@@ -332,6 +431,18 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
                     res.messages.append(f"ERROR cluster {c} refcount={s} reference={want}")
         elif not res.corruptions:
             res.corruptions += 1
+        if walk.salvaged_active_l1 and walk.has_backing:
+            # A (0, 0) entry of a damaged L1 may be a zeroed one. It stays unallocated only if
+            # the stored refcounts are intact and every cluster they count is accounted for
+            # (then no L2 table is missing); otherwise its range is lost too.
+            proven = walk.stored is not None and all(
+                walk.stored[c] <= walk.computed[c]
+                for c in range(min(len(walk.stored), walk.host_clusters))
+            )
+            if not proven:
+                for idx, (off, _s) in enumerate(walk.active_l1):
+                    if off == 0 and idx not in walk.damaged_l2:
+                        walk.lose_table(idx)
         if repair is None or (res.corruptions == 0 and res.leaks == 0):
             return res
         if repair == "leaks" and res.corruptions:
@@ -340,7 +451,7 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         if walk.fatal:
             res.messages.append("active L1 table lost: cannot repair")
             return res
-        _rebuild(f, h, walk)
+        _rebuild(f, choice, walk)
         res.leaks_fixed = res.leaks
         res.corruptions_fixed = res.corruptions
         if walk.dropped_snapshots:
@@ -348,6 +459,13 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
                 "(unreadable table)" if n == "*" else repr(n) for n in walk.dropped_snapshots
             )
             res.messages.append(f"dropped damaged snapshot(s): {names}")
+        if walk.dropped_vmstate:
+            names = ", ".join(repr(n) for n in walk.dropped_vmstate)
+            res.messages.append(f"dropped the damaged VM state of snapshot(s): {names}")
+        if walk.bitmaps_damaged:
+            res.messages.append("dropped the dirty bitmaps (their metadata was damaged)")
+        if choice.fallback:
+            res.messages.append(f"accepted the header of sequence {h.sequence}")
         if corruptions_before:
             res.messages.append(
                 f"repaired; {len(res.lost_clusters)} damaged range(s) now read as zeros"
@@ -357,7 +475,7 @@ def check(path: str, repair: str | None = None, *, opener: Any = default_opener)
         f.close()
 
 
-def _rebuild(f: ImageFile, h: L.Header, walk: _Walk) -> None:
+def _rebuild(f: ImageFile, choice: HeaderChoice, walk: _Walk) -> None:
     """Commit the salvaged tree with recomputed refcounts (through the normal flush).
 
     The structures the committed header uses (old refcount blocks and table, damaged L2 tables)
@@ -369,56 +487,62 @@ def _rebuild(f: ImageFile, h: L.Header, walk: _Walk) -> None:
         counts=counts,
         rct=walk.rct,
         snapshots=walk.snapshots,
-        snapshots_changed=bool(walk.dropped_snapshots),
+        snapshots_changed=bool(walk.dropped_snapshots or walk.dropped_vmstate),
         tables=walk.damaged_l2,
+        drop_bitmaps=walk.bitmaps_damaged,
+        stale_bitmaps=bool(walk.res.lost_clusters) or choice.fallback is not None,
     )
-    img = Image(f.path, f, h, readonly=False, resolver=None, salvaged=salvaged)
-    img.flush()
+    Image.rebuild(f, choice, salvaged).flush()
 
 
 def verify(img: Image) -> list[dict[str, Any]]:
-    """Read every stored cluster of the active image and every snapshot; return the bad ones."""
+    """Read every stored cluster of the active image and every snapshot; return the bad ones.
+
+    A cluster shared by several roots is read once. Remote clusters are verified only when the
+    image has a resolver."""
     bad: list[dict[str, Any]] = []
-    seen: set[tuple[int, int]] = set()
-    img._settle_all()  # an open writer's tables: no stale checksum (spec section 7)
-    roots: list[tuple[str, list[tuple[int, int]], bool]] = [("active", img._l1, True)]
-    for snap in img.snapshots:
+    seen: set[tuple[int, int, bytes]] = set()
+    names: list[str | None] = [None]
+    try:
+        names += [s.name for s in img.snapshots]
+    except VfsError as e:
+        bad.append({"root": "snapshot table", "offset": 0, "error": str(e)})
+    for snap in img.snapshots if len(names) > 1 else []:
+        if snap.vm_state_size:
+            try:
+                for _chunk in img.load_vmstate(snap.name):
+                    pass
+            except VfsError as e:
+                bad.append({"root": snap.name, "vm-state": True, "offset": 0, "error": str(e)})
+    for name in names:
+        root = name or "active"
+
+        def table_error(offset: int, err: VfsError, root: str = root) -> None:
+            bad.append({"root": root, "offset": offset, "error": str(err)})
+
         try:
-            roots.append((snap.name, img.snapshot_l1(snap), False))
-        except VfsError as e:
-            bad.append({"root": snap.name, "offset": 0, "error": str(e)})
-    for name, l1, active in roots:
-        for idx, (off, s) in enumerate(l1):
-            if not off and not (active and idx in img._l2cache):
+            entries = list(img.iter_entries(name, on_error=table_error))
+        except VfsError as e:  # the snapshot's L1 table itself
+            bad.append({"root": root, "offset": 0, "error": str(e)})
+            continue
+        for ci, e in entries:
+            if not e.stored:
+                continue
+            key = (e.host, e.checksum, e.oid)
+            if key in seen:  # shared with an already verified root
+                continue
+            seen.add(key)
+            if e.kind == L.REMOTE and img.resolver is None:
                 continue
             try:
-                t = img._l2cache.get(idx) if active else None
-                if t is None:
-                    t = img.load_l2(off, s, idx)
-            except VfsError as e:
+                img.cluster_data(ci, e)
+            except VfsError as err:  # checksum, missing object, unreachable remote
                 bad.append(
-                    {"root": name, "offset": idx * img._per_l2 * img.cluster_size, "error": str(e)}
+                    {
+                        "root": root,
+                        "offset": ci * img.cluster_size,
+                        "host-offset": e.host,
+                        "error": str(err),
+                    }
                 )
-                continue
-            for i, e in enumerate(L.L2_ENTRY.iter_unpack(t)):
-                if e[0] not in (L.LOCAL, L.COMPRESSED, L.REMOTE):
-                    continue
-                key = (e[4], e[5], e[6])
-                if key in seen:  # shared with an already verified root
-                    continue
-                seen.add(key)
-                ci = idx * img._per_l2 + i
-                if e[0] == L.REMOTE and img.resolver is None:
-                    continue
-                try:
-                    img._cluster(ci, e)
-                except VfsError as err:  # checksum, missing object, unreachable remote
-                    bad.append(
-                        {
-                            "root": name,
-                            "offset": ci * img.cluster_size,
-                            "host-offset": e[4],
-                            "error": str(err),
-                        }
-                    )
     return bad

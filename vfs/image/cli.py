@@ -1,198 +1,40 @@
 """``vimg``: the command line of the vimg image format, mirroring qemu-img's verbs and flags.
 
-Every command is wrapped by :func:`vfs.cli_util.handle_errors`: a bad input is one line on stderr
-and a non-zero exit code, never a traceback. JSON output uses qemu-img's field names.
+This module holds the verbs that inspect and copy images (create, info, check, verify, map,
+convert, compare, measure); :mod:`vfs.image.cli_state` those that change an image's state
+(commit, rebase, snapshot, bitmap, vmstate, resize) and :mod:`vfs.image.cli_remote` I/O and
+remote clusters (bench, io, push, pull/hydrate). Shared options: :mod:`vfs.image.cli_common`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
-import time
 from typing import Any
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, json_option, parse_size, setup_logging
-from vfs.errors import IntegrityError, UsageError
+from vfs.cli_util import emit_json, handle_errors
+from vfs.errors import CorruptionError, IntegrityError, UsageError
+from vfs.image.cli_common import (
+    FMT,
+    LazyResolver,
+    Progress,
+    backing_dirs,
+    backing_opts,
+    check_vimg,
+    close_image,
+    header_problems,
+    json_opts,
+    main,
+    open_image,
+    probe,
+    remote_opts,
+    want_json,
+    warn_header,
+)
 from vfs.image.image import Image
-
-FMT = click.Choice(["raw", "qcow2", "vimg"])
-
-
-class _LazyResolver:
-    """Opens the local store (and the repository) only when a remote cluster is read."""
-
-    def __init__(self, store: str | None, repo: str | None) -> None:
-        self.store_dir, self.repo = store, repo
-        self._r: Any = None
-        self._objs: list[Any] = []
-        self._lock = threading.Lock()
-        self._tls = _tls()  # captured now: fetch threads have no click context
-
-    def resolver(self) -> Any:
-        with self._lock:
-            return self._resolver()
-
-    def _resolver(self) -> Any:
-        if self._r is None:
-            from vfs.paths import default_store
-            from vfs.redirect import LocalStore, Resolver, open_remote
-
-            store = LocalStore(self.store_dir or default_store())
-            self._objs.append(store)
-            remote = open_remote(self.repo, **self._tls) if self.repo else None
-            if remote is not None:
-                self._objs.append(remote)
-            self._r = Resolver(store, remote)
-        return self._r
-
-    def get(self, oid: str) -> bytes:
-        return self.resolver().get(oid)
-
-    def ensure(self, oid: str, *, size_hint: int | None = None) -> None:
-        self.resolver().ensure(oid, size_hint=size_hint)
-
-    def close(self) -> None:
-        for o in reversed(self._objs):
-            o.close()
-
-
-def _tls() -> dict[str, str]:
-    """--ca/--cert/--key of the current command (for https:// repositories, mutual TLS)."""
-    ctx = click.get_current_context(silent=True)
-    return dict(ctx.meta.get("vimg.tls", {})) if ctx is not None else {}
-
-
-def _store_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.meta.setdefault("vimg.tls", {})[param.name] = value
-
-
-def _tls_opts(fn: Any) -> Any:
-    for name, text in (
-        ("proxy", "HTTP forward proxy (e.g. a site cache) for http(s):// repositories."),
-        ("key", "Client key (mutual TLS)."),
-        ("cert", "Client certificate (mutual TLS)."),
-        ("ca", "CA bundle that signs the repository server's certificate."),
-    ):
-        fn = click.option(
-            f"--{name}",
-            name,
-            type=click.Path(dir_okay=False),
-            expose_value=False,
-            callback=_store_tls,
-            help=text,
-        )(fn)
-    return fn
-
-
-def _remote_opts(fn: Any) -> Any:
-    fn = _tls_opts(fn)
-    fn = click.option(
-        "--store",
-        "store",
-        type=click.Path(file_okay=False),
-        help="Local object store [default: $VFS_STORE or $VFS_ROOT/store].",
-    )(fn)
-    fn = click.option(
-        "--repo", "repo", help="Repository of remote clusters (file:///dir, /dir, http(s)://...)."
-    )(fn)
-    return fn
-
-
-def _json_opts(fn: Any) -> Any:
-    fn = json_option(fn)
-    fn = click.option(
-        "--output",
-        "output",
-        type=click.Choice(["human", "json"]),
-        default="human",
-        help="Output format (as qemu-img --output).",
-    )(fn)
-    return fn
-
-
-def _want_json(as_json: bool, output: str) -> bool:
-    return as_json or output == "json"
-
-
-def _open(
-    path: str,
-    *,
-    readonly: bool,
-    store: str | None = None,
-    repo: str | None = None,
-    with_backing: bool = True,
-) -> Image:
-    res = _LazyResolver(store, repo)
-    return Image.open(path, readonly=readonly, resolver=res, with_backing=with_backing)
-
-
-def _close(img: Any) -> None:
-    """Close an image and the store/repository its lazy resolver may have opened."""
-    res = getattr(img, "resolver", None)
-    try:
-        img.close()
-    finally:
-        if isinstance(res, _LazyResolver):
-            res.close()
-
-
-def _check_vimg(path: str, fmt: str | None) -> None:
-    if fmt not in (None, "vimg"):
-        raise UsageError(f"this command works on vimg images only (got -f {fmt})")
-    from vfs.image.qemu import probe_format
-
-    if os.path.exists(path) and probe_format(path) != "vimg":
-        raise UsageError(f"{path}: not a vimg image (found {probe_format(path)})")
-
-
-class _Progress:
-    """Progress on stderr, at most a few lines per second, resumable work reported as done/total."""
-
-    def __init__(self, what: str, enabled: bool = True) -> None:
-        self.what, self.enabled, self._last = what, enabled, 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.2 and done != total):
-            return
-        self._last = now
-        pct = 100.0 * done / total if total else 100.0
-        click.echo(f"\r{self.what}: {done}/{total} ({pct:.1f}%)", err=True, nl=done == total)
-
-
-class _OneLineErrors(click.Group):
-    """Usage errors (unknown option, missing argument) as one line, like every other error."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        kwargs["standalone_mode"] = False
-        try:
-            rv = super().main(*args, **kwargs)
-        except click.ClickException as e:
-            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
-            if isinstance(e, no_args) and getattr(e, "ctx", None) is not None:
-                click.echo(e.ctx.get_help(), err=True)  # type: ignore[union-attr]
-                sys.exit(2)
-            click.echo(f"vimg: error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("vimg: interrupted", err=True)
-            sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
-def main(verbose: int) -> None:
-    """vimg: create, inspect, check and convert vimg disk images (qemu-img style).
-
-    vimg images checksum every cluster (xxh3, verified on every read), may keep clusters in a
-    remote repository (push/pull), and survive crashes at any instant (shadow paging).
-    """
-    setup_logging(verbose)
+from vfs.image.qemuio import parse_size
 
 
 # ----------------------------------------------------------------------------------- create
@@ -205,6 +47,7 @@ def main(verbose: int) -> None:
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="none")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("size", required=False)
+@backing_opts
 @handle_errors
 def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
     """Create a new, empty image FILE of SIZE bytes (or the backing file's size)."""
@@ -219,6 +62,7 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
         backing=backing,
         backing_format=backing_fmt,
         compress=compress == "zstd",
+        backing_dirs=backing_dirs(),
     ) as img:
         click.echo(
             f"Formatting '{file}', fmt=vimg cluster_size={img.cluster_size} "
@@ -231,23 +75,30 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
 @main.command()
 @click.option("-f", "fmt", type=FMT)
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain.")
-@_json_opts
+@json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
+@backing_opts
 @handle_errors
 def info(fmt, backing_chain, as_json, output, file):
     """Show the header, backing file and snapshots of FILE (qcow2: asks qemu-img)."""
     from vfs.image.ops import image_info, info_text, open_source
 
-    if (fmt or _probe(file)) == "qcow2":
+    if (fmt or probe(file)) == "qcow2":
+        from vfs.image.backing import allowed_dirs
+        from vfs.image.ops import confine_qcow2_chain
         from vfs.image.qemu import qemu_img
 
+        confine_qcow2_chain(file, allowed_dirs(file, backing_dirs()))
         extra = ["--backing-chain"] if backing_chain else []
-        if _want_json(as_json, output):
+        if want_json(as_json, output):
             click.echo(qemu_img("info", "--output=json", *extra, "-f", "qcow2", file), nl=False)
         else:
             click.echo(qemu_img("info", *extra, "-f", "qcow2", file), nl=False)
         return
 
+    from vfs.image.backing import allowed_dirs, confine
+
+    allowed = allowed_dirs(file, backing_dirs())
     infos = []
     path, f = file, fmt
     seen: set[str] = set()
@@ -256,7 +107,7 @@ def info(fmt, backing_chain, as_json, output, file):
         if real in seen:
             raise UsageError(f"backing chain loops at {path}")
         seen.add(real)
-        probed = f or _probe(path)
+        probed = f or probe(path)
         if probed == "vimg":  # each layer is opened by this loop: not its chain
             src: Any = Image.open(path, readonly=True, with_backing=False)
         else:
@@ -264,12 +115,7 @@ def info(fmt, backing_chain, as_json, output, file):
         try:
             if isinstance(src, Image):
                 infos.append(image_info(src))
-                nxt = src.backing_name
-                path = (
-                    os.path.join(os.path.dirname(os.path.abspath(path)), nxt)
-                    if nxt and not os.path.isabs(nxt)
-                    else nxt
-                )
+                path = confine(src.backing_name, path, allowed) if src.backing_name else ""
                 f = src.backing_format or None
             else:
                 st = os.stat(path)
@@ -287,26 +133,33 @@ def info(fmt, backing_chain, as_json, output, file):
             src.close()
         if not backing_chain:
             break
-    if _want_json(as_json, output):
+    if want_json(as_json, output):
         emit_json(infos if backing_chain else infos[0])
     else:
         click.echo("\n\n".join(info_text(i) for i in infos))
+    problems = [
+        f"{i['filename']}: {p}"
+        for i in infos
+        for p in i.get("format-specific", {}).get("data", {}).get("header-problems", [])
+    ]
+    if problems:  # never silent: a possible roll-back or damaged header copies
+        raise CorruptionError("; ".join(problems) + " (see 'vimg check')")
 
 
 # ----------------------------------------------------------------------------------- check
 @main.command()
 @click.option("-f", "fmt", type=FMT)
 @click.option("-r", "repair", type=click.Choice(["leaks", "all"]), help="Repair leaks or all.")
-@_json_opts
+@json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
 def check(fmt, repair, as_json, output, file):
     """Check metadata consistency. Exit 0 clean, 2 corruption, 3 leaked clusters."""
     from vfs.image.check import check as do_check
 
-    _check_vimg(file, fmt)
+    check_vimg(file, fmt)
     res = do_check(file, repair)
-    if _want_json(as_json, output):
+    if want_json(as_json, output):
         emit_json(res.to_json())
     else:
         for m in res.messages:
@@ -337,8 +190,8 @@ def check(fmt, repair, as_json, output, file):
 
 # ----------------------------------------------------------------------------------- verify
 @main.command()
-@_json_opts
-@_remote_opts
+@json_opts
+@remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
 def verify(as_json, output, store, repo, file):
@@ -348,20 +201,23 @@ def verify(as_json, output, store, repo, file):
     """
     from vfs.image.check import verify as do_verify
 
-    _check_vimg(file, None)
-    img = _open(file, readonly=True, store=store, repo=repo)
+    check_vimg(file, None)
+    img = open_image(file, readonly=True, store=store, repo=repo)
     try:
         if not (store or repo):
             img.resolver = None  # remote clusters are then skipped, not fetched
         bad = do_verify(img)
+        problems = header_problems(img)
     finally:
-        _close(img)
-    if _want_json(as_json, output):
-        emit_json({"filename": file, "bad-clusters": bad})
+        close_image(img)
+    if want_json(as_json, output):
+        emit_json({"filename": file, "bad-clusters": bad, "header-problems": problems})
     else:
         for b in bad:
             click.echo(f"bad cluster ({b['root']}) at guest offset {b['offset']:#x}: {b['error']}")
         click.echo(f"{len(bad)} bad clusters" if bad else "All checksums verified.")
+    if problems:
+        raise CorruptionError("; ".join(problems) + " (see 'vimg check')")
     if bad:
         raise IntegrityError(f"{len(bad)} bad cluster(s) in {file}")
 
@@ -369,27 +225,31 @@ def verify(as_json, output, store, repo, file):
 # ----------------------------------------------------------------------------------- map
 @main.command(name="map")
 @click.option("-f", "fmt", type=FMT)
-@_json_opts
-@_remote_opts
+@json_opts
+@remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
 def map_cmd(fmt, as_json, output, store, repo, file):
     """Show where each guest range lives (same fields as qemu-img map; qcow2: asks qemu-img)."""
     from vfs.image.ops import image_map, open_source
 
-    if (fmt or _probe(file)) == "qcow2":
+    if (fmt or probe(file)) == "qcow2":
+        from vfs.image.backing import allowed_dirs
+        from vfs.image.ops import confine_qcow2_chain
         from vfs.image.qemu import qemu_img
 
-        out = "--output=json" if _want_json(as_json, output) else "--output=human"
+        confine_qcow2_chain(file, allowed_dirs(file, backing_dirs()))
+        out = "--output=json" if want_json(as_json, output) else "--output=human"
         click.echo(qemu_img("map", out, "-f", "qcow2", file), nl=False)
         return
 
-    src = open_source(file, fmt)
+    src = open_source(file, fmt, backing_dirs=backing_dirs())
     try:
+        warn_header(src)
         m = image_map(src)
     finally:
         src.close()
-    if _want_json(as_json, output):
+    if want_json(as_json, output):
         click.echo(
             "["
             + ",\n".join("{ " + ", ".join(f'"{k}": {_j(v)}' for k, v in d.items()) + "}" for d in m)
@@ -414,7 +274,7 @@ def _j(v: Any) -> str:
 @click.option("-c", "compress", is_flag=True, help="Compress the output (zstd for vimg).")
 @click.option("--cluster-size", default="64k", show_default=True, help="vimg output only.")
 @click.option("-p", "progress", is_flag=True, help="Show progress on stderr.")
-@_remote_opts
+@remote_opts
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dst", type=click.Path(dir_okay=False))
 @handle_errors
@@ -426,7 +286,7 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
     """
     from vfs.image.ops import convert as do_convert
 
-    res = _LazyResolver(store, repo) if (store or repo) else None
+    res = LazyResolver(store, repo) if (store or repo) else None
     try:
         do_convert(
             src,
@@ -436,7 +296,9 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
             compress=compress,
             cluster_size=parse_size(cluster_size),
             resolver=res,
-            progress=_Progress("convert") if progress else None,
+            progress=Progress("convert") if progress else None,
+            on_source=warn_header,
+            backing_dirs=backing_dirs(),
         )
     finally:
         if res is not None:
@@ -449,7 +311,7 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
 @click.option("-F", "fmt2", type=FMT)
 @click.option("-s", "strict", is_flag=True, help="Strict: images of different sizes differ.")
 @click.option("-q", "quiet", is_flag=True)
-@_remote_opts
+@remote_opts
 @click.argument("file1", type=click.Path(dir_okay=False))
 @click.argument("file2", type=click.Path(dir_okay=False))
 @handle_errors
@@ -458,11 +320,13 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
     from vfs.image.ops import compare as do_compare
     from vfs.image.ops import open_source
 
-    res = _LazyResolver(store, repo) if (store or repo) else None
-    a = open_source(file1, fmt1, res)
+    res = LazyResolver(store, repo) if (store or repo) else None
+    a = open_source(file1, fmt1, res, backing_dirs())
     try:
-        b = open_source(file2, fmt2, res)
+        warn_header(a)
+        b = open_source(file2, fmt2, res, backing_dirs())
         try:
+            warn_header(b)
             if a.size != b.size and not quiet:
                 click.echo("Warning: Image size mismatch!")
             off = do_compare(a, b, strict=strict)
@@ -487,8 +351,9 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
 @click.option("-O", "out_fmt", type=FMT, default="vimg", show_default=True)
 @click.option("--size", "size", help="Measure an empty image of this size instead of FILE.")
 @click.option("--cluster-size", default="64k", show_default=True)
-@_json_opts
+@json_opts
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
+@backing_opts
 @handle_errors
 def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
     """Bytes a new image needs to hold FILE (or an empty one of --size). qcow2 via qemu-img."""
@@ -500,7 +365,7 @@ def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
     if out_fmt == "qcow2":
         from vfs.image.qemu import qemu_img
 
-        if file and (fmt or "") != "vimg" and _probe(file) != "vimg":
+        if file and (fmt or "") != "vimg" and probe(file) != "vimg":
             args = ["measure", "--output=json", "-O", "qcow2", file]
         elif size:
             args = ["measure", "--output=json", "-O", "qcow2", "--size", str(parse_size(size))]
@@ -510,7 +375,7 @@ def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
 
         result = json.loads(qemu_img(*args))
     else:
-        src = open_source(file, fmt) if file else None
+        src = open_source(file, fmt, backing_dirs=backing_dirs()) if file else None
         try:
             if out_fmt == "raw":
                 n = src.size if src is not None else parse_size(size)
@@ -522,318 +387,14 @@ def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
         finally:
             if src is not None:
                 src.close()
-    if _want_json(as_json, output):
+    if want_json(as_json, output):
         emit_json(result)
     else:
         click.echo(f"required size: {result['required']}")
         click.echo(f"fully allocated size: {result['fully-allocated']}")
 
 
-def _probe(path: str) -> str:
-    from vfs.image.qemu import probe_format
+# The other verbs register themselves on ``main`` when imported.
+from vfs.image import cli_remote, cli_state  # noqa: E402, F401
 
-    return probe_format(path)
-
-
-# ----------------------------------------------------------------------------------- commit
-@main.command()
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
-@click.option("-d", "keep", is_flag=True, help="Do not empty FILE after the commit.")
-@click.option("-p", "progress", is_flag=True)
-@_remote_opts
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def commit(fmt, keep, progress, store, repo, file):
-    """Write FILE's data into its backing file (then empty FILE, unless -d)."""
-    from vfs.image.chain import commit as do_commit
-
-    _check_vimg(file, fmt)
-    img = _open(file, readonly=False, store=store, repo=repo)
-    try:
-        do_commit(img, drop=keep, progress=_Progress("commit") if progress else None)
-    finally:
-        _close(img)
-    click.echo("Image committed.")
-
-
-# ----------------------------------------------------------------------------------- rebase
-@main.command()
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
-@click.option("-u", "unsafe", is_flag=True, help="Only change the reference; copy nothing.")
-@click.option("-b", "backing", required=True, help="New backing file ('' for none).")
-@click.option("-F", "backing_fmt", type=click.Choice(["raw", "vimg"]))
-@_remote_opts
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def rebase(fmt, unsafe, backing, backing_fmt, store, repo, file):
-    """Change FILE's backing file; safe mode keeps the guest view identical."""
-    from vfs.image.chain import rebase as do_rebase
-
-    _check_vimg(file, fmt)
-    # -u works even when the old backing file is gone (the usual reason to use it)
-    img = _open(file, readonly=False, store=store, repo=repo, with_backing=not unsafe)
-    try:
-        do_rebase(img, backing or None, backing_fmt, unsafe=unsafe)
-    finally:
-        _close(img)
-
-
-# ----------------------------------------------------------------------------------- snapshot
-@main.command()
-@click.option("-c", "create_name", help="Create a snapshot.")
-@click.option("-l", "list_", is_flag=True, help="List snapshots.")
-@click.option("-a", "apply_name", help="Revert the image to a snapshot.")
-@click.option("-d", "delete_name", help="Delete a snapshot.")
-@_json_opts
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def snapshot(create_name, list_, apply_name, delete_name, as_json, output, file):
-    """Create, list, apply or delete internal snapshots (exactly one of -c -l -a -d)."""
-    chosen = [x for x in (create_name, apply_name, delete_name) if x is not None]
-    if len(chosen) + bool(list_) != 1:
-        raise UsageError("give exactly one of -c NAME, -l, -a NAME, -d NAME")
-    _check_vimg(file, None)
-    img = _open(file, readonly=bool(list_), with_backing=False)  # snapshots never read data
-    try:
-        if list_:
-            from vfs.image.ops import image_info, info_text
-
-            snaps = image_info(img).get("snapshots", [])
-            if _want_json(as_json, output):
-                emit_json(snaps)
-            elif snaps:
-                text = info_text(
-                    {
-                        "filename": file,
-                        "snapshots": snaps,
-                        "format": "vimg",
-                        "virtual-size": img.size,
-                        "actual-size": 0,
-                    }
-                )
-                click.echo(text[text.index("Snapshot list:") :])
-        elif create_name is not None:
-            img.snapshot_create(create_name)
-        elif apply_name is not None:
-            img.snapshot_apply(apply_name)
-        else:
-            img.snapshot_delete(delete_name)
-    finally:
-        _close(img)
-
-
-# ----------------------------------------------------------------------------------- resize
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--shrink", is_flag=True, help="Allow shrinking (data past the new end is lost).")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.argument("size")
-@handle_errors
-def resize(shrink, file, size):
-    """Set FILE's virtual size to SIZE, or grow/shrink by +SIZE / -SIZE."""
-    _check_vimg(file, None)
-    img = _open(file, readonly=False)
-    try:
-        if size.startswith(("+", "-")):
-            new = img.size + (1 if size[0] == "+" else -1) * parse_size(size[1:])
-        else:
-            new = parse_size(size)
-        if new < img.size and not shrink:
-            raise UsageError("use --shrink to shrink an image (data past the new end is lost)")
-        if new < 0:
-            raise UsageError("size would be negative")
-        img.resize(new)
-    finally:
-        _close(img)
-    click.echo("Image resized.")
-
-
-# ----------------------------------------------------------------------------------- bench
-@main.command()
-@click.option("-c", "count", default=75000, show_default=True, help="Number of requests.")
-@click.option(
-    "-d", "depth", default=64, show_default=True, help="Reported only (requests are sequential)."
-)
-@click.option("-f", "fmt", type=click.Choice(["raw", "vimg"]))
-@click.option("-n", "nocache", is_flag=True, help="Accepted for qemu-img compatibility.")
-@click.option("-o", "offset", default="0", help="Start offset.")
-@click.option("-s", "size", default="4k", show_default=True, help="Request size.")
-@click.option("-S", "step", default=None, help="Step between requests [default: request size].")
-@click.option("-t", "cache", default="writeback", help="Accepted for qemu-img compatibility.")
-@click.option("-w", "write", is_flag=True, help="Write requests (default: read).")
-@click.option("--pattern", default="0", help="Byte written by -w (as qemu-img: 0).")
-@click.option("--flush-interval", default=0, help="Flush after this many writes.")
-@click.option("--no-drain", is_flag=True, help="Accepted for qemu-img compatibility.")
-@_remote_opts
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def bench(
-    count,
-    depth,
-    fmt,
-    nocache,
-    offset,
-    size,
-    step,
-    cache,
-    write,
-    pattern,
-    flush_interval,
-    no_drain,
-    store,
-    repo,
-    file,
-):
-    """Run a simple I/O benchmark on FILE (the request loop of qemu-img bench)."""
-    from vfs.image.bench import run_bench
-    from vfs.image.fileio import RawFile
-
-    nbytes = parse_size(size)
-    step_b = parse_size(step) if step is not None else nbytes
-    off = parse_size(offset)
-    try:
-        pat = int(pattern, 0)
-    except ValueError:
-        raise UsageError(f"bad pattern {pattern!r}") from None
-    if flush_interval and not write:
-        raise UsageError("--flush-interval is only available in write tests")
-    kind = fmt or _probe(file)
-    if kind == "raw":
-        img: Any = RawFile(file, writable=write)
-    elif kind == "vimg":
-        img = _open(file, readonly=not write, store=store, repo=repo)
-    else:
-        raise UsageError(f"vimg bench runs on raw or vimg images (got {kind}); use qemu-img bench")
-    click.echo(
-        f"Sending {count} {'write' if write else 'read'} requests, {nbytes} bytes each, "
-        f"{depth} in parallel (starting at offset {off}, step size {step_b})"
-    )
-    if flush_interval:
-        click.echo(f"Sending flush every {flush_interval} requests")
-    try:
-        dt = run_bench(
-            img,
-            count=count,
-            size=nbytes,
-            step=step_b,
-            offset=off,
-            write=write,
-            pattern=pat,
-            flush_interval=flush_interval,
-        )
-    finally:
-        _close(img)
-    click.echo(f"Run completed in {dt:.3f} seconds.")
-
-
-# ----------------------------------------------------------------------------------- io
-@main.command()
-@click.option("-c", "commands", multiple=True, required=True, help="Command (repeatable).")
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
-@_remote_opts
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def io(commands, fmt, store, repo, file):
-    """Run qemu-io style commands: write [-P PAT] [-z] OFF LEN, read [-P PAT] OFF LEN,
-    discard OFF LEN, flush. A read that does not match its pattern fails (exit 5)."""
-    from vfs.image.qemuio import run_command
-
-    _check_vimg(file, fmt)
-    writes = any(c.split()[:1] in (["write"], ["discard"], ["flush"]) for c in commands)
-    img = _open(file, readonly=not writes, store=store, repo=repo)
-    try:
-        for c in commands:
-            run_command(img, c, click.echo)
-    finally:
-        _close(img)
-
-
-# ----------------------------------------------------------------------------------- push/pull
-@main.command()
-@click.option("--repo", required=True, help="Repository (file:///dir or a directory).")
-@click.option("--store", type=click.Path(file_okay=False), help="Also keep a copy in this store.")
-@click.option("-q", "quiet", is_flag=True, help="No progress.")
-@click.option("--ref", "ref", help="Also publish the image as a template under this name.")
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def push(repo, store, quiet, ref, file):
-    """Move FILE's clusters into a repository: entries become remote objects (SHA-256).
-
-    Resumable: progress is committed every 256 clusters; run it again after an interruption.
-    With --ref NAME the image itself (metadata only, a few KiB) is published as a template that
-    `vimg pull --ref NAME --repo URL NEW.vimg` fetches on another host.
-    """
-    from vfs.image.remote import publish_template
-    from vfs.image.remote import push as do_push
-    from vfs.redirect import open_remote
-
-    _check_vimg(file, None)
-    # A directory repository is created on first push; http(s) ones are read-only (the remote
-    # says so in one line: publish by copying the directory to a web root).
-    remote = open_remote(repo, create=not repo.startswith(("http://", "https://")), **_tls())
-    st = None
-    if store:
-        from vfs.redirect import LocalStore
-
-        st = LocalStore(store)
-    img = _open(file, readonly=False, store=store, repo=repo)
-    try:
-        n = do_push(img, remote, store=st, progress=_Progress("push", not quiet))
-        if ref:
-            oid = publish_template(img, remote, ref)
-            click.echo(f"published template {ref} = {oid}")
-    finally:
-        _close(img)
-        remote.close()
-        if st is not None:
-            st.close()
-    click.echo(f"pushed {n} clusters to {repo}")
-
-
-def _pull(
-    repo: str | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
-) -> None:
-    from vfs.image.remote import fetch_template
-    from vfs.image.remote import pull as do_pull
-
-    if ref:
-        if not repo:
-            raise UsageError("--ref needs --repo")
-        from vfs.redirect import open_remote
-
-        with open_remote(repo, **_tls()) as remote:
-            oid = fetch_template(remote, ref, file)
-        click.echo(f"fetched template {ref} = {oid}")
-        if lazy:
-            return
-    elif lazy:
-        raise UsageError("--lazy only applies with --ref")
-    _check_vimg(file, None)
-    img = _open(file, readonly=False, store=store, repo=repo)
-    try:
-        n = do_pull(img, progress=_Progress("pull", not quiet))
-    finally:
-        _close(img)
-    click.echo(f"hydrated {n} clusters" if n else "nothing to pull: every cluster is local")
-
-
-_ref_opt = click.option("--ref", help="Fetch template NAME from --repo into the new FILE first.")
-_lazy_opt = click.option(
-    "--lazy", is_flag=True, help="With --ref: stop after the template; fetch clusters on read."
-)
-
-
-@main.command()
-@_remote_opts
-@_ref_opt
-@_lazy_opt
-@click.option("-q", "quiet", is_flag=True, help="No progress.")
-@click.argument("file", type=click.Path(dir_okay=False))
-@handle_errors
-def pull(repo, store, ref, lazy, quiet, file):
-    """Fetch FILE's remote clusters back into the file (verified; resumable). Also: hydrate.
-
-    With --ref NAME, first fetch the template NAME from --repo into the new FILE."""
-    _pull(repo, store, quiet, file, ref, lazy)
-
-
-main.add_command(pull, name="hydrate")  # the same command under the name DESIGN.md uses
+__all__ = ["main"]

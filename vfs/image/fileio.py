@@ -1,4 +1,5 @@
-"""Byte access to image files: one small class per kind of file, all through os.pread/os.pwrite.
+"""Byte access to image files: one small class per kind of file, all through os.pread/os.pwrite,
+and :func:`probe_format` (which format a file is, from its first bytes).
 
 The :class:`Image` core talks to its file only through :class:`ImageFile`, so tests can wrap it
 (e.g. record every pwrite/fsync to replay power failures) without touching the core.
@@ -6,8 +7,10 @@ The :class:`Image` core talks to its file only through :class:`ImageFile`, so te
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 
 from vfs.errors import BusyError, UsageError
 
@@ -30,6 +33,37 @@ def _load_fallocate():  # type: ignore[no-untyped-def]
 _fallocate = _load_fallocate()
 
 
+def open_file(path: str, flags: int, *, block_ok: bool = True) -> int:
+    """``os.open`` for image files that never blocks and never opens what is not a disk: the
+    open itself is non-blocking (a FIFO would wait for a writer forever), and anything but a
+    regular file (or a block device, when ``block_ok``) is refused with a clear error."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO without a reader, opened for writing
+            raise UsageError(f"{path}: not a regular file") from None
+        raise  # FileNotFoundError and the like: the caller names them
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (block_ok and stat.S_ISBLK(mode))):
+            what = "a regular file or a block device" if block_ok else "a regular file"
+            raise UsageError(f"{path}: not {what}")
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fd_size(fd: int) -> int:
+    """Bytes in a file or block device (fstat says 0 for block devices)."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
 class ImageFile:
     """An open image file: positional reads/writes, fsync, size, and its lock (flock)."""
 
@@ -38,7 +72,10 @@ class ImageFile:
         if create:
             flags |= os.O_CREAT | os.O_EXCL
         self.path = path
-        self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        if create:
+            self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        else:
+            self.fd = open_file(path, flags)
         # One writer or many readers (as QEMU's image locking): a reader of an image that is
         # being written could follow clusters the writer has freed and reused since.
         try:
@@ -78,7 +115,7 @@ class ImageFile:
         return _fallocate(self.fd, 0, offset, length) == 0
 
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        return fd_size(self.fd)
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
@@ -97,15 +134,23 @@ class RawFile:
     def __init__(self, path: str, *, writable: bool = False, create_size: int | None = None):
         self.path = path
         if create_size is not None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            os.ftruncate(fd, create_size)
+            # an output: a regular file, created or emptied (holes must read as zeros)
+            fd = open_file(path, os.O_RDWR | os.O_CREAT, block_ok=False)
+            try:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, create_size)
+            except BaseException:
+                os.close(fd)
+                raise
         else:
             try:
-                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+                fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY)
             except FileNotFoundError:
                 raise UsageError(f"{path}: no such file") from None
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        self.size = fd_size(fd)
+        self.writable = writable or create_size is not None
+        self._extents: list[tuple[int, int, bool]] | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset) if offset < self.size else b""
@@ -141,7 +186,16 @@ class RawFile:
         os.fsync(self.fd)
 
     def extents(self) -> list[tuple[int, int, bool]]:
-        """(start, length, is_data) covering the file, from SEEK_DATA/SEEK_HOLE."""
+        """(start, length, is_data) covering the file, from SEEK_DATA/SEEK_HOLE (computed once
+        for a read-only file: a backing file or a convert source does not change under us)."""
+        if self._extents is not None:
+            return self._extents
+        out = self._scan_extents()
+        if not self.writable:
+            self._extents = out
+        return out
+
+    def _scan_extents(self) -> list[tuple[int, int, bool]]:
         out: list[tuple[int, int, bool]] = []
         pos = 0
         while pos < self.size:
@@ -168,3 +222,29 @@ class RawFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: First bytes of a qcow2 image (qemu's "QFI\xfb").
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_format(path: str) -> str:
+    """'vimg', 'qcow2' or 'raw' from the first bytes of the file (no other parsing)."""
+    from vfs.image.layout import HEADER_COPY_OFFSETS, MAGIC
+
+    try:
+        fd = open_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory") from None
+    try:
+        head = os.pread(fd, max(HEADER_COPY_OFFSETS) + 8, 0)
+    finally:
+        os.close(fd)
+    # Any header copy may hold the current header (a torn write can damage the others).
+    if any(head[o : o + 8] == MAGIC for o in HEADER_COPY_OFFSETS):
+        return "vimg"
+    if head[:4] == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"

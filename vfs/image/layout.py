@@ -1,16 +1,17 @@
 """On-disk structures of the vimg format: constants, byte layouts, pack/unpack. No behaviour.
 
-This module is the canonical definition of the format's bytes; ``docs/vimg-format.md`` describes
-the same structures in prose with their invariants. Everything is little-endian. Parsers raise
-:class:`vfs.errors.FormatError` (never struct.error, IndexError or UnicodeError) and bound every
-length they read by the size of the buffer they were given, so a hostile file cannot make them
-allocate or loop beyond it.
+``docs/vimg-format.md`` is canonical; this module implements its bytes (the snapshot table and
+the bitmap directory are in :mod:`vfs.image.directories`). Everything is little-endian.
+Parsers raise :class:`vfs.errors.FormatError` (never struct.error, IndexError or UnicodeError)
+and bound every length they read by the size of the buffer they were given, so a hostile file
+cannot make them allocate or loop beyond it.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import xxhash
 
@@ -19,11 +20,18 @@ from vfs.errors import FormatError, UnsupportedFeature
 MAGIC = b"VIMG\r\n\x1a\n"
 VERSION = 1
 
-#: Two header slots (shadow paging): the valid one with the higher sequence number is current.
-HEADER_SLOT_OFFSETS = (0, 4096)
+# ---- the header area (spec sections 2, 3) -------------------------------------------------
+#: Bytes of one header copy.
 HEADER_SLOT_SIZE = 4096
-#: Bytes reserved at the start of the file for the two header slots.
-HEADER_AREA = 8192
+#: Host offsets of the two slots' primary copies; the mirrors follow (spec 2).
+HEADER_SLOT_OFFSETS = (0, 4096)
+HEADER_MIRROR_OFFSETS = (8192, 12288)
+#: Every header copy, for probing: a file is vimg when any of them starts with the magic.
+HEADER_COPY_OFFSETS = HEADER_SLOT_OFFSETS + HEADER_MIRROR_OFFSETS
+#: Bytes reserved at the start of the file for the header copies.
+HEADER_AREA = 16384
+#: Commit counters stay below this (spec 3.2).
+MAX_SEQUENCE = 1 << 63
 
 MIN_CLUSTER_BITS = 12  # 4 KiB
 MAX_CLUSTER_BITS = 21  # 2 MiB
@@ -33,15 +41,24 @@ SECTOR = 512
 #: Format limit on the virtual size (implementation limits may be lower).
 MAX_VIRTUAL_SIZE = 1 << 56
 
-# ---- feature bits ---------------------------------------------------------------------------
+# ---- feature bits (spec section 10) ---------------------------------------------------------
+FEATURE_INCOMPAT, FEATURE_COMPAT, FEATURE_AUTOCLEAR = 0, 1, 2
+FEATURE_KINDS = {FEATURE_INCOMPAT: "incompatible", FEATURE_COMPAT: "compatible", 2: "autoclear"}
 #: Incompatible: an L2 entry may be of type REMOTE (readers need a resolver to read them).
 INCOMPAT_REMOTE = 1 << 0
 #: Incompatible: an L2 entry may be of type COMPRESSED (zstd).
 INCOMPAT_COMPRESSED = 1 << 1
+#: Autoclear: the BMAP extension is consistent with the disk.
+AUTOCLEAR_BITMAPS = 1 << 0
 KNOWN_INCOMPAT = INCOMPAT_REMOTE | INCOMPAT_COMPRESSED
 KNOWN_COMPAT = 0
-KNOWN_AUTOCLEAR = 0
-INCOMPAT_NAMES = {0: "remote clusters", 1: "zstd-compressed clusters"}
+KNOWN_AUTOCLEAR = AUTOCLEAR_BITMAPS
+#: (kind, bit) -> name, as written into the feature name table.
+FEATURE_NAMES = {
+    (FEATURE_INCOMPAT, 0): "remote clusters",
+    (FEATURE_INCOMPAT, 1): "zstd clusters",
+    (FEATURE_AUTOCLEAR, 0): "bitmaps",
+}
 
 # ---- backing formats / compression ----------------------------------------------------------
 BACKING_NONE, BACKING_RAW, BACKING_VIMG = 0, 1, 2
@@ -51,15 +68,37 @@ COMPRESSION_NONE, COMPRESSION_ZSTD = 0, 1
 MAX_BACKING_NAME = 1024
 
 # ---- header ----------------------------------------------------------------------------------
-#: Fixed part of the header (bytes 0..143); the backing name follows, then the 8-byte checksum.
-_HEADER = struct.Struct("<8sIIQQQQQIIQQIIQQIIQQIHBBQ")
-HEADER_FIXED_SIZE = _HEADER.size  # 144
-assert HEADER_FIXED_SIZE == 144
+#: The header fields of version 1 (bytes 0..151; spec 3.2).
+_HEADER = struct.Struct("<8sIIQIIQQQQIHBBIIQQIIQQQQIIQ")
+HEADER_FIELDS_SIZE = _HEADER.size
+assert HEADER_FIELDS_SIZE == 152
+#: Offsets every version keeps (the slot choice is blind to everything else).
+_SLOT_LENGTH_AT, _SEQUENCE_AT = 12, 16
+
+#: Extension tags (spec 3.3).
+EXT_FEATURES = b"FEAT"
+EXT_BITMAPS = b"BMAP"
+_EXT = struct.Struct("<4sI")
+_FEATURE = struct.Struct("<BB46s")
+FEATURE_ENTRY_SIZE = _FEATURE.size  # 48
+_BMAP = struct.Struct("<IIQQ8x")
+BMAP_SIZE = _BMAP.size  # 32
+MAX_BITMAP_DIRECTORY = 1 << 20
+
+
+@dataclass
+class BitmapsExt:
+    """The BMAP extension: where the bitmap directory is (spec 7.1)."""
+
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+    directory_checksum: int
 
 
 @dataclass
 class Header:
-    """The header of one slot. ``sequence`` orders the two slots; the higher valid one wins."""
+    """The header of one slot. ``sequence`` orders the slots; the highest intact copy wins."""
 
     virtual_size: int
     cluster_bits: int
@@ -82,128 +121,217 @@ class Header:
     host_clusters: int = 0
     backing_name: str = ""
     version: int = VERSION
+    bitmaps: BitmapsExt | None = None
+    #: Header fields past byte 151 this reader does not know (kept as they are, spec 3.5).
+    unknown_fields: bytes = b""
+    #: Extensions of unknown type, (tag, data), kept byte for byte.
+    unknown_extensions: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: Names from the feature name table: (kind, bit) -> name.
+    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
 
     @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
+    def feature_name(self, kind: int, bit: int) -> str:
+        return FEATURE_NAMES.get((kind, bit)) or self.feature_names.get((kind, bit), "")
 
-def header_length(backing_name: str) -> int:
-    name = backing_name.encode()
-    return HEADER_FIXED_SIZE + _pad8(len(name)) + 8
+
+def _ext(tag: bytes, data: bytes) -> bytes:
+    return _EXT.pack(tag, len(data)) + data + bytes(pad8(len(data)) - len(data))
 
 
 def pack_header(h: Header) -> bytes:
+    """The bytes of one header copy (``slot_length`` of them; writers zero-fill the slot)."""
     name = h.backing_name.encode()
     if len(name) > MAX_BACKING_NAME:
         raise FormatError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
-    length = header_length(h.backing_name)
-    fixed = _HEADER.pack(
+    if not 0 <= h.sequence < MAX_SEQUENCE:
+        raise FormatError(f"sequence {h.sequence} out of range")
+    names = dict(h.feature_names)
+    names.update(FEATURE_NAMES)
+    table = b"".join(
+        _FEATURE.pack(kind, bit, n.encode()[:46]) for (kind, bit), n in sorted(names.items())
+    )
+    exts = _ext(EXT_FEATURES, table)
+    if h.bitmaps is not None:
+        b = h.bitmaps
+        exts += _ext(
+            EXT_BITMAPS,
+            _BMAP.pack(b.nb_bitmaps, b.directory_size, b.directory_offset, b.directory_checksum),
+        )
+    for tag, data in h.unknown_extensions:
+        exts += _ext(tag, data)
+    header_length = HEADER_FIELDS_SIZE + len(h.unknown_fields)
+    name_off = header_length + len(exts) if name else 0
+    slot_length = header_length + len(exts) + pad8(len(name)) + 8
+    if slot_length > HEADER_SLOT_SIZE:
+        raise FormatError(f"header needs {slot_length} bytes, more than a slot holds")
+    fields = _HEADER.pack(
         MAGIC,
         h.version,
-        length,
+        slot_length,
+        h.sequence,
+        header_length,
+        len(exts),
         h.incompatible,
         h.compatible,
         h.autoclear,
-        h.sequence,
         h.virtual_size,
         h.cluster_bits,
-        0,
-        h.l1_offset,
-        h.l1_checksum,
-        h.l1_entries,
-        h.nb_snapshots,
-        h.refcount_table_offset,
-        h.refcount_table_checksum,
-        h.refcount_table_entries,
-        0,
-        h.snapshots_offset,
-        h.snapshots_checksum,
-        h.snapshots_size,
         len(name),
         h.backing_format,
         h.compression,
+        name_off,
+        h.nb_snapshots,
+        h.l1_offset,
+        h.l1_checksum,
+        h.l1_entries,
+        h.refcount_table_entries,
+        h.refcount_table_offset,
+        h.refcount_table_checksum,
+        h.snapshots_offset,
+        h.snapshots_checksum,
+        h.snapshots_size,
+        0,
         h.host_clusters,
     )
-    body = fixed + name + b"\0" * (_pad8(len(name)) - len(name))
+    body = fields + h.unknown_fields + exts + name + bytes(pad8(len(name)) - len(name))
     return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
 
 
-def slot_sequence(buf: bytes) -> int | None:
-    """The sequence number of a slot whose magic, length and checksum are intact, else None.
+def copy_sequence(buf: bytes) -> int | None:
+    """The sequence number of an *intact* header copy (magic, slot_length, checksum), else None.
 
-    Deliberately blind to version and features: the choice of the current slot must not depend
-    on what this reader understands (else a newer writer's commit would be silently skipped)."""
-    if len(buf) < HEADER_FIXED_SIZE + 8 or bytes(buf[:8]) != MAGIC:
+    Deliberately blind to version and features: the choice of the current header must not
+    depend on what this reader understands (else a newer writer's commit would be skipped)."""
+    if len(buf) < 32 or bytes(buf[:8]) != MAGIC:
         return None
-    (length,) = struct.unpack_from("<I", buf, 12)
-    if length < HEADER_FIXED_SIZE + 8 or length > min(HEADER_SLOT_SIZE, len(buf)) or length % 8:
+    (length,) = struct.unpack_from("<I", buf, _SLOT_LENGTH_AT)
+    if length < 32 or length > min(HEADER_SLOT_SIZE, len(buf)) or length % 8:
         return None
     (stored_sum,) = struct.unpack_from("<Q", buf, length - 8)
     if xxhash.xxh3_64_intdigest(bytes(buf[: length - 8])) != stored_sum:
         return None
-    return struct.unpack_from("<Q", buf, 40)[0]
+    return struct.unpack_from("<Q", buf, _SEQUENCE_AT)[0]
+
+
+def is_blank(buf: bytes) -> bool:
+    """A header copy that was never written (all zeros)."""
+    return not any(buf)
 
 
 def unpack_header(buf: bytes) -> Header:
-    """Parse and validate one header slot. Raises FormatError / UnsupportedFeature."""
-    if len(buf) < HEADER_FIXED_SIZE + 8:
-        raise FormatError("file too short for a vimg header")
-    f = _HEADER.unpack_from(buf, 0)
-    if f[0] != MAGIC:
-        raise FormatError("not a vimg image (bad magic)")
-    version, length = f[1], f[2]
-    if length < HEADER_FIXED_SIZE + 8 or length > min(HEADER_SLOT_SIZE, len(buf)) or length % 8:
-        raise FormatError(f"bad header length {length}")
-    (stored_sum,) = struct.unpack_from("<Q", buf, length - 8)
-    if xxhash.xxh3_64_intdigest(bytes(buf[: length - 8])) != stored_sum:
-        raise FormatError("header checksum mismatch")
+    """Parse and validate one header copy. Raises FormatError / UnsupportedFeature."""
+    if copy_sequence(buf) is None:
+        if len(buf) < 32 or bytes(buf[:8]) != MAGIC:
+            raise FormatError("not a vimg header (bad magic)")
+        raise FormatError("header checksum mismatch (or bad slot length)")
+    (version,) = struct.unpack_from("<I", buf, 8)
+    (slot_length,) = struct.unpack_from("<I", buf, _SLOT_LENGTH_AT)
     if version != VERSION:
         raise UnsupportedFeature(f"vimg version {version} is not supported (this reader: 1)")
-    incompat = f[3]
-    unknown = incompat & ~KNOWN_INCOMPAT
-    if unknown:
-        bits = ", ".join(str(b) for b in range(64) if unknown >> b & 1)
-        raise UnsupportedFeature(
-            f"image uses incompatible feature bit(s) {bits} unknown to this reader; "
-            "upgrade vfs to open it"
-        )
-    name_len = f[21]
-    if HEADER_FIXED_SIZE + _pad8(name_len) + 8 != length:
-        raise FormatError("header length does not match backing name length")
-    try:
-        name = bytes(buf[HEADER_FIXED_SIZE : HEADER_FIXED_SIZE + name_len]).decode()
-    except UnicodeDecodeError:
-        raise FormatError("backing file name is not UTF-8") from None
+    if slot_length < HEADER_FIELDS_SIZE + 8:
+        raise FormatError(f"bad slot length {slot_length}")
+    f = _HEADER.unpack_from(buf, 0)
+    header_length, ext_length = f[4], f[5]
+    if (
+        header_length < HEADER_FIELDS_SIZE
+        or header_length % 8
+        or ext_length % 8
+        or header_length + ext_length + 8 > slot_length
+    ):
+        raise FormatError(f"bad header length {header_length} / extensions length {ext_length}")
     h = Header(
         version=version,
-        incompatible=incompat,
-        compatible=f[4],
-        autoclear=f[5],
-        sequence=f[6],
-        virtual_size=f[7],
-        cluster_bits=f[8],
-        l1_offset=f[10],
-        l1_checksum=f[11],
-        l1_entries=f[12],
-        nb_snapshots=f[13],
-        refcount_table_offset=f[14],
-        refcount_table_checksum=f[15],
-        refcount_table_entries=f[16],
-        snapshots_offset=f[18],
-        snapshots_checksum=f[19],
-        snapshots_size=f[20],
-        backing_format=f[22],
-        compression=f[23],
-        host_clusters=f[24],
-        backing_name=name,
+        sequence=f[3],
+        incompatible=f[6],
+        compatible=f[7],
+        autoclear=f[8],
+        virtual_size=f[9],
+        cluster_bits=f[10],
+        backing_format=f[12],
+        compression=f[13],
+        nb_snapshots=f[15],
+        l1_offset=f[16],
+        l1_checksum=f[17],
+        l1_entries=f[18],
+        refcount_table_entries=f[19],
+        refcount_table_offset=f[20],
+        refcount_table_checksum=f[21],
+        snapshots_offset=f[22],
+        snapshots_checksum=f[23],
+        snapshots_size=f[24],
+        host_clusters=f[26],
+        unknown_fields=bytes(buf[HEADER_FIELDS_SIZE:header_length]),
     )
+    _unpack_extensions(h, bytes(buf[header_length : header_length + ext_length]))
+    unknown = h.incompatible & ~KNOWN_INCOMPAT
+    if unknown:
+        bits = []
+        for b in range(64):
+            if unknown >> b & 1:
+                n = h.feature_name(FEATURE_INCOMPAT, b)
+                bits.append(f"{b} ({n})" if n else str(b))
+        raise UnsupportedFeature(
+            f"image uses incompatible feature bit(s) {', '.join(bits)} unknown to this reader; "
+            "upgrade vfs to open it"
+        )
+    name_len, name_off = f[11], f[14]
+    if name_len:
+        lo = header_length + ext_length
+        if name_len > MAX_BACKING_NAME or name_off % 8 or name_off < lo:
+            raise FormatError("backing name offset or length invalid")
+        if name_off + name_len > slot_length - 8:
+            raise FormatError("backing name lies past the header")
+        try:
+            h.backing_name = bytes(buf[name_off : name_off + name_len]).decode()
+        except UnicodeDecodeError:
+            raise FormatError("backing file name is not UTF-8") from None
+        if "\0" in h.backing_name:
+            raise FormatError("backing file name contains a NUL byte")
+    elif name_off:
+        raise FormatError("backing name offset without a name")
     validate_header(h)
     return h
 
 
+def _unpack_extensions(h: Header, area: bytes) -> None:
+    pos, seen = 0, set()
+    while pos < len(area):
+        if pos + _EXT.size > len(area):
+            raise FormatError("header extension truncated")
+        tag, n = _EXT.unpack_from(area, pos)
+        data_at = pos + _EXT.size
+        if tag == b"\0\0\0\0" or data_at + n > len(area):
+            raise FormatError("malformed header extension")
+        if tag in seen:
+            raise FormatError(f"header extension {tag!r} appears twice")
+        seen.add(tag)
+        data = area[data_at : data_at + n]
+        if tag == EXT_FEATURES:
+            for i in range(n // FEATURE_ENTRY_SIZE):
+                kind, bit, raw = _FEATURE.unpack_from(data, i * FEATURE_ENTRY_SIZE)
+                if kind in FEATURE_KINDS and bit < 64:
+                    name = raw.rstrip(b"\0").decode("utf-8", "replace")
+                    if (kind, bit) not in FEATURE_NAMES:
+                        h.feature_names[(kind, bit)] = name
+        elif tag == EXT_BITMAPS:
+            if n < BMAP_SIZE:
+                raise FormatError("bitmaps extension truncated")
+            nb, size, off, csum = _BMAP.unpack_from(data, 0)
+            if nb < 1 or size > MAX_BITMAP_DIRECTORY or size < nb * 32:
+                raise FormatError("bitmaps extension fields invalid")
+            h.bitmaps = BitmapsExt(nb, size, off, csum)
+        else:
+            h.unknown_extensions.append((bytes(tag), bytes(data)))
+        pos = data_at + pad8(n)
+
+
 def validate_header(h: Header) -> None:
     """Invariants every header must satisfy (bounds that keep later allocations sane)."""
+    if not 0 <= h.sequence < MAX_SEQUENCE:
+        raise FormatError(f"sequence {h.sequence} out of range")
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
         raise FormatError(f"cluster bits {h.cluster_bits} out of range 12..21")
     cs = h.cluster_size
@@ -213,11 +341,16 @@ def validate_header(h: Header) -> None:
         raise FormatError("L1 size does not match the virtual size")
     if h.host_clusters > MAX_VIRTUAL_SIZE // cs * 2:
         raise FormatError("host cluster count out of range")
-    for name, off in (
+    offsets = [
         ("L1", h.l1_offset),
         ("refcount table", h.refcount_table_offset),
         ("snapshot table", h.snapshots_offset),
-    ):
+    ]
+    if h.bitmaps is not None:
+        offsets.append(("bitmap directory", h.bitmaps.directory_offset))
+        if not h.bitmaps.directory_offset:
+            raise FormatError("bitmap directory offset invalid")
+    for name, off in offsets:
         if off and (off % cs or off < HEADER_AREA or off >= h.host_clusters * cs):
             raise FormatError(f"{name} offset {off:#x} invalid")
     if h.l1_offset == 0:
@@ -257,6 +390,27 @@ ENTRY_TYPES = {
 NO_OID = b"\0" * 32
 
 
+class Entry(NamedTuple):
+    """One L2 entry with named fields (the hot paths use the plain ``L2_ENTRY`` tuple, whose
+    fields are in the same order)."""
+
+    kind: int  #: UNALLOCATED, ZERO, LOCAL, COMPRESSED or REMOTE
+    flags: int
+    reserved: int
+    length: int  #: COMPRESSED: bytes of the zstd frame
+    host: int  #: LOCAL: cluster offset; COMPRESSED: frame offset
+    checksum: int  #: xxh3 of the uncompressed cluster
+    oid: bytes  #: REMOTE: SHA-256 of the cluster
+
+    @property
+    def stored(self) -> bool:
+        """The entry holds data of its own (LOCAL, COMPRESSED or REMOTE)."""
+        return self.kind in (LOCAL, COMPRESSED, REMOTE)
+
+
+UNALLOCATED_ENTRY = Entry(UNALLOCATED, 0, 0, 0, 0, 0, NO_OID)
+
+
 def l2_entries_per_table(cluster_size: int) -> int:
     return cluster_size // L2_ENTRY_SIZE
 
@@ -281,6 +435,11 @@ def unpack_l1(buf: bytes, count: int, cluster_size: int, host_end: int) -> list[
             raise FormatError(f"L1 entry {i}: bad L2 offset {off:#x}")
         out.append((off, s))
     return out
+
+
+#: Cluster tables (bitmaps, VM state: spec section 1) have the L1 table's entry layout.
+pack_table = pack_l1
+unpack_table = unpack_l1
 
 
 def check_l2_entry(
@@ -321,95 +480,6 @@ def clusters_for(nbytes: int, cluster_size: int) -> int:
     return max(1, -(-nbytes // cluster_size))
 
 
-# ---- snapshots -------------------------------------------------------------------------------
-_SNAP = struct.Struct("<QQIIQQIIQQHHI")
-SNAPSHOT_FIXED = _SNAP.size  # 72
-assert SNAPSHOT_FIXED == 72
-MAX_SNAPSHOT_NAME = 256
-
-
-@dataclass
-class Snapshot:
-    """One internal snapshot: a frozen L1 table (shared clusters, counted per root)."""
-
-    id: str
-    name: str
-    l1_offset: int
-    l1_checksum: int
-    l1_entries: int
-    virtual_size: int
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def pack_snapshots(snaps: list[Snapshot]) -> bytes:
-    out = bytearray()
-    for s in snaps:
-        sid, name = s.id.encode(), s.name.encode()
-        if len(name) > MAX_SNAPSHOT_NAME or len(sid) > MAX_SNAPSHOT_NAME:
-            raise FormatError("snapshot name too long")
-        out += _SNAP.pack(
-            s.l1_offset,
-            s.l1_checksum,
-            s.l1_entries,
-            0,
-            s.virtual_size,
-            s.date_sec,
-            s.date_nsec,
-            0,
-            s.vm_clock_nsec,
-            0,
-            len(sid),
-            len(name),
-            0,
-        )
-        tail = sid + name
-        out += tail + b"\0" * (_pad8(len(tail)) - len(tail))
-    return bytes(out)
-
-
-def unpack_snapshots(buf: bytes, count: int, cluster_size: int) -> list[Snapshot]:
-    snaps: list[Snapshot] = []
-    pos = 0
-    for i in range(count):
-        if pos + SNAPSHOT_FIXED > len(buf):
-            raise FormatError(f"snapshot table truncated at entry {i}")
-        f = _SNAP.unpack_from(buf, pos)
-        id_len, name_len = f[10], f[11]
-        if id_len > MAX_SNAPSHOT_NAME or name_len > MAX_SNAPSHOT_NAME:
-            raise FormatError(f"snapshot {i}: name too long")
-        start = pos + SNAPSHOT_FIXED
-        end = start + id_len + name_len
-        if end > len(buf):
-            raise FormatError(f"snapshot table truncated at entry {i}")
-        try:
-            sid = bytes(buf[start : start + id_len]).decode()
-            name = bytes(buf[start + id_len : end]).decode()
-        except UnicodeDecodeError:
-            raise FormatError(f"snapshot {i}: name is not UTF-8") from None
-        s = Snapshot(
-            id=sid,
-            name=name,
-            l1_offset=f[0],
-            l1_checksum=f[1],
-            l1_entries=f[2],
-            virtual_size=f[4],
-            date_sec=f[5],
-            date_nsec=f[6],
-            vm_clock_nsec=f[8],
-        )
-        if s.l1_offset % cluster_size or s.l1_offset < HEADER_AREA:
-            raise FormatError(f"snapshot {i}: bad L1 offset")
-        if s.virtual_size % SECTOR or s.virtual_size > MAX_VIRTUAL_SIZE:
-            raise FormatError(f"snapshot {i}: bad virtual size")
-        if s.l1_entries != l1_entries_for(s.virtual_size, cluster_size):
-            raise FormatError(f"snapshot {i}: L1 size does not match its virtual size")
-        snaps.append(s)
-        pos = start + _pad8(id_len + name_len)
-    return snaps
-
-
-def _pad8(n: int) -> int:
+def pad8(n: int) -> int:
+    """``n`` rounded up to a multiple of 8."""
     return (n + 7) & ~7

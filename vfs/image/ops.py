@@ -14,11 +14,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vfs.errors import UsageError
+from vfs.errors import UsageError, VfsError
+from vfs.image import directories as D
 from vfs.image import layout as L
-from vfs.image.fileio import RawFile
+from vfs.image.backing import allowed_dirs, confine
+from vfs.image.bitmaps import BitmapInfo
+from vfs.image.extents import backing_status
+from vfs.image.fileio import RawFile, probe_format
 from vfs.image.image import Image, Resolver
-from vfs.image.qemu import probe_format, qemu_img
+from vfs.image.qemu import qemu_img
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +33,16 @@ Status = tuple[int, bool, bool, bool, int | None]
 
 
 class Qcow2Source(RawFile):
-    """A qcow2 image read through a sparse raw copy made by qemu-img (deleted on close)."""
+    """A qcow2 image read through a sparse raw copy made by qemu-img (deleted on close).
+
+    Its backing chain is confined as a vimg chain is (spec 8): each layer's backing name is
+    read with ``qemu-img info`` (which does not open the backing file) and checked against the
+    allowed directories before qemu-img is let to follow it."""
 
     format = "qcow2"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, backing_dirs: tuple[str, ...] | list[str] = ()) -> None:
+        confine_qcow2_chain(path, allowed_dirs(path, backing_dirs))
         self._tmpdir = tempfile.mkdtemp(prefix="vimg-qcow2-")
         raw = os.path.join(self._tmpdir, "image.raw")
         try:
@@ -49,17 +58,41 @@ class Qcow2Source(RawFile):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def open_source(path: str, fmt: str | None = None, resolver: Resolver | None = None) -> Any:
-    """Open an image for reading in any supported format (probed when ``fmt`` is None)."""
+def confine_qcow2_chain(path: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a qcow2 image whose backing chain leaves the allowed directories (spec 8),
+    before qemu-img is asked to follow it."""
+    import json
+
+    layer, seen = path, set()
+    while layer and len(seen) < 64:
+        seen.add(layer)
+        info = json.loads(qemu_img("info", "--output=json", "-U", layer))
+        name = info.get("backing-filename")
+        if not name:
+            return
+        real = confine(name, layer, allowed)
+        if probe_format(real) not in ("qcow2", "raw"):
+            raise UsageError(f"{layer}: backing file {name!r} is not a qcow2 or raw image")
+        layer = real if real not in seen else ""
+
+
+def open_source(
+    path: str,
+    fmt: str | None = None,
+    resolver: Resolver | None = None,
+    backing_dirs: tuple[str, ...] | list[str] = (),
+) -> Any:
+    """Open an image for reading in any supported format (probed when ``fmt`` is None). A vimg
+    image's backing files are confined to its directory and ``backing_dirs``."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (raw, qcow2, vimg)")
     fmt = fmt or probe_format(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if fmt == "vimg":
-        return Image.open(path, readonly=True, resolver=resolver)
+        return Image.open(path, readonly=True, resolver=resolver, backing_dirs=backing_dirs)
     if fmt == "qcow2":
-        return Qcow2Source(path)
+        return Qcow2Source(path, backing_dirs)
     return RawFile(path)
 
 
@@ -69,62 +102,11 @@ def layer_status(
 ) -> Iterator[tuple[int, int, Status]]:
     """(start, length, status) pieces covering [start, end) of ``layer`` and what is below."""
     if isinstance(layer, Image):
-        yield from _image_status(layer, start, end, depth)
-        return
-    for s, n, is_data in _raw_extents(layer):
-        a, b = max(s, start), min(s + n, end)
-        if a < b:
-            yield (a, b - a, (depth, True, not is_data, is_data, a))
-    if end > layer.size and start < end:
-        a = max(start, layer.size)
-        yield (a, end - a, (depth, False, True, False, None))
-
-
-def _raw_extents(raw: RawFile) -> list[tuple[int, int, bool]]:
-    cached = getattr(raw, "_extents_cache", None)
-    if cached is None:
-        cached = raw.extents()
-        raw._extents_cache = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def _image_status(
-    img: Image, start: int, end: int, depth: int
-) -> Iterator[tuple[int, int, Status]]:
-    cs = img.cluster_size
-    span = cs * img._per_l2
-    pos = start
-    while pos < end:
-        idx = pos // span
-        if img._l1[idx][0] == 0 and idx not in img._l2cache:
-            nxt = min((idx + 1) * span, end)
-            yield from _below(img, pos, nxt, depth)
-            pos = nxt
-            continue
-        ci = pos // cs
-        nxt = min((ci + 1) * cs, end)
-        e = img.entry(ci)
-        t = e[0]
-        if t == L.LOCAL:
-            yield (pos, nxt - pos, (depth, True, False, True, e[4] + pos % cs))
-        elif t in (L.COMPRESSED, L.REMOTE):
-            yield (pos, nxt - pos, (depth, True, False, True, None))
-        elif t == L.ZERO:
-            yield (pos, nxt - pos, (depth, True, True, False, None))
-        else:
-            yield from _below(img, pos, nxt, depth)
-        pos = nxt
-
-
-def _below(img: Image, pos: int, nxt: int, depth: int) -> Iterator[tuple[int, int, Status]]:
-    b = img.backing
-    if b is None or pos >= b.size:
-        yield (pos, nxt - pos, (depth if b is None else depth + 1, False, True, False, None))
-        return
-    b_end = min(nxt, b.size)
-    yield from layer_status(b, pos, b_end, depth + 1)
-    if nxt > b_end:
-        yield (b_end, nxt - b_end, (depth + 1, False, True, False, None))
+        extents: Any = layer.block_status(start, end - start, chain=True, host_offsets=True)
+    else:
+        extents = backing_status(layer, start, end, True)
+    for e in extents:
+        yield (e.offset, e.length, (depth + e.depth, e.allocated, e.zero, e.data, e.host_offset))
 
 
 def image_map(img: Any) -> list[dict[str, Any]]:
@@ -174,6 +156,11 @@ def data_ranges(src: Any) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------------- info
 def image_info(img: Image) -> dict[str, Any]:
+    """qemu-img info's fields for a vimg image, plus vimg's own under "format-specific".
+
+    Damage that does not stop reading the disk is reported, not raised: an unreadable snapshot
+    table ("snapshots-error"), a possible header roll-back or damaged header copies
+    ("header-problems")."""
     st = os.stat(img.path)
     h = img.header
     info: dict[str, Any] = {
@@ -186,39 +173,70 @@ def image_info(img: Image) -> dict[str, Any]:
     }
     if img.backing_name:
         info["backing-filename"] = img.backing_name
-        info["full-backing-filename"] = (
-            os.path.join(os.path.dirname(os.path.abspath(img.path)), img.backing_name)
-            if not os.path.isabs(img.backing_name)
-            else img.backing_name
-        )
+        info["full-backing-filename"] = img.backing_path()
         info["backing-filename-format"] = img.backing_format
-    if img.snapshots:
-        info["snapshots"] = [
-            {
-                "icount": 0,
-                "vm-clock-nsec": s.vm_clock_nsec % 10**9,
-                "name": s.name,
-                "date-sec": s.date_sec,
-                "date-nsec": s.date_nsec,
-                "vm-clock-sec": s.vm_clock_nsec // 10**9,
-                "id": s.id,
-                "vm-state-size": 0,
-            }
-            for s in img.snapshots
-        ]
-    features = [name for bit, name in L.INCOMPAT_NAMES.items() if h.incompatible >> bit & 1]
-    info["format-specific"] = {
-        "type": "vimg",
-        "data": {
-            "version": h.version,
-            "sequence": h.sequence,
-            "compression-type": "zstd" if h.compression == L.COMPRESSION_ZSTD else "none",
-            "checksum": "xxh3-64",
-            "incompatible-features": features,
-            "host-clusters": h.host_clusters,
-        },
+    try:
+        snaps = img.snapshots
+    except VfsError as e:
+        snaps = []
+        info["snapshots-error"] = str(e)
+    if snaps:
+        info["snapshots"] = [snapshot_info(s) for s in snaps]
+
+    def names(kind: int, bits: int) -> list[str]:
+        return [h.feature_name(kind, b) or f"bit {b}" for b in range(64) if bits >> b & 1]
+
+    data: dict[str, Any] = {
+        "version": h.version,
+        "sequence": h.sequence,
+        "compression-type": "zstd" if h.compression == L.COMPRESSION_ZSTD else "none",
+        "checksum": "xxh3-64",
+        "incompatible-features": names(L.FEATURE_INCOMPAT, h.incompatible),
+        "compatible-features": names(L.FEATURE_COMPAT, h.compatible),
+        "autoclear-features": names(L.FEATURE_AUTOCLEAR, h.autoclear),
+        "host-clusters": h.host_clusters,
     }
+    try:
+        bitmaps = img.bitmap_list()
+    except VfsError as e:
+        bitmaps = []
+        info["bitmaps-error"] = str(e)
+    if bitmaps:
+        data["bitmaps"] = [bitmap_info(b) for b in bitmaps]
+    problems = header_problems(img)
+    if problems:
+        data["header-problems"] = problems
+    info["format-specific"] = {"type": "vimg", "data": data}
     return info
+
+
+def snapshot_info(s: D.Snapshot) -> dict[str, Any]:
+    """One snapshot as qemu-img info lists it."""
+    return {
+        "icount": 0,
+        "vm-clock-nsec": s.vm_clock_nsec % 10**9,
+        "name": s.name,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec // 10**9,
+        "id": s.id,
+        "vm-state-size": s.vm_state_size,
+    }
+
+
+def bitmap_info(b: BitmapInfo) -> dict[str, Any]:
+    """One bitmap as qemu-img info lists a qcow2 bitmap (flags "auto" = enabled, "in-use" =
+    stale), plus how much of the disk it marks dirty."""
+    flags = (["auto"] if b.enabled else []) + (["in-use"] if b.stale else [])
+    return {"flags": flags, "name": b.name, "granularity": b.granularity, "dirty": b.dirty_bytes}
+
+
+def header_problems(img: Image) -> list[str]:
+    """What is wrong with the header copies (empty when nothing is): a possible roll-back
+    first, then damaged copies of the current header."""
+    choice = img.header_choice
+    out = [choice.fallback] if choice.fallback else []
+    return out + list(choice.damaged)
 
 
 def format_size(n: int) -> str:
@@ -243,17 +261,36 @@ def info_text(info: dict[str, Any]) -> str:
         lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}")
+        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>9}{'DATE':>20}{'VM CLOCK':>13}")
         import time as _t
 
         for s in info["snapshots"]:
             date = _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(s["date-sec"]))
-            lines.append(f"{s['id']:<10}{s['name']:<18}{'0 B':>7} {date:>19} 00:00:00.000")
+            vm = format_size(s["vm-state-size"]) if s["vm-state-size"] else "0 B"
+            clock = s["vm-clock-sec"]
+            hms = f"{clock // 3600:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}"
+            ms = s["vm-clock-nsec"] // 10**6
+            lines.append(f"{s['id']:<10}{s['name']:<18}{vm:>9} {date:>19} {hms}.{ms:03d}")
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")
         for k, v in fs["data"].items():
+            if k in ("header-problems", "bitmaps"):
+                continue
             lines.append(f"    {k}: {(', '.join(v) or 'none') if isinstance(v, list) else v}")
+        if fs["data"].get("bitmaps"):
+            lines.append("    bitmaps:")
+            for b in fs["data"]["bitmaps"]:
+                lines.append(
+                    f"        {b['name']}: granularity {b['granularity']}, flags "
+                    f"{', '.join(b['flags']) or 'none'}, {format_size(b['dirty'])} dirty"
+                )
+        for p in fs["data"].get("header-problems", []):
+            lines.append(f"WARNING: header: {p}")
+    if "snapshots-error" in info:
+        lines.append(f"WARNING: snapshot table: {info['snapshots-error']}")
+    if "bitmaps-error" in info:
+        lines.append(f"WARNING: bitmaps: {info['bitmaps-error']}")
     return "\n".join(lines)
 
 
@@ -268,8 +305,11 @@ def convert(
     cluster_size: int = 1 << L.DEFAULT_CLUSTER_BITS,
     resolver: Resolver | None = None,
     progress: Progress | None = None,
+    on_source: Callable[[Any], None] | None = None,
+    backing_dirs: tuple[str, ...] | list[str] = (),
 ) -> None:
-    """Copy the guest view of ``src`` (its whole backing chain) into a new image."""
+    """Copy the guest view of ``src`` (its whole backing chain) into a new image.
+    ``on_source`` is called with the opened source (the CLI reports header problems)."""
     if dst_fmt not in FORMATS:
         raise UsageError(f"unknown output format {dst_fmt!r} (raw, qcow2, vimg)")
     if (
@@ -282,8 +322,10 @@ def convert(
         raise UsageError(f"{dst_path}: output file exists")
     if compress and dst_fmt == "raw":
         raise UsageError("-c needs a compressing output format (qcow2 or vimg)")
-    src = open_source(src_path, src_fmt, resolver)
+    src = open_source(src_path, src_fmt, resolver, backing_dirs)
     try:
+        if on_source is not None:
+            on_source(src)
         if dst_fmt == "qcow2":
             tmpdir = tempfile.mkdtemp(prefix="vimg-convert-")
             try:

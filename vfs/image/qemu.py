@@ -1,4 +1,7 @@
-"""The qemu-img subprocess, used for reading and writing qcow2 (vimg does not parse qcow2)."""
+"""The qemu-img subprocess, used for reading and writing qcow2 (vimg does not parse qcow2).
+
+Format probing (magic bytes) is :func:`vfs.image.fileio.probe_format`.
+"""
 
 from __future__ import annotations
 
@@ -18,22 +21,3 @@ def qemu_img(*args: str) -> str:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise FormatError(f"qemu-img {args[0]} failed: {lines[-1] if lines else proc.returncode}")
     return proc.stdout
-
-
-def probe_format(path: str) -> str:
-    """'vimg', 'qcow2' or 'raw' from the first bytes of the file."""
-    from vfs.image.layout import HEADER_SLOT_OFFSETS, MAGIC
-
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8192)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory") from None
-    # Either slot may hold the current header (a torn write can damage the other one).
-    if any(head[o : o + 8] == MAGIC for o in HEADER_SLOT_OFFSETS):
-        return "vimg"
-    if head[:4] == b"QFI\xfb":
-        return "qcow2"
-    return "raw"

@@ -29,7 +29,7 @@ Progress = Callable[[int, int], None]
 
 
 def _stored(img: Image, kinds: tuple[int, ...]) -> list[int]:
-    return [ci for ci in range(img.guest_clusters) if img.entry(ci)[0] in kinds]
+    return [ci for ci, e in img.iter_entries() if e.kind in kinds]
 
 
 def push(
@@ -48,13 +48,13 @@ def push(
     todo = _stored(img, (L.LOCAL, L.COMPRESSED))
     for done, ci in enumerate(todo, 1):
         e = img.entry(ci)
-        data = img.read_cluster(ci)  # verified against the entry's xxh3
+        data = img.cluster_data(ci, e)  # verified against the entry's xxh3
         oid = remote.put(data)
         if bytes.fromhex(oid) != hashlib.sha256(data).digest():
             raise IntegrityError(f"repository returned object id {oid} for other content")
         if store is not None:
             store.put(data)
-        img.set_remote(ci, bytes.fromhex(oid), e[5])
+        img.set_remote(ci, bytes.fromhex(oid), e.checksum)
         if done % batch == 0:
             img.flush()
         if progress:
@@ -85,12 +85,11 @@ def pull(
             if pool is not None:
                 for j in range(done - 1, min(done - 1 + 2 * parallel, len(todo))):
                     if j not in ahead:
-                        oid = img.entry(todo[j])[6].hex()
-                        ahead[j] = pool.submit(ensure, oid, size_hint=cs)
+                        oid = img.entry(todo[j]).oid.hex()
+                        ahead[j] = pool.submit(ensure, oid, expected_size=cs)
                 ahead.pop(done - 1).result()  # a failed fetch fails here, in order
-            e = img.entry(ci)
             data = img.read_cluster(ci)  # from the store now: SHA-256 and xxh3 verified
-            img.store_cluster(ci, e, data)
+            img.store_cluster(ci, data)
             if done % batch == 0:
                 img.flush()
             if progress:
@@ -104,12 +103,7 @@ def pull(
 
 def remote_objects(img: Image) -> list[str]:
     """Object ids the active image refers to (for pinning, prefetch, listing)."""
-    out = []
-    for ci in range(img.guest_clusters):
-        e = img.entry(ci)
-        if e[0] == L.REMOTE:
-            out.append(e[6].hex())
-    return out
+    return [e.oid.hex() for _ci, e in img.iter_entries() if e.kind == L.REMOTE]
 
 
 def publish_template(img: Image, remote: Any, name: str) -> str:
@@ -132,11 +126,10 @@ def publish_template(img: Image, remote: Any, name: str) -> str:
         path = os.path.join(d, "template.vimg")
         with Image.create(path, img.size, cluster_size=img.cluster_size) as t:
             cs = img.cluster_size
-            for ci in range(img.guest_clusters):
-                e = img.entry(ci)
-                if e[0] == L.REMOTE:
-                    t.set_remote(ci, e[6], e[5])
-                elif e[0] == L.ZERO:
+            for ci, e in img.iter_entries():
+                if e.kind == L.REMOTE:
+                    t.set_remote(ci, e.oid, e.checksum)
+                elif e.kind == L.ZERO:
                     t.write_zeroes(ci * cs, min(cs, img.size - ci * cs))
         oid = remote.put_file(path)
     remote.set_ref(name, oid)
@@ -155,7 +148,7 @@ def fetch_template(remote: Any, name: str, dest: str) -> str:
         raise AlreadyExists(f"{dest}: file exists")
     oid = remote.get_ref(name)
     data = remote.get(oid, max_size=1 << 30)  # verified against its SHA-256
-    if not any(data[o : o + 8] == L.MAGIC for o in L.HEADER_SLOT_OFFSETS):
+    if not any(data[o : o + 8] == L.MAGIC for o in L.HEADER_COPY_OFFSETS):
         raise FormatError(f"ref {name!r} does not name a vimg image")
     write_atomic(dest, data)
     try:

@@ -47,6 +47,7 @@ from vfs.errors import (
     UnsupportedFeature,
     UsageError,
 )
+from vfs.redirect.bounds import size_mismatch
 from vfs.redirect.objectid import check_object_id, new_hasher, object_id, shard
 from vfs.redirect.objfile import DEFAULT_CHUNK, ObjectReader, ObjectWriter
 
@@ -342,15 +343,27 @@ class LocalStore:
         """A cached, verified random-access reader (do not close it: the store owns it)."""
         return self._reader(oid)
 
-    def read(self, oid: str, offset: int, size: int, *, drop_cache: bool = False) -> bytes:
+    def read(
+        self,
+        oid: str,
+        offset: int,
+        size: int,
+        *,
+        drop_cache: bool = False,
+        expected_size: int | None = None,
+    ) -> bytes:
         """Bytes ``offset..offset+size`` of an object; every chunk touched is checksum-verified.
 
         A damaged object file raises :class:`IntegrityError` naming the object; the file is
         quarantined (removed) so that a resolver can fetch a good copy again. ``drop_cache``:
         the caller caches the bytes itself, drop the object file's pages
-        (:meth:`ObjectReader.drop_cache`).
+        (:meth:`ObjectReader.drop_cache`). ``expected_size``: the length the object's reference
+        claims; another length is :class:`SizeMismatch` and nothing is served (the object is
+        genuine, so it stays).
         """
         r = self._reader(oid)
+        if expected_size is not None and r.size != expected_size:
+            raise size_mismatch(oid, r.size, expected_size, "the local store's copy")
         try:
             data = r.read(offset, size)
         except IntegrityError:
@@ -429,10 +442,14 @@ class LocalStore:
         ``commit(expected=oid)`` checks the digest: a mismatch discards the bytes and raises
         :class:`IntegrityError`, so a lying server never gets an object stored. ``oid``: the
         caller already hashed these very bytes in this process (:meth:`put`), so they are not
-        hashed twice.
+        hashed twice. ``expected_size``: an object that cannot fit the quota is refused now;
+        room is made (LRU eviction) only at commit, for the verified object's real size, so a
+        reference that lies about a size cannot flush the store.
         """
-        if expected_size is not None:
-            self._make_room(expected_size)
+        if expected_size is not None and self.quota is not None and expected_size > self.quota:
+            raise StoreFull(
+                f"object of {expected_size} bytes exceeds the store quota of {self.quota}"
+            )
         return PendingObject(self, expected_size, oid)
 
     def _install(self, tmp: Path, oid: str, size: int) -> None:

@@ -99,7 +99,6 @@ def _node(path: bytes, st: os.stat_result, sink: ObjectSink) -> Node:
         gid=st.st_gid,
         size=st.st_size if kind in ("reg", "dir") else 0,
         mtime_ns=st.st_mtime_ns,
-        ctime_ns=st.st_ctime_ns,
         rdev=st.st_rdev if kind in ("chr", "blk") else 0,
         xattrs=_xattrs(path),
     )

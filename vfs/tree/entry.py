@@ -44,7 +44,6 @@ class Entry:
     gid: int
     size: int  # reg: content length; lnk: len(target); dir: as recorded; others 0
     mtime_ns: int
-    ctime_ns: int
     nlink: int  # non-dir: number of names in the template; dir: 2 + number of subdirs
     rdev: int  # device number for chr/blk, else 0
     target: bytes | None  # symlink target (lnk only)
@@ -64,6 +63,12 @@ class Entry:
     @property
     def atime_ns(self) -> int:
         """Templates keep no atime: a view shows the mtime (docs/template-format.md)."""
+        return self.mtime_ns
+
+    @property
+    def ctime_ns(self) -> int:
+        """Templates keep no ctime either (nothing can set it, so it only records when the
+        source was made): a view shows the mtime, as EROFS images do."""
         return self.mtime_ns
 
     @property

@@ -86,7 +86,7 @@ def _encode(entries: list[Entry], dirents: list[Dirent]) -> bytes:
                 e.size,
                 e.rdev,
                 e.mtime_ns,
-                e.ctime_ns,
+                0,  # reserved (was ctime: a template keeps none)
                 oid,
             )
         except struct.error:
@@ -205,11 +205,13 @@ def _parse(data: bytes, max_entries: int = L.MAX_INODES) -> tuple[list[Entry], l
     raw = list(L.INODE.iter_unpack(body[:off_dir]))
     kinds: list[str] = []
     n_sparse = 0
-    for i, (code, flags, tlen, mode, uid, gid, _nl, size, rdev, _mt, _ct, oid) in enumerate(raw):
+    for i, (code, flags, tlen, mode, uid, gid, _nl, size, rdev, _mt, rsv, oid) in enumerate(raw):
         ino = i + 1
         kind = L.CODE_KINDS.get(code)
         if kind is None:
             raise _bad(f"inode {ino}: unknown kind {code}")
+        if rsv:
+            raise _bad(f"inode {ino}: reserved field is not zero")
         kinds.append(kind)
         if mode & _S_IFMT != KIND_TO_IFMT[kind] or mode & ~(_S_IFMT | 0o7777):
             raise _bad(f"inode {ino}: mode {mode:#o} does not fit kind {kind}")
@@ -329,7 +331,7 @@ def _parse(data: bytes, max_entries: int = L.MAX_INODES) -> tuple[list[Entry], l
     extents = _parse_extents(body[off_ext : off_ext + n_ext * L.EXTENT.size], raw)
 
     entries: list[Entry] = []
-    for i, (_c, flags, _tl, mode, uid, gid, nlink, size, rdev, mt, ct, oid) in enumerate(raw):
+    for i, (_c, flags, _tl, mode, uid, gid, nlink, size, rdev, mt, _rsv, oid) in enumerate(raw):
         ino = i + 1
         kind = kinds[i]
         want = 2 + subdirs[ino] if kind == "dir" else names_seen[ino]
@@ -345,7 +347,6 @@ def _parse(data: bytes, max_entries: int = L.MAX_INODES) -> tuple[list[Entry], l
                 gid,
                 size,
                 mt,
-                ct,
                 nlink,
                 rdev,
                 targets.get(ino),

@@ -29,7 +29,6 @@ class Node:
     gid: int = 0
     size: int = 0
     mtime_ns: int = 0
-    ctime_ns: int = 0
     rdev: int = 0
     target: bytes | None = None
     oid: str | None = None
@@ -104,7 +103,6 @@ def build_tables(root: Node) -> tuple[list[Entry], list[Dirent]]:
                 gid=n.gid,
                 size=size,
                 mtime_ns=n.mtime_ns,
-                ctime_ns=n.ctime_ns,
                 nlink=nlink,
                 rdev=n.rdev if n.kind in ("chr", "blk") else 0,
                 target=n.target if n.kind == "lnk" else None,

@@ -81,7 +81,7 @@ def check_template(
             n = 0
             holes = [HoleCheck(x, "a sparse file's hole holds data") for x in sparse.get(oid, ())]
             try:
-                for chunk in remote.iter_object(oid):
+                for chunk in remote.iter_object(oid, expected_size=size):
                     for check in holes:
                         check(chunk, n)
                     h.update(chunk)

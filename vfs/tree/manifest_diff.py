@@ -1,8 +1,8 @@
 """Compare two templates path by path (``vfsd template diff``; also what an upgrade needs to know:
 which paths changed between two template versions).
 
-Entries are compared on what a user of the tree can observe, except ctime (which changes whenever
-anything else does and would drown the real differences; templates keep no atime at all).
+Entries are compared on what a user of the tree can observe (templates keep no atime and no
+ctime).
 """
 
 from __future__ import annotations

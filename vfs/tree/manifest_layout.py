@@ -25,7 +25,8 @@ INCOMPAT_KNOWN = INCOMPAT_SPARSE
 INCOMPAT_NAMES = {INCOMPAT_SPARSE: "sparse files"}
 
 #: Inode record (ino = index + 1): kind, flags, target_len, mode, uid, gid, nlink, size, rdev,
-#: mtime_ns, ctime_ns, oid (32 raw bytes of SHA-256, zero when absent). No atime: see the doc.
+#: mtime_ns, reserved (8 bytes, 0), oid (32 raw bytes of SHA-256, zero when absent). No atime
+#: and no ctime: see the doc.
 INODE = struct.Struct("<BBHIIIIQQqq32s")
 FLAG_HAS_OID = 1 << 0
 FLAG_SPARSE = 1 << 1  # the file's data extents are in the extent table (needs INCOMPAT_SPARSE)

@@ -22,14 +22,31 @@ CACHE_TIMEOUT = 3600.0
 
 
 class Content(Protocol):
-    """Where template file contents come from (a :class:`vfs.redirect.Resolver`)."""
+    """Where template file contents come from (a :class:`vfs.redirect.Resolver`).
+
+    ``expected_size`` is the length the manifest gives the object: a fetch never reads past
+    it, and an object of another length is refused (IntegrityError) before a byte is served."""
 
     def has_local(self, oid: str) -> bool: ...
-    def ensure(self, oid: str) -> None: ...
+    def ensure(self, oid: str, *, expected_size: int | None = None) -> None: ...
     def read_local(
-        self, oid: str, offset: int, size: int, *, drop_cache: bool = False
+        self,
+        oid: str,
+        offset: int,
+        size: int,
+        *,
+        drop_cache: bool = False,
+        expected_size: int | None = None,
     ) -> bytes | None: ...
-    def read(self, oid: str, offset: int, size: int, *, drop_cache: bool = False) -> bytes: ...
+    def read(
+        self,
+        oid: str,
+        offset: int,
+        size: int,
+        *,
+        drop_cache: bool = False,
+        expected_size: int | None = None,
+    ) -> bytes: ...
 
 
 class TemplateLike(Protocol):
@@ -105,7 +122,6 @@ class Node:
         "attr",
         "fd",
         "opens",
-        "unlinked",
         "nsub",
         "gen",
     )
@@ -130,8 +146,6 @@ class Node:
         self.fd: int | None = None
         #: open handles (the node lives while it has any, or a kernel lookup reference)
         self.opens = 0
-        #: per-VEE template files: names of this inode the VEE removed (its nlink drops)
-        self.unlinked = 0
         #: directories: number of visible subdirectories (None = not counted yet)
         self.nsub: int | None = None
         #: the file-handle generation: random, so a VEE cannot forge a handle of another
@@ -157,6 +171,9 @@ class Vee:
         self.root: Node | None = None
         self.dirs: dict[tuple[int, bytes], Node] = {}
         self.files: dict[tuple[object, ...], Node] = {}
+        #: identities of template files this VEE sees as its own per-VEE inodes while other
+        #: VEEs keep sharing them (renamed or linked here, or a name of a hard link removed)
+        self.own: set[bytes] = set()
 
 
 class Handle:

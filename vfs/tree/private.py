@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 REDIRECT_XATTR = b"trusted.overlay.redirect"
+#: On a copied-up file: the identity of the template file it was copied from (16 bytes), so its
+#: inode number stays the same (overlayfs keeps a lower file handle in ``trusted.overlay.origin``
+#: for the same purpose; ours is a name overlayfs does not use, and it ignores unknown names).
+ORIGIN_XATTR = b"trusted.overlay.vfs.origin"
 #: xattrs in this namespace are ours: hidden from the VEE and refused when it sets them.
 PRIVATE_XATTR_PREFIX = b"trusted.overlay."
 NAME_MAX = 255
@@ -189,9 +193,15 @@ class PrivateLayer:
                 return None
             raise
 
-    def listdir(self, path: tuple[bytes, ...]) -> list[tuple[bytes, os.stat_result]]:
+    def listdir(
+        self, path: tuple[bytes, ...], *, noatime: bool = True
+    ) -> list[tuple[bytes, os.stat_result]]:
+        """Entries of a private directory with their lstat. ``noatime``: the daemon's own
+        look (counting subdirectories, checking emptiness) is not a read by the VEE and must
+        not move the directory's atime; a VEE's readdir passes False."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOATIME if noatime else 0)
         with self.dirfd(path) as pfd:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            fd = os.open(".", flags, dir_fd=pfd)
             try:
                 names = os.listdir(fd)
             finally:
@@ -383,10 +393,15 @@ class PrivateLayer:
             else:
                 os.mknod(tmp, stat.S_IFMT(meta.mode) | 0o600, meta.rdev, dir_fd=wfd)
             os.chown(tmp, meta.uid, meta.gid, dir_fd=wfd, follow_symlinks=False)
+            where = f"/proc/self/fd/{wfd}/{os.fsdecode(tmp)}"
             if not stat.S_ISLNK(meta.mode):
-                os.chmod(f"/proc/self/fd/{wfd}/{os.fsdecode(tmp)}", stat.S_IMODE(meta.mode))
+                os.chmod(where, stat.S_IMODE(meta.mode))
                 for k, v in meta.xattrs.items():
-                    os.setxattr(f"/proc/self/fd/{wfd}/{os.fsdecode(tmp)}", k, v)
+                    os.setxattr(where, k, v)
+            else:  # a symlink takes trusted.* xattrs only (our origin marker among them)
+                for k, v in meta.xattrs.items():
+                    if k.startswith(b"trusted."):
+                        os.setxattr(where, k, v, follow_symlinks=False)
             os.utime(tmp, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=wfd, follow_symlinks=False)
             with self.dirfd(path[:-1]) as pfd:
                 name = check_name(path[-1])
@@ -406,7 +421,7 @@ class PrivateLayer:
     def create(
         self, path: tuple[bytes, ...], flags: int, mode: int, uid: int, gid: int, *, replace: bool
     ) -> int:
-        """Create a new regular file (O_EXCL) owned by uid:gid.
+        """Create a new regular file (O_EXCL) owned by uid:gid, its three times equal (now).
 
         ``replace``: a whiteout at the name is replaced atomically (the file is made in
         ``work/`` and renamed over it), so a crash never shows the deleted template file again.
@@ -422,6 +437,7 @@ class PrivateLayer:
                 fd = os.open(name, oflags, 0o600, dir_fd=pfd)
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, stat.S_IMODE(mode))
+                os.utime(fd)  # after chown/chmod: atime = mtime = ctime, as one creat() gives
                 return fd
             tmp = b"new-" + secrets.token_hex(8).encode()
             with self.workfd() as wfd:
@@ -430,12 +446,31 @@ class PrivateLayer:
                     os.fchown(fd, uid, gid)
                     os.fchmod(fd, stat.S_IMODE(mode))
                     os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
+                    os.utime(fd)  # the rename moved ctime: all three now
                 except BaseException:
                     os.close(fd)
                     with contextlib.suppress(OSError):
                         os.unlink(tmp, dir_fd=wfd)
                     raise
                 return fd
+
+    def touch_new(self, path: tuple[bytes, ...]) -> None:
+        """Give a just-made entry atime = mtime = ctime = now (one utimensat(NULL) sets all
+        three from one clock reading): what a single mkdir/mknod/symlink gives on a local disk,
+        where ours were built in ``work/`` (chown, chmod, markers) and renamed into place."""
+        with self.dirfd(path[:-1]) as pfd:
+            os.utime(check_name(path[-1]), dir_fd=pfd, follow_symlinks=False)
+
+    @staticmethod
+    def origin_of(fd: int) -> bytes | None:
+        """The template file a pinned private file was copied up from (``ORIGIN_XATTR``)."""
+        try:
+            # the magic link is followed to the inode itself (also a symlink's, not its target)
+            return os.getxattr(proc_path(fd), ORIGIN_XATTR)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                return None
+            raise
 
     def pin(self, path: tuple[bytes, ...]) -> int:
         """An ``O_PATH|O_NOFOLLOW`` fd of the entry at ``path``: the identity of a private

@@ -2,8 +2,8 @@
 
 The inverse of :mod:`vfs.tree.tarsource`, for getting a template back onto a disk with ordinary
 tools (``tar -x --xattrs``) and for proving round trips with them: numeric owners, full modes,
-nanosecond mtime/ctime (PAX records; atime is written as the mtime, which is what a template
-shows), xattrs (``SCHILY.xattr.*``, binary-safe), hard links (the first name carries the
+nanosecond mtime (PAX records; atime and ctime are written as the mtime, which is what a
+template shows), xattrs (``SCHILY.xattr.*``, binary-safe), hard links (the first name carries the
 content, later names are links to it), symlinks, fifos and device nodes. Sparse files are
 written as GNU PAX sparse members, format 1.0 (what ``tar --sparse --format=posix`` writes and
 GNU tar, bsdtar and :mod:`tarfile` read): only their data extents are stored, and ``tar -x``
@@ -67,9 +67,10 @@ def _object_chunks(source: Any, oid: str, size: int) -> Iterator[bytes]:
     or store), checked: exactly ``size`` bytes hashing to ``oid``. The last chunk is handed out
     only once the whole object has matched, so a bad object never completes a member."""
     if hasattr(source, "iter_object"):
-        chunks: Iterator[bytes] = iter(source.iter_object(oid))
+        chunks: Iterator[bytes] = iter(source.iter_object(oid, expected_size=size))
     else:
-        chunks = (source.read(oid, off, _CHUNK) for off in range(0, size, _CHUNK))
+        offsets = range(0, size, _CHUNK)
+        chunks = (source.read(oid, off, _CHUNK, expected_size=size) for off in offsets)
     h = hashlib.sha256()
     n = 0
     for chunk in chunks:

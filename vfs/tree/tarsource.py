@@ -3,10 +3,11 @@
 The archive is read as a stream (any compression :mod:`tarfile` knows), each member once, so a
 compressed archive of any size is never held in memory. What a tar can carry is kept exactly:
 numeric owners, modes with setuid/setgid/sticky, device numbers, hard links, PAX nanosecond
-times (``mtime``/``ctime`` records; a template keeps no atime), xattrs in both common PAX
-spellings (``SCHILY.xattr.NAME`` as GNU tar/star write them, ``LIBARCHIVE.xattr.NAME`` base64 as
-bsdtar), and the data map of sparse members (GNU ``S`` members and PAX sparse formats 0.0, 0.1
-and 1.0, as ``tar --sparse`` writes them; :mod:`tarfile` parses them and reads holes as zeros).
+``mtime`` (a template keeps no atime and no ctime: those records are ignored), xattrs in both
+common PAX spellings (``SCHILY.xattr.NAME`` as GNU tar/star write them,
+``LIBARCHIVE.xattr.NAME`` base64 as bsdtar), and the data map of sparse members (GNU ``S``
+members and PAX sparse formats 0.0, 0.1 and 1.0, as ``tar --sparse`` writes them;
+:mod:`tarfile` parses them and reads holes as zeros).
 
 Member names are normalised like ``tar -x`` does (leading ``/`` and ``./`` dropped); a name with a
 ``..`` component is refused (a template never contains a path that escapes its root). A parent
@@ -228,7 +229,6 @@ def _add(tree: _Tree, tf: tarfile.TarFile, m: tarfile.TarInfo, sink: ObjectSink)
         uid=m.uid,
         gid=m.gid,
         mtime_ns=mtime,
-        ctime_ns=_ns(pax, "ctime", mtime),
         rdev=_rdev(m) if kind in ("chr", "blk") else 0,
         xattrs=_xattrs(pax),
     )

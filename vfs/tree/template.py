@@ -19,6 +19,7 @@ from typing import Protocol
 
 from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.tree import manifest
+from vfs.tree import manifest_layout as L
 from vfs.tree.entry import ROOT_INO, Entry
 from vfs.tree.publish import PublishResult, publish_template
 
@@ -39,9 +40,14 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 #: 4 Mi entries is ~2 GiB of index, ten times a full distribution with development tools.
 MAX_ENTRIES = 1 << 22
 
+#: The most bytes a manifest fetch may take (a digest is all a ref says of a manifest, so its
+#: size is unknown until fetched): the format's body limit, zstd's worst-case expansion of it
+#: and room for the header. A server that sends more is cut off there.
+MAX_MANIFEST_BYTES = L.MAX_BODY + (L.MAX_BODY >> 8) + (1 << 20)
+
 
 class _Getter(Protocol):
-    def get(self, oid: str) -> bytes: ...
+    def get(self, oid: str, *, max_size: int) -> bytes: ...
 
 
 class Template:
@@ -81,14 +87,15 @@ class Template:
 
     @classmethod
     def load(cls, resolver: _Getter, digest: str, *, max_entries: int = MAX_ENTRIES) -> Template:
-        """Fetch the manifest object ``digest`` via ``resolver.get``, verify and index it.
+        """Fetch the manifest object ``digest`` via ``resolver.get`` (at most
+        :data:`MAX_MANIFEST_BYTES`), verify and index it.
 
         Raises IntegrityError when the bytes do not hash to ``digest``, FormatError (or
         UnsupportedFeature) when the manifest is malformed or hostile, or has more than
         ``max_entries`` inodes or names (the index costs ~0.5 KiB per entry).
         """
         digest = check_digest(digest)
-        data = resolver.get(digest)
+        data = resolver.get(digest, max_size=MAX_MANIFEST_BYTES)
         return cls.from_bytes(data, digest, max_entries=max_entries)
 
     @classmethod

@@ -10,9 +10,14 @@ Inode space (``docs/vee-layer.md``):
 
 - inode 1 is the mount root; its entries are the VEE roots;
 - a *shared* inode stands for one unmodified template regular file or symlink and is the same
-  in every VEE root (key: template digest + template inode), so the kernel caches its pages once;
+  in every VEE root — and in every version of a template that has the identical file (key: the
+  file's identity: its path, content and metadata) —, so the kernel caches its pages once;
 - everything else is a *per-VEE* node: directories (merged listings differ per VEE), files in the
   private layer, and template files that were "unshared" (see below).
+
+Inode numbers are derived from what a node stands for (a hash of its identity), not handed out
+in order: a file keeps its number when the kernel forgets its inode and looks it up again, and
+across daemon restarts.
 
 The trap of shared inodes: a request on a shared inode does not say which VEE asks. So when a
 shared inode is about to be modified (open for write, setattr, xattr change, link), the view
@@ -27,6 +32,7 @@ import contextlib
 import contextvars
 import errno
 import functools
+import hashlib
 import inspect
 import logging
 import os
@@ -54,6 +60,7 @@ from vfs.tree.nodes import (
 )
 from vfs.tree.private import (
     OPAQUE_XATTR,
+    ORIGIN_XATTR,
     PRIVATE_XATTR_PREFIX,
     REDIRECT_XATTR,
     RENAME_NOREPLACE,
@@ -78,6 +85,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: the VEEs, so no other host user may reach a VEE's setuid binaries or devices through it.
 #: Containers reach their VEE root through a bind mount, which never traverses the mount root.
 ROOT_MODE = 0o700
+#: Inode numbers from here up are handed out in order (collisions of the identity hash).
+FALLBACK_INO = 1 << 63
 #: Threads for fetches of objects from the remote, and for local disk work (docs/vee-layer.md).
 FETCH_THREADS = 16
 DISK_THREADS = 16
@@ -143,11 +152,15 @@ class Views:
         self.attach_kernel(invalidate_entry, invalidate_attr)
         self.vees: dict[str, Vee] = {}
         self.nodes: dict[int, Node] = {}
-        self.shared: dict[tuple[str, int], Node] = {}
-        self.unshared: set[tuple[str, int]] = set()
+        #: shared inodes by file identity (``_identity``), and the identities unshared
+        self.shared: dict[bytes, Node] = {}
+        self.unshared: set[bytes] = set()
+        #: identity -> digests of the templates whose VEEs resolved that shared inode
+        self._shared_in: dict[bytes, set[str]] = {}
+        self._identities: dict[tuple[str, int], bytes] = {}
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, tuple[Node, list[bytes]]] = {}
-        self._next_ino = ROOT_INO + 1
+        self._fallback_ino = FALLBACK_INO
         self._next_fh = 1
         self._paths_cache: dict[str, dict[int, list[bytes]]] = {}
         self._copy_locks: dict[int, trio.Lock] = {}
@@ -188,7 +201,7 @@ class Views:
             raise FsError(errno.EEXIST, f"VEE {name!r} already mounted")
         self.prepare_layer(template, layer)
         vee = Vee(name, template, layer)
-        root = self._new_node(vee, stat.S_IFDIR, template.root)
+        root = self._new_node(vee, stat.S_IFDIR, template.root, (name, "root"))
         root.parent = self.root
         root.name = name.encode()
         root.upper = layer.lstat(()) is not None
@@ -224,15 +237,69 @@ class Views:
 
     # -- node bookkeeping ------------------------------------------------------------------
 
-    def _new_node(self, vee: Vee | None, kind: int, lower: Entry | None) -> Node:
-        node = Node(self._next_ino, vee, kind, lower)
-        self._next_ino += 1
+    def _new_node(
+        self, vee: Vee | None, kind: int, lower: Entry | None, identity: tuple[object, ...]
+    ) -> Node:
+        """A node whose inode number is derived from ``identity`` (what it stands for)."""
+        node = Node(self._ino_for(identity), vee, kind, lower)
         self.nodes[node.ino] = node
         if kind != stat.S_IFDIR and vee is not None:
             fresh = _FRESH.get()
             if fresh is not None:
                 fresh.append(node)
         return node
+
+    def _ino_for(self, identity: tuple[object, ...]) -> int:
+        """The inode number of a node standing for ``identity``: 63 bits of its hash, so the
+        same file gets the same number whenever a node is made for it (after the kernel forgot
+        it, after a restart). Numbers at or above 2^63 are a counter for the astronomically
+        rare collision with a live node."""
+        h = hashlib.blake2b(repr(identity).encode(), digest_size=8, person=b"vfs-ino").digest()
+        ino = int.from_bytes(h, "little") & (FALLBACK_INO - 1)
+        taken = self.nodes.get(ino)
+        if ino > ROOT_INO and taken is None:
+            return ino
+        # A node of a removed VEE (or a removed directory) the kernel still holds keeps its
+        # number until it is forgotten: the new node for the same file gets another one. Any
+        # other case is a real collision of two identities' hashes.
+        if taken is not None and taken.vee is not _DEAD:
+            log.warning("inode number collision for %r: numbered %d", identity, ino)
+        ino = self._fallback_ino
+        self._fallback_ino += 1
+        return ino
+
+    def _identity(self, tmpl: TemplateLike, e: Entry) -> bytes:
+        """What makes a template file the same file in any template version: its path (the
+        first of its names), kind, content, metadata and hard-link count. Identical files at
+        different paths stay distinct inodes; an unchanged file of v1 and v2 is one."""
+        key = (tmpl.digest, e.ino)
+        ident = self._identities.get(key)
+        if ident is None:
+            fields = (
+                self._paths(tmpl)[e.ino][0],
+                e.kind,
+                e.oid,
+                e.target,
+                e.mode,
+                e.uid,
+                e.gid,
+                e.size,
+                e.mtime_ns,
+                e.ctime_ns,
+                e.nlink,
+                e.rdev,
+                sorted(e.xattrs.items()),
+                e.extents,
+            )
+            ident = hashlib.blake2b(repr(fields).encode(), digest_size=16).digest()
+            self._identities[key] = ident
+        return ident
+
+    def _paths(self, tmpl: TemplateLike) -> dict[int, list[bytes]]:
+        paths = self._paths_cache.get(tmpl.digest)
+        if paths is None:
+            paths = self._paths_cache[tmpl.digest] = tmpl.paths()
+        return paths
 
     def _unref(self, node: Node) -> None:
         """Drop a per-VEE non-directory node nobody refers to any more (no kernel lookup
@@ -315,11 +382,8 @@ class Views:
         if isinstance(node.vee, Vee):
             return node.vee.name == vee_name
         vee = self.vees.get(vee_name)
-        return (
-            vee is not None
-            and node.template is not None
-            and (node.template.digest == vee.template.digest)
-        )
+        templates = self._shared_in.get(node.key[1]) if node.key else None
+        return vee is not None and templates is not None and vee.template.digest in templates
 
     def count_lookup(self, ino: int) -> None:
         self.nodes[ino].nlookup += 1
@@ -345,14 +409,16 @@ class Views:
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
                 node = vee.dirs.get((parent.ino, name))
+                lower = self._dir_lower(vee, parent, name)
                 if node is None:
-                    node = self._new_node(vee, stat.S_IFDIR, None)
+                    ident = self._dir_identity(vee, lower, st)
+                    node = self._new_node(vee, stat.S_IFDIR, None, ident)
                     node.parent, node.name = parent, name
                     vee.dirs[(parent.ino, name)] = node
                 if not node.upper:
                     node.upper = True
                     node.nsub = None
-                node.lower = self._dir_lower(vee, parent, name)
+                node.lower = lower
                 return node
             return self._upper_file_node(vee, parent, name, st)
         if parent.lower is None:
@@ -363,27 +429,48 @@ class Views:
         if e.kind == "dir":
             node = vee.dirs.get((parent.ino, name))
             if node is None:
-                node = self._new_node(vee, stat.S_IFDIR, e)
+                node = self._new_node(vee, stat.S_IFDIR, e, self._dir_identity(vee, e, None))
                 node.parent, node.name = parent, name
                 vee.dirs[(parent.ino, name)] = node
             return node
-        skey = (tmpl.digest, e.ino)
-        if e.kind in ("reg", "lnk") and skey not in self.unshared:
-            node = self.shared.get(skey)
+        ident = self._identity(tmpl, e)
+        if (
+            e.kind in ("reg", "lnk")
+            and ident not in self.unshared
+            and ident not in vee.own
+            # a hard-linked file this VEE removed a name of counts fewer links here than in
+            # other VEEs: it is this VEE's own inode then (also after a restart)
+            and (e.nlink == 1 or self._visible_names(vee, e) == e.nlink)
+        ):
+            node = self.shared.get(ident)
             if node is None:
-                node = self._new_node(None, stat.S_IFMT(e.mode), e)
+                node = self._new_node(None, stat.S_IFMT(e.mode), e, ("shared", ident))
                 node.template = tmpl
-                self.shared[skey] = node
+                node.key = ("s", ident)
+                self.shared[ident] = node
+                self._shared_in[ident] = {tmpl.digest}
+            elif node.template is not tmpl:
+                self._shared_in[ident].add(tmpl.digest)
             node.seen.add((parent, name))
             return node
         key = ("l", e.ino)
         node = vee.files.get(key)
         if node is None:
-            node = self._new_node(vee, stat.S_IFMT(e.mode), e)
+            node = self._new_node(vee, stat.S_IFMT(e.mode), e, (vee.name, "file", ident))
             node.key = key
             vee.files[key] = node
         node.links.add((parent, name))
         return node
+
+    def _dir_identity(
+        self, vee: Vee, lower: Entry | None, st: os.stat_result | None
+    ) -> tuple[object, ...]:
+        """A VEE directory is the template directory it merges (by template path: the same in
+        every version, and after a rename, which carries a redirect), or its host directory."""
+        if lower is not None:
+            return (vee.name, "dir", self._paths(vee.template)[lower.ino][0])
+        assert st is not None
+        return (vee.name, "host", st.st_dev, st.st_ino)
 
     def _upper_file_node(self, vee: Vee, parent: Node, name: bytes, st: os.stat_result) -> Node:
         """The node of a private non-directory: one node per host inode (hard links), found by
@@ -397,7 +484,13 @@ class Views:
                 key = ("u", pst.st_dev, pst.st_ino)
                 node = vee.files.get(key)  # only differs from st if the entry just changed
                 if node is None:
-                    node = self._new_node(vee, stat.S_IFMT(pst.st_mode), None)
+                    origin = PrivateLayer.origin_of(fd)
+                    ident = (
+                        (vee.name, "file", origin)
+                        if origin is not None
+                        else (vee.name, "host", pst.st_dev, pst.st_ino)
+                    )
+                    node = self._new_node(vee, stat.S_IFMT(pst.st_mode), None, ident)
                     node.upper = True
                     node.key = key
                     node.fd, fd = fd, -1
@@ -464,7 +557,7 @@ class Views:
         if node.is_dir:
             nlink = 2 + self._subdirs(node, None)
         else:
-            nlink = max(e.nlink - node.unlinked, 0)
+            nlink = e.nlink if node.shared else self._template_links(node)
         attr = Attr(
             node.ino,
             e.mode,
@@ -483,6 +576,34 @@ class Views:
         if attr.shared:
             node.attr = attr  # the template entry is immutable and the node never changes
         return attr
+
+    def _template_links(self, node: Node) -> int:
+        """Link count of a per-VEE template file (not copied up): the template names of its
+        inode that still show it in this VEE (the VEE may have removed some)."""
+        e = node.lower
+        assert e is not None and isinstance(node.vee, Vee)
+        if e.nlink == 1:
+            return 1 if node.links else 0
+        return self._visible_names(node.vee, e)
+
+    def _visible_names(self, vee: Vee, e: Entry) -> int:
+        """How many of template inode ``e``'s names show it in ``vee``: neither whited out nor
+        replaced in the private layer, nor under an opaque directory (no nodes are made)."""
+        count = 0
+        for tpath in self._paths(vee.template).get(e.ino, []):
+            comps = tuple(tpath.split(b"/"))
+            parent = vee.root
+            for c in comps[:-1]:  # directories only: their nodes are kept anyway
+                if parent is None or parent.lower is None:
+                    break
+                parent = self._child(parent, c)
+            if parent is None or not parent.is_dir or parent.lower is None:
+                continue
+            if parent.upper and vee.layer.lstat(self.path(parent) + comps[-1:]) is not None:
+                continue  # a whiteout or a private entry hides the template's
+            if vee.template.lookup(parent.lower.ino, comps[-1]) is e:
+                count += 1
+        return count
 
     def _subdirs(self, node: Node, st: os.stat_result | None) -> int:
         """Visible subdirectories of a VEE directory (its link count is 2 + this, as on ext4).
@@ -524,13 +645,24 @@ class Views:
     def _unshare(self, node: Node) -> StaleHandle:
         """Turn a shared inode into per-VEE inodes from now on (the ESTALE rule)."""
         assert node.template is not None and node.lower is not None
-        key = (node.template.digest, node.lower.ino)
+        key = self._identity(node.template, node.lower)
         self.unshared.add(key)
         for parent, name in node.seen:
             self.invalidate_entry(parent.ino, name)
         node.seen.clear()
-        log.debug("unshared template inode %s", key)
+        log.debug("unshared template file %s", key.hex())
         return StaleHandle("shared template inode modified: look the name up again")
+
+    def _own(self, vee: Vee, node: Node) -> StaleHandle:
+        """Make a shared inode's file this VEE's own (other VEEs keep sharing it): this VEE's
+        names of it are looked up again and yield a per-VEE inode (the ESTALE rule, for one
+        VEE: possible where the request names the VEE, i.e. for names, not inodes)."""
+        assert node.template is not None and node.lower is not None
+        vee.own.add(self._identity(vee.template, node.lower))
+        for p, n in [(p, n) for p, n in node.seen if p.vee is vee]:
+            node.seen.discard((p, n))
+            self.invalidate_entry(p.ino, n)
+        return StaleHandle("template file becomes this VEE's own: look the name up again")
 
     def _ensure_dir_upper(self, node: Node) -> None:
         """Give directory ``node`` (and its parents) a private directory (metadata copy-up).
@@ -576,6 +708,9 @@ class Views:
             if path is not None:
                 self._ensure_dir_upper(next(iter(node.links))[0])
             meta = _entry_meta(e)
+            # the private copy remembers the template file it came from: its node keeps the
+            # same inode number when it is made again (after a FORGET, after a restart)
+            meta.xattrs[ORIGIN_XATTR] = self._identity(vee.template, e)
             if stat.S_ISREG(e.mode):
                 fill = self._filler(e) if with_data and e.oid and e.size else None
                 # Staging (copy + fsync) runs in a thread whatever the size: an fsync costs
@@ -585,7 +720,8 @@ class Views:
                 with self._content_errors(node):
                     if fill is not None and not self.content.has_local(e.oid or ""):
                         await trio.to_thread.run_sync(
-                            self.content.ensure, e.oid, limiter=self.fetch_threads
+                            functools.partial(self.content.ensure, e.oid, expected_size=e.size),
+                            limiter=self.fetch_threads,
                         )
                     tmp = await trio.to_thread.run_sync(
                         vee.layer.stage, meta, fill, limiter=self.disk_threads
@@ -632,10 +768,7 @@ class Views:
         shared inode) to the copy, so the names stay one file."""
         e = node.lower
         assert e is not None
-        paths = self._paths_cache.get(vee.template.digest)
-        if paths is None:
-            paths = self._paths_cache[vee.template.digest] = vee.template.paths()
-        for tpath in paths.get(e.ino, []):
+        for tpath in self._paths(vee.template).get(e.ino, []):
             comps = tuple(tpath.split(b"/"))
             if comps == path:
                 continue
@@ -681,7 +814,7 @@ class Views:
             for start, length in extents:
                 off, end = start, start + length
                 while off < end:
-                    chunk = content.read(oid, off, min(1 << 20, end - off))
+                    chunk = content.read(oid, off, min(1 << 20, end - off), expected_size=size)
                     if not chunk:
                         raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
                     for i in range(0, len(chunk), 1 << 16):
@@ -887,6 +1020,7 @@ class Views:
         gid, mode = self._owner(parent, uid, gid, stat.S_IFDIR | mode)
         lower = self._natural_lower(parent, name)
         vee.layer.make_dir(path, mode, uid, gid, opaque=lower is not None, replace_marker=True)
+        vee.layer.touch_new(path)
         old = vee.dirs.pop((parent.ino, name), None)
         if old is not None:
             old.parent = None
@@ -907,6 +1041,7 @@ class Views:
             os.close(fd)
         else:
             vee.layer.make_special(path, FileMeta(mode, uid, gid, now, now, rdev=rdev))
+            vee.layer.touch_new(path)
         return self._finish_new(parent, name)
 
     @_request
@@ -917,6 +1052,7 @@ class Views:
         vee.layer.make_special(
             path, FileMeta(stat.S_IFLNK | 0o777, uid, gid, now, now), target=target
         )
+        vee.layer.touch_new(path)
         return self._finish_new(parent, name)
 
     @_request
@@ -945,6 +1081,8 @@ class Views:
         vee, parent, path = self._prepare_new(new_parent_ino, new_name)
         if node.vee is not vee and not node.shared:
             raise FsError(errno.EXDEV)
+        if node.shared:
+            raise self._own(vee, node)  # the VFS retries the link after a fresh lookup
         await self._writable(node)
         with vee.layer.at(self.path(node)) as (sfd, sname), vee.layer.at(path) as (dfd, dname):
             st = None
@@ -987,8 +1125,10 @@ class Views:
         """Bookkeeping after ``parent/name`` stopped showing the non-directory ``node``."""
         node.links.discard((parent, name))
         node.seen.discard((parent, name))
-        if not node.upper and not node.shared:
-            node.unlinked += 1
+        if node.shared and node.lower is not None and node.lower.nlink > 1:
+            # its other names in this VEE now show a per-VEE inode with one link fewer
+            assert isinstance(parent.vee, Vee)
+            self._own(parent.vee, node)
 
     @_request
     def unlink(self, parent_ino: int, name: bytes) -> None:
@@ -998,12 +1138,12 @@ class Views:
         self._drop_name(vee, parent, name)
         self._name_gone(node, parent, name)
 
-    def _names(self, node: Node) -> list[bytes]:
+    def _names(self, node: Node, *, noatime: bool = True) -> list[bytes]:
         """The names a VEE directory shows (sorted), without making nodes for them."""
         vee = self._vee(node)
         names: dict[bytes, bool] = {}
         if node.upper:
-            for n, st in vee.layer.listdir(self.path(node)):
+            for n, st in vee.layer.listdir(self.path(node), noatime=noatime):
                 names[n] = not is_whiteout(st)
         if node.lower is not None:
             for n, _ in vee.template.readdir(node.lower.ino):
@@ -1061,7 +1201,10 @@ class Views:
         if src.is_dir:
             self._ensure_dir_upper(src)
         elif src.shared:
-            await self._copy_shared(vee, p1, n1, src)
+            # the name moves, and the kernel would move its dentry of the shared inode with
+            # it: instead the file becomes this VEE's own, and the retried rename (the VFS
+            # retries an ESTALE rename after a fresh lookup) moves the per-VEE inode
+            raise self._own(vee, src)
         else:
             await self._writable(src)
         self._ensure_dir_upper(p2)
@@ -1104,37 +1247,12 @@ class Views:
             vee.dirs.pop((p1.ino, n1), None)
             vee.dirs[(p2.ino, n2)] = src
             src.parent, src.name = p2, n2
-        elif src.shared:
-            # the kernel moved its dentry of the shared inode to the new name, but the name
-            # now shows this VEE's private copy: make it look the name up again
-            src.seen.discard((p1, n1))
-            self.invalidate_entry(p2.ino, n2)
         else:
             src.links.discard((p1, n1))
             src.links.add((p2, n2))
 
-    async def _copy_shared(self, vee: Vee, parent: Node, name: bytes, node: Node) -> None:
-        """Private copy of a shared file at one name (rename of an unmodified file), through a
-        per-VEE node of the template inode (its other names are linked to the copy too)."""
-        e = node.lower
-        assert e is not None
-        key = ("l", e.ino)
-        tmpnode = vee.files.get(key)
-        if tmpnode is None:
-            tmpnode = self._new_node(vee, node.kind, e)  # dropped at the request's end
-            tmpnode.key = key
-            vee.files[key] = tmpnode
-        tmpnode.links.add((parent, name))
-        try:
-            await self._writable(tmpnode)
-        finally:
-            tmpnode.links.discard((parent, name))
-
     def _template_path(self, vee: Vee, e: Entry) -> bytes:
-        paths = self._paths_cache.get(vee.template.digest)
-        if paths is None:
-            paths = self._paths_cache[vee.template.digest] = vee.template.paths()
-        return paths[e.ino][0]
+        return self._paths(vee.template)[e.ino][0]
 
     # -- directories -----------------------------------------------------------------------
 
@@ -1145,7 +1263,7 @@ class Views:
         if node.ino == ROOT_INO:
             names = [n.encode() for n in sorted(self.vees)]
         else:
-            names = self._names(node)
+            names = self._names(node, noatime=False)  # the VEE reads it
         fh = self._next_fh
         self._next_fh += 1
         self.dir_handles[fh] = (node, [b".", b"..", *names])
@@ -1190,11 +1308,17 @@ class Views:
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
-    def fsyncdir(self, ino: int) -> None:
-        node = self.node(ino)
+    async def fsyncdir(self, fh: int) -> None:
+        """fsync of an open directory: its private directory, if it has one (a VEE that made
+        a file and fsyncs the file and its directory must find the name after a crash)."""
+        node, _ = self.dir_handles[fh]
         if node.upper and isinstance(node.vee, Vee):
-            with node.vee.layer.dirfd(self.path(node)) as fd:
-                fsync_dir(fd)
+            with node.vee.layer.dirfd(self.path(node)) as pfd:
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd, limiter=self.disk_threads)
+            finally:
+                os.close(fd)
 
     # -- files -----------------------------------------------------------------------------
 
@@ -1236,10 +1360,14 @@ class Views:
         # First redirection inline (a local read is cheaper than a thread hop); the second
         # (a fetch) in a thread, so other VEEs keep being served.
         with self._content_errors(node):
-            data = self.content.read_local(e.oid, off, size, drop_cache=True)
+            # expected_size: the manifest's size; an object of another length (a lying
+            # manifest, or a lying server) is refused before a byte of it is served
+            data = self.content.read_local(e.oid, off, size, drop_cache=True, expected_size=e.size)
             if data is None:
                 data = await trio.to_thread.run_sync(
-                    functools.partial(self.content.read, e.oid, off, size, drop_cache=True),
+                    functools.partial(
+                        self.content.read, e.oid, off, size, drop_cache=True, expected_size=e.size
+                    ),
                     limiter=self.fetch_threads,
                 )
         return data
@@ -1265,10 +1393,8 @@ class Views:
                 return f"{node.vee.name}:/" + os.fsdecode(b"/".join(self.path(node)))
             tmpl = node.template or (node.vee.template if isinstance(node.vee, Vee) else None)
             if tmpl is not None and node.lower is not None:
-                paths = self._paths_cache.get(tmpl.digest)
-                if paths is None:
-                    paths = self._paths_cache[tmpl.digest] = tmpl.paths()
-                return f"template {tmpl.digest[:12]}:/" + os.fsdecode(paths[node.lower.ino][0])
+                path = self._paths(tmpl)[node.lower.ino][0]
+                return f"template {tmpl.digest[:12]}:/" + os.fsdecode(path)
         except (VfsError, KeyError, IndexError):
             pass
         return f"inode {node.ino}"
@@ -1284,6 +1410,30 @@ class Views:
         if h.fd is not None and h.writable:
             sync = os.fdatasync if datasync else os.fsync
             await trio.to_thread.run_sync(sync, h.fd, limiter=self.disk_threads)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with ``mode`` on the private file of a writable handle.
+
+        The host file system answers every mode for itself (EOPNOTSUPP where it has none, so
+        glibc's posix_fallocate falls back to writing as it would there); the kernel forwards
+        only 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE, and keeps i_size itself
+        (writeback cache). Allocation can wait on the journal: it runs in a worker thread.
+        """
+        import ctypes
+
+        h = self.handles[fh]
+        if h.fd is None or not h.writable:
+            raise FsError(errno.EBADF)
+        fd = h.fd
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+        def call() -> None:
+            if libc.fallocate(fd, mode, offset, length) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+
+        await trio.to_thread.run_sync(call, limiter=self.disk_threads)
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)

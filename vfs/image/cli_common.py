@@ -1,0 +1,255 @@
+"""What the ``vimg`` command modules share: the click group, options (remote, TLS, backing
+directories, JSON), opening and closing images, progress, header warnings.
+
+Every command is wrapped by :func:`vfs.cli_util.handle_errors`: a bad input is one line on stderr
+and a non-zero exit code, never a traceback. JSON output uses qemu-img's field names.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from vfs.cli_util import json_option, setup_logging
+from vfs.errors import UsageError
+from vfs.image.image import Image
+
+FMT = click.Choice(["raw", "qcow2", "vimg"])
+
+
+class LazyResolver:
+    """Opens the local store (and the repository) only when a remote cluster is read."""
+
+    def __init__(self, store: str | None, repo: str | None) -> None:
+        self.store_dir, self.repo = store, repo
+        self._r: Any = None
+        self._objs: list[Any] = []
+        self._lock = threading.Lock()
+        self._tls = tls()  # captured now: fetch threads have no click context
+
+    def resolver(self) -> Any:
+        with self._lock:
+            return self._resolver()
+
+    def _resolver(self) -> Any:
+        if self._r is None:
+            from vfs.paths import default_store
+            from vfs.redirect import LocalStore, Resolver, open_remote
+
+            store = LocalStore(self.store_dir or default_store())
+            self._objs.append(store)
+            remote = open_remote(self.repo, **self._tls) if self.repo else None
+            if remote is not None:
+                self._objs.append(remote)
+            self._r = Resolver(store, remote)
+        return self._r
+
+    def get(self, oid: str, *, expected_size: int | None = None) -> bytes:
+        return self.resolver().get(oid, expected_size=expected_size)
+
+    def ensure(self, oid: str, *, expected_size: int | None = None) -> None:
+        self.resolver().ensure(oid, expected_size=expected_size)
+
+    def close(self) -> None:
+        for o in reversed(self._objs):
+            o.close()
+
+
+def tls() -> dict[str, str]:
+    """--ca/--cert/--key of the current command (for https:// repositories, mutual TLS)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get("vimg.tls", {})) if ctx is not None else {}
+
+
+def _store_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta.setdefault("vimg.tls", {})[param.name] = value
+
+
+def tls_opts(fn: Any) -> Any:
+    for name, text in (
+        ("proxy", "HTTP forward proxy (e.g. a site cache) for http(s):// repositories."),
+        ("key", "Client key (mutual TLS)."),
+        ("cert", "Client certificate (mutual TLS)."),
+        ("ca", "CA bundle that signs the repository server's certificate."),
+    ):
+        fn = click.option(
+            f"--{name}",
+            name,
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_store_tls,
+            help=text,
+        )(fn)
+    return fn
+
+
+def _store_backing_dirs(ctx: click.Context, param: click.Parameter, value: tuple) -> None:
+    if value:
+        ctx.meta.setdefault("vimg.backing_dirs", []).extend(value)
+
+
+def backing_opts(fn: Any) -> Any:
+    return click.option(
+        "--backing-dir",
+        "backing_dirs",
+        multiple=True,
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=_store_backing_dirs,
+        help="Also follow backing files in DIR (repeatable; default: only the image's own "
+        "directory; also $VIMG_BACKING_DIRS, colon-separated).",
+    )(fn)
+
+
+def backing_dirs() -> tuple[str, ...]:
+    """Directories backing files may lie in beyond the image's own (spec 8)."""
+    ctx = click.get_current_context(silent=True)
+    dirs = list(ctx.meta.get("vimg.backing_dirs", [])) if ctx is not None else []
+    env = os.environ.get("VIMG_BACKING_DIRS", "")
+    dirs += [d for d in env.split(os.pathsep) if d]
+    return tuple(dirs)
+
+
+def remote_opts(fn: Any) -> Any:
+    fn = backing_opts(fn)
+    fn = tls_opts(fn)
+    fn = click.option(
+        "--store",
+        "store",
+        type=click.Path(file_okay=False),
+        help="Local object store [default: $VFS_STORE or $VFS_ROOT/store].",
+    )(fn)
+    fn = click.option(
+        "--repo", "repo", help="Repository of remote clusters (file:///dir, /dir, http(s)://...)."
+    )(fn)
+    return fn
+
+
+def json_opts(fn: Any) -> Any:
+    fn = json_option(fn)
+    fn = click.option(
+        "--output",
+        "output",
+        type=click.Choice(["human", "json"]),
+        default="human",
+        help="Output format (as qemu-img --output).",
+    )(fn)
+    return fn
+
+
+def want_json(as_json: bool, output: str) -> bool:
+    return as_json or output == "json"
+
+
+def open_image(
+    path: str,
+    *,
+    readonly: bool,
+    store: str | None = None,
+    repo: str | None = None,
+    with_backing: bool = True,
+) -> Image:
+    res = LazyResolver(store, repo)
+    img = Image.open(
+        path,
+        readonly=readonly,
+        resolver=res,
+        with_backing=with_backing,
+        backing_dirs=backing_dirs(),
+    )
+    warn_header(img)
+    return img
+
+
+def header_problems(src: Any) -> list[str]:
+    """Header problems of a vimg source and every vimg layer below it."""
+    from vfs.image.ops import header_problems
+
+    out: list[str] = []
+    while isinstance(src, Image):
+        out += [f"{src.path}: {p}" for p in header_problems(src)]
+        src = src.backing
+    return out
+
+
+def warn_header(src: Any) -> None:
+    """A possible roll-back is never silent: one warning line per problem on stderr."""
+    for p in header_problems(src):
+        click.echo(f"vimg: warning: {p}", err=True)
+
+
+def close_image(img: Any) -> None:
+    """Close an image and the store/repository its lazy resolver may have opened."""
+    res = getattr(img, "resolver", None)
+    try:
+        img.close()
+    finally:
+        if isinstance(res, LazyResolver):
+            res.close()
+
+
+def check_vimg(path: str, fmt: str | None) -> None:
+    if fmt not in (None, "vimg"):
+        raise UsageError(f"this command works on vimg images only (got -f {fmt})")
+    from vfs.image.fileio import probe_format
+
+    if os.path.exists(path) and probe_format(path) != "vimg":
+        raise UsageError(f"{path}: not a vimg image (found {probe_format(path)})")
+
+
+class Progress:
+    """Progress on stderr, at most a few lines per second, resumable work reported as done/total."""
+
+    def __init__(self, what: str, enabled: bool = True) -> None:
+        self.what, self.enabled, self._last = what, enabled, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.2 and done != total):
+            return
+        self._last = now
+        pct = 100.0 * done / total if total else 100.0
+        click.echo(f"\r{self.what}: {done}/{total} ({pct:.1f}%)", err=True, nl=done == total)
+
+
+class OneLineErrors(click.Group):
+    """Usage errors (unknown option, missing argument) as one line, like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.ClickException as e:
+            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+            if isinstance(e, no_args) and getattr(e, "ctx", None) is not None:
+                click.echo(e.ctx.get_help(), err=True)  # type: ignore[union-attr]
+                sys.exit(2)
+            click.echo(f"vimg: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("vimg: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
+def main(verbose: int) -> None:
+    """vimg: create, inspect, check and convert vimg disk images (qemu-img style).
+
+    vimg images checksum every cluster (xxh3, verified on every read), may keep clusters in a
+    remote repository (push/pull), and survive crashes at any instant (shadow paging).
+    """
+    setup_logging(verbose)
+
+
+def probe(path: str) -> str:
+    from vfs.image.fileio import probe_format
+
+    return probe_format(path)
