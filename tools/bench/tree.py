@@ -6,12 +6,17 @@ All four serve the same data in the same run:
 - ``find`` + stat and ``cat`` of 20,000 small files, cold and warm;
 - untar of a 20,000-file archive into the tree (the write path);
 - page cache used when 20 roots read the same 200 MiB (``Cached`` delta of /proc/meminfo):
-  20 VEEs of one vfsd mount, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts.
+  20 VEEs of one vfsd mount, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts;
+- ``debian``, a real distribution (the cached Debian 12 minbase root of tools/debian_root.py:
+  native = a ``cp -a`` copy, overlay/fuse-overlayfs = the root as lowerdir, vfsd = a VEE of it
+  published as a template): ``dpkg -i`` of its repository's 25 ``.deb`` files (chrooted with
+  /proc and /dev, in a fresh copy/mount/VEE each run), ``find / -xdev`` of the root cold and
+  warm, and 10 x ``python3 -c 'import json, email, http.client, sqlite3'`` chrooted.
 
 Cold = ``echo 3 > /proc/sys/vm/drop_caches`` before the run. Needs root. Usage::
 
     python -m tools.bench.tree [--full] [--repeat N] [--dir DIR] [--json OUT]
-                               [--only seq,find,cat,untar,pc] [--peers fuse-overlayfs,vfsd]
+                               [--only seq,find,cat,untar,pc,debian] [--peers overlay,vfsd]
                                [--profile OUT]
 
 ``--only``/``--peers`` run a subset (for iterating on one workload); ``--profile OUT`` records
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -37,7 +43,8 @@ SMALL_FILES = 20_000
 VEES = 20
 PC_BYTES = 200 << 20
 PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd"]
-WORKLOADS = ["seq", "find", "cat", "untar", "pc"]
+WORKLOADS = ["seq", "find", "cat", "untar", "pc", "debian"]
+PY_IMPORTS = "import json, email, http.client, sqlite3"
 
 
 def drop_caches() -> None:
@@ -112,6 +119,8 @@ class Mounts:
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen] = []
         self.vfsd_pid = 0
+        self.digests: dict[str, str] = {}
+        self.vfsd_state = self.vfsd_mnt = Path()
 
     def overlay(self, lower: Path, base: Path) -> Path:
         for d in ("upper", "work", "mnt"):
@@ -129,19 +138,25 @@ class Mounts:
         self.mounts.append(base / "mnt")
         return base / "mnt"
 
-    def vfsd(self, work: Path, src: Path, names: list[str]) -> Path:
+    def vfsd(
+        self, work: Path, src: Path, names: list[str], more: dict[str, Path] | None = None
+    ) -> Path:
+        """A ``vfsd serve`` mount with VEEs ``names`` of the template of ``src``; ``more``
+        (name -> source) are published too, for add_vee."""
         from vfs.daemon import control
 
         vfsd = str(Path(sys.executable).with_name("vfsd"))
         repo, store, state, mnt = work / "repo", work / "store", work / "state", work / "mnt"
         mnt.mkdir(parents=True, exist_ok=True)
         sh(vfsd, "repo", "init", str(repo))
-        out = subprocess.run(
-            [vfsd, "template", "publish", str(src), "--repo", str(repo), "--store", str(store),
-             "--json"],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        digest = json.loads(out)["digest"]
+        for name, path in {"bench": src, **(more or {})}.items():
+            out = subprocess.run(
+                [vfsd, "template", "publish", str(path), "--repo", str(repo), "--store",
+                 str(store), "--json"],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            self.digests[name] = json.loads(out)["digest"]
+        digest = self.digests["bench"]
         p = subprocess.Popen(
             [vfsd, "serve", "--state", str(state), "--mount", str(mnt), "--store", str(store)],
             stderr=open(work / "vfsd.log", "wb"),  # noqa: SIM115
@@ -158,9 +173,16 @@ class Mounts:
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"vfsd did not start: see {work}/vfsd.log") from None
                 time.sleep(0.05)
+        self.vfsd_state, self.vfsd_mnt = state, mnt
         for n in names:
-            control.call(state, {"op": "add", "name": n, "template": digest})
+            self.add_vee(n, digest)
         return mnt
+
+    def add_vee(self, name: str, digest: str) -> Path:
+        from vfs.daemon import control
+
+        control.call(self.vfsd_state, {"op": "add", "name": name, "template": digest})
+        return self.vfsd_mnt / name
 
     def close(self) -> None:
         for m in reversed(self.mounts):
@@ -189,6 +211,63 @@ def cat_all(root: Path) -> None:
     )
 
 
+class DebianRoots:
+    """Fresh instances of the Debian root for each peer: a copy, an overlay or fuse-overlayfs
+    mount over it, or a new VEE of its template."""
+
+    def __init__(self, mounts: Mounts, base: Path, root: Path) -> None:
+        self.mounts, self.base, self.root = mounts, base, root
+        self.n = 0
+
+    def make(self, peer: str) -> Path:
+        self.n += 1
+        d = self.base / f"deb-{peer}-{self.n}"
+        if peer == "native":
+            d.parent.mkdir(parents=True, exist_ok=True)
+            sh("cp", "-a", str(self.root), str(d))
+            return d
+        if peer == "overlay":
+            return self.mounts.overlay(self.root, d)
+        if peer == "fuse-overlayfs":
+            return self.mounts.fuse_overlay(self.root, d)
+        return self.mounts.add_vee(f"deb{self.n}", self.mounts.digests["debian"])
+
+
+def dpkg_install(root: Path, batches: list[list[Path]]) -> float:
+    """Seconds of ``dpkg -i`` of every batch, chrooted (copying the .debs in is not timed);
+    NaN, with dpkg's complaint printed, when it fails (a broken peer must not hide the others)."""
+    from tools.debian_root import chroot_run
+
+    inside = root / "var/tmp/debs"
+    inside.mkdir(parents=True)
+    t = 0.0
+    for i, batch in enumerate(batches):
+        (inside / str(i)).mkdir()
+        for deb in batch:
+            shutil.copy(deb, inside / str(i))
+    os.sync()
+    for i, _ in enumerate(batches):
+        start = time.perf_counter()
+        p = chroot_run(root, ["sh", "-c", f"dpkg -i /var/tmp/debs/{i}/*.deb"])
+        t += time.perf_counter() - start
+        if p.returncode != 0:
+            print(f"  dpkg -i failed in {root} ({p.returncode}):\n{p.stderr[-2000:]}")
+            return float("nan")
+    return t
+
+
+def find_root(root: Path) -> None:
+    """``find / -xdev`` of the root (the walk a chrooted ``find / -xdev`` does)."""
+    sh("find", str(root), "-xdev")
+
+
+def python_imports(root: Path) -> None:
+    from tools.debian_root import CHROOT_ENV, chroot_argv
+
+    loop = f"for i in 1 2 3 4 5 6 7 8 9 10; do python3 -c '{PY_IMPORTS}' || exit 1; done"
+    subprocess.run(chroot_argv(root, ["sh", "-c", loop]), env=CHROOT_ENV, check=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     work = Path(args.dir)
     big_bytes = (1 << 30) if args.full else args.big_mib << 20
@@ -211,7 +290,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "overlay": mounts.overlay(src, work / "peers" / "ov0"),
             "fuse-overlayfs": mounts.fuse_overlay(src, work / "peers" / "fo0"),
         }
-        vmnt = mounts.vfsd(work / "vfsd", src, [f"v{i}" for i in range(VEES)])
+        debian = None
+        if "debian" in only:
+            from tools.debian_root import ensure
+
+            debian = ensure(progress=lambda m: print(f"debian_root: {m}"))
+        more = {"debian": debian.root} if debian else {}
+        vmnt = mounts.vfsd(work / "vfsd", src, [f"v{i}" for i in range(VEES)], more)
         roots["vfsd"] = vmnt / "v0"
         with open(f"/sys/class/bdi/{_devno(vmnt)}/read_ahead_kb") as f:
             print(f"vfsd read_ahead_kb = {f.read().strip()}")
@@ -223,7 +308,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             ))  # fmt: skip
             time.sleep(1)
 
-        def measure(name: str, fn: Callable[[Path], object], cold: bool, unit: str) -> None:
+        def measure(
+            name: str,
+            fn: Callable[[Path], object],
+            cold: bool,
+            unit: str,
+            where: dict[str, Path] = roots,
+        ) -> None:
             row = results.setdefault(name, {"unit": unit})  # type: ignore[dict-item]
             for peer in peers:
                 vals = []
@@ -231,8 +322,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     if cold:
                         drop_caches()
                     else:
-                        fn(roots[peer])
-                    vals.append(timed(lambda p=peer: fn(roots[p])))
+                        fn(where[peer])
+                    vals.append(timed(lambda p=peer: fn(where[p])))
                 t = statistics.median(vals)
                 row[peer] = big_bytes / t / 1e6 if unit == "MB/s" else t
                 print(f"  {name:28} {peer:15} {row[peer]:10.3f} {unit}")
@@ -259,6 +350,20 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             del results["untar 20k"]
         if "pc" in only:
             results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt, peers)
+        if debian is not None:
+            fresh = DebianRoots(mounts, work / "peers", debian.root)
+            row = results.setdefault("dpkg -i 25 debs", {"unit": "s"})  # type: ignore[dict-item]
+            for peer in peers:
+                vals = [
+                    dpkg_install(fresh.make(peer), debian.dpkg_batches())
+                    for _ in range(args.repeat)
+                ]  # a failed run (NaN) makes the cell NaN: no median of the survivors
+                row[peer] = float("nan") if any(map(math.isnan, vals)) else statistics.median(vals)
+                print(f"  {'dpkg -i 25 debs':28} {peer:15} {row[peer]:10.3f} s")
+            droots = {p: fresh.make(p) for p in peers}
+            measure("find / -xdev cold", find_root, True, "s", droots)
+            measure("find / -xdev warm", find_root, False, "s", droots)
+            measure("python3 imports x10", python_imports, False, "s", droots)
     finally:
         mounts.close()
         for d in ("peers", "vfsd"):  # keep only src/ and the tarball for the next run
