@@ -122,6 +122,11 @@ def invalidate_attr(inode: int) -> None:
         log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
 
 
+_NEGATIVE = pyfuse3.EntryAttributes()
+_NEGATIVE.st_ino = 0
+_NEGATIVE.entry_timeout = CACHE_TIMEOUT
+
+
 class _OpenDir:
     """A directory the kernel has open: its inode, and the view's listing once it is read."""
 
@@ -166,7 +171,16 @@ class VeeOperations(pyfuse3.Operations):
 
     @_errno
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return self._entry(self.views.lookup(parent_inode, name))
+        try:
+            return self._entry(self.views.lookup(parent_inode, name))
+        except VfsError as e:
+            if e.errno != errno.ENOENT or parent_inode == ROOT_INO:
+                raise
+            # A missing name is cached by the kernel too (an entry with inode 0): a program
+            # start probes ~100 absent paths, update-ca-certificates 18,000. Names of a VEE
+            # appear only through this mount, where the kernel drops its negative entry
+            # itself; the mount root, whose VEE names appear by `vee add`, is not cached.
+            return _NEGATIVE
 
     async def forget(self, inode_list: Any) -> None:
         # A file the view drops here gets the same inode number at its next lookup (numbers
