@@ -219,7 +219,7 @@ def _publish_salted(d: Daemon, tree: Path, salt: bytes) -> str:
     otherwise find files an earlier case unshared)."""
     from tests.daemon.posix_support import T_ATIME_NS, T_MTIME_NS
     from vfs.redirect import LocalStore
-    from vfs.redirect.remote import FileRemote
+    from vfs.redirect.file_remote import FileRemote
     from vfs.tree.template import publish_template
 
     tag = hashlib.blake2b(salt, digest_size=8).digest()  # small: it must fit in the inode

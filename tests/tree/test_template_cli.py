@@ -140,7 +140,7 @@ def test_errors_are_one_line_with_exit_codes(env, tmp_path):
     hostile = FileRemote(repo).put(_manifest_with_name(b".."))
     assert "illegal name" in one_line_error(run("template", "show", hostile, "--repo", repo), 6)
     # a manifest corrupted in the repository is refused, not shown
-    obj = FileRemote(repo)._path(digest)
+    obj = FileRemote(repo).object_path(digest)
     data = bytearray(obj.read_bytes())
     data[70] ^= 1
     obj.write_bytes(bytes(data))
@@ -189,7 +189,7 @@ def test_check_reports_missing_and_corrupt_objects(env):
     entries = json.loads(run("template", "show", "c", "--repo", repo, "--json").stdout)["entries"]
     oid = {e["path"]: e.get("oid") for e in entries}
     fr = FileRemote(repo)
-    p = fr._path(oid["etc/passwd"])
+    p = fr.object_path(oid["etc/passwd"])
     p.write_bytes(b"root:x:0:0::/root:/bin/bash")  # same object name, other bytes
     assert run("template", "check", "c", "--repo", repo).exit_code == 0  # present...
     r = run("template", "check", "c", "--repo", repo, "--verify", "--json")
@@ -199,7 +199,7 @@ def test_check_reports_missing_and_corrupt_objects(env):
         {"oid": oid["etc/passwd"], "path": "etc/passwd"}
     ]
     assert "1 corrupt" in r.stderr and r.stderr.count("\n") == 1
-    fr._path(oid["bin/sh"]).unlink()
+    fr.object_path(oid["bin/sh"]).unlink()
     r = run("template", "check", "c", "--repo", repo)
     assert r.exit_code == 5 and f"missing {oid['bin/sh']}  bin/sh" in r.stdout
 
