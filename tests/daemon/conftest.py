@@ -78,6 +78,7 @@ class Daemon:
     templates: dict[str, str] = field(default_factory=dict)
     remote_url: str | None = None  # default: the file:// repo
     extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
+    use_remote: bool = True  # False: serve from the local store alone (no --repo)
 
     def start(self) -> None:
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
@@ -91,8 +92,7 @@ class Daemon:
                     str(self.state),
                     "--mount",
                     str(self.mnt),
-                    "--remote",
-                    self.remote_url or str(self.repo),
+                    *(["--remote", self.remote_url or str(self.repo)] if self.use_remote else []),
                     "--store",
                     str(self.store),
                     *self.extra_args,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, json_option, parse_size
-from vfs.errors import UsageError
+from vfs.cli_util import emit_json, handle_errors, json_option, parse_duration, parse_size
+from vfs.errors import NotFound, UsageError
 from vfs.paths import default_store
-from vfs.redirect import LocalStore, Resolver, check_object_id, http_remote, open_remote
-from vfs.redirect.remote import FileRemote
+from vfs.redirect import LocalStore, RepoConfig, Resolver, check_object_id, http_remote, open_remote
+from vfs.redirect.file_remote import FileRemote
 
 store_option = click.option(
     "--store",
@@ -217,22 +217,125 @@ def store_verify(store_dir, repair, as_json):
 @store_option
 @click.option(
     "--target",
-    help="Evict LRU unpinned objects until usage <= this (default: quota, "
-    "or everything unpinned when there is no quota).",
+    help="Evict LRU objects until usage <= this, the cache objects of gc roots included "
+    "(default: the quota, or every object no root needs when there is no quota).",
 )
 @json_option
 @handle_errors
 def store_gc(store_dir, target, as_json):
-    """Evict least recently used unpinned objects."""
+    """Evict least recently used objects nothing on this host needs.
+
+    Never evicted: objects a gc root keeps (templates of VEEs served without a repository,
+    every template's manifest, images registered without one: see `vfsd store roots`) and
+    pinned objects. Objects a root can fetch back again (cache) go only for --target."""
     with open_store(store_dir, create=False) as s:
+        notes = refresh_image_roots(s)
         res = s.gc(parse_size(target) if target else None)
+        keep, cache = s.roots.protected()
+        res["roots"] = len(s.roots.roots())
+        res["kept_by_roots"] = len(keep)
+        res["cached_by_roots"] = len(cache)
+    for n in notes:
+        click.echo(f"vfsd: note: {n}", err=True)
     if as_json:
         emit_json(res)
     else:
         click.echo(
             f"removed {res['removed']} objects, freed {_human(res['freed_bytes'])}, "
-            f"usage now {_human(res['usage'])}"
+            f"usage now {_human(res['usage'])}; {res['roots']} gc roots keep "
+            f"{res['kept_by_roots']} objects and cache {res['cached_by_roots']}"
         )
+
+
+def refresh_image_roots(s: LocalStore) -> list[str]:
+    """Image roots follow their images (push and pull change which clusters are remote):
+    recompute each from its file before a gc. An image that is gone or unreadable keeps its
+    last set (say so): only `vfsd store root rm` forgets a root."""
+    from vfs.cli.gc import image_set
+    from vfs.errors import VfsError
+
+    notes = []
+    for r in s.roots.roots():
+        if r.kind != "vimg":
+            continue
+        try:
+            sets = {"image": image_set(r.path, r.repo)}
+        except (VfsError, OSError) as e:
+            notes.append(f"gc root {r.path}: kept as it was ({e})")
+            continue
+        s.roots.put("vimg", r.path, sets, repo=r.repo)
+    return notes
+
+
+@store.command("roots")
+@store_option
+@json_option
+@handle_errors
+def store_roots(store_dir, as_json):
+    """List the gc roots: what on this host needs objects of the store.
+
+    `vfsd serve` registers its state directory; `vimg push --store` its image; `vfsd store
+    root add` anything else."""
+    with open_store(store_dir, create=False) as s:
+        rows = [r.summary() for r in s.roots.roots()]
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        where = f"repo {r['repo']}" if r["repo"] else "no repo: nothing can be fetched back"
+        gone = "" if r["present"] else "  (path missing)"
+        click.echo(
+            f"{r['kind']:9} {r['path']}: keeps {r['keep_objects']}, caches "
+            f"{r['cache_objects']} ({where}){gone}"
+        )
+
+
+@store.group("root")
+def store_root() -> None:
+    """Register or forget a gc root by hand."""
+
+
+@store_root.command("add")
+@store_option
+@click.option(
+    "--repo",
+    "repo_url",
+    metavar="URL",
+    help="Where its objects can be fetched back from: they are then cache, not kept.",
+)
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@handle_errors
+def store_root_add(store_dir, repo_url, path):
+    """Register PATH (a vimg image, or a vfsd state directory) as a gc root of the store."""
+    from vfs.cli.gc import image_set, state_sets
+
+    with open_store(store_dir, create=False) as s:
+        if path.is_dir():
+            if not (path / "vees.json").exists() and not (path / "vees").is_dir():
+                raise UsageError(f"{path}: not a vfsd state directory (no vees.json)")
+            root = s.roots.update(
+                "vee-state", path, add=state_sets(path, s, repo_url is not None), repo=repo_url
+            )
+        else:
+            root = s.roots.put("vimg", path, {"image": image_set(path, repo_url)}, repo=repo_url)
+    info = root.summary()
+    click.echo(
+        f"{info['kind']} {info['path']}: keeps {info['keep_objects']}, caches "
+        f"{info['cache_objects']}"
+    )
+
+
+@store_root.command("rm")
+@store_option
+@click.argument("path", type=click.Path(path_type=Path))
+@handle_errors
+def store_root_rm(store_dir, path):
+    """Forget the gc root PATH: its objects become ordinary cache (evictable)."""
+    with open_store(store_dir, create=False) as s:
+        removed = [k for k in ("vee-state", "vimg") if s.roots.remove(k, path)]
+    if not removed:
+        raise NotFound(f"{path}: no gc root of this store")
+    click.echo(f"{path}: gc root removed")
 
 
 @store.command("rebuild")
@@ -390,6 +493,68 @@ def repo_ref(repo_url, ca, cert, key, timeout, retries, name, oid):
         if oid:
             r.set_ref(name, check_object_id(oid))
         click.echo(r.get_ref(name))
+
+
+@repo.command("gc")
+@click.option(
+    "--repo",
+    "repo_url",
+    required=True,
+    metavar="DIR",
+    help="The repository directory (file:///DIR or DIR; a web server's copy is not collected).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option(
+    "--grace",
+    "grace_text",
+    metavar="DURATION",
+    default="1d",
+    show_default=True,
+    help="Keep unreferenced objects younger than this (30s, 10m, 2h, 7d): longer than any "
+    "publish, so one running now loses nothing.",
+)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also keep the remote clusters of this local vimg image (repeatable): images pushed "
+    "without --ref are named by no ref.",
+)
+@json_option
+@click.argument("digests", nargs=-1)
+@handle_errors
+def repo_gc(repo_url, dry_run, grace_text, images, as_json, digests):
+    """Remove the objects of a repository that no ref, DIGEST or --image reaches.
+
+    Marks from every ref (templates and everything they name, images pushed with --ref and
+    their clusters, plain objects) and from each DIGEST given (a template, an image or an
+    object), then removes every other object older than --grace. Nothing is removed if a
+    ref names a missing object or a reachable manifest cannot be read."""
+    from vfs.cli.gc import image_objects, object_references
+    from vfs.redirect import repo_gc
+
+    grace = parse_duration(grace_text)
+    extra = [check_object_id(d) for d in digests]
+    for img in images:
+        extra.extend(sorted(image_objects(img)))
+    with RepoConfig(repo_url).open() as r:
+        if not isinstance(r, FileRemote):
+            raise UsageError(f"{repo_url}: repo gc needs the repository directory (file://)")
+        rep = repo_gc.collect(r, object_references, extra_roots=extra, grace=grace, dry_run=dry_run)
+    if as_json:
+        emit_json(rep.to_json())
+    else:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{rep.refs} refs, {rep.roots} roots: {rep.marked_objects} objects reachable "
+            f"({_human(rep.marked_bytes)}); {verb} {rep.swept_objects} objects "
+            f"({_human(rep.swept_bytes)}); kept {rep.young_objects} younger than {grace_text} "
+            f"({_human(rep.young_bytes)})"
+        )
+    err = repo_gc.missing_error(rep, r.url)
+    if err is not None:
+        raise err
 
 
 def _looks_like_id(text: str) -> bool:

@@ -22,6 +22,7 @@ from vfs.daemon.cli_redirect import open_repo, open_store, repo_options
 from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.redirect import HttpRemote, Resolver, check_ref_name
 from vfs.tree.entry import Entry
+from vfs.tree.gcroots import content_objects
 from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.template import Template, publish_template, resolve_ref
@@ -298,6 +299,17 @@ def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
     check_ref_name(name)
     with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
         t = Template.load(r, resolve_ref(ref, r))
+        freshen = getattr(r, "freshen", None)
+        if freshen is not None:
+            # A directory repository: every object of the template is marked as in use again
+            # (and must be there) before the name points at it, so a repo gc running now
+            # cannot take an old template's objects from under the new name.
+            for oid in sorted(content_objects(t)):
+                if not freshen(oid):
+                    raise IntegrityError(
+                        f"template {t.digest[:16]}… is incomplete: object {oid} is missing "
+                        "(vfsd template check); the name was not changed"
+                    )
         r.set_ref(name, t.digest)
     click.echo(f"{t.digest}  {name}")
 

@@ -32,6 +32,7 @@ from vfs.daemon.confine import Confinement
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
 from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
 from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.tree.gcroots import StateRoot, missing_objects
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
 from vfs.tree.vee import VeeRegistry, check_vee_name
@@ -47,13 +48,22 @@ MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_ot
 class Daemon:
     """The control-plane of one mount: the registry, the templates, and the views."""
 
-    def __init__(self, registry: VeeRegistry, views: Views, resolver: Resolver, remote: Any):
+    def __init__(
+        self,
+        registry: VeeRegistry,
+        views: Views,
+        resolver: Resolver,
+        remote: Any,
+        root: StateRoot | None = None,
+    ):
         self.registry = registry
         self.views = views
         self.resolver = resolver
         self.remote = remote
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
+        #: the state directory's gc root in the store: what store gc and eviction must leave
+        self.root = root or StateRoot(resolver.store.roots, registry.state, _url(remote))
 
     # -- templates ---------------------------------------------------------------------------
 
@@ -72,8 +82,17 @@ class Daemon:
             self.templates[digest] = t
         return t
 
+    def in_use(self) -> dict[str, Template | None]:
+        """The templates the registry names, loaded (None: could not be loaded)."""
+        return {r.template: self.templates.get(r.template) for r in self.registry.vees.values()}
+
     def start_all(self) -> None:
         """Mount every registered VEE (at startup, before serving)."""
+        # Registered with the store first (the root of a previous run stays until this one
+        # knows better): templates that fail to load now keep what their root had.
+        for digest in {r.template for r in self.registry.vees.values()}:
+            self.root.hold(digest)
+            self.root.release(digest)
         for name, rec in sorted(self.registry.vees.items()):
             try:
                 t = self.load_template(rec.template)
@@ -81,6 +100,25 @@ class Daemon:
             except VfsError as e:
                 log.error("VEE %s not mounted: %s", name, e)
                 self.broken[name] = str(e)
+        self.root.sync(self.in_use())
+
+    def _use(self, digest: str, t: Template) -> None:
+        """Blocking: ``t``'s objects join the gc root; without a repository to fetch them, every
+        one must be in the store (checked after the root protects them, so a gc running now
+        either leaves them or is found out here)."""
+        self.root.hold(digest, t)
+        if self.remote is not None:
+            return
+        missing = list(missing_objects(t, self.resolver.store))
+        if missing:
+            self.root.release(digest)
+            self.root.sync(self.in_use())
+            path = missing[0][0].decode("utf-8", "backslashreplace")
+            raise NotFound(
+                f"template {digest[:16]}…: {len(missing)} content object(s) are not in the "
+                f"local store (first: /{path}) and the daemon has no --repo to fetch them: "
+                "publish it with --store, or serve with --repo"
+            )
 
     # -- control requests ------------------------------------------------------------------
 
@@ -94,7 +132,7 @@ class Daemon:
         if op == "add":
             return await self.add(req["name"], req["template"])
         if op == "rm":
-            return self.rm(req["name"], req["purge"])
+            return await self.rm(req["name"], req["purge"])
         if op == "upgrade":
             return await self.upgrade(req["name"], req["template"], req["dry_run"])
         raise UsageError(f"unknown control op {op!r}")
@@ -115,7 +153,21 @@ class Daemon:
         if name in self.registry.vees:
             raise AlreadyExists(f"VEE {name!r} exists")
         digest = await trio.to_thread.run_sync(self._digest, ref)
-        t = await trio.to_thread.run_sync(self.load_template, digest)
+        # The manifest is protected before it is read, the content before a VEE uses it.
+        await trio.to_thread.run_sync(self.root.hold, digest)
+        try:
+            t = await trio.to_thread.run_sync(self.load_template, digest)
+            await trio.to_thread.run_sync(self._use, digest, t)
+            try:
+                self._add_registered(name, digest, ref, t)
+            finally:
+                self.root.release(digest)
+        finally:
+            self.root.release(digest)
+            await trio.to_thread.run_sync(self.root.sync, self.in_use())
+        return {"name": name, "template": digest}
+
+    def _add_registered(self, name: str, digest: str, ref: str, t: Template) -> None:
         # Save-then-apply: everything that can fail on a full disk (the layer's directories,
         # the registry file) happens before the VEE appears in the mount; the last step only
         # changes memory. A failure leaves no ghost: not listed, not mounted, not registered.
@@ -131,9 +183,8 @@ class Daemon:
         except BaseException:
             self.registry.forget(name)  # the layer (maybe adopted, not new) stays where it is
             raise
-        return {"name": name, "template": digest}
 
-    def rm(self, name: str, purge: bool) -> dict[str, Any]:
+    async def rm(self, name: str, purge: bool) -> dict[str, Any]:
         self.registry.get(name)
         if any(h.node.vee is self.views.vees.get(name) for h in self.views.handles.values()):
             raise BusyError(f"VEE {name!r} has open files")
@@ -142,6 +193,8 @@ class Daemon:
             self.views.remove_vee(name)
         self.broken.pop(name, None)
         kept = self.registry.retire_layer(name, purge=purge)
+        # last: its template's objects leave the gc root once no VEE uses them
+        await trio.to_thread.run_sync(self.root.sync, self.in_use())
         return {"name": name, "kept_layer": str(kept) if kept else None}
 
     async def upgrade(self, name: str, ref: str, dry_run: bool) -> dict[str, Any]:
@@ -161,13 +214,22 @@ class Daemon:
         vee = self.views.vees.get(name)
         if vee is not None and any(h.node.vee is vee for h in self.views.handles.values()):
             raise BusyError(f"VEE {name!r} has open files: close them (or stop its users) first")
-        self.registry.set_template(name, digest, ref)
-        with contextlib.suppress(NotFound):
-            self.views.remove_vee(name)
-        self.views.add_vee(name, new, layer)
-        self.broken.pop(name, None)
+        await trio.to_thread.run_sync(self._use, digest, new)  # before the registry names it
+        try:
+            self.registry.set_template(name, digest, ref)
+            with contextlib.suppress(NotFound):
+                self.views.remove_vee(name)
+            self.views.add_vee(name, new, layer)
+            self.broken.pop(name, None)
+        finally:
+            self.root.release(digest)
+            await trio.to_thread.run_sync(self.root.sync, self.in_use())
         out["applied"] = True
         return out
+
+
+def _url(remote: Any) -> str | None:
+    return getattr(remote, "url", None) if remote is not None else None
 
 
 def _raise_fd_limit() -> None:

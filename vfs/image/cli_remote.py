@@ -158,6 +158,12 @@ def push(repo, store, quiet, ref, file):
         if ref:
             oid = publish_template(img, remote, ref)
             click.echo(f"published template {ref} = {oid}")
+        if st is not None:
+            # the local copies serve this image's reads: a gc root of the store, as cache (the
+            # repository gives them back), refreshed by every `vfsd store gc`
+            from vfs.cli.gc import image_set
+
+            st.roots.put("vimg", file, {"image": image_set(file, remote.url)}, repo=remote.url)
     finally:
         close_image(img)
         remote.close()

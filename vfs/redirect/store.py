@@ -50,6 +50,7 @@ from vfs.errors import (
 from vfs.redirect.bounds import size_mismatch
 from vfs.redirect.objectid import check_object_id, new_hasher, object_id, shard
 from vfs.redirect.objfile import DEFAULT_CHUNK, ObjectReader, ObjectWriter
+from vfs.redirect.roots import GcRoots
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class LocalStore:
         self.quota: int | None = config.get("quota")
         self.compress: bool = bool(config.get("compress", False))
         self.chunk_size: int = int(config.get("chunk_size", DEFAULT_CHUNK))
+        self.roots = GcRoots(self.root)  # what eviction must leave (vfs.redirect.roots)
 
         self._lock_fd = os.open(self.root / "store.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
@@ -489,17 +491,19 @@ class LocalStore:
                 "ORDER BY atime, oid"
             ).fetchall()
         freed = 0
-        for oid, stored in victims:
-            if used + need - freed <= self.quota:
-                break
-            if oid == exclude:
-                continue
-            self._delete(oid)
-            freed += stored
-            log.info("store: evicted %s (%d bytes) for quota", oid, stored)
+        with self.roots.locked():  # gc roots: never what a root keeps, its cache objects last
+            for oid, stored in self.roots.evictable(victims):
+                if used + need - freed <= self.quota:
+                    break
+                if oid == exclude:
+                    continue
+                self._delete(oid)
+                freed += stored
+                log.info("store: evicted %s (%d bytes) for quota", oid, stored)
         if used + need - freed > self.quota:
             raise StoreFull(
-                f"store quota {self.quota} bytes reached and the remaining objects are pinned"
+                f"store quota {self.quota} bytes reached and the remaining objects are pinned "
+                "or needed by a gc root (vfsd store roots)"
             )
 
     def _delete(self, oid: str) -> None:
@@ -539,7 +543,9 @@ class LocalStore:
 
     def gc(self, target: int | None = None) -> dict[str, int]:
         """Evict unpinned objects, least recently used first, until usage <= ``target``
-        (default: the quota; with neither, evict every unpinned object)."""
+        (default: the quota; with neither, evict every unpinned object). Objects a gc root
+        keeps stay; those it caches go only for an explicit ``target``
+        (:mod:`vfs.redirect.roots`)."""
         self._flush_atimes()
         goal = target if target is not None else (self.quota if self.quota is not None else 0)
         db = self._require_db()
@@ -550,12 +556,14 @@ class LocalStore:
                 "ORDER BY atime, oid"
             ).fetchall()
         removed = freed = 0
-        for oid, stored in victims:
-            if used - freed <= goal:
-                break
-            self._delete(oid)
-            removed += 1
-            freed += stored
+        with self.roots.locked():  # gc roots: never what a root keeps; its cache objects
+            cache = self.roots.protected()[1] if target is None else set()  # only for --target
+            for oid, stored in self.roots.evictable(victims):
+                if used - freed <= goal or oid in cache:
+                    break
+                self._delete(oid)
+                removed += 1
+                freed += stored
         return {"removed": removed, "freed_bytes": freed, "usage": used - freed}
 
     def _maybe_flush_atimes(self) -> None:
