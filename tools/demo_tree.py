@@ -55,9 +55,9 @@ def run_demo(work: Path, nginx, run, banner) -> None:
     log = open(d / "vfsd.log", "wb")  # noqa: SIM115 - closed in finally
 
     def start() -> subprocess.Popen:
-        print(f"$ vfsd serve --state {state} --mount {mnt} --remote {url} --store {store} &")
+        print(f"$ vfsd serve --state {state} --mount {mnt} --repo {url} --store {store} &")
         p = subprocess.Popen(
-            [BIN / "vfsd", "serve", "--state", state, "--mount", mnt, "--remote", url,
+            [BIN / "vfsd", "serve", "--state", state, "--mount", mnt, "--repo", url,
              "--store", store], stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

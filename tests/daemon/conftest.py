@@ -92,7 +92,7 @@ class Daemon:
                     str(self.state),
                     "--mount",
                     str(self.mnt),
-                    *(["--remote", self.remote_url or str(self.repo)] if self.use_remote else []),
+                    *(["--repo", self.remote_url or str(self.repo)] if self.use_remote else []),
                     "--store",
                     str(self.store),
                     *self.extra_args,

@@ -2,6 +2,6 @@
 
 Every command here is thin: it parses options (defined once, :mod:`vfs.cli.options`), calls the
 library (:mod:`vfs.redirect`, :mod:`vfs.tree`, :mod:`vfs.image`, :mod:`vfs.daemon`) and prints.
-Errors reach the user through :mod:`vfs.cli.common`: one line on stderr and the exit code of
+Errors reach the user through :mod:`vfs.cli_util`: one line on stderr and the exit code of
 the error's class (README, "Exit codes").
 """

@@ -8,127 +8,18 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.options import repo_options, store_option
 from vfs.cli_util import emit_json, handle_errors, json_option, parse_duration, parse_size
-from vfs.errors import NotFound, UsageError
+from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.paths import default_store
-from vfs.redirect import LocalStore, RepoConfig, Resolver, check_object_id, http_remote, open_remote
+from vfs.redirect import LocalStore, RepoConfig, Resolver, check_object_id
 from vfs.redirect.file_remote import FileRemote
 
-store_option = click.option(
-    "--store",
-    "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local object store directory [default: $VFS_STORE or $VFS_ROOT/store, "
-    "VFS_ROOT=/var/lib/vfs].",
-)
-
-
-def _store_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.meta["vfs.proxy"] = value
-
-
-def _store_min_rate(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value is not None:
-        try:
-            ctx.meta["vfs.min_rate"] = parse_size(value)
-        except UsageError as e:  # parsing time: click's one-line usage error, not a traceback
-            raise click.BadParameter(str(e)) from None
-
-
-def _store_grace(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
-    if value is not None:
-        ctx.meta["vfs.grace"] = value
-
-
-def current_proxy() -> str | None:
-    """--proxy of the running command (kept in the click context, not in every signature)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta.get("vfs.proxy") if ctx is not None else None
-
-
-def _current(key: str):
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta.get(key) if ctx is not None else None
-
-
-def repo_options(fn):
-    """--repo URL plus the TLS, proxy and deadline options of HTTP(S) repositories."""
-    fn = click.option(
-        "--proxy",
-        metavar="URL",
-        expose_value=False,
-        callback=_store_proxy,
-        help="HTTP forward proxy (e.g. a site cache) for http(s):// repositories.",
-    )(fn)
-    fn = click.option(
-        "--grace",
-        type=click.FloatRange(min=0),
-        expose_value=False,
-        callback=_store_grace,
-        help=f"Seconds an HTTP fetch may take before --min-rate applies "
-        f"[default: {http_remote.DEFAULT_GRACE:g}].",
-    )(fn)
-    fn = click.option(
-        "--min-rate",
-        metavar="BYTES",
-        expose_value=False,
-        callback=_store_min_rate,
-        help="Bytes/s an HTTP fetch must average once its grace is over, else it is cut off "
-        f"(e.g. 64K; 0: no overall deadline) [default: {http_remote.DEFAULT_MIN_RATE // 1024}K].",
-    )(fn)
-    fn = click.option(
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=http_remote.DEFAULT_TIMEOUT,
-        show_default=True,
-        help="Seconds any one connect, TLS handshake or read may take.",
-    )(fn)
-    fn = click.option(
-        "--retries",
-        type=click.IntRange(min=0),
-        default=http_remote.DEFAULT_RETRIES,
-        show_default=True,
-        help="Retries after a failed request (exponential backoff, within the deadline).",
-    )(fn)
-    fn = click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")(fn)
-    fn = click.option(
-        "--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS)."
-    )(fn)
-    fn = click.option(
-        "--ca",
-        type=click.Path(dir_okay=False),
-        help="CA bundle that signs the server's certificate.",
-    )(fn)
-    fn = click.option(
-        "--repo",
-        "repo_url",
-        required=True,
-        metavar="URL",
-        help="Repository: file:///DIR, DIR, http://HOST/PATH or https://...",
-    )(fn)
-    return fn
+store_option = store_option()
 
 
 def open_store(store_dir: Path | None, **kw) -> LocalStore:
     return LocalStore(store_dir or default_store(), **kw)
-
-
-def open_repo(repo_url, ca, cert, key, timeout, retries, create=False):
-    """The repository of a command's --repo/--ca/--cert/--key/--timeout/--retries/--proxy."""
-    return open_remote(
-        repo_url,
-        ca=ca,
-        cert=cert,
-        key=key,
-        timeout=timeout,
-        retries=retries,
-        create=create,
-        proxy=current_proxy(),
-        min_rate=_current("vfs.min_rate"),
-        grace=_current("vfs.grace"),
-    )
 
 
 def _human(n: float) -> str:
@@ -210,7 +101,9 @@ def store_verify(store_dir, repair, as_json):
         for oid in rep.bad:
             click.echo(f"damaged: {oid}{' (removed)' if oid in rep.removed else ''}")
     if rep.bad and not repair:
-        sys.exit(5)
+        raise IntegrityError(
+            f"{len(rep.bad)} of {rep.checked} objects are damaged (--repair removes them)"
+        )
 
 
 @store.command("gc")
@@ -397,12 +290,12 @@ def repo_init(directory):
 @json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @handle_errors
-def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files):
+def repo_put(repo, ref_name, as_json, files):
     """Upload files as objects (file:// repositories; publish HTTP ones by copying the dir)."""
     if ref_name and len(files) != 1:
         raise UsageError("--ref needs exactly one file")
     results = []
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         for f in files:
             oid = r.put_file(f)
             results.append({"file": f, "id": oid})
@@ -436,13 +329,13 @@ def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files
 @click.argument("ref")
 @handle_errors
 def repo_get(
-    repo_url, ca, cert, key, timeout, retries, store_dir, output, expected_size, max_size,
+    repo, store_dir, output, expected_size, max_size,
     as_json, ref,
 ):  # fmt: skip
     """Resolve REF (an id or a ref name) through the local store: fetch, verify, store."""
     exact = parse_size(expected_size) if expected_size is not None else None
     bound = parse_size(max_size)
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
+    with repo.open() as r, open_store(store_dir) as s:
         oid = ref if _looks_like_id(ref) else r.get_ref(ref)
         res = Resolver(s, r)
         local = s.has(oid)
@@ -471,9 +364,9 @@ def repo_get(
 @repo_options
 @json_option
 @handle_errors
-def repo_ls(repo_url, ca, cert, key, timeout, retries, as_json):
+def repo_ls(repo, as_json):
     """List the named refs of a repository."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         refs = r.list_refs()
     if as_json:
         emit_json(refs)
@@ -487,9 +380,9 @@ def repo_ls(repo_url, ca, cert, key, timeout, retries, as_json):
 @click.argument("name")
 @click.argument("oid", required=False)
 @handle_errors
-def repo_ref(repo_url, ca, cert, key, timeout, retries, name, oid):
+def repo_ref(repo, name, oid):
     """Show NAME's object id, or point NAME at OID."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         if oid:
             r.set_ref(name, check_object_id(oid))
         click.echo(r.get_ref(name))
@@ -566,9 +459,9 @@ def _looks_like_id(text: str) -> bool:
 @store_option
 @click.argument("oids", nargs=-1, required=True)
 @handle_errors
-def fetch(repo_url, ca, cert, key, timeout, retries, store_dir, oids):
+def fetch(repo, store_dir, oids):
     """Make objects local (used by tests racing processes)."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
+    with repo.open() as r, open_store(store_dir) as s:
         res = Resolver(s, r)
         for oid in oids:
             res.ensure(check_object_id(oid))

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.options import repo_options
 from vfs.cli_util import emit_json, handle_errors, json_option
-from vfs.daemon.cli_redirect import open_repo, open_store, repo_options
-from vfs.errors import IntegrityError, NotFound, UsageError
+from vfs.daemon.cli_redirect import open_store
+from vfs.errors import Differs, IntegrityError, NotFound, UsageError
 from vfs.redirect import HttpRemote, Resolver, check_ref_name
 from vfs.tree.entry import Entry
 from vfs.tree.gcroots import content_objects
@@ -47,9 +48,9 @@ def template() -> None:
 
 
 @contextlib.contextmanager
-def _loader(repo_url, ca, cert, key, timeout, retries, store_dir):
+def _loader(repo, store_dir):
     """Yield (remote, getter): getter.get(oid) reads via the store when one is given."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         if store_dir is None:
             yield r, r
         else:
@@ -85,17 +86,17 @@ def _progress():
 @json_option
 @click.argument("src", type=click.Path(path_type=Path))
 @handle_errors
-def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude, as_json, src):
+def publish(repo, store_dir, name, exclude, as_json, src):
     """Publish SRC (a directory, a tar archive, or - for a tar on stdin); print the digest.
 
     Uploads only the objects the repository lacks: content objects first, then the manifest,
     then the name, so an interrupted publish leaves the old name and no partial template.
     """
     progress = _progress()
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         if isinstance(r, HttpRemote):  # refuse before hashing the whole tree, not after
             raise UsageError(
-                f"{repo_url}: HTTP repositories are read-only: publish to the repository "
+                f"{repo.url}: HTTP repositories are read-only: publish to the repository "
                 "directory, then copy it to the web root (objects first, refs last)"
             )
         if name is not None:
@@ -129,9 +130,9 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude,
 @click.option("-l", "--long", "long_", is_flag=True, help="Also load each template: sizes.")
 @json_option
 @handle_errors
-def ls(repo_url, ca, cert, key, timeout, retries, store_dir, long_, as_json):
+def ls(repo, store_dir, long_, as_json):
     """List the template names of a repository and their digests."""
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         refs = r.list_refs()
         if not long_:
             if as_json:
@@ -210,9 +211,9 @@ def _ls_line(path: bytes, e: Entry) -> str:
 @click.argument("ref")
 @click.argument("path", required=False, default="")
 @handle_errors
-def show(repo_url, ca, cert, key, timeout, retries, store_dir, show_xattrs, as_json, ref, path):
+def show(repo, store_dir, show_xattrs, as_json, ref, path):
     """List the entries of template REF (a name or a digest) like ls -lR, or those under PATH."""
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         digest = resolve_ref(ref, r)
         t = Template.load(getter, digest)
     want = path.strip("/").encode("utf-8", "surrogateescape")
@@ -239,9 +240,9 @@ def show(repo_url, ca, cert, key, timeout, retries, store_dir, show_xattrs, as_j
 @click.argument("a")
 @click.argument("b")
 @handle_errors
-def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_code, a, b):
+def diff(repo, store_dir, as_json, exit_code, a, b):
     """Compare templates A and B (names or digests): paths added, removed, modified."""
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         ta = Template.load(getter, resolve_ref(a, r))
         tb = Template.load(getter, resolve_ref(b, r))
     changes = diff_templates(ta, tb)
@@ -253,7 +254,7 @@ def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_cod
             extra = f"  ({', '.join(c.fields)})" if c.fields else ""
             click.echo(f"{marks[c.status]} {_text(c.path) or '.'}{extra}")
     if exit_code and changes:
-        sys.exit(1)
+        raise Differs()  # as diff --exit-code: 1 when they differ
 
 
 @template.command("check")
@@ -262,10 +263,10 @@ def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_cod
 @json_option
 @click.argument("ref")
 @handle_errors
-def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
+def check(repo, verify, as_json, ref):
     """Check that template REF is complete in the repository: its manifest loads and verifies,
     and every content object it names is present (--verify: and hashes right)."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         t = Template.load(r, resolve_ref(ref, r))
         rep = check_template(t, r, verify=verify)
     if as_json:
@@ -291,13 +292,13 @@ def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
 @click.argument("name")
 @click.argument("ref")
 @handle_errors
-def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
+def tag(repo, name, ref):
     """Point NAME at template REF (a digest or another name), e.g. to roll a name back.
 
     REF must load as a valid template first: a name never points at something that is not one.
     """
     check_ref_name(name)
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         t = Template.load(r, resolve_ref(ref, r))
         freshen = getattr(r, "freshen", None)
         if freshen is not None:
@@ -322,12 +323,12 @@ def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
 )
 @click.argument("ref")
 @handle_errors
-def export(repo_url, ca, cert, key, timeout, retries, store_dir, output, ref):
+def export(repo, store_dir, output, ref):
     """Write template REF as a pax tar (owners, modes, ns times, xattrs, hard links, devices):
     extract it with `tar -xpf - --xattrs --xattrs-include='*' --numeric-owner`."""
     from vfs.tree.tarexport import export_tar
 
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         t = Template.load(getter, resolve_ref(ref, r))
         source = getter if store_dir is not None else r
         if output is None:

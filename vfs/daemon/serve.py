@@ -31,7 +31,7 @@ from vfs.daemon import control
 from vfs.daemon.confine import Confinement
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
 from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
-from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.redirect import LocalStore, RepoConfig, Resolver
 from vfs.tree.gcroots import StateRoot, missing_objects
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
@@ -71,7 +71,7 @@ class Daemon:
         if is_digest(ref):
             return ref
         if self.remote is None:
-            raise UsageError(f"template {ref!r} is a name: the daemon needs --remote to resolve it")
+            raise UsageError(f"template {ref!r} is a name: the daemon needs --repo to resolve it")
         return resolve_ref(ref, self.remote)
 
     def load_template(self, digest: str) -> Template:
@@ -282,8 +282,7 @@ async def serve(
     mount: Path,
     *,
     store_dir: Path,
-    remote_url: str | None = None,
-    remote_tls: dict[str, str | None] | None = None,
+    repo: RepoConfig | None = None,
     debug_fuse: bool = False,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
@@ -296,7 +295,7 @@ async def serve(
         mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
         store = LocalStore(store_dir)
         stack.callback(store.close)
-        remote = open_remote(remote_url, **(remote_tls or {})) if remote_url else None
+        remote = repo.open() if repo is not None else None
         if remote is not None:
             stack.callback(remote.close)
         resolver = Resolver(store, remote)

@@ -9,13 +9,19 @@ remote clusters (bench, io, push, pull/hydrate). Shared options: :mod:`vfs.image
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import click
 
 from vfs.cli_util import emit_json, handle_errors
-from vfs.errors import CorruptionError, IntegrityError, UsageError
+from vfs.errors import (
+    CheckCorruption,
+    CheckLeaks,
+    CorruptionError,
+    Differs,
+    IntegrityError,
+    UsageError,
+)
 from vfs.image.cli_common import (
     FMT,
     LazyResolver,
@@ -185,7 +191,10 @@ def check(fmt, repair, as_json, output, file):
             f"{res.compressed_clusters} compressed, {res.remote_clusters} remote clusters"
         )
         click.echo(f"Image end offset: {res.image_end_offset}")
-    sys.exit(res.exit_code)
+    if res.exit_code == 2:
+        raise CheckCorruption()  # exit 2 and 3 as qemu-img check: results, not usage errors
+    if res.exit_code == 3:
+        raise CheckLeaks()
 
 
 # ----------------------------------------------------------------------------------- verify
@@ -342,7 +351,7 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
         return
     if not quiet:
         click.echo(f"Content mismatch at offset {off}!")
-    sys.exit(1)
+    raise Differs()  # exit 1, as qemu-img compare and cmp
 
 
 # ----------------------------------------------------------------------------------- measure

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from vfs.cli.options import repo_options
 from vfs.cli_util import handle_errors
 from vfs.errors import UsageError
 from vfs.image.cli_common import (
@@ -18,9 +19,9 @@ from vfs.image.cli_common import (
     open_image,
     probe,
     remote_opts,
-    tls,
 )
 from vfs.image.qemuio import parse_size
+from vfs.redirect.repoconfig import RepoConfig
 
 
 # ----------------------------------------------------------------------------------- bench
@@ -125,7 +126,7 @@ def io(commands, fmt, store, repo, file):
 
 # ----------------------------------------------------------------------------------- push/pull
 @main.command()
-@click.option("--repo", required=True, help="Repository (file:///dir or a directory).")
+@repo_options(help="Repository (file:///dir or a directory).")
 @click.option("--store", type=click.Path(file_okay=False), help="Also keep a copy in this store.")
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
 @click.option("--ref", "ref", help="Also publish the image as a template under this name.")
@@ -141,12 +142,11 @@ def push(repo, store, quiet, ref, file):
     """
     from vfs.image.remote import publish_template
     from vfs.image.remote import push as do_push
-    from vfs.redirect import open_remote
 
     check_vimg(file, None)
     # A directory repository is created on first push; http(s) ones are read-only (the remote
     # says so in one line: publish by copying the directory to a web root).
-    remote = open_remote(repo, create=not repo.startswith(("http://", "https://")), **tls())
+    remote = repo.open(create=not repo.is_http)
     st = None
     if store:
         from vfs.redirect import LocalStore
@@ -169,21 +169,19 @@ def push(repo, store, quiet, ref, file):
         remote.close()
         if st is not None:
             st.close()
-    click.echo(f"pushed {n} clusters to {repo}")
+    click.echo(f"pushed {n} clusters to {repo.url}")
 
 
 def _pull(
-    repo: str | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
+    repo: RepoConfig | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
 ) -> None:
     from vfs.image.remote import fetch_template
     from vfs.image.remote import pull as do_pull
 
     if ref:
-        if not repo:
+        if repo is None:
             raise UsageError("--ref needs --repo")
-        from vfs.redirect import open_remote
-
-        with open_remote(repo, **tls()) as remote:
+        with repo.open() as remote:
             oid = fetch_template(remote, ref, file)
         click.echo(f"fetched template {ref} = {oid}")
         if lazy:
