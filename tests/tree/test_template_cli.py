@@ -249,3 +249,52 @@ def test_export_to_stdout(env):
     assert set(members) == {".", "bin", "bin/sh", "etc", "etc/passwd", "sh"}
     assert members["bin/sh"].mode == 0o4755 and members["sh"].linkname == "bin/sh"
     assert "6 members, 33 bytes" in r.stderr
+
+
+def test_rm_retires_names_and_repo_gc_takes_what_no_name_reaches(env):
+    """The lifecycle of a template: publish, a second version, retire the first name, gc.
+    The retired template stays loadable by digest until the gc; a digest given to the gc keeps
+    it (a VEE still uses it); without one, its objects go, and the second version is whole."""
+    tmp, repo, src = env
+    d1 = run("template", "publish", str(src), "--repo", repo, "--name", "v1").stdout.strip()
+    (src / "etc" / "passwd").write_bytes(b"root:x:0:0::/root:/bin/bash\n")  # v2: one change
+    d2 = run("template", "publish", str(src), "--repo", repo, "--name", "v2").stdout.strip()
+    run("template", "tag", "old", "v1", "--repo", repo)
+    # a name that is no ref: nothing is removed, also not the names before it
+    assert "'nope'" in one_line_error(run("template", "rm", "v1", "nope", "--repo", repo), 4)
+    one_line_error(run("template", "rm", "../x", "--repo", repo), 2)
+    assert set(json.loads(run("template", "ls", "--repo", repo, "--json").stdout)) == {
+        "v1", "v2", "old"
+    }  # fmt: skip
+    r = run("template", "rm", "v1", "old", "--repo", repo, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == [{"name": "v1", "digest": d1}, {"name": "old", "digest": d1}]
+    assert json.loads(run("template", "ls", "--repo", repo, "--json").stdout) == {"v2": d2}
+    assert FileRemote(repo).list_refs() == {"v2": d2}  # refs.json too: what HTTP readers list
+    assert json.loads((tmp / "repo" / "refs.json").read_text()) == {"v2": d2}
+    one_line_error(run("template", "show", "v1", "--repo", repo), 4)
+    assert run("template", "show", d1, "--repo", repo).exit_code == 0  # by digest: still there
+
+    # a gc told that a VEE uses d1 keeps it whole
+    r = run("repo", "gc", "--repo", repo, "--grace", "0", d1, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["swept_objects"] == 0
+    assert run("template", "check", d1, "--repo", repo, "--verify").exit_code == 0
+    # not told: v1's manifest and its old passwd go; v2 loses nothing
+    r = run("repo", "gc", "--repo", repo, "--grace", "0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["swept_objects"] == 2
+    one_line_error(run("template", "show", d1, "--repo", repo), 4)
+    assert run("template", "check", "v2", "--repo", repo, "--verify").exit_code == 0
+
+
+def test_repo_ref_delete(env):
+    tmp, repo, _ = env
+    oid = FileRemote(repo).put(b"an object")
+    assert run("repo", "ref", "img", oid, "--repo", repo).stdout == f"{oid}\n"
+    one_line_error(run("repo", "ref", "-d", "img", oid, "--repo", repo), 2)
+    r = run("repo", "ref", "--delete", "img", "--repo", repo)
+    assert r.exit_code == 0 and r.stdout == f"{oid}\n"
+    one_line_error(run("repo", "ref", "img", "--repo", repo), 4)
+    one_line_error(run("repo", "ref", "-d", "img", "--repo", repo), 4)
+    assert FileRemote(repo).has(oid)  # the object stays until a gc

@@ -377,12 +377,23 @@ def repo_ls(repo, as_json):
 
 @repo.command("ref")
 @repo_options
+@click.option(
+    "-d",
+    "--delete",
+    is_flag=True,
+    help="Remove NAME (print the id it named); the objects stay until `vfsd repo gc`.",
+)
 @click.argument("name")
 @click.argument("oid", required=False)
 @handle_errors
-def repo_ref(repo, name, oid):
-    """Show NAME's object id, or point NAME at OID."""
+def repo_ref(repo, delete, name, oid):
+    """Show NAME's object id, point NAME at OID, or remove NAME (--delete)."""
+    if delete and oid:
+        raise UsageError("--delete takes a NAME only, no OID")
     with repo.open() as r:
+        if delete:
+            click.echo(r.delete_ref(name))
+            return
         if oid:
             r.set_ref(name, check_object_id(oid))
         click.echo(r.get_ref(name))

@@ -315,6 +315,36 @@ def tag(repo, name, ref):
     click.echo(f"{t.digest}  {name}")
 
 
+@template.command("rm")
+@repo_options
+@json_option
+@click.argument("names", nargs=-1, required=True)
+@handle_errors
+def rm(repo, as_json, names):
+    """Retire template names: each NAME stops resolving; its template stays in the repository.
+
+    VEEs on it keep running (they know it by digest) and `template show DIGEST` still works.
+    Its objects are removed by the next `vfsd repo gc` once no other name and no DIGEST given
+    to the gc reaches them: give the gc the digests VEEs still use (`vfsd vee list`). Every
+    NAME is checked before any is removed: a name that is no ref removes nothing.
+    """
+    for name in names:
+        check_ref_name(name)
+    retired = []
+    with repo.open() as r:
+        refs = r.list_refs()
+        unknown = [n for n in names if n not in refs]
+        if unknown:
+            raise NotFound(f"no template named {', '.join(map(repr, unknown))} in {r.url}")
+        for name in dict.fromkeys(names):
+            retired.append({"name": name, "digest": r.delete_ref(name)})
+    if as_json:
+        emit_json(retired)
+        return
+    for x in retired:
+        click.echo(f"retired {x['name']} (was {x['digest']})")
+
+
 @template.command("export")
 @repo_options
 @_store_opt

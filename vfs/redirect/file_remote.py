@@ -178,6 +178,28 @@ class FileRemote(Remote):
                 self.root / "refs.json", json.dumps(refs, indent=2, sort_keys=True).encode()
             )
 
+    def delete_ref(self, name: str) -> str:
+        """Remove ref ``name`` (retire a template or image name); return the id it named.
+
+        The unlink of ``refs/NAME`` (then an fsync of ``refs/``) is the commit point; the
+        listing ``refs.json`` is rewritten after it. A crash in between leaves the name in the
+        listing but not resolvable (NotFound on use), and the next ``set_ref`` or
+        ``delete_ref`` rewrites the listing. The objects stay: ``vfsd repo gc`` removes what no
+        ref reaches any more, after its grace period."""
+        check_ref_name(name)
+        with self._refs_lock, _flock(self.root / ".refs.lock"):
+            oid = self.get_ref(name)
+            try:
+                os.unlink(self.root / "refs" / name)
+            except FileNotFoundError:
+                raise NotFound(f"no ref {name!r} in {self.url}") from None
+            durable.fsync_dir(self.root / "refs")
+            refs = self._scan_refs()
+            write_atomic(
+                self.root / "refs.json", json.dumps(refs, indent=2, sort_keys=True).encode()
+            )
+        return oid
+
     def _scan_refs(self) -> dict[str, str]:
         """Every ref file: names that are no ref name (editor leftovers, temp files) and
         entries that are no regular file are not refs; a ref file that names no object id is

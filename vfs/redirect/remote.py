@@ -100,6 +100,10 @@ class Remote(ABC):
     def set_ref(self, name: str, oid: str) -> None:
         raise UsageError(f"{self.url}: read-only repository (publish by copying the directory)")
 
+    def delete_ref(self, name: str) -> str:
+        """Remove ref ``name``; return the object id it named (NotFound if there is none)."""
+        raise UsageError(f"{self.url}: read-only repository (publish by copying the directory)")
+
     @abstractmethod
     def get_ref(self, name: str) -> str: ...
 
