@@ -148,14 +148,15 @@ def repo_options(
     return decorate(fn) if fn is not None else decorate
 
 
-def store_option(
-    help: str = "Local object store [default: $VFS_STORE or $VFS_ROOT/store, "
-    "VFS_ROOT=/var/lib/vfs].",
-) -> Any:
-    """``--store DIR`` (parameter ``store_dir``: a Path, or None for the default)."""
+STORE_HELP = "Local object store [default: $VFS_STORE or $VFS_ROOT/store, VFS_ROOT=/var/lib/vfs]."
+
+
+def store_option(help: str = STORE_HELP, *, param: str = "store_dir") -> Any:
+    """``--store DIR`` (parameter ``param``: a Path, or None for the default)."""
     return click.option(
         "--store",
-        "store_dir",
+        param,
+        metavar="DIR",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
         help=help,
@@ -169,12 +170,14 @@ def default_state() -> Path:
 state_option = click.option(
     "--state",
     "state_dir",
+    metavar="DIR",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Daemon state directory [default: $VFS_STATE or $VFS_ROOT/state].",
 )
 
 __all__ = [
+    "STORE_HELP",
     "RepoConfig",
     "default_state",
     "default_store",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from vfs.cli.options import repo_options
+from vfs.cli.options import repo_options, store_option
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.daemon.cli_redirect import open_store
 from vfs.errors import Differs, IntegrityError, NotFound, UsageError
@@ -28,12 +28,8 @@ from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.template import Template, publish_template, resolve_ref
 
-_store_opt = click.option(
-    "--store",
-    "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local object store: publish also puts the objects there; show/diff read through it.",
+_store_opt = store_option(
+    "Local object store: publish also puts the objects there; show/diff read through it."
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from vfs.cli.options import repo_options
+from vfs.cli.options import repo_options, store_option
 from vfs.cli_util import OneLineErrorGroup, json_option, setup_logging
 from vfs.errors import UsageError
 from vfs.image.image import Image
@@ -91,12 +91,7 @@ def remote_opts(fn: Any) -> Any:
     """--repo and how to reach it (:func:`vfs.cli.options.repo_options`: parameter ``repo``, a
     RepoConfig or None), --store, --backing-dir."""
     fn = backing_opts(fn)
-    fn = click.option(
-        "--store",
-        "store",
-        type=click.Path(file_okay=False),
-        help="Local object store [default: $VFS_STORE or $VFS_ROOT/store].",
-    )(fn)
+    fn = store_option(param="store")(fn)
     return repo_options(
         fn,
         required=False,

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from vfs.cli.options import repo_options
+from vfs.cli.options import repo_options, store_option
 from vfs.cli_util import handle_errors
 from vfs.errors import UsageError
 from vfs.image.cli_common import (
@@ -127,7 +127,7 @@ def io(commands, fmt, store, repo, file):
 # ----------------------------------------------------------------------------------- push/pull
 @main.command()
 @repo_options(help="Repository (file:///dir or a directory).")
-@click.option("--store", type=click.Path(file_okay=False), help="Also keep a copy in this store.")
+@store_option("Also keep a copy of each cluster in this local object store.", param="store")
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
 @click.option("--ref", "ref", help="Also publish the image as a template under this name.")
 @click.argument("file", type=click.Path(dir_okay=False))
