@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
+from vfs.durable import fsync_dir
 from vfs.errors import IntegrityError, NotFound, RemoteError, VfsError
 from vfs.tree.copyup import CopyUp, entry_meta
 from vfs.tree.entry import Entry
@@ -67,7 +68,6 @@ from vfs.tree.private import (
     check_name,
     chown_fd,
     fallocate,
-    fsync_dir,
     is_whiteout,
     proc_path,
     renameat2,
