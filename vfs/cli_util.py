@@ -104,7 +104,26 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+    write_stdout(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` to stdout whole, or raise. One big write into a pipe whose reader goes
+    away part-way returns a short count from Python's buffered writer, and the text layer drops
+    the rest without an error (the command would end with 0 and a truncated output): the
+    remainder is written again here, which raises EPIPE (see :func:`report_error`)."""
+    out = sys.stdout
+    out.flush()
+    buf = getattr(out, "buffer", None)
+    if buf is None:  # a stream without a byte layer (a test's capture): write the text
+        out.write(text)
+        out.flush()
+        return
+    view = memoryview(text.encode(out.encoding or "utf-8", "surrogateescape"))
+    while view:
+        n = buf.write(view)
+        view = view[n if n is not None else len(view) :]
+    buf.flush()
 
 
 def parse_size(text: str) -> int:

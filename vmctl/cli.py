@@ -81,11 +81,21 @@ def host(as_json: bool) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Boot this kernel directly (no firmware boot from disk).",
 )
-@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--initrd",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Initial ram disk for --kernel.",
+)
 @click.option("--append", help="Kernel command line (with --kernel).")
 @click.option("--memory", default="256M", show_default=True, help="Guest memory (e.g. 512M, 1G).")
-@click.option("--cpus", default=1, show_default=True, type=int)
-@click.option("--machine", default="q35", show_default=True, type=click.Choice(["q35", "pc"]))
+@click.option("--cpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
+@click.option(
+    "--machine",
+    default="q35",
+    show_default=True,
+    type=click.Choice(["q35", "pc"]),
+    help="QEMU machine type.",
+)
 @click.option(
     "--wait-for",
     metavar="REGEX",

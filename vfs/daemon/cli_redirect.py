@@ -190,6 +190,7 @@ def store_root() -> None:
 
 @store_root.command("add")
 @store_option
+@json_option
 @click.option(
     "--repo",
     "repo_url",
@@ -198,7 +199,7 @@ def store_root() -> None:
 )
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @handle_errors
-def store_root_add(store_dir, repo_url, path):
+def store_root_add(store_dir, as_json, repo_url, path):
     """Register PATH (a vimg image, or a vfsd state directory) as a gc root of the store."""
     from vfs.cli.gc import image_set, state_sets
 
@@ -212,6 +213,9 @@ def store_root_add(store_dir, repo_url, path):
         else:
             root = s.roots.put("vimg", path, {"image": image_set(path, repo_url)}, repo=repo_url)
     info = root.summary()
+    if as_json:
+        emit_json(info)
+        return
     click.echo(
         f"{info['kind']} {info['path']}: keeps {info['keep_objects']}, caches "
         f"{info['cache_objects']}"
@@ -220,14 +224,18 @@ def store_root_add(store_dir, repo_url, path):
 
 @store_root.command("rm")
 @store_option
+@json_option
 @click.argument("path", type=click.Path(path_type=Path))
 @handle_errors
-def store_root_rm(store_dir, path):
+def store_root_rm(store_dir, as_json, path):
     """Forget the gc root PATH: its objects become ordinary cache (evictable)."""
     with open_store(store_dir, create=False) as s:
         removed = [k for k in ("vee-state", "vimg") if s.roots.remove(k, path)]
     if not removed:
         raise NotFound(f"{path}: no gc root of this store")
+    if as_json:
+        emit_json({"path": str(path), "removed": removed})
+        return
     click.echo(f"{path}: gc root removed")
 
 
@@ -247,13 +255,20 @@ def store_rebuild(store_dir, as_json):
 
 @store.command("put")
 @store_option
+@json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @handle_errors
-def store_put(store_dir, files):
+def store_put(store_dir, as_json, files):
     """Add files to the store; print their ids."""
+    results = []
     with open_store(store_dir) as s:
         for f in files:
-            click.echo(f"{s.put_file(f)}  {f}")
+            oid = s.put_file(f)
+            results.append({"file": f, "id": oid})
+            if not as_json:
+                click.echo(f"{oid}  {f}")
+    if as_json:
+        emit_json(results)
 
 
 @store.command("cat")

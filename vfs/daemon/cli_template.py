@@ -285,10 +285,11 @@ def check(repo, verify, as_json, ref):
 
 @template.command("tag")
 @repo_options
+@json_option
 @click.argument("name")
 @click.argument("ref")
 @handle_errors
-def tag(repo, name, ref):
+def tag(repo, as_json, name, ref):
     """Point NAME at template REF (a digest or another name), e.g. to roll a name back.
 
     REF must load as a valid template first: a name never points at something that is not one.
@@ -308,6 +309,9 @@ def tag(repo, name, ref):
                         "(vfsd template check); the name was not changed"
                     )
         r.set_ref(name, t.digest)
+    if as_json:
+        emit_json({"name": name, "digest": t.digest})
+        return
     click.echo(f"{t.digest}  {name}")
 
 

@@ -47,10 +47,17 @@ from vfs.image.qemuio import parse_size
 @main.command()
 @click.option("-f", "fmt", type=click.Choice(["vimg"]), default="vimg", help="Only vimg.")
 @click.option("-s", "--size", "size_opt", help="Virtual size (k, M, G, T suffixes).")
-@click.option("-c", "--cluster-size", "cluster", default="64k", show_default=True)
+@click.option(
+    "-c", "--cluster-size", "cluster", default="64k", show_default=True, help="Cluster size."
+)
 @click.option("-b", "--backing", "backing", help="Backing file (relative to the new image).")
 @click.option("-F", "backing_fmt", type=click.Choice(["raw", "vimg"]), help="Backing format.")
-@click.option("--compress", type=click.Choice(["zstd", "none"]), default="none")
+@click.option(
+    "--compress",
+    type=click.Choice(["zstd", "none"]),
+    default="none",
+    help="Compress the clusters written (zstd).",
+)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("size", required=False)
 @backing_opts
@@ -79,7 +86,7 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
 
 # ----------------------------------------------------------------------------------- info
 @main.command()
-@click.option("-f", "fmt", type=FMT)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain.")
 @json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -154,7 +161,7 @@ def info(fmt, backing_chain, as_json, output, file):
 
 # ----------------------------------------------------------------------------------- check
 @main.command()
-@click.option("-f", "fmt", type=FMT)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
 @click.option("-r", "repair", type=click.Choice(["leaks", "all"]), help="Repair leaks or all.")
 @json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -233,7 +240,7 @@ def verify(as_json, output, store, repo, file):
 
 # ----------------------------------------------------------------------------------- map
 @main.command(name="map")
-@click.option("-f", "fmt", type=FMT)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
 @json_opts
 @remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -279,7 +286,7 @@ def _j(v: Any) -> str:
 # ----------------------------------------------------------------------------------- convert
 @main.command()
 @click.option("-f", "src_fmt", type=FMT, help="Input format (probed if omitted).")
-@click.option("-O", "dst_fmt", type=FMT, default="raw", show_default=True)
+@click.option("-O", "dst_fmt", type=FMT, default="raw", show_default=True, help="Output format.")
 @click.option("-c", "compress", is_flag=True, help="Compress the output (zstd for vimg).")
 @click.option("--cluster-size", default="64k", show_default=True, help="vimg output only.")
 @click.option("-p", "progress", is_flag=True, help="Show progress on stderr.")
@@ -316,10 +323,10 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
 
 # ----------------------------------------------------------------------------------- compare
 @main.command()
-@click.option("-f", "fmt1", type=FMT)
-@click.option("-F", "fmt2", type=FMT)
+@click.option("-f", "fmt1", type=FMT, help="Format of FILE1 (probed if omitted).")
+@click.option("-F", "fmt2", type=FMT, help="Format of FILE2 (probed if omitted).")
 @click.option("-s", "strict", is_flag=True, help="Strict: images of different sizes differ.")
-@click.option("-q", "quiet", is_flag=True)
+@click.option("-q", "quiet", is_flag=True, help="Print nothing: the exit code says it.")
 @remote_opts
 @click.argument("file1", type=click.Path(dir_okay=False))
 @click.argument("file2", type=click.Path(dir_okay=False))
@@ -356,10 +363,12 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
 
 # ----------------------------------------------------------------------------------- measure
 @main.command()
-@click.option("-f", "fmt", type=FMT)
-@click.option("-O", "out_fmt", type=FMT, default="vimg", show_default=True)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
+@click.option(
+    "-O", "out_fmt", type=FMT, default="vimg", show_default=True, help="Format to measure for."
+)
 @click.option("--size", "size", help="Measure an empty image of this size instead of FILE.")
-@click.option("--cluster-size", default="64k", show_default=True)
+@click.option("--cluster-size", default="64k", show_default=True, help="vimg output only.")
 @json_opts
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 @backing_opts

@@ -30,7 +30,7 @@ from vfs.redirect.repoconfig import RepoConfig
 @click.option(
     "-d", "depth", default=64, show_default=True, help="Reported only (requests are sequential)."
 )
-@click.option("-f", "fmt", type=click.Choice(["raw", "vimg"]))
+@click.option("-f", "fmt", type=click.Choice(["raw", "vimg"]), help="Format of FILE.")
 @click.option("-n", "nocache", is_flag=True, help="Accepted for qemu-img compatibility.")
 @click.option("-o", "offset", default="0", help="Start offset.")
 @click.option("-s", "size", default="4k", show_default=True, help="Request size.")
@@ -105,7 +105,7 @@ def bench(
 # ----------------------------------------------------------------------------------- io
 @main.command()
 @click.option("-c", "commands", multiple=True, required=True, help="Command (repeatable).")
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
+@click.option("-f", "fmt", type=click.Choice(["vimg"]), help="Only vimg.")
 @remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
