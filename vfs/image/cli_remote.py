@@ -217,4 +217,4 @@ def pull(repo, store, ref, lazy, quiet, file):
     _pull(repo, store, quiet, file, ref, lazy)
 
 
-main.add_command(pull, name="hydrate")  # the same command under the name DESIGN.md uses
+main.add_command(pull, name="hydrate")  # the same command under the name docs/design.md uses
