@@ -177,6 +177,7 @@ def test_read_commands_over_http_https_and_mutual_tls(env, nginx, nginx_repo):
     # publishing goes to the directory; an http repository refuses uploads in one line
     (src / "more").write_bytes(b"more")
     assert "read-only" in one_line_error(run("template", "publish", str(src), "--repo", http), 2)
+    assert "read-only" in one_line_error(run("template", "rm", "t", "--repo", http), 2)
     assert run("template", "ls", "--repo", http, "--json").stdout.count(digest) == 1
 
 
