@@ -80,6 +80,13 @@ def image_set(path: str | os.PathLike[str], repo: str | None) -> ObjectSet:
     return ObjectSet(cache=objs) if repo else ObjectSet(keep=objs)
 
 
+def open_image_set(img: Image, repo: str | None) -> ObjectSet:
+    """:func:`image_set` of an image this process has open (a writer holds the image's lock:
+    opening it a second time would be refused as "being written by another process")."""
+    objs = _layer_objects(img)
+    return ObjectSet(cache=objs) if repo else ObjectSet(keep=objs)
+
+
 def state_sets(
     state_dir: str | os.PathLike[str], store: Any, fetchable: bool
 ) -> dict[str, ObjectSet]:

@@ -161,9 +161,9 @@ def push(repo, store, quiet, ref, file):
         if st is not None:
             # the local copies serve this image's reads: a gc root of the store, as cache (the
             # repository gives them back), refreshed by every `vfsd store gc`
-            from vfs.cli.gc import image_set
+            from vfs.cli.gc import open_image_set
 
-            st.roots.put("vimg", file, {"image": image_set(file, remote.url)}, repo=remote.url)
+            st.roots.put("vimg", file, {"image": open_image_set(img, remote.url)}, repo=remote.url)
     finally:
         close_image(img)
         remote.close()
