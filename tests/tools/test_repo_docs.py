@@ -86,12 +86,14 @@ def test_nothing_points_outside_the_repository():
 
 def test_the_readme_lists_the_packages_the_makefile_installs():
     make = (ROOT / "Makefile").read_text()
-    m = re.search(r"^APT_PACKAGES := ((?:.*\\\n)*.*)$", make, re.M)
-    assert m
-    packages = m.group(1).replace("\\\n", " ").split()
+    packages = []
+    for var in ("BASE_PACKAGES", "APT_PACKAGES"):
+        m = re.search(rf"^{var} := ((?:.*\\\n)*.*)$", make, re.M)
+        assert m, var
+        packages += m.group(1).replace("\\\n", " ").split()
     readme = (ROOT / "README.md").read_text()
-    m = re.search(r"`APT_PACKAGES` lists \(([^)]*)\)", readme)
-    assert m, "README: the package list after `APT_PACKAGES` lists (...)"
+    m = re.search(r"`APT_PACKAGES` list \(([^)]*)\)", readme)
+    assert m, "README: the package list after `APT_PACKAGES` list (...)"
     listed = [p.strip() for p in m.group(1).replace("\n", " ").split(",")]
     assert listed == packages
     for needed in ("python3-venv", "gcc", "python3-dev"):  # a fresh Debian 12 lacks them
