@@ -92,7 +92,7 @@ def test_the_readme_lists_the_packages_the_makefile_installs():
         assert m, var
         packages += m.group(1).replace("\\\n", " ").split()
     readme = (ROOT / "README.md").read_text()
-    m = re.search(r"`APT_PACKAGES` list \(([^)]*)\)", readme)
+    m = re.search(r"`APT_PACKAGES` list\s+\(([^)]*)\)", readme)
     assert m, "README: the package list after `APT_PACKAGES` list (...)"
     listed = [p.strip() for p in m.group(1).replace("\n", " ").split(",")]
     assert listed == packages
