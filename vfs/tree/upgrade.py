@@ -224,7 +224,16 @@ class _Planner:
                     elif b is not None and b.kind == "dir":
                         self.hidden(cpath, ctpath, "dir-opaque")
             elif redirect is not None:
-                sub = redirect.lstrip(b"/")
+                # absolute ("/a/b", what the FUSE engine and overlayfs across directories
+                # write) or relative to the parent's template directory (overlayfs's for a
+                # rename within one directory: the kernel engine)
+                if redirect.startswith(b"/"):
+                    sub = redirect.lstrip(b"/")
+                elif tpath is None:
+                    stack.append((cpath, None))  # below a directory with no template content
+                    return
+                else:
+                    sub = _join(tpath, redirect)
                 a, b = old.resolve(sub), new.resolve(sub)
                 if (a is None) != (b is None) or (
                     a is not None and b is not None and a.kind != b.kind
