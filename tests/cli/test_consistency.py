@@ -248,6 +248,8 @@ def test_vfsd_serve_remote_is_the_old_name_of_repo(tmp_path: Path):
                "--state", str(tmp_path / "state"))  # fmt: skip
     assert "--remote is now called --repo" in r.stderr
     assert "--remote" not in invoke("vfsd serve", "--help").stdout
+    r = invoke("vfsd serve", "--remote", "a", "--repo", "b", "--mount", str(tmp_path))
+    assert r.exit_code == 2 and "give one" in r.stderr.splitlines()[-1]
 
 
 def test_error_exit_codes_of_real_processes(tmp_path: Path):

@@ -68,7 +68,10 @@ def repo_options(
         def wrapper(*args: Any, **kw: Any) -> Any:
             v = {k: kw.pop(k) for k in _REPO_PARAMS}
             ctx = click.get_current_context(silent=True)
-            url = v["repo_url"] or (ctx.meta.get(_ALIAS) if ctx is not None else None)
+            alias = ctx.meta.get(_ALIAS) if ctx is not None else None
+            if alias is not None and v["repo_url"] is not None:
+                raise click.UsageError("--remote is the old name of --repo: give one", ctx)
+            url = v["repo_url"] or alias
             if url is None and required:
                 raise click.UsageError("Missing option '--repo'.", ctx)
             tls = [f"--{k}" for k in ("ca", "cert", "key", "proxy") if v[k]]
