@@ -281,3 +281,27 @@ def test_killed_collector_leaves_nothing_lost(tmp_path, kind):
         assert r["restored_objects"] == 1
         assert objects(repo) == {young}
         assert not any(p.name.startswith(".gc.") for p in (repo / "objects").rglob("*"))
+
+
+def test_a_hosts_store_roots_keep_what_its_images_and_vees_use(tmp_path):
+    """`repo gc --store DIR`: what the gc roots of a host's store name (here an image pushed
+    without --ref with `vimg push --store`, so named by no ref) is kept; objects the roots name
+    that this repository does not have (another repository's image) do not stop the gc."""
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    store = tmp_path / "store"
+    vfsd("repo", "init", str(repo))
+    a, b = tmp_path / "a.vimg", tmp_path / "b.vimg"
+    for img, pat in ((a, 0xA1), (b, 0xB1)):
+        run("vimg", "create", "-s", "1M", str(img))
+        run("vimg", "io", str(img), "-c", f"write -P {pat:#x} 0 64k", "-c", "write -P 7 128k 64k")
+    run("vimg", "push", str(a), "--repo", str(repo), "--store", str(store))
+    run("vimg", "push", str(b), "--repo", str(other), "--store", str(store))
+    age_everything(repo, 2 * DAY)
+    r = gc(repo, "--grace", "1d", "--store", str(store), "--dry-run")
+    assert r["swept_objects"] == 0 and r["roots"] == 2  # a's two clusters; b's are elsewhere
+    r = gc(repo, "--grace", "1d", "--store", str(store))
+    assert r["swept_objects"] == 0
+    run("vimg", "verify", "--repo", str(repo), "--store", str(tmp_path / "fresh"), str(a))
+    p = vfsd("repo", "gc", "--repo", str(repo), "--store", str(tmp_path / "nope"), check=False)
+    assert p.returncode == 2 and "no store here" in p.stderr and p.stderr.count("\n") == 1
+    assert gc(repo, "--grace", "1d", "--dry-run")["swept_objects"] == 2  # not told: a's go

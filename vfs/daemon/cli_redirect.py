@@ -8,14 +8,15 @@ from pathlib import Path
 
 import click
 
-from vfs.cli.options import repo_options, store_option
+from vfs.cli.options import repo_options
+from vfs.cli.options import store_option as make_store_option
 from vfs.cli_util import emit_json, handle_errors, json_option, parse_duration, parse_size
 from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.paths import default_store
 from vfs.redirect import LocalStore, RepoConfig, Resolver, check_object_id
 from vfs.redirect.file_remote import FileRemote
 
-store_option = store_option()
+store_option = make_store_option()
 
 
 def open_store(store_dir: Path | None, **kw) -> LocalStore:
@@ -440,11 +441,16 @@ def repo_ref(repo, delete, name, oid):
     help="Also keep the remote clusters of this local vimg image (repeatable): images pushed "
     "without --ref are named by no ref.",
 )
+@make_store_option(
+    "Also keep what the gc roots of this local object store name (the templates of its host's "
+    "VEEs, its images), where the repository has it.",
+    param="host_store",
+)
 @json_option
 @click.argument("digests", nargs=-1)
 @handle_errors
-def repo_gc(repo_url, dry_run, grace_text, images, as_json, digests):
-    """Remove the objects of a repository that no ref, DIGEST or --image reaches.
+def repo_gc(repo_url, dry_run, grace_text, images, host_store, as_json, digests):
+    """Remove the objects of a repository that no ref, DIGEST, --image or --store reaches.
 
     Marks from every ref (templates and everything they name, images pushed with --ref and
     their clusters, plain objects) and from each DIGEST given (a template, an image or an
@@ -457,9 +463,17 @@ def repo_gc(repo_url, dry_run, grace_text, images, as_json, digests):
     extra = [check_object_id(d) for d in digests]
     for img in images:
         extra.extend(sorted(image_objects(img)))
+    host: set[str] = set()
+    if host_store is not None:
+        with open_store(host_store, create=False) as s:
+            keep, cache = s.roots.protected()
+        host = keep | cache
     with RepoConfig(repo_url).open() as r:
         if not isinstance(r, FileRemote):
             raise UsageError(f"{repo_url}: repo gc needs the repository directory (file://)")
+        # a host's roots also name objects of other repositories and local-only ones: those
+        # are no concern of this repository's gc (a digest given by hand must be here)
+        extra.extend(sorted(o for o in host if r.has(o)))
         rep = repo_gc.collect(r, object_references, extra_roots=extra, grace=grace, dry_run=dry_run)
     if as_json:
         emit_json(rep.to_json())
