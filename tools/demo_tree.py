@@ -110,7 +110,11 @@ def run_demo(work: Path, nginx, run, banner) -> None:
 
         print("\n# version 1 has no name now, but web2 runs on it: a repository gc must be told")
         run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", "--dry-run")
-        run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", v1)
+        print(
+            "# ...by the digest, or by the store of the host, whose gc roots name what its VEEs use"
+        )
+        run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", "--dry-run", v1)
+        run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", "--store", store)
         run("vfsd", "template", "check", v1, "--repo", repo)
 
         print("\n# kill -9 the daemon: fsynced data survives, the VEEs come back on restart")
