@@ -272,6 +272,8 @@ def test_error_exit_codes_of_real_processes(tmp_path: Path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "f").write_bytes(b"f")
+    for d in ("a", "b"):  # the roots differ only by f, not by when they were made
+        os.utime(tmp_path / d, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
     da = run("template", "publish", str(tmp_path / "a"), "--repo", str(repo)).stdout.strip()
     db = run("template", "publish", str(tmp_path / "b"), "--repo", str(repo)).stdout.strip()
     r = run("template", "diff", da, db, "--repo", str(repo), "--exit-code")
