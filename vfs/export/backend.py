@@ -245,6 +245,7 @@ class ExportBackend:
         return self.image.read(offset, length)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        self.stats.bytes_read += len(buf)
         return self.image.readinto(offset, buf)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -36,6 +36,14 @@ MAX_INFLIGHT = 64
 RECV_SIZE = 1 << 20
 HANDSHAKE_TIMEOUT = 30.0
 _IOV_MAX = 512
+#: Replies of a batch up to this size are joined into one buffer before sending.
+JOIN_LIMIT = 256 * 1024
+#: Reads from this size on go into reused buffers (at most POOL_PER_SIZE kept per size).
+POOL_MIN = 128 * 1024
+POOL_PER_SIZE = 32
+#: Socket send buffer asked for (root may exceed net.core.wmem_max): fewer partial sends of
+#: large replies.
+SNDBUF = 4 << 20
 
 
 async def recv_into(sock: socket.socket, buf: memoryview) -> int:
@@ -51,6 +59,8 @@ async def recv_into(sock: socket.socket, buf: memoryview) -> int:
 async def send_all(sock: socket.socket, bufs: list[Any]) -> None:
     """Send every buffer (bytes, bytearray, memoryview) in order, with as few syscalls as
     the kernel allows."""
+    if len(bufs) > 1 and sum(map(len, bufs)) <= JOIN_LIMIT:
+        bufs = [b"".join(bufs)]  # one copy is cheaper than many small iovecs
     views = [memoryview(b) for b in bufs if len(b)]
     i = 0
     while i < len(views):
@@ -81,6 +91,10 @@ class Connection:
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(MAX_INFLIGHT)
         self.broken = False
+        #: Read buffers of large replies, reused once sent: a fresh 1 MiB bytearray costs its
+        #: page faults on every request (more than the read itself).
+        self._pool: dict[int, list[bytearray]] = {}
+        self._lent: list[bytearray] = []
 
     async def run(self, leftover: bytes) -> None:
         parser = P.RequestParser()
@@ -113,11 +127,17 @@ class Connection:
         async with self._send_lock:
             while self.out and not self.broken:
                 bufs, self.out = self.out, []
+                lent, self._lent = self._lent, []
                 try:
                     await send_all(self.sock, bufs)
                 except OSError as e:  # the client went away: what is applied stays applied
                     log.debug("connection lost while replying: %s", e)
                     self.broken = True
+                del bufs
+                for b in lent:
+                    free = self._pool.setdefault(len(b), [])
+                    if len(free) < POOL_PER_SIZE:
+                        free.append(b)
             if self.broken:
                 self.out.clear()
 
@@ -188,7 +208,14 @@ class Connection:
         b = self.backend
         cmd = req.cmd
         if cmd == P.CMD_READ:
-            data = b.read(req.offset, req.length)
+            n = req.length
+            if n >= POOL_MIN:
+                free = self._pool.get(n)
+                data: Any = free.pop() if free else bytearray(n)
+                b.readinto(req.offset, data)
+                self._lent.append(data)
+            else:
+                data = b.read(req.offset, n)
             if self.structured:
                 out.append(P.structured_data_header(req.handle, req.offset, req.length))
             else:
@@ -299,6 +326,13 @@ class NbdServer:
                         continue
                     raise
                 conn.setblocking(False)
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(
+                        socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), SNDBUF
+                    )
+                    conn.setsockopt(
+                        socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), SNDBUF
+                    )
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 nursery.start_soon(self.connection, conn)

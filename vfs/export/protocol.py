@@ -512,7 +512,7 @@ class Request:
     handle: int
     offset: int
     length: int
-    payload: bytes | None = None
+    payload: bytes | bytearray | None = None
     error: int = 0
 
 
@@ -521,60 +521,90 @@ class RequestParser:
 
     A bad magic is a :class:`ProtocolError` (we cannot find the next request). A WRITE longer
     than ``max_payload`` has its data read and dropped (bounded by :data:`MAX_SKIP`), and is
-    returned with ``error = EINVAL``: the client gets an error, not a disconnect."""
+    returned with ``error = EINVAL``: the client gets an error, not a disconnect. A payload is
+    copied once, from what ``feed`` is given into the request's own buffer."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._skip = 0
-        self._skip_req: Request | None = None
+        self._hdr = bytearray()  # a partial request header
+        self._req: Request | None = None  # a WRITE whose payload is arriving
+        self._payload: bytearray | None = None
+        self._have = 0
+        self._skip = 0  # bytes of an oversized payload still to drop
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
-        buf = self._buf
-        buf += data
-        out: list[Request] = []
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
         pos = 0
-        n = len(buf)
+        out: list[Request] = []
         unpack = _REQ.unpack_from
         while True:
-            if self._skip:
-                k = min(self._skip, n - pos)
-                pos += k
-                self._skip -= k
+            req = self._req
+            if req is not None:
                 if self._skip:
-                    break
-                assert self._skip_req is not None
-                out.append(self._skip_req)
-                self._skip_req = None
+                    k = min(self._skip, n - pos)
+                    pos += k
+                    self._skip -= k
+                    if self._skip:
+                        break
+                else:
+                    payload = self._payload
+                    assert payload is not None
+                    k = min(len(payload) - self._have, n - pos)
+                    payload[self._have : self._have + k] = mv[pos : pos + k]
+                    self._have += k
+                    pos += k
+                    if self._have < len(payload):
+                        break
+                    req.payload = payload  # type: ignore[assignment]
+                    self._payload = None
+                out.append(req)
+                self._req = None
                 continue
-            if n - pos < REQUEST_SIZE:
+            if self._hdr:
+                k = min(REQUEST_SIZE - len(self._hdr), n - pos)
+                self._hdr += mv[pos : pos + k]
+                pos += k
+                if len(self._hdr) < REQUEST_SIZE:
+                    break
+                fields = unpack(self._hdr)
+                self._hdr.clear()
+            elif n - pos >= REQUEST_SIZE:
+                fields = unpack(mv, pos)
+                pos += REQUEST_SIZE
+            else:
+                if pos < n:
+                    self._hdr += mv[pos:]
                 break
-            magic, flags, cmd, handle, offset, length = unpack(buf, pos)
+            magic, flags, cmd, handle, offset, length = fields
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            if cmd == CMD_WRITE:
-                if length > self.max_payload:
-                    self._skip = length
-                    self._skip_req = Request(flags, cmd, handle, offset, length, None, EINVAL)
-                    pos += REQUEST_SIZE
-                    continue
-                if n - pos < REQUEST_SIZE + length:
-                    break
-                start = pos + REQUEST_SIZE
-                payload = bytes(buf[start : start + length])
-                out.append(Request(flags, cmd, handle, offset, length, payload))
-                pos = start + length
+            if cmd != CMD_WRITE:
+                out.append(Request(flags, cmd, handle, offset, length))
                 continue
-            out.append(Request(flags, cmd, handle, offset, length))
-            pos += REQUEST_SIZE
-        if pos:
-            del buf[:pos]
+            if length > self.max_payload:
+                if length > MAX_SKIP:
+                    raise ProtocolError(f"WRITE of {length} bytes")
+                self._req = Request(flags, cmd, handle, offset, length, None, EINVAL)
+                self._skip = length
+                continue
+            if n - pos >= length:  # the whole payload is here: one copy
+                out.append(
+                    Request(flags, cmd, handle, offset, length, bytes(mv[pos : pos + length]))
+                )
+                pos += length
+                continue
+            self._req = Request(flags, cmd, handle, offset, length)
+            self._payload = bytearray(length)
+            self._have = 0
         return out
 
     @property
     def pending(self) -> int:
         """Bytes held for an incomplete request (for tests)."""
-        return len(self._buf)
+        return len(self._hdr) + (self._have if self._payload is not None else 0)
 
 
 _ALLOWED_FLAGS = {
