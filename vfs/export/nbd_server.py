@@ -102,23 +102,29 @@ class Connection:
         mv = memoryview(buf)
         counts = self.backend.stats.requests
         async with trio.open_nursery() as nursery:
-            reqs = parser.feed(leftover)
-            while True:
-                for req in reqs:
-                    name = P.CMD_NAMES.get(req.cmd, "other")
-                    counts[name] = counts.get(name, 0) + 1
-                    if req.cmd == P.CMD_DISC and not req.error:
-                        await self.send()
-                        return  # the nursery waits for the requests still being answered
-                    if not self.backend.gate_open:
-                        await self.send()
-                        await self.backend.wait_open()
-                    await self.handle(req, nursery)
-                await self.send()
-                n = await recv_into(self.sock, mv)
-                if n == 0:
-                    return
-                reqs = parser.feed(mv[:n])
+            # Inside the nursery: a violation ends the reading, the requests already being
+            # answered finish (a ProtocolError must not leave as an exception group).
+            try:
+                reqs = parser.feed(leftover)
+                while True:
+                    for req in reqs:
+                        name = P.CMD_NAMES.get(req.cmd, "other")
+                        counts[name] = counts.get(name, 0) + 1
+                        if req.cmd == P.CMD_DISC and not req.error:
+                            await self.send()
+                            return  # the nursery waits for the requests still being answered
+                        if not self.backend.gate_open:
+                            await self.send()
+                            await self.backend.wait_open()
+                        await self.handle(req, nursery)
+                    await self.send()
+                    n = await recv_into(self.sock, mv)
+                    if n == 0:
+                        return
+                    reqs = parser.feed(mv[:n])
+            except P.ProtocolError as e:
+                log.info("NBD client dropped: %s", e)
+                await self.send()  # the answers to the requests before the violation
 
     async def send(self) -> None:
         if not self.out:
@@ -351,6 +357,8 @@ class NbdServer:
             log.info("NBD client dropped: %s", e)
         except OSError as e:
             log.debug("NBD connection: %s", e)
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("NBD connection failed")
         finally:
             self.connections -= 1
 
