@@ -92,18 +92,27 @@ class ExportResolver:
         self._lock = threading.Lock()
 
     def resolver(self) -> Any:
+        """The store's resolver (the repository is attached on the first fetch: a host that
+        has every object it needs serves them with the repository unreachable)."""
         with self._lock:
             if self._r is None:
                 from vfs.paths import default_store
-                from vfs.redirect import LocalStore, Resolver, open_remote
+                from vfs.redirect import LocalStore, Resolver
 
                 store = LocalStore(self.store_dir or default_store())
                 self._objs.append(store)
-                remote = open_remote(self.repo, **self.tls) if self.repo else None
-                if remote is not None:
-                    self._objs.append(remote)
-                self._r = Resolver(store, remote)
+                self._r = Resolver(store, None)
             return self._r
+
+    def _with_remote(self) -> Any:
+        r = self.resolver()
+        with self._lock:
+            if r.remote is None and self.repo:
+                from vfs.redirect import open_remote
+
+                r.remote = open_remote(self.repo, **self.tls)
+                self._objs.append(r.remote)
+        return r
 
     def has_local(self, oid: str) -> bool:
         return self.resolver().has_local(oid)
@@ -112,7 +121,10 @@ class ExportResolver:
         return self.resolver().read_local(oid, offset, size, **kw)
 
     def ensure(self, oid: str, **kw: Any) -> None:
-        self.resolver().ensure(oid, **kw)
+        r = self.resolver()
+        if not r.has_local(oid):
+            r = self._with_remote()
+        r.ensure(oid, **kw)
 
     @property
     def fetches(self) -> int:
@@ -308,6 +320,7 @@ class ExportControl:
                 finally:
                     done.set()
 
+            self.backend.stats.hydrate_state = "running"  # from now: `status` must not say idle
             self.nursery.start_soon(run)
         if wait:
             await self._hydrate_done.wait()
