@@ -19,6 +19,7 @@ from vfs.export import NbdClient
 pytestmark = pytest.mark.fuse
 
 VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -36,6 +37,13 @@ class Serve:
         self.mnt = tmp / "mnt"
         self.mnt.mkdir()
         self.proc: subprocess.Popen | None = None
+        self.pids: set[int] = set()  # every export pid seen: the fixture kills what is left
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        unmount(self.mnt)
 
     def start(self) -> None:
         with open(self.tmp / f"vfsd-{time.monotonic_ns()}.log", "wb") as log:
@@ -61,7 +69,9 @@ class Serve:
         return run(*VFSD, *args, "--state", str(self.state), check=check)
 
     def list(self) -> dict:
-        return {e["name"]: e for e in json.loads(self.cli("export", "list", "--json").stdout)}
+        out = {e["name"]: e for e in json.loads(self.cli("export", "list", "--json").stdout)}
+        self.pids.update(e["pid"] for e in out.values() if e.get("pid"))
+        return out
 
 
 @pytest.fixture
@@ -70,10 +80,12 @@ def serve(tmp_path):
     try:
         yield s
     finally:
-        for e in s.list().values() if s.proc and s.proc.poll() is None else []:
-            if e.get("pid"):
-                os.kill(e["pid"], signal.SIGKILL)
+        if s.proc and s.proc.poll() is None:
+            s.list()
         s.stop()
+        for pid in s.pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_daemon_manages_exports(serve, tmp_path):
@@ -111,3 +123,46 @@ def test_daemon_manages_exports(serve, tmp_path):
     assert json.loads((serve.state / "exports.json").read_text())["exports"] == []
     bad = serve.cli("export", "add", "../x", str(img), "--nbd", str(sock), check=False)
     assert bad.returncode == 2 and "invalid export name" in bad.stderr
+
+
+def test_daemon_killed_leaves_no_second_writer(serve, tmp_path):
+    """kill -9 of the daemon leaves its export running (guests keep their disk); the next
+    daemon stops that process (it commits and closes) before starting its own."""
+    img = make_image(tmp_path / "vm2.vimg", "8M", "write -P 7 0 64k")
+    sock = tmp_path / "vm2.sock"
+    serve.start()
+    serve.cli("export", "add", "vm2", str(img), "--nbd", str(sock))
+    old = serve.list()["vm2"]["pid"]
+    with NbdClient(sock, "vm2") as c:
+        c.pwrite(b"acked", 4096)
+        c.flush()
+    serve.kill9()
+    assert pid_alive(old)
+    with NbdClient(sock, "vm2") as c:  # still serving without its daemon
+        assert c.pread(4096, 5) == b"acked"
+    serve.start()
+    wait_for(lambda: (e := serve.list()["vm2"])["state"] == "running" and e["pid"] != old,
+             timeout=60, what="export restarted by the new daemon")  # fmt: skip
+    wait_for(lambda: not pid_alive(old), what="old export gone")
+    assert serve.list()["vm2"]["restarts"] == 0  # never refused by the image lock
+    with NbdClient(sock, "vm2") as c:
+        assert c.pread(4096, 5) == b"acked"
+    serve.cli("export", "rm", "vm2")
+    r = run(*VIMG, "check", str(img), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_daemon_export_that_cannot_start(serve, tmp_path):
+    """An image the export cannot open: `export add` says so in one line and the daemon
+    forgets it (nothing restarted in a loop, nothing in the registry)."""
+    bad = tmp_path / "bad.vimg"
+    bad.write_bytes(b"VIMG" + os.urandom(8188))
+    serve.start()
+    r = serve.cli("export", "add", "bad", str(bad), "--nbd", str(tmp_path / "b.sock"),
+                  check=False)  # fmt: skip
+    assert r.returncode != 0 and "did not start" in r.stderr and "Traceback" not in r.stderr
+    assert serve.list() == {}
+    gone = serve.cli("export", "add", "nope", str(tmp_path / "nope.vimg"), "--nbd",
+                     str(tmp_path / "n.sock"), check=False)  # fmt: skip
+    assert gone.returncode == 4 and "does not exist" in gone.stderr
+    assert serve.cli("export", "rm", "nope", check=False).returncode == 4

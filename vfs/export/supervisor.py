@@ -13,11 +13,13 @@ socket and a log in ``<state>/exports/``. Crash story: the registry is written b
 export starts and after it stops for good, so a daemon killed at any point restarts exactly
 the exports an operator asked for; the export processes themselves (their own crash story in
 :mod:`vfs.export.service`) are restarted, never duplicated — the image's lock refuses a second
-writer, and a daemon start first waits for the old processes its registry names to go.
+writer, and a daemon start first stops the processes a killed daemon left running (their
+control sockets name them) and waits for them to go.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -196,6 +198,7 @@ class ExportSupervisor:
     async def _watch(self, s: Supervised) -> None:
         quick = 0
         with s.scope:
+            await _stop_orphan(s)
             while True:
                 started = time.monotonic()
                 await self._run_once(s)
@@ -216,31 +219,43 @@ class ExportSupervisor:
 
     async def _run_once(self, s: Supervised) -> None:
         argv = export_argv(s.spec, s.control)
+        s.state = "starting"
         with open(s.logfile, "ab") as logf:
             proc = await trio.lowlevel.open_process(argv, stdout=logf, stderr=logf)
         s.proc = proc
         try:
-            s.state = "running"
-            rc = await proc.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._mark_ready, s, proc)
+                rc = await proc.wait()
+                nursery.cancel_scope.cancel()
             s.error = f"exit status {rc}" if rc >= 0 else f"killed by signal {-rc}"
         finally:
             if proc.returncode is None:  # cancelled: stop it the way an operator would
                 with trio.CancelScope(shield=True):
                     await _stop_process(proc)
 
-    async def _wait_ready(self, s: Supervised) -> None:
-        deadline = trio.current_time() + READY_TIMEOUT
+    async def _mark_ready(self, s: Supervised, proc: trio.Process) -> None:
+        """``running`` once the process answers on its control socket that it is ready (its
+        NBD listeners and its FUSE file are up)."""
         ctl = ExportControl(s.control)
-        while trio.current_time() < deadline:
-            if s.state not in ("running", "starting"):
-                raise UsageError(f"export {s.name} did not start ({s.error}); see {s.logfile}")
+        while True:
             if s.control.exists():
                 try:
-                    await trio.to_thread.run_sync(ctl.ping)
-                    return
+                    r = await trio.to_thread.run_sync(ctl.ping)
+                    if r.get("pid") == proc.pid and r.get("ready"):
+                        s.state = "running"
+                        return
                 except Exception:
                     pass
             await trio.sleep(0.05)
+
+    async def _wait_ready(self, s: Supervised) -> None:
+        with trio.move_on_after(READY_TIMEOUT):
+            while s.state != "running":
+                if s.state in ("restarting", "failed"):
+                    raise UsageError(f"export {s.name} did not start ({s.error}); see {s.logfile}")
+                await trio.sleep(0.05)
+            return
         raise UsageError(f"export {s.name} did not answer within {READY_TIMEOUT:.0f} s")
 
     # ------------------------------------------------------------------ control ops
@@ -284,6 +299,42 @@ class ExportSupervisor:
 
     def list(self) -> list[dict[str, Any]]:
         return [s.to_json() for _n, s in sorted(self.exports.items())]
+
+
+def _pid_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie that nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+async def _stop_orphan(s: Supervised) -> None:
+    """Stop an export process a previous daemon left running (it was killed -9: its children
+    live on). Its control socket names it; it is asked to stop (it commits and closes the
+    image) and killed after STOP_TIMEOUT, so the new process is never a second writer."""
+    if not s.control.exists():
+        return
+    ctl = ExportControl(s.control)
+    try:
+        pid = (await trio.to_thread.run_sync(lambda: ctl.call({"op": "ping"}, timeout=5)))["pid"]
+    except Exception:
+        return  # a stale socket: nobody answers
+    log.warning("export %s: stopping pid %d left by a previous daemon", s.name, pid)
+    try:
+        await trio.to_thread.run_sync(ctl.stop)
+    except Exception as e:
+        log.warning("export %s: pid %d did not take stop (%s)", s.name, pid, e)
+    with trio.move_on_after(STOP_TIMEOUT):
+        while not _pid_gone(pid):
+            await trio.sleep(0.05)
+        return
+    log.error("export %s: pid %d did not stop in %.0f s: killing it", s.name, pid, STOP_TIMEOUT)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while not _pid_gone(pid):
+        await trio.sleep(0.05)
 
 
 async def _stop_process(proc: trio.Process) -> None:
