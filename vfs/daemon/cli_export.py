@@ -82,7 +82,9 @@ def _export_opts(fn: Any) -> Any:
     opts = [
         click.option("--nbd", multiple=True, metavar="SOCKET", help="Unix socket to serve NBD on."),
         click.option("--tcp", multiple=True, metavar="HOST:PORT", help="Loopback TCP address."),
-        click.option("--fuse", metavar="MNT", help="Also serve the disk as MNT/<name> (raw)."),
+        click.option(
+            "--fuse", metavar="FILE", help="Also serve the disk as a raw file mounted onto FILE."
+        ),
         click.option("--readonly", "-r", is_flag=True, help="Refuse writes (shared image lock)."),
         click.option("--name", "-x", help="Export name [default: the image's file name stem]."),
         click.option(
@@ -125,7 +127,26 @@ def run_cmd(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         raise UsageError(f"{image}: no such file")
     cfg = _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, store,
                   repo, backing_dirs, description)  # fmt: skip
-    trio.run(run_export, cfg)
+    try:
+        trio.run(run_export, cfg)
+    except BaseExceptionGroup as eg:
+        raise _single(eg) from None
+
+
+def _single(eg: BaseExceptionGroup) -> BaseException:
+    """The one error inside nested task groups (so the CLI prints it as one line), else the
+    group itself (a bug: its traceback is what a report needs)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    return leaves[0] if len(leaves) == 1 else eg
 
 
 # ------------------------------------------------------------------ the daemon's exports
