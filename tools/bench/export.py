@@ -109,33 +109,28 @@ def servers(work: Path, raw: Path, qcow2: Path, qcow2_fuse: Path, vimg: Path):
     """Every peer running; yields {path name: qemu-img bench arguments of its target}."""
     with contextlib.ExitStack() as stack:
         qsock = work / "qemu-nbd.sock"
-        q = stack.enter_context(
-            process(["qemu-nbd", "-f", "qcow2", "-k", str(qsock), "-x", "disk", "-t", "-e", "4",
-                     str(qcow2)], work / "qemu-nbd.log")  # fmt: skip
-        )
+        argv = ["qemu-nbd", "-f", "qcow2", "-k", str(qsock), "-x", "disk", "-t", "-e", "4",
+                str(qcow2)]  # fmt: skip
+        q = stack.enter_context(process(argv, work / "qemu-nbd.log"))
         wait_until(lambda: connectable(qsock), "qemu-nbd", q)
         qfile = work / "qsd.raw"
         qfile.touch()
         stack.callback(unmount, qfile)
-        qsd = stack.enter_context(
-            process(
-                ["qemu-storage-daemon",
-                 "--blockdev", f"driver=file,node-name=file0,filename={qcow2_fuse}",
-                 "--blockdev", "driver=qcow2,node-name=fmt0,file=file0",
-                 "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={qfile},writable=on"],
-                work / "qsd.log",
-            )  # fmt: skip
-        )
+        argv = ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={qcow2_fuse}",
+                "--blockdev", "driver=qcow2,node-name=fmt0,file=file0",
+                "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={qfile},writable=on",
+                ]  # fmt: skip
+        qsd = stack.enter_context(process(argv, work / "qsd.log"))
         size = raw.stat().st_size
         wait_until(lambda: qfile.stat().st_size == size, "qemu-storage-daemon fuse", qsd)
         vsock = work / "vfsd.sock"
         vmnt = work / "vfsd.raw"
         vmnt.touch()
         stack.callback(unmount, vmnt)
-        v = stack.enter_context(
-            process([*VFSD, "export", str(vimg), "--nbd", str(vsock), "--name", "disk",
-                     "--fuse", str(vmnt)], work / "vfsd.log")  # fmt: skip
-        )
+        argv = [*VFSD, "export", str(vimg), "--nbd", str(vsock), "--name", "disk",
+                "--fuse", str(vmnt)]  # fmt: skip
+        v = stack.enter_context(process(argv, work / "vfsd.log"))
         wait_until(lambda: ready(Path(str(vsock) + ".ctl")), "vfsd export", v)
         yield {
             "raw file": ["-f", "raw", "-t", "none", str(raw)],
@@ -287,8 +282,9 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="1 GiB image (default 256 MiB)")
     ap.add_argument("--size", type=int, default=0, help="image size in MiB (overrides --full)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", action="append", default=[],
-                    help="only workloads containing TEXT (4k, 1M, read, write, remote)")  # fmt: skip
+    ap.add_argument(
+        "--only", action="append", default=[], help="only workloads with TEXT (4k, 1M, remote)"
+    )
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
