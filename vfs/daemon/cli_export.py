@@ -1,6 +1,6 @@
 """``vfsd export``: serve an image over NBD / as a raw file, and talk to running exports.
 
-- ``vfsd export IMAGE --nbd SOCKET [--tcp 127.0.0.1:PORT] [--fuse MNT] [--readonly]`` runs one
+- ``vfsd export IMAGE --nbd SOCKET [--tcp 127.0.0.1:PORT] [--fuse FILE] [--readonly]`` runs one
   export in the foreground (as ``qemu-nbd`` does without ``--fork``) until SIGTERM;
 - ``vfsd export add|rm|list`` manage the exports of a running ``vfsd serve`` (it starts one
   such process per image and restarts it when it dies);

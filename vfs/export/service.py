@@ -62,7 +62,7 @@ class ExportConfig:
         if not self.name:
             self.name = Path(self.image).stem or "disk"
         if not (self.nbd or self.tcp or self.fuse):
-            raise UsageError("nothing to serve: give --nbd SOCKET, --tcp ADDR:PORT or --fuse MNT")
+            raise UsageError("nothing to serve: give --nbd SOCKET, --tcp HOST:PORT or --fuse FILE")
         if self.control is None and self.nbd:
             self.control = self.nbd[0] + ".ctl"
         if self.readonly:
