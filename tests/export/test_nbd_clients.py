@@ -216,3 +216,41 @@ def test_dirty_bitmap_over_nbd_and_cli(exports, disk, tmp_path):
     assert e.stop() == 0
     e2 = exports.start(disk, name="disk")
     assert e2.control.dirty("dirty") == [(63 << 20, 64 << 10)]
+
+
+def test_nbdkit_as_a_second_peer(exports, disk, tmp_path):
+    """nbdkit 1.32 (file plugin) serving a raw copy of the same disk: nbdinfo sees the same
+    data map from both servers (nbdkit's from the file's SEEK_DATA), and nbdcopy from our
+    export into an nbdkit export gives a disk qemu-img compares identical."""
+    need("nbdkit", "nbdinfo", "nbdcopy")
+    e = exports.start(disk)
+    raw = tmp_path / "d.raw"  # through the export; -S: zero runs of a whole cluster are holes
+    run("qemu-img", "convert", "-S", "64k", "-f", "raw", "-O", "raw", e.uri, str(raw))
+    dst = tmp_path / "dst.raw"
+    dst.write_bytes(b"")
+    os.truncate(dst, raw.stat().st_size)
+    procs = []
+    try:
+        for name, path in (("ref", raw), ("dst", dst)):
+            sock = tmp_path / f"{name}.sock"
+            procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(path)]))
+            for _ in range(200):
+                if sock.exists():
+                    break
+                __import__("time").sleep(0.05)
+
+        def data_map(uri):
+            out = run("nbdinfo", "--map", "--json", uri).stdout
+            # data that is not known zeros (a ZERO entry of ours is a hole of the raw file)
+            return [(x["offset"], x["length"]) for x in json.loads(out) if x["type"] == 0]
+
+        ref_uri = f"nbd+unix:///?socket={tmp_path / 'ref.sock'}"
+        assert data_map(e.uri) == data_map(ref_uri)
+        dst_uri = f"nbd+unix:///?socket={tmp_path / 'dst.sock'}"
+        run("nbdcopy", "--connections=4", e.uri, dst_uri)
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", ref_uri, dst_uri)
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", e.uri, str(dst))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
