@@ -38,6 +38,7 @@ class Serve:
         self.mnt.mkdir()
         self.proc: subprocess.Popen | None = None
         self.pids: set[int] = set()  # every export pid seen: the fixture kills what is left
+        self.mounts: list = []  # FUSE files of exports: unmounted by the fixture if left
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -86,6 +87,8 @@ def serve(tmp_path):
         for pid in s.pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        for m in s.mounts:
+            unmount(m)
 
 
 def test_daemon_manages_exports(serve, tmp_path):
@@ -166,3 +169,26 @@ def test_daemon_export_that_cannot_start(serve, tmp_path):
                      str(tmp_path / "n.sock"), check=False)  # fmt: skip
     assert gone.returncode == 4 and "does not exist" in gone.stderr
     assert serve.cli("export", "rm", "nope", check=False).returncode == 4
+
+
+def test_daemon_export_with_a_fuse_file(serve, tmp_path):
+    """The raw file of a daemon's export is mounted by its export process (the daemon's own
+    mount is the VEE tree) and goes away with `export rm`."""
+    img = make_image(tmp_path / "vm3.vimg", "8M", "write -P 5 0 64k")
+    raw = tmp_path / "vm3.raw"
+    serve.mounts.append(raw)
+    serve.start()
+    serve.cli("export", "add", "vm3", str(img), "--fuse", str(raw), "--nbd",
+              str(tmp_path / "vm3.sock"))  # fmt: skip
+    assert raw.stat().st_size == 8 << 20  # the mount: the empty file has the disk's size
+    with open(raw, "r+b") as f:
+        assert f.read(4) == b"\x05" * 4
+        f.seek(1 << 20)
+        f.write(b"fuse")
+        os.fsync(f.fileno())
+    js = json.loads(serve.cli("export", "dirty", "vm3", "--json").stdout)
+    assert [(d["offset"], d["length"]) for d in js["dirty"]] == [(1 << 20, 64 << 10)]
+    serve.cli("export", "rm", "vm3")
+    assert raw.stat().st_size == 0  # unmounted: the mount point file again
+    r = run(*VIMG, "io", str(img), "-c", "read -P 0x66 1048576 1", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
