@@ -254,3 +254,20 @@ def test_nbdkit_as_a_second_peer(exports, disk, tmp_path):
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+def test_loopback_tcp_and_refused_addresses(exports, disk, tmp_path):
+    """--tcp serves NBD on a loopback address (qemu-img over nbd://); any other address is
+    refused in one line (there is no TLS), as is a malformed one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exports.start(disk, "--tcp", f"127.0.0.1:{port}")
+    out = run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", f"nbd://127.0.0.1:{port}/disk")
+    assert "read 65536/65536" in out.stdout
+    vfsd = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+    for addr, msg in (("0.0.0.0:10809", "loopback addresses only"), ("localhost", "HOST:PORT")):
+        r = run(*vfsd, "export", str(disk), "--tcp", addr, check=False)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -12,6 +12,7 @@ Kept in one module (the CLIs are to move into one package as a whole).
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ def _parse_tcp(values: tuple[str, ...]) -> list[tuple[str, int]]:
             raise UsageError(f"--tcp wants HOST:PORT, not {v!r}") from None
         if not host or not 0 < p < 65536:
             raise UsageError(f"--tcp wants HOST:PORT, not {v!r}")
+        try:  # checked before the image is opened (the listener checks again)
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise UsageError(f"--tcp wants an IP address, not {host!r}") from None
+        if not loopback:
+            raise UsageError(f"TCP exports listen on loopback addresses only (no TLS), not {host}")
         out.append((host, p))
     return out
 
