@@ -192,3 +192,39 @@ def test_daemon_export_with_a_fuse_file(serve, tmp_path):
     assert raw.stat().st_size == 0  # unmounted: the mount point file again
     r = run(*VIMG, "io", str(img), "-c", "read -P 0x66 1048576 1", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_hostile_export_specs_are_refused(serve, tmp_path):
+    """Specs sent straight to the control socket (not through the CLI): malformed JSON, unknown
+    fields, wrong types, relative paths, names with '/' — each a one-line error with the
+    exit code of its class; nothing registered, nothing started, the daemon still answers."""
+    from vfs.daemon import control as C
+    from vfs.errors import VfsError
+
+    img = make_image(tmp_path / "ok.vimg", "4M")
+    good = {"image": str(img), "name": "ok", "nbd": [str(tmp_path / "ok.sock")]}
+    bad = [
+        "{not json",
+        "[]",
+        json.dumps({**good, "argv": ["--evil"]}),
+        json.dumps({**good, "readonly": "yes"}),
+        json.dumps({**good, "nbd": "/tmp/x.sock"}),
+        json.dumps({**good, "nbd": ["relative.sock"]}),
+        json.dumps({**good, "image": "ok.vimg"}),
+        json.dumps({**good, "name": "a/b"}),
+        json.dumps({**good, "name": "x" * 65}),
+        json.dumps({**good, "nbd": [], "tcp": [], "fuse": None}),
+        json.dumps({**good, "image": str(tmp_path / "missing.vimg")}),
+    ]
+    serve.start()
+    for spec in bad:
+        with pytest.raises(VfsError) as err:
+            C.call(serve.state, {"op": "export_add", "spec": spec}, timeout=30)
+        assert "\n" not in str(err.value) and err.value.exit_code in (2, 4), (spec, err.value)
+    with pytest.raises(VfsError):
+        C.call(serve.state, {"op": "export_add", "spec": 7}, timeout=30)  # not a string
+    assert serve.list() == {}
+    assert (
+        not (serve.state / "exports.json").exists()
+        or json.loads((serve.state / "exports.json").read_text())["exports"] == []
+    )
