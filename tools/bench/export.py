@@ -306,6 +306,7 @@ def main() -> None:
         "--only", action="append", default=[], help="only workloads with TEXT (4k, 1M, remote)"
     )
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("qemu-img", "qemu-nbd", "qemu-storage-daemon", "fusermount3"):
@@ -316,7 +317,7 @@ def main() -> None:
     try:
         results = run(work, size, args.reps, set(args.only))
     finally:
-        if not os.environ.get("BENCH_KEEP"):
+        if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
