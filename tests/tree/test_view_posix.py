@@ -51,7 +51,7 @@ async def test_unlinked_open_file_keeps_identity_and_fd_operations(world):
     assert await views.read(fh, 0, 100) == b"0123"
     views.release(fh)
     views.forget([(attr.ino, 1)])
-    assert attr.ino not in views.nodes  # dropped with its pin once nobody holds it
+    assert attr.ino not in views.inodes.nodes  # dropped with its pin once nobody holds it
     assert not (tmp / "state" / "a" / "upper" / "f").exists()
 
 
@@ -84,7 +84,7 @@ async def test_unreferenced_nodes_are_dropped_with_their_fds(world):
         fh, attr = views.create(parent, b"p%02d" % i, 0o100644, os.O_RDWR, 0, 0)
         views.release(fh)
         views.forget([(attr.ino, 1)])
-    nodes, fds = len(views.nodes), open_fds()
+    nodes, fds = len(views.inodes.nodes), open_fds()
     for _ in range(5):
         dfh = views.opendir(parent)
         taken = views.readdir(dfh, 0, lambda name, attr, nxt: nxt <= 4)  # room for 4 entries
@@ -93,9 +93,9 @@ async def test_unreferenced_nodes_are_dropped_with_their_fds(world):
         with pytest.raises(FsError) as e:
             views.create(parent, b"p07", 0o100644, os.O_RDWR, 0, 0)
         assert e.value.errno == errno.EEXIST
-    idle = [n for n in views.nodes.values() if n.vee is not None and not n.is_dir]
+    idle = [n for n in views.inodes.nodes.values() if n.vee is not None and not n.is_dir]
     assert [n for n in idle if n.nlookup == 0 and n.opens == 0] == []
-    assert len(views.nodes) <= nodes + 3  # big (shared), bin, data (directory nodes stay)
+    assert len(views.inodes.nodes) <= nodes + 3  # big (shared), bin, data (directory nodes stay)
     assert open_fds() == fds
 
 
@@ -103,14 +103,14 @@ async def test_readdir_dot_entries_take_no_lookup(world):
     views, _, _ = world
     a = VeeClient(views, "a")
     etc = a.ino("etc")
-    before = views.nodes[etc].nlookup
+    before = views.inodes.nodes[etc].nlookup
     dfh = views.opendir(etc)
     entries = views.readdir(dfh, 0)
     views.releasedir(dfh)
     names = [n for n, _, _ in entries]
     assert names[:2] == [b".", b".."] and set(names[2:]) == {b"conf.d", b"hosts", b"passwd"}
     assert entries[0][1].ino == etc and entries[1][1].ino == a.ino("")
-    assert views.nodes[etc].nlookup == before
+    assert views.inodes.nodes[etc].nlookup == before
     root = views.opendir(ROOT_INO)
     assert [n for n, _, _ in views.readdir(root, 0)] == [b".", b"..", b"a", b"b"]
 
