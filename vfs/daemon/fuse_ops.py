@@ -46,6 +46,8 @@ def check_pyfuse3() -> None:
         missing.append("FileInfo.cache_readdir")
     if not hasattr(pyfuse3, "invalidate_inode_async"):
         missing.append("invalidate_inode_async")
+    if getattr(pyfuse3.Operations, "lseek", None) is None:
+        missing.append("Operations.lseek")
     if missing:
         raise VfsError(
             f"pyfuse3 {pyfuse3.__version__} ({pyfuse3.__file__}) is not the vfs-patched build "
