@@ -1,10 +1,11 @@
 """`vmctl`: a thin launcher of QEMU guests on vimg images.
 
 ``host`` says what a guest would get here (KVM or TCG, and why). ``run`` starts a guest on
-local raw or qcow2 disks and returns once it is running (QEMU keeps running after vmctl exits);
-``list``, ``status``, ``stop`` and ``console`` find it again through its state directory
-(``--root``, ``$VMCTL_ROOT``, default ``$VFS_ROOT/vmctl``). Disks behind the vimg export,
-migration, hibernate and restore come with the image exports (issue 11).
+vimg disks (each served by a ``vfsd export`` over NBD) or raw/qcow2 files and returns once it
+is running (QEMU and the exports keep running after vmctl exits); ``list``, ``status``, ``stop``
+and ``console`` find it again through its state directory (``--root``, ``$VMCTL_ROOT``, default
+``$VFS_ROOT/vmctl``). ``hibernate`` saves a running guest into a bundle and ``restore`` brings
+it back (:mod:`vmctl.hibernate`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def host(as_json: bool) -> None:
     "disks",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="A raw or qcow2 image, the guest's next virtio disk (repeatable).",
+    help="A vimg (served by a vfsd export over NBD), raw or qcow2 image: the guest's next "
+    "virtio disk (repeatable).",
 )
 @click.option(
     "--kernel",
@@ -105,25 +107,16 @@ def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | 
         timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
     """Start guest NAME; return once it runs (QEMU stays up after vmctl exits)."""
     from vmctl.disks import open_disk
+    from vmctl.lifecycle import start_vm
     from vmctl.machine import MachineSpec
-    from vmctl.qemu import run_qemu
     from vmctl.vms import vm_paths
 
     memory_mib = parse_size(memory) >> 20
+    paths = vm_paths(_root(root), name)
     spec = MachineSpec(name, memory_mib=memory_mib, cpus=cpus, machine=machine, kernel=kernel,
                        initrd=initrd, append=append,
-                       disks=[open_disk(d, i) for i, d in enumerate(disks)])  # fmt: skip
-    paths = vm_paths(_root(root), name)
-
-    async def start() -> dict:
-        async with run_qemu(spec, paths.dir, marker=wait_for, boot_timeout=timeout,
-                            connect_timeout=timeout) as vm:  # fmt: skip
-            vm.detach()
-            return {"name": name, "pid": vm.pid, "accel": vm.accel.name,
-                    "accel_reason": vm.accel.reason, "state_dir": str(paths.dir),
-                    "serial_log": str(paths.serial_log)}  # fmt: skip
-
-    info = trio.run(start)
+                       disks=[open_disk(d, i, paths.dir) for i, d in enumerate(disks)])  # fmt: skip
+    info = trio.run(lambda: start_vm(spec, paths, marker=wait_for, timeout=timeout))
     if as_json:
         emit_json(info)
     else:
@@ -176,14 +169,15 @@ def status(name: str, root: Path | None, as_json: bool) -> None:
 @root_option
 @handle_errors
 def stop(name: str, force: bool, timeout: float, root: Path | None) -> None:
-    """Stop VM NAME: quit over QMP, then SIGTERM, then SIGKILL (--force: kill at once)."""
-    from vmctl.qemu import stop_detached
+    """Stop VM NAME: quit over QMP, then SIGTERM, then SIGKILL (--force: kill at once); then
+    its disks' exports."""
+    from vmctl.lifecycle import stop_vm
     from vmctl.vms import vm_paths
 
     paths = vm_paths(_root(root), name)
     if not paths.spec.exists():
         raise NotFound(f"no VM named {name!r} in {_root(root)}")
-    if not trio.run(lambda: stop_detached(paths, force=force, timeout=timeout)):
+    if not trio.run(lambda: stop_vm(paths, force=force, timeout=timeout)):
         raise VmError(f"VM {name!r} is not running")
     click.echo(f"{name}: stopped")
 
