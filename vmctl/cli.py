@@ -200,3 +200,84 @@ def console(name: str, follow: bool, root: Path | None) -> None:
     if not paths.spec.exists():
         raise NotFound(f"no VM named {name!r} in {_root(root)}")
     trio.run(lambda: follow_serial(paths, sys.stdout.buffer, follow=follow))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds for the state save.")
+@root_option
+@json_option
+@handle_errors
+def hibernate(name: str, bundle: Path, timeout: float, root: Path | None, as_json: bool) -> None:
+    """Save running VM NAME into BUNDLE (a new directory) and stop it.
+
+    The guest is paused, its memory and device state written to BUNDLE, each disk (vimg only)
+    frozen as a snapshot bound to that state, then QEMU stopped. `vmctl restore BUNDLE` brings
+    it back, here or on another host.
+    """
+    from vmctl.hibernate import hibernate as do_hibernate
+
+    info = trio.run(lambda: do_hibernate(_root(root), name, bundle, timeout=timeout))
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(
+            f"{name}: hibernated into {info['bundle']} ({info['state_bytes'] >> 20} MiB of state, "
+            f"saved in {info['save_s']:.2f}s)"
+        )
+
+
+def _moves(values: tuple[str, ...]) -> dict[str, Path]:
+    from vfs.errors import UsageError
+
+    out: dict[str, Path] = {}
+    for v in values:
+        node, sep, path = v.partition("=")
+        if not sep or not node or not path:
+            raise UsageError(f"--disk wants NODE=PATH (e.g. disk0=/images/web.vimg), not {v!r}")
+        out[node] = Path(path).absolute()
+    return out
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--name", help="Name of the restored VM [default: the saved one's].")
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar="NODE=PATH",
+    help="The image of disk NODE is now at PATH (moved or copied; repeatable).",
+)
+@click.option("--kernel", type=click.Path(path_type=Path), help="The saved guest's kernel moved.")
+@click.option("--initrd", type=click.Path(path_type=Path), help="Its initrd moved.")
+@click.option("--memory", help="Must equal the saved guest's memory (checked, not changed).")
+@click.option("--cpus", type=int, help="Must equal the saved guest's vCPU count.")
+@click.option("--machine", help="Must equal the saved guest's machine type.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds for start and load.")
+@root_option
+@json_option
+@handle_errors
+def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path | None,
+            initrd: Path | None, memory: str | None, cpus: int | None, machine: str | None,
+            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Bring back the guest hibernated into BUNDLE; return once it runs.
+
+    Refuses, before touching anything, what QEMU could not load (another QEMU that is older,
+    machine type, memory, vCPUs, devices) and a disk that is not the one frozen with the
+    state or was written since (so two guests never write one disk from one bundle).
+    """
+    from vmctl.hibernate import restore as do_restore
+
+    overrides = {"kernel": kernel, "initrd": initrd, "cpus": cpus, "machine": machine,
+                 "memory_mib": parse_size(memory) >> 20 if memory else None}  # fmt: skip
+    info = trio.run(lambda: do_restore(bundle, root=_root(root), name=name, moves=_moves(disks),
+                                       timeout=timeout, **overrides))  # fmt: skip
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(
+            f"{info['name']}: restored from {info['bundle']} in {info['restore_s']:.2f}s "
+            f"(pid {info['pid']}, {info['accel']})"
+        )

@@ -58,8 +58,8 @@ class VimgDisk(Disk):
     read_only: bool = False
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        self.socket = Path(self.socket)
+        self.path = Path(self.path).absolute()  # vm.json and bundles outlive the cwd
+        self.socket = Path(self.socket).absolute()
         check_node_name(self.node_name)
         if not self.path.exists():
             raise NotFound(f"disk image {self.path} does not exist")

@@ -15,6 +15,7 @@ from typing import Any
 
 from vfs.errors import BusyError
 from vmctl.exports import check_not_shared, start_exports, stop_vm_exports
+from vmctl.host import Accelerator
 from vmctl.machine import MachineSpec
 from vmctl.qemu import QemuVM, VmPaths, read_pidfile, run_qemu, stop_detached
 
@@ -27,6 +28,7 @@ async def start_vm(
     timeout: float = 120.0,
     incoming: str | None = None,
     on_up: Callable[[QemuVM], Awaitable[None]] | None = None,
+    accel: Accelerator | None = None,
 ) -> dict[str, Any]:
     """Start ``spec`` in ``paths`` and leave it running; returns what ``vmctl run`` reports."""
     running = read_pidfile(paths.pidfile)
@@ -39,7 +41,8 @@ async def start_vm(
     await start_exports(spec.disks)
     try:
         async with run_qemu(spec, paths.dir, marker=marker, boot_timeout=timeout,
-                            connect_timeout=timeout, incoming=incoming) as vm:  # fmt: skip
+                            connect_timeout=timeout, incoming=incoming,
+                            accel=accel) as vm:  # fmt: skip
             if on_up is not None:
                 await on_up(vm)
             vm.detach()
