@@ -293,6 +293,38 @@ async def restore(bundle_path: Path, *, root: Path, name: str | None = None,
                   moves: dict[str, Path] | None = None, timeout: float = 600.0,
                   **overrides: Any) -> dict:  # fmt: skip
     """Bring a hibernated guest back as VM ``name`` of ``root``; returns once it runs."""
+
+    with _restore_lock(Path(bundle_path)):
+        return await _restore(bundle_path, root=root, name=name, moves=moves, timeout=timeout,
+                              overrides=overrides)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _restore_lock(bundle_path: Path):
+    """Two restores of one bundle at once are serialised (flock on its manifest, which may be
+    read-only): the second then finds the disks locked by the first's exports."""
+    import fcntl
+
+    from vfs.errors import BusyError
+
+    try:
+        fd = os.open(bundle_path / B.MANIFEST, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield  # load_bundle says what is wrong with it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"another vmctl is restoring {bundle_path}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _restore(bundle_path: Path, *, root: Path, name: str | None,
+                   moves: dict[str, Path] | None, timeout: float,
+                   overrides: dict[str, Any]) -> dict:  # fmt: skip
     from vmctl.lifecycle import start_vm
 
     bundle, spec, paths, accel = await trio.to_thread.run_sync(
