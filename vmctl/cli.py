@@ -281,3 +281,51 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
             f"{info['name']}: restored from {info['bundle']} in {info['restore_s']:.2f}s "
             f"(pid {info['pid']}, {info['accel']})"
         )
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The destination state root (another host's, or another root here).",
+)
+@click.option("--bandwidth", default="1G", show_default=True, help="RAM pre-copy bytes/second.")
+@click.option(
+    "--downtime-ms", default=100, show_default=True, help="Pause QEMU may aim for at the switch."
+)
+@click.option(
+    "--precopy-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds of RAM pre-copy before a guest that does not converge is stopped and copied.",
+)
+@click.option("--postcopy", is_flag=True, help="Switch to post-copy instead (not yet).")
+@click.option("--timeout", default=600.0, show_default=True)
+@root_option
+@json_option
+@handle_errors
+def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
+            postcopy: bool, timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
+    it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
+    If anything fails before the switch, the source runs on and the destination is removed."""
+    from vmctl.migrate import migrate as do_migrate
+
+    def progress(text: str) -> None:
+        click.echo(f"{name}: {text}", err=True)
+
+    info = trio.run(lambda: do_migrate(
+        _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
+        precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
+        progress=progress))  # fmt: skip
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(
+            f"{name}: migrated to {info['to']} ({info['mode']}): downtime {info['downtime_ms']} ms"
+            f", stage 1 {info['stage1_s']}s, {info['disk_bytes'] >> 20} MiB disk, "
+            f"{(info['ram_bytes'] or 0) >> 20} MiB RAM"
+        )

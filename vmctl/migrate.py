@@ -1,0 +1,308 @@
+"""``vmctl migrate NAME --to ROOT``: move a running guest to another state root, in two stages.
+
+Stage 1, the guest running::
+
+    destination: a new image per disk, its export, QEMU ``-S -incoming defer`` on the same
+    platform (the versioned machine type, the CPU model), ``migrate-incoming unix:``
+    disks: full copy of every allocated range, then rounds of what the guest dirtied
+    (the source export's bitmap) until a round is small or the rounds stop shrinking
+    RAM: QEMU's pre-copy (``migrate`` with ``pause-before-switchover``), disk rounds go on
+    meanwhile; a guest that dirties faster than the link carries is bounded: after
+    ``--precopy-timeout`` the downtime limit is lifted, which makes QEMU stop the guest and
+    copy the rest (stop-and-copy), or ``--postcopy`` switches to post-copy
+
+Stage 2, the guest paused (QEMU stopped it and flushed its disks into the source exports,
+and waits in ``pre-switchover``)::
+
+    copy the disks' last dirty ranges, flush the destination ─► ``migrate-continue``
+    (the device state) ─► destination loaded ─► ``cont`` there: the switch
+    ─► stop the source QEMU and its exports
+
+Anything failing before the switch: the source's migration is cancelled, the guest resumed
+if QEMU left it paused, the destination (QEMU, exports, images, directory) removed. The
+source images stay where they were after a migration (as virsh's ``--copy-storage-all``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vfs.errors import AlreadyExists, NotFound, UsageError
+from vmctl.errors import QMPError, VmError
+from vmctl.exports import VimgDisk
+from vmctl.machine import MachineSpec, check_migration_capabilities
+from vmctl.qemu import QemuVM, read_pidfile
+from vmctl.qmp import QMPClient, open_qmp
+
+log = logging.getLogger("vmctl.migrate")
+
+#: A disk round this small ends the rounds (the rest goes in stage 2).
+DISK_DONE_BYTES = 4 << 20
+MAX_DISK_ROUNDS = 10
+#: QEMU's downtime limit is at most 2000 s; this one means "stop and copy, however long".
+STOP_AND_COPY_MS = 600_000
+_POLL = 0.01
+
+
+class MigrationError(VmError):
+    """The migration failed before the switch; the source runs on."""
+
+
+def _say(progress, text: str) -> None:
+    log.info("%s", text)
+    if progress is not None:
+        progress(text)
+
+
+async def _src_status(qmp: QMPClient) -> dict[str, Any]:
+    return await qmp.execute("query-migrate", timeout=10)
+
+
+async def migrate(
+    root: Path,
+    name: str,
+    dest_root: Path,
+    *,
+    bandwidth: int = 1 << 30,
+    downtime_ms: int = 100,
+    precopy_timeout: float = 30.0,
+    postcopy: bool = False,
+    timeout: float = 600.0,
+    progress=None,
+) -> dict[str, Any]:
+    from vmctl.hibernate import _platform, _vm_record, wait_migration
+    from vmctl.lifecycle import start_vm, stop_vm
+    from vmctl.vms import vm_paths
+
+    src = vm_paths(root, name)
+    dst = vm_paths(dest_root, name)
+    if not src.spec.exists():
+        raise NotFound(f"no VM named {name!r} in {root}")
+    if src.dir.resolve() == dst.dir.resolve():
+        raise UsageError("the destination root is the source root")
+    if read_pidfile(src.pidfile) is None:
+        raise VmError(f"VM {name!r} is not running")
+    if dst.dir.exists():
+        raise AlreadyExists(f"{dst.dir} exists: the destination already has a VM {name!r}")
+    if postcopy:
+        raise UsageError("--postcopy: not yet (vmctl migrates by pre-copy, then stop-and-copy)")
+    rec = _vm_record(src)
+    spec_rec = rec["spec"]
+    for d in spec_rec.get("disks", []):
+        if d.get("format") != "vimg":
+            raise UsageError(
+                f"disk {d.get('node')} is a {d.get('format')} file: migrate copies vimg disks "
+                "only (convert it with `vimg convert -O vimg`)"
+            )
+    caps = {"pause-before-switchover": True, "auto-converge": False}
+    check_migration_capabilities(rec["accel"], caps)
+    t0 = time.monotonic()
+    report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
+
+    async with open_qmp(src.qmp_socket, name="migrate-src", connect_timeout=10) as sq:
+        platform = await _platform(sq, rec)
+        if (await sq.execute("query-status"))["status"] != "running":
+            raise VmError(f"VM {name!r} is not running (paused?)")
+        try:
+            disks = [
+                VimgDisk(_new_image(dst.dir, d["node"], d["control"]),
+                         dst.dir / f"d{i}.nbd", node_name=d["node"])
+                for i, d in enumerate(spec_rec.get("disks", []))
+            ]  # fmt: skip
+        except BaseException:
+            shutil.rmtree(dst.dir, ignore_errors=True)
+            raise
+        spec = MachineSpec(
+            name,
+            memory_mib=platform["memory_mib"],
+            cpus=platform["cpus"],
+            machine=platform["machine"],
+            cpu_model=platform["cpu_model"],
+            kernel=Path(spec_rec["kernel"]) if spec_rec.get("kernel") else None,
+            initrd=Path(spec_rec["initrd"]) if spec_rec.get("initrd") else None,
+            append=spec_rec.get("append"),
+            disks=disks,
+            extra_args=list(spec_rec.get("extra_args", [])),
+        )
+        switched = False
+
+        async def body(dq_vm: QemuVM) -> None:
+            nonlocal switched
+            dq = dq_vm.qmp
+            assert dq is not None
+            sock = dst.dir / "migrate.sock"
+            await dq.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            copiers = await trio.to_thread.run_sync(
+                lambda: _copiers(spec_rec.get("disks", []), disks)
+            )
+            try:
+                switched = await _migrate(sq, dq, copiers, sock, report, progress, caps=caps,
+                                          bandwidth=bandwidth, downtime_ms=downtime_ms,
+                                          precopy_timeout=precopy_timeout,
+                                          timeout=timeout, wait=wait_migration)  # fmt: skip
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await _rollback(sq, name)
+                raise
+            finally:
+                for c in copiers:
+                    with contextlib.suppress(Exception):
+                        await trio.to_thread.run_sync(lambda c=c: c.close(drop_bitmap=True))
+
+        try:
+            info = await start_vm(spec, dst, timeout=min(timeout, 120), incoming="defer",
+                                  on_up=body)  # fmt: skip
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                if not switched:
+                    await stop_vm(dst, force=True)
+                    shutil.rmtree(dst.dir, ignore_errors=True)
+            if isinstance(e, QMPError | OSError) and not switched:
+                raise MigrationError(
+                    f"migration of {name!r} failed, the source runs on: {e}"
+                ) from e
+            raise
+    # Switched: the destination runs. The source is paused after the migration: stop it.
+    await stop_vm(src)
+    report.update({"pid": info["pid"], "accel": info["accel"],
+                   "total_s": round(time.monotonic() - t0, 3)})  # fmt: skip
+    _say(progress, f"done: downtime {report['downtime_ms']:.0f} ms, total {report['total_s']}s")
+    return report
+
+
+def _new_image(dest_dir: Path, node: str, control: str) -> Path:
+    """A fresh image of the source disk's size in the destination directory."""
+    from vfs.export.client import ExportControl
+    from vfs.image import Image
+
+    size = ExportControl(control).status()["size"]
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / f"{node}.vimg"
+    Image.create(str(path), size).close()
+    return path
+
+
+def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk]):
+    from vmctl.diskcopy import DiskCopier
+
+    out = []
+    try:
+        for s, d in zip(src_disks, dst_disks, strict=True):
+            out.append(DiskCopier(Path(s["socket"]), Path(s["control"]), s["node"],
+                                  d.socket, d.node_name))  # fmt: skip
+    except BaseException:
+        for c in out:
+            c.close()
+        raise
+    return out
+
+
+async def _disk_rounds(copiers, report, progress) -> None:
+    """Dirty rounds until a round is small, the rounds stop shrinking, or MAX_DISK_ROUNDS."""
+    last = None
+    for n in range(1, MAX_DISK_ROUNDS + 1):
+        sent = 0
+        for c in copiers:
+            sent += await trio.to_thread.run_sync(c.copy_dirty)
+        report["disk_rounds"] = report.get("disk_rounds", 0) + 1
+        _say(progress, f"stage 1: disk round {n}: {sent >> 10} KiB")
+        if sent <= DISK_DONE_BYTES or (last is not None and sent >= last):
+            return
+        last = sent
+
+
+async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, progress, *,
+                   caps, bandwidth, downtime_ms, precopy_timeout, timeout,
+                   wait) -> bool:  # fmt: skip
+    """Stages 1 and 2; returns True once the destination runs."""
+    t1 = time.monotonic()
+    full = 0
+    for c in copiers:
+        full += await trio.to_thread.run_sync(c.full_copy)
+    _say(progress, f"stage 1: disks copied ({full >> 10} KiB allocated)")
+    await _disk_rounds(copiers, report, progress)
+
+    await sq.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": k, "state": v} for k, v in caps.items()]})  # fmt: skip
+    await sq.execute("migrate-set-parameters",
+                     {"max-bandwidth": bandwidth, "downtime-limit": downtime_ms})  # fmt: skip
+    await sq.execute("migrate", {"uri": f"unix:{sock}"})
+    _say(progress, "stage 1: RAM pre-copy started")
+    mode = "precopy"
+    started = time.monotonic()
+    last_report = 0.0
+    while True:
+        st = await _src_status(sq)
+        status = st.get("status")
+        if status == "pre-switchover":
+            break
+        if status in ("failed", "cancelled", "completed"):
+            raise MigrationError(f"RAM migration {status}: {st.get('error-desc', 'no reason')}")
+        now = time.monotonic()
+        if mode == "precopy" and now - started > precopy_timeout:
+            mode = "stop-and-copy"
+            _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: stop and copy")
+            await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
+        if now - started > timeout:
+            raise MigrationError(f"RAM migration still {status} after {timeout}s")
+        if now - last_report > 1.0:
+            ram = st.get("ram", {})
+            _say(progress, f"stage 1: RAM {status}, {ram.get('transferred', 0) >> 20} MiB sent, "
+                           f"{ram.get('remaining', 0) >> 20} MiB remaining, "
+                           f"{ram.get('dirty-sync-count', 0)} passes")  # fmt: skip
+            last_report = now
+            # Keep the disks close behind the guest while RAM converges.
+            for c in copiers:
+                await trio.to_thread.run_sync(c.copy_dirty)
+        await trio.sleep(_POLL)
+    # Stage 2: the guest is paused (QEMU stopped it and flushed its disks).
+    t_pause = time.monotonic()
+    stage1 = t_pause - t1
+    last = 0
+    for c in copiers:
+        last += await trio.to_thread.run_sync(c.finish)
+    await sq.execute("migrate-continue", {"state": "pre-switchover"})
+    final = await wait(sq, timeout)
+    await wait(dq, timeout)
+    state = (await dq.execute("query-status"))["status"]
+    if state != "paused":
+        raise MigrationError(f"the destination is {state} after the migration, not paused")
+    await dq.execute("cont")
+    t_resumed = time.monotonic()
+    ram = final.get("ram", {})
+    report.update({
+        "mode": mode,
+        "stage1_s": round(stage1, 3),
+        "stage2_s": round(t_resumed - t_pause, 3),
+        "downtime_ms": round((t_resumed - t_pause) * 1000, 1),
+        "qemu_downtime_ms": final.get("downtime"),
+        "qemu_total_ms": final.get("total-time"),
+        "ram_bytes": ram.get("transferred"),
+        "ram_passes": ram.get("dirty-sync-count"),
+        "disk_bytes": sum(c.stats.bytes_sent for c in copiers),
+        "disk_last_bytes": last,
+    })  # fmt: skip
+    return True
+
+
+async def _rollback(sq: QMPClient, name: str) -> None:
+    """Before the switch: cancel the source's migration and make sure its guest runs."""
+    try:
+        st = await _src_status(sq)
+        if st.get("status") not in (None, "none", "completed", "failed", "cancelled"):
+            await sq.execute("migrate-cancel")
+            with trio.move_on_after(30):
+                while (await _src_status(sq)).get("status") not in ("cancelled", "failed"):
+                    await trio.sleep(0.05)
+        if (await sq.execute("query-status"))["status"] != "running":
+            await sq.execute("cont")
+        log.warning("migration of %s failed; the source guest runs on", name)
+    except QMPError as e:
+        log.warning("migration of %s failed, and the source did not answer: %s", name, e)
