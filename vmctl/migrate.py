@@ -164,7 +164,7 @@ async def migrate(
                 if not switched:
                     await stop_vm(dst, force=True)
                     shutil.rmtree(dst.dir, ignore_errors=True)
-            if isinstance(e, QMPError | OSError) and not switched:
+            if isinstance(e, Exception) and not switched:
                 raise MigrationError(
                     f"migration of {name!r} failed, the source runs on: {e}"
                 ) from e

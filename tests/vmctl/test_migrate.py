@@ -1,0 +1,164 @@
+"""`vmctl migrate` on real guests (TCG): a guest dirtying memory and appending to its disk moves
+to another state root with its counter continuing and no fsynced line lost; a guest that never
+converges still moves (stop-and-copy) with its real downtime reported; killing the destination
+QEMU mid-migration leaves the source running and no destination behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.vmctl.helpers import processes_mentioning, synced_numbers
+from tests.vmctl.vimg_helpers import (
+    check_clean,
+    make_vimg_disk,
+    read_vimg_file,
+    vmctl,
+    wait_for_synced,
+)
+from tools.guest import APPEND_LOG, Guest
+from vmctl.qemu import read_pidfile
+
+
+def _run(root: Path, name: str, disk: Path, guest: Guest, run: str, *extra: str, **params) -> None:
+    r = vmctl(
+        "run", name, "--disk", str(disk), "--kernel", str(guest.kernel),
+        "--initrd", str(guest.initrd), "--append", guest.append(run, **params),
+        "--wait-for", "vfsguest: ready", *extra, root=root,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def _lines(disk: Path) -> list[str]:
+    check_clean(disk)
+    lines = (read_vimg_file(disk, APPEND_LOG) or b"").decode().splitlines()
+    assert lines == [f"line {n}" for n in range(1, len(lines) + 1)]
+    return lines
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    "args, mode",
+    [
+        (["--bandwidth", "1G", "--precopy-timeout", "60"], None),
+        (["--bandwidth", "24M", "--precopy-timeout", "2"], "stop-and-copy"),
+    ],
+    ids=["precopy", "stop-and-copy"],
+)
+def test_migrate_dirtying_appending_guest(vm_root, tmp_path: Path, guest: Guest, args, mode):
+    src_root, dst_root = vm_root("src"), vm_root("dst")
+    disk = make_vimg_disk(tmp_path / "disk.vimg")
+    _run(src_root, "m", disk, guest, "append,dirty", "--memory", "128M", dirty_mb=24)
+    wait_for_synced(src_root / "m" / "serial.log", 5)
+
+    r = vmctl("migrate", "m", "--to", str(dst_root), "--json", *args, root=src_root)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert "stage 1: disks copied" in r.stderr and "RAM pre-copy started" in r.stderr
+    assert rep["mode"] == (mode or rep["mode"]) and rep["mode"] in ("precopy", "stop-and-copy")
+    assert rep["downtime_ms"] > 0 and rep["qemu_downtime_ms"] is not None
+    assert rep["stage1_s"] > 0 and rep["disk_bytes"] > 0 and rep["ram_bytes"] > 64 << 20
+    # The source is gone, the destination runs.
+    assert processes_mentioning(src_root) == []
+    assert json.loads(vmctl("status", "m", "--json", root=src_root).stdout)["state"] == "stopped"
+    status = json.loads(vmctl("status", "m", "--json", root=dst_root).stdout)
+    assert status["state"] == "running" and status["disks"][0]["format"] == "vimg"
+
+    before = synced_numbers((src_root / "m" / "serial.log").read_text(errors="replace"))
+    serial = dst_root / "m" / "serial.log"
+    after = wait_for_synced(serial, max(before) + 5)
+    text = serial.read_text(errors="replace")
+    assert "vfsguest: ready" not in text and "CORRUPT" not in text
+    assert after[0] in (max(before) + 1, max(before) + 2), (before[-3:], after[:3])
+    assert after == list(range(after[0], after[0] + len(after)))
+
+    assert vmctl("stop", "m", root=dst_root).returncode == 0
+    acked = synced_numbers(serial.read_text(errors="replace"))
+    dest_disk = Path(status["disks"][0]["path"])
+    assert dest_disk.parent == dst_root / "m"
+    assert len(_lines(dest_disk)) >= max(acked)  # nothing either side fsynced is missing
+    # The source image holds what the guest wrote up to the switch.
+    assert len(_lines(disk)) >= max(before)
+
+
+@pytest.mark.qemu
+@pytest.mark.log_warnings
+def test_kill_destination_qemu_mid_migration(vm_root, tmp_path: Path, guest: Guest):
+    src_root, dst_root = vm_root("src"), vm_root("dst")
+    disk = make_vimg_disk(tmp_path / "disk.vimg")
+    _run(src_root, "k", disk, guest, "append,dirty", dirty_mb=24)
+    wait_for_synced(src_root / "k" / "serial.log", 3)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from vmctl.cli import main; main()", "migrate", "k", "--to",
+         str(dst_root), "--bandwidth", "8M", "--root", str(src_root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stderr:  # progress: wait until RAM is on its way
+            seen.append(line)
+            if "RAM active" in line:
+                break
+        else:
+            raise AssertionError(f"no RAM progress: {seen}")
+        pid = read_pidfile(dst_root / "k" / "qemu.pid")
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "source runs on" in rest and "Traceback" not in rest, rest
+    # No destination left: no process, no directory, no image.
+    assert processes_mentioning(dst_root) == [] and not (dst_root / "k").exists()
+    # The source runs on, its guest still appending.
+    status = json.loads(vmctl("status", "k", "--json", root=src_root).stdout)
+    assert status["state"] == "running", status
+    serial = src_root / "k" / "serial.log"
+    n = max(synced_numbers(serial.read_text(errors="replace")))
+    got = wait_for_synced(serial, n + 5)
+    assert got == list(range(1, len(got) + 1))
+    assert vmctl("stop", "k", root=src_root).returncode == 0
+    assert len(_lines(disk)) >= max(synced_numbers(serial.read_text(errors="replace")))
+    # The export's migration bitmap was dropped with the attempt.
+    from tests.vmctl.vimg_helpers import vimg
+
+    assert "vmctl-migration" not in vimg("bitmap", "--list", "--json", str(disk)).stdout
+
+
+@pytest.mark.qemu
+def test_migrate_refusals_leave_the_guest_running(vm_root, tmp_path: Path, guest: Guest):
+    from tools.guest import make_disk
+
+    src_root, dst_root = vm_root("src"), vm_root("dst")
+    disk = make_vimg_disk(tmp_path / "d.vimg", size="16M")
+    _run(src_root, "v", disk, guest, "idle")
+    (dst_root / "busy").mkdir()
+    qcow = make_disk(tmp_path / "q.qcow2", size="16M", fmt="qcow2")
+    _run(src_root, "q", qcow, guest, "idle")
+    cases = [
+        (["v", "--to", str(src_root)], "is the source root"),
+        (["v", "--to", str(dst_root), "--postcopy"], "not yet"),
+        (["q", "--to", str(dst_root)], "vimg disks only"),
+        (["ghost", "--to", str(dst_root)], "no VM named"),
+        (["v", "--to", str(dst_root), "--bandwidth", "fast"], "invalid size"),
+    ]
+    for args, text in cases:
+        r = vmctl("migrate", *args, root=src_root)
+        assert r.returncode != 0 and text in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in dst_root.iterdir()) == ["busy"]
+    for name in ("v", "q"):
+        assert json.loads(vmctl("status", name, "--json", root=src_root).stdout)["state"] == (
+            "running"
+        )
+    assert vmctl("stop", "v", root=src_root).returncode == 0
+    assert vmctl("stop", "q", root=src_root).returncode == 0
