@@ -233,55 +233,39 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         {"capability": k, "state": v} for k, v in caps.items()]})  # fmt: skip
     await sq.execute("migrate-set-parameters",
                      {"max-bandwidth": bandwidth, "downtime-limit": downtime_ms})  # fmt: skip
-    await sq.execute("migrate", {"uri": f"unix:{sock}"})
-    _say(progress, "stage 1: RAM pre-copy started")
-    mode = "precopy"
-    started = time.monotonic()
-    last_report = 0.0
-    while True:
-        st = await _src_status(sq)
-        status = st.get("status")
-        if status == "pre-switchover":
-            break
-        if status in ("failed", "cancelled", "completed"):
-            raise MigrationError(f"RAM migration {status}: {st.get('error-desc', 'no reason')}")
-        now = time.monotonic()
-        if mode == "precopy" and now - started > precopy_timeout:
-            mode = "stop-and-copy"
-            _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: stop and copy")
-            await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
-        if now - started > timeout:
-            raise MigrationError(f"RAM migration still {status} after {timeout}s")
-        if now - last_report > 1.0:
-            ram = st.get("ram", {})
-            _say(progress, f"stage 1: RAM {status}, {ram.get('transferred', 0) >> 20} MiB sent, "
-                           f"{ram.get('remaining', 0) >> 20} MiB remaining, "
-                           f"{ram.get('dirty-sync-count', 0)} passes")  # fmt: skip
-            last_report = now
-            # Keep the disks close behind the guest while RAM converges.
-            for c in copiers:
-                await trio.to_thread.run_sync(c.copy_dirty)
-        await trio.sleep(_POLL)
-    # Stage 2: the guest is paused (QEMU stopped it and flushed its disks).
-    t_pause = time.monotonic()
-    stage1 = t_pause - t1
-    last = 0
-    for c in copiers:
-        last += await trio.to_thread.run_sync(c.finish)
-    await sq.execute("migrate-continue", {"state": "pre-switchover"})
-    final = await wait(sq, timeout)
-    await wait(dq, timeout)
-    state = (await dq.execute("query-status"))["status"]
-    if state != "paused":
-        raise MigrationError(f"the destination is {state} after the migration, not paused")
-    await dq.execute("cont")
-    t_resumed = time.monotonic()
+    with sq.listen("STOP") as stops:
+        await sq.execute("migrate", {"uri": f"unix:{sock}"})
+        _say(progress, "stage 1: RAM pre-copy started")
+        mode = await _precopy(sq, copiers, progress, precopy_timeout, timeout)
+        # Stage 2: the guest is paused (QEMU stopped it and flushed its disks).
+        t_pause = time.monotonic()
+        stage1 = t_pause - t1
+        last = 0
+        for c in copiers:
+            last += await trio.to_thread.run_sync(c.finish)
+        await sq.execute("migrate-continue", {"state": "pre-switchover"})
+        final = await wait(sq, timeout)
+        await wait(dq, timeout)
+        state = (await dq.execute("query-status"))["status"]
+        if state != "paused":
+            raise MigrationError(f"the destination is {state} after the migration, not paused")
+        with dq.listen("RESUME") as resumes:
+            await dq.execute("cont")
+            t_resumed = time.monotonic()
+            resumed = await resumes.wait_for("RESUME", timeout=30)
+        paused = [ev for ev in stops.drain() if ev.name == "STOP"]
+    # The guest-visible downtime: QEMU's own timestamps of the source's STOP and the
+    # destination's RESUME (one host clock here; NTP-close between hosts).
+    if paused:
+        downtime = (resumed.timestamp - paused[-1].timestamp) * 1000
+    else:  # no STOP seen (cannot happen with pause-before-switchover): our own clock
+        downtime = (t_resumed - t_pause) * 1000
     ram = final.get("ram", {})
     report.update({
         "mode": mode,
         "stage1_s": round(stage1, 3),
         "stage2_s": round(t_resumed - t_pause, 3),
-        "downtime_ms": round((t_resumed - t_pause) * 1000, 1),
+        "downtime_ms": round(downtime, 1),
         "qemu_downtime_ms": final.get("downtime"),
         "qemu_total_ms": final.get("total-time"),
         "ram_bytes": ram.get("transferred"),
@@ -290,6 +274,67 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         "disk_last_bytes": last,
     })  # fmt: skip
     return True
+
+
+async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
+                   timeout: float) -> str:  # fmt: skip
+    """Wait for QEMU's pre-switchover pause while the disks' dirty rounds go on beside it;
+    returns the mode it ended in (precopy, or stop-and-copy once the limit was lifted)."""
+    mode = "precopy"
+    started = time.monotonic()
+    paused = trio.Event()
+    errors: list[Exception] = []  # raised after the nursery: no exception groups for callers
+
+    async def disks_follow() -> None:
+        # Keep the disks close behind the guest while RAM converges (small rounds: the
+        # pause waits for the one in progress).
+        try:
+            while not paused.is_set():
+                for c in copiers:
+                    await trio.to_thread.run_sync(c.copy_dirty)
+                with trio.move_on_after(0.5):
+                    await paused.wait()
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+            paused.set()
+
+    async def poll() -> None:
+        nonlocal mode
+        last_report = 0.0
+        while not paused.is_set():
+            st = await _src_status(sq)
+            status = st.get("status")
+            if status == "pre-switchover":
+                return
+            if status in ("failed", "cancelled", "completed"):
+                why = st.get("error-desc", "no reason")
+                raise MigrationError(f"RAM migration {status}: {why}")
+            now = time.monotonic()
+            if mode == "precopy" and now - started > precopy_timeout:
+                mode = "stop-and-copy"
+                _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: "
+                               "stop and copy")  # fmt: skip
+                await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
+            if now - started > timeout:
+                raise MigrationError(f"RAM migration still {status} after {timeout}s")
+            if now - last_report > 1.0:
+                ram = st.get("ram", {})
+                _say(progress, f"stage 1: RAM {status}, {ram.get('transferred', 0) >> 20} MiB "
+                               f"sent, {ram.get('remaining', 0) >> 20} MiB remaining, "
+                               f"{ram.get('dirty-sync-count', 0)} passes")  # fmt: skip
+                last_report = now
+            await trio.sleep(_POLL)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(disks_follow)
+        try:
+            await poll()
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+        paused.set()
+    if errors:
+        raise errors[0]
+    return mode
 
 
 async def _rollback(sq: QMPClient, name: str) -> None:
