@@ -209,7 +209,7 @@ def check_disk(bundle: Bundle, disk: dict[str, Any], path: Path) -> None:
     if probe_format(str(path)) != "vimg":
         raise RestoreRefused(f"disk {node}: {path} is not a vimg image")
     try:
-        img = Image.open(str(path), readonly=True)
+        img = Image.open(str(path), readonly=True, backing_dirs=disk.get("backing_dirs", []))
     except BusyError:
         raise BusyError(
             f"disk {node}: {path} is in use (a guest restored from this bundle, or another, "

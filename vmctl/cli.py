@@ -303,12 +303,18 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     help="Seconds of RAM pre-copy before a guest that does not converge is stopped and copied.",
 )
 @click.option("--postcopy", is_flag=True, help="Switch to post-copy instead (not yet).")
+@click.option(
+    "--copy-storage-inc",
+    is_flag=True,
+    help="Copy only each disk's own layer: the destination holds its backing file (a template).",
+)
 @click.option("--timeout", default=600.0, show_default=True)
 @root_option
 @json_option
 @handle_errors
 def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
-            postcopy: bool, timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+            postcopy: bool, copy_storage_inc: bool, timeout: float, root: Path | None,
+            as_json: bool) -> None:  # fmt: skip
     """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
     it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
     If anything fails before the switch, the source runs on and the destination is removed."""
@@ -320,6 +326,7 @@ def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_tim
     info = trio.run(lambda: do_migrate(
         _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
         precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
+        copy_storage_inc=copy_storage_inc,
         progress=progress))  # fmt: skip
     if as_json:
         emit_json(info)

@@ -38,7 +38,8 @@ class DiskCopier:
     def __init__(self, src_socket: Path, src_control: Path, src_export: str,
                  dst_socket: Path, dst_export: str) -> None:  # fmt: skip
         self.ctl = ExportControl(src_control)
-        self.src = NbdClient(str(src_socket), src_export, contexts=(P.CTX_BASE_ALLOCATION,))
+        self.src = NbdClient(str(src_socket), src_export,
+                             contexts=(P.CTX_BASE_ALLOCATION, P.CTX_ALLOCATION_DEPTH))  # fmt: skip
         try:
             self.dst = NbdClient(str(dst_socket), dst_export)
         except BaseException:
@@ -64,15 +65,20 @@ class DiskCopier:
         self.stats.seconds += time.monotonic() - t0
         return sent
 
-    def full_copy(self) -> int:
-        """Start tracking writes, then copy every allocated range (holes stay holes)."""
+    def full_copy(self, top_only: bool = False) -> int:
+        """Start tracking writes, then copy every allocated range (holes stay holes); with
+        ``top_only``, only what the image itself holds (allocation depth 1), not what its
+        backing file provides: the destination's image has the same backing file
+        (virsh's ``--copy-storage-inc``). A zero cluster of the top layer is allocated there
+        and copied as zeros, so backing data it hides stays hidden."""
         self.ctl.mark(BITMAP)
-        allocated = [
-            (off, n)
-            for off, n, flags in self.src.extents(P.CTX_BASE_ALLOCATION)
-            if not flags & P.STATE_HOLE
-        ]
-        return self._copy(allocated)
+        if top_only:
+            ranges = [(off, n) for off, n, depth in self.src.extents(P.CTX_ALLOCATION_DEPTH)
+                      if depth == 1]  # fmt: skip
+        else:
+            ranges = [(off, n) for off, n, flags in self.src.extents(P.CTX_BASE_ALLOCATION)
+                      if not flags & P.STATE_HOLE]  # fmt: skip
+        return self._copy(ranges)
 
     def pending(self) -> int:
         """Bytes written since the last copy (not yet taken)."""

@@ -56,6 +56,12 @@ class VimgDisk(Disk):
     socket: Path
     node_name: str = "disk0"
     read_only: bool = False
+    #: The image's backing file (absolute, '' without one) and its format: recorded so a
+    #: migration can give the destination's image the same backing (copy only this layer).
+    backing: str = ""
+    backing_format: str = ""
+    #: Directories besides the image's own where its backing file may lie (vimg spec 8).
+    backing_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).absolute()  # vm.json and bundles outlive the cwd
@@ -86,7 +92,9 @@ class VimgDisk(Disk):
     def describe(self) -> dict[str, Any]:
         return {"node": self.node_name, "path": str(self.path), "format": "vimg",
                 "read_only": self.read_only, "socket": str(self.socket),
-                "control": str(self.control)}  # fmt: skip
+                "control": str(self.control), "backing": self.backing,
+                "backing_format": self.backing_format,
+                "backing_dirs": list(self.backing_dirs)}  # fmt: skip
 
 
 def vimg_disk(path: Path, index: int, state_dir: Path) -> VimgDisk:
@@ -96,15 +104,22 @@ def vimg_disk(path: Path, index: int, state_dir: Path) -> VimgDisk:
     image layer's own error before any process starts."""
     from vfs.image import Image
 
-    Image.open(str(path), readonly=True).close()
-    return VimgDisk(Path(path), Path(state_dir) / f"d{index}.nbd", node_name=f"disk{index}")
+    img = Image.open(str(path), readonly=True)
+    try:
+        backing = img.backing_path() if img.backing_name else ""
+        fmt = img.backing_format if backing else ""
+    finally:
+        img.close()
+    return VimgDisk(Path(path), Path(state_dir) / f"d{index}.nbd", node_name=f"disk{index}",
+                    backing=backing, backing_format=fmt)  # fmt: skip
 
 
 def _export_argv(disk: VimgDisk) -> list[str]:
     # The vfsd CLI of the same installation, run by this interpreter (no PATH lookup).
     return [sys.executable, "-c", "from vfs.daemon.cli import main; main()", "export", "run",
             str(disk.path.resolve()), "--nbd", str(disk.socket), "--name", disk.node_name,
-            *(["--readonly"] if disk.read_only else [])]  # fmt: skip
+            *(["--readonly"] if disk.read_only else []),
+            *[a for d in disk.backing_dirs for a in ("--backing-dir", d)]]  # fmt: skip
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

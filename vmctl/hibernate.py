@@ -168,7 +168,8 @@ async def hibernate(root: Path, name: str, bundle_dir: Path, *, timeout: float =
         )
         out_disks.append({"node": d["node"], "path": str(Path(d["path"]).resolve()),
                           "format": "vimg", "snapshot": snap, "virtual_size": vsize,
-                          "read_only": bool(d.get("read_only"))})  # fmt: skip
+                          "read_only": bool(d.get("read_only")),
+                          "backing_dirs": list(d.get("backing_dirs", []))})  # fmt: skip
     os.replace(partial, bundle_dir / B.STATE)
     fsync_dir(bundle_dir)
     spec = rec["spec"]
@@ -271,7 +272,8 @@ def plan_restore(
         B.check_disk(bundle, d, path)
     B.check_state(bundle)
     disks = [VimgDisk(path, paths.dir / f"d{i}.nbd", node_name=d["node"],
-                      read_only=bool(d.get("read_only")))
+                      read_only=bool(d.get("read_only")),
+                      backing_dirs=tuple(d.get("backing_dirs", [])))
              for i, (d, path) in enumerate(zip(bundle.disks, images, strict=True))]  # fmt: skip
     spec = MachineSpec(
         name,

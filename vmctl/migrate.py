@@ -74,6 +74,7 @@ async def migrate(
     downtime_ms: int = 100,
     precopy_timeout: float = 30.0,
     postcopy: bool = False,
+    copy_storage_inc: bool = False,
     timeout: float = 600.0,
     progress=None,
 ) -> dict[str, Any]:
@@ -101,6 +102,16 @@ async def migrate(
                 f"disk {d.get('node')} is a {d.get('format')} file: migrate copies vimg disks "
                 "only (convert it with `vimg convert -O vimg`)"
             )
+        if copy_storage_inc:
+            if not d.get("backing"):
+                raise UsageError(
+                    f"disk {d['node']} has no backing file: --copy-storage-inc copies the "
+                    "layer of an image over a backing file (a template) the destination holds"
+                )
+            if not Path(d["backing"]).exists():
+                raise NotFound(
+                    f"disk {d['node']}: the destination lacks its backing file {d['backing']}"
+                )
     caps = {"pause-before-switchover": True, "auto-converge": False}
     check_migration_capabilities(rec["accel"], caps)
     t0 = time.monotonic()
@@ -112,8 +123,7 @@ async def migrate(
             raise VmError(f"VM {name!r} is not running (paused?)")
         try:
             disks = [
-                VimgDisk(_new_image(dst.dir, d["node"], d["control"]),
-                         dst.dir / f"d{i}.nbd", node_name=d["node"])
+                _dest_disk(dst.dir, i, d, copy_storage_inc)
                 for i, d in enumerate(spec_rec.get("disks", []))
             ]  # fmt: skip
         except BaseException:
@@ -144,6 +154,7 @@ async def migrate(
             )
             try:
                 switched = await _migrate(sq, dq, copiers, sock, report, progress, caps=caps,
+                                          top_only=copy_storage_inc,
                                           bandwidth=bandwidth, downtime_ms=downtime_ms,
                                           precopy_timeout=precopy_timeout,
                                           timeout=timeout, wait=wait_migration)  # fmt: skip
@@ -177,16 +188,30 @@ async def migrate(
     return report
 
 
-def _new_image(dest_dir: Path, node: str, control: str) -> Path:
-    """A fresh image of the source disk's size in the destination directory."""
+def _dest_disk(dest_dir: Path, index: int, d: dict[str, Any], inc: bool) -> VimgDisk:
+    """A fresh image of the source disk's size in the destination directory (over the same
+    backing file with ``inc``), as the destination guest's disk."""
     from vfs.export.client import ExportControl
     from vfs.image import Image
 
-    size = ExportControl(control).status()["size"]
+    size = ExportControl(d["control"]).status()["size"]
     dest_dir.mkdir(parents=True, exist_ok=True)
-    path = dest_dir / f"{node}.vimg"
-    Image.create(str(path), size).close()
-    return path
+    path = dest_dir / f"{d['node']}.vimg"
+    dirs: tuple[str, ...] = ()
+    if inc:
+        dirs = (str(Path(d["backing"]).parent),)
+        Image.create(str(path), size, backing=d["backing"], backing_format=d["backing_format"],
+                     backing_dirs=dirs).close()  # fmt: skip
+    else:
+        Image.create(str(path), size).close()
+    return VimgDisk(
+        path,
+        dest_dir / f"d{index}.nbd",
+        node_name=d["node"],
+        backing=d["backing"] if inc else "",
+        backing_format=d["backing_format"] if inc else "",
+        backing_dirs=dirs,
+    )
 
 
 def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk]):
@@ -219,13 +244,13 @@ async def _disk_rounds(copiers, report, progress) -> None:
 
 
 async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, progress, *,
-                   caps, bandwidth, downtime_ms, precopy_timeout, timeout,
-                   wait) -> bool:  # fmt: skip
+                   caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
+                   top_only: bool = False) -> bool:  # fmt: skip
     """Stages 1 and 2; returns True once the destination runs."""
     t1 = time.monotonic()
     full = 0
     for c in copiers:
-        full += await trio.to_thread.run_sync(c.full_copy)
+        full += await trio.to_thread.run_sync(c.full_copy, top_only)
     _say(progress, f"stage 1: disks copied ({full >> 10} KiB allocated)")
     await _disk_rounds(copiers, report, progress)
 

@@ -162,3 +162,46 @@ def test_migrate_refusals_leave_the_guest_running(vm_root, tmp_path: Path, guest
         )
     assert vmctl("stop", "v", root=src_root).returncode == 0
     assert vmctl("stop", "q", root=src_root).returncode == 0
+
+
+@pytest.mark.qemu
+def test_copy_storage_inc_copies_only_the_vm_layer(vm_root, tmp_path: Path, guest: Guest):
+    """A disk over a template both hosts hold: only the overlay's clusters travel."""
+    from tests.vmctl.vimg_helpers import vimg
+
+    src_root, dst_root = vm_root("src"), vm_root("dst")
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    base = make_vimg_disk(templates / "base.vimg", size="64M")
+    vimg("resize", str(base), "+32M")  # template data past the end of its file system
+    vimg("io", str(base), "-c", "write -P 0x5a 64M 32M")
+    overlay = templates / "web.vimg"
+    vimg("create", "-f", "vimg", "-b", "base.vimg", "-F", "vimg", str(overlay))
+    _run(src_root, "w", overlay, guest, "append")
+    wait_for_synced(src_root / "w" / "serial.log", 5)
+    r = vmctl("migrate", "w", "--to", str(dst_root), "--copy-storage-inc", "--json", root=src_root)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    # The overlay's clusters (what the guest wrote: its journal, the log), not the template's
+    # 32 MiB of data nor its file system.
+    assert 0 < rep["disk_bytes"] < 16 << 20, rep
+    before = synced_numbers((src_root / "w" / "serial.log").read_text(errors="replace"))
+    serial = dst_root / "w" / "serial.log"
+    wait_for_synced(serial, max(before) + 3)
+    assert vmctl("stop", "w", root=dst_root).returncode == 0
+    dest = dst_root / "w" / "disk0.vimg"
+    info = vimg("info", "--output", "json", "--backing-dir", str(templates), str(dest)).stdout
+    assert "base.vimg" in info
+    vimg("io", "--backing-dir", str(templates), str(dest), "-c", "read -P 0x5a 64M 32M")
+    acked = synced_numbers(serial.read_text(errors="replace"))
+    data = read_vimg_file(dest, APPEND_LOG, backing_dir=templates) or b""
+    lines = data.decode().splitlines()
+    assert lines == [f"line {n}" for n in range(1, len(lines) + 1)]
+    assert len(lines) >= max(acked)
+
+    # Without a backing file there is no layer to copy alone: refused, the guest runs on.
+    plain = make_vimg_disk(tmp_path / "plain.vimg", size="16M")
+    _run(src_root, "p", plain, guest, "idle")
+    r = vmctl("migrate", "p", "--to", str(dst_root), "--copy-storage-inc", root=src_root)
+    assert r.returncode != 0 and "has no backing file" in r.stderr, r.stderr
+    assert vmctl("stop", "p", root=src_root).returncode == 0

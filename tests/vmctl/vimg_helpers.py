@@ -35,11 +35,12 @@ def make_vimg_disk(path: Path, size: str = "64M") -> Path:
     return path
 
 
-def read_vimg_file(image: Path, rel: str) -> bytes | None:
+def read_vimg_file(image: Path, rel: str, backing_dir: Path | None = None) -> bytes | None:
     """``rel`` on the ext4 file system of a vimg image, read through `vimg convert` to raw."""
     raw = image.with_name(image.name + ".readback.raw")
+    extra = ["--backing-dir", str(backing_dir)] if backing_dir else []
     try:
-        vimg("convert", "-O", "raw", str(image), str(raw))
+        vimg("convert", *extra, "-O", "raw", str(image), str(raw))
         return read_disk_file(raw, rel, fmt="raw")
     finally:
         raw.unlink(missing_ok=True)
