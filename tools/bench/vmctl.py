@@ -237,9 +237,8 @@ def main() -> None:
     print(f"guest 256 MiB, disk {args.disk_mib} MiB, dirtying {args.dirty_mib} MiB per round, "
           f"appending; bandwidth {args.bandwidth}, downtime limit {args.downtime_ms} ms; "
           f"medians of {args.runs}")  # fmt: skip
-    print(
-        "| peer | QEMU downtime ms | guest pause ms (STOP→RESUME) | total s | modes | disk MiB sent |"
-    )
+    print("| peer | QEMU downtime ms | guest pause ms (STOP→RESUME) | total s | modes "
+          "| disk MiB sent |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for peer, rows in results["migrate"].items():
         modes = ",".join(sorted({r["mode"] for r in rows}))
