@@ -302,7 +302,11 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     show_default=True,
     help="Seconds of RAM pre-copy before a guest that does not converge is stopped and copied.",
 )
-@click.option("--postcopy", is_flag=True, help="Switch to post-copy instead (not yet).")
+@click.option(
+    "--postcopy",
+    is_flag=True,
+    help="A guest that does not converge switches to post-copy instead of stop-and-copy.",
+)
 @click.option(
     "--copy-storage-inc",
     is_flag=True,

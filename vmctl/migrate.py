@@ -9,7 +9,9 @@ Stage 1, the guest running::
     RAM: QEMU's pre-copy (``migrate`` with ``pause-before-switchover``), disk rounds go on
     meanwhile; a guest that dirties faster than the link carries is bounded: after
     ``--precopy-timeout`` the downtime limit is lifted, which makes QEMU stop the guest and
-    copy the rest (stop-and-copy), or ``--postcopy`` switches to post-copy
+    copy the rest (stop-and-copy), or with ``--postcopy`` QEMU switches to post-copy (the
+    destination runs at once and pulls the pages it misses; a failure after that switch
+    loses the guest's memory — QEMU's post-copy recovery is not driven — but not its disks)
 
 Stage 2, the guest paused (QEMU stopped it and flushed its disks into the source exports,
 and waits in ``pre-switchover``)::
@@ -92,8 +94,9 @@ async def migrate(
         raise VmError(f"VM {name!r} is not running")
     if dst.dir.exists():
         raise AlreadyExists(f"{dst.dir} exists: the destination already has a VM {name!r}")
-    if postcopy:
-        raise UsageError("--postcopy: not yet (vmctl migrates by pre-copy, then stop-and-copy)")
+    if postcopy and not _userfaultfd_usable():
+        raise UsageError("--postcopy needs userfaultfd (root, /dev/userfaultfd or "
+                         "vm.unprivileged_userfaultfd=1)")  # fmt: skip
     rec = _vm_record(src)
     spec_rec = rec["spec"]
     for d in spec_rec.get("disks", []):
@@ -112,7 +115,7 @@ async def migrate(
                 raise NotFound(
                     f"disk {d['node']}: the destination lacks its backing file {d['backing']}"
                 )
-    caps = {"pause-before-switchover": True, "auto-converge": False}
+    caps = {"pause-before-switchover": True, "auto-converge": False, "postcopy-ram": postcopy}
     check_migration_capabilities(rec["accel"], caps)
     t0 = time.monotonic()
     report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
@@ -148,17 +151,22 @@ async def migrate(
             dq = dq_vm.qmp
             assert dq is not None
             sock = dst.dir / "migrate.sock"
+            if postcopy:  # both ends must have the capability before the stream starts
+                await dq.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "postcopy-ram", "state": True}]})  # fmt: skip
             await dq.execute("migrate-incoming", {"uri": f"unix:{sock}"})
             copiers = await trio.to_thread.run_sync(
                 lambda: _copiers(spec_rec.get("disks", []), disks)
             )
             try:
                 switched = await _migrate(sq, dq, copiers, sock, report, progress, caps=caps,
-                                          top_only=copy_storage_inc,
+                                          top_only=copy_storage_inc, postcopy=postcopy,
                                           bandwidth=bandwidth, downtime_ms=downtime_ms,
                                           precopy_timeout=precopy_timeout,
                                           timeout=timeout, wait=wait_migration)  # fmt: skip
             except BaseException:
+                if report.get("switched"):  # post-copy failed after the switch: no way back
+                    raise
                 with trio.CancelScope(shield=True):
                     await _rollback(sq, name)
                 raise
@@ -172,9 +180,14 @@ async def migrate(
                                   on_up=body)  # fmt: skip
         except BaseException as e:
             with trio.CancelScope(shield=True):
-                if not switched:
+                if not switched and not report.get("switched"):
                     await stop_vm(dst, force=True)
                     shutil.rmtree(dst.dir, ignore_errors=True)
+            if report.get("switched"):
+                raise MigrationError(
+                    f"post-copy of {name!r} failed after the switch ({e}): the guest's memory "
+                    "was split between the hosts and is lost; its disks are intact"
+                ) from e
             if isinstance(e, Exception) and not switched:
                 raise MigrationError(
                     f"migration of {name!r} failed, the source runs on: {e}"
@@ -245,7 +258,7 @@ async def _disk_rounds(copiers, report, progress) -> None:
 
 async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, progress, *,
                    caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
-                   top_only: bool = False) -> bool:  # fmt: skip
+                   top_only: bool = False, postcopy: bool = False) -> bool:  # fmt: skip
     """Stages 1 and 2; returns True once the destination runs."""
     t1 = time.monotonic()
     full = 0
@@ -261,7 +274,7 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
     with sq.listen("STOP") as stops:
         await sq.execute("migrate", {"uri": f"unix:{sock}"})
         _say(progress, "stage 1: RAM pre-copy started")
-        mode = await _precopy(sq, copiers, progress, precopy_timeout, timeout)
+        mode = await _precopy(sq, copiers, progress, precopy_timeout, timeout, postcopy)
         # Stage 2: the guest is paused (QEMU stopped it and flushed its disks).
         t_pause = time.monotonic()
         stage1 = t_pause - t1
@@ -269,15 +282,24 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         for c in copiers:
             last += await trio.to_thread.run_sync(c.finish)
         await sq.execute("migrate-continue", {"state": "pre-switchover"})
-        final = await wait(sq, timeout)
-        await wait(dq, timeout)
+        if mode == "postcopy":
+            # The device state is loaded, the RAM follows on demand: run it as soon as QEMU
+            # has it (paused, -S), then wait for the last pages.
+            await _wait_status(dq, "paused", timeout)
+        else:
+            final = await wait(sq, timeout)
+            await wait(dq, timeout)
         state = (await dq.execute("query-status"))["status"]
         if state != "paused":
             raise MigrationError(f"the destination is {state} after the migration, not paused")
         with dq.listen("RESUME") as resumes:
             await dq.execute("cont")
             t_resumed = time.monotonic()
+            report["switched"] = True
             resumed = await resumes.wait_for("RESUME", timeout=30)
+        if mode == "postcopy":
+            final = await wait(sq, timeout)
+            await wait(dq, timeout)
         paused = [ev for ev in stops.drain() if ev.name == "STOP"]
     # The guest-visible downtime: QEMU's own timestamps of the source's STOP and the
     # destination's RESUME (one host clock here; NTP-close between hosts).
@@ -302,7 +324,7 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
 
 
 async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
-                   timeout: float) -> str:  # fmt: skip
+                   timeout: float, postcopy: bool = False) -> str:  # fmt: skip
     """Wait for QEMU's pre-switchover pause while the disks' dirty rounds go on beside it;
     returns the mode it ended in (precopy, or stop-and-copy once the limit was lifted)."""
     mode = "precopy"
@@ -336,10 +358,17 @@ async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
                 raise MigrationError(f"RAM migration {status}: {why}")
             now = time.monotonic()
             if mode == "precopy" and now - started > precopy_timeout:
-                mode = "stop-and-copy"
-                _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: "
-                               "stop and copy")  # fmt: skip
-                await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
+                if postcopy:
+                    mode = "postcopy"
+                    _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: "
+                                   "post-copy")  # fmt: skip
+                    await sq.execute("migrate-start-postcopy")
+                else:
+                    mode = "stop-and-copy"
+                    _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: "
+                                   "stop and copy")  # fmt: skip
+                    await sq.execute("migrate-set-parameters",
+                                     {"downtime-limit": STOP_AND_COPY_MS})  # fmt: skip
             if now - started > timeout:
                 raise MigrationError(f"RAM migration still {status} after {timeout}s")
             if now - last_report > 1.0:
@@ -360,6 +389,30 @@ async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
     if errors:
         raise errors[0]
     return mode
+
+
+async def _wait_status(qmp: QMPClient, want: str, timeout: float) -> None:
+    deadline = trio.current_time() + timeout
+    while (await qmp.execute("query-status"))["status"] != want:
+        if trio.current_time() > deadline:
+            raise MigrationError(f"the destination did not become {want} in {timeout}s")
+        await trio.sleep(_POLL)
+
+
+def _userfaultfd_usable() -> bool:
+    """Post-copy needs userfaultfd in QEMU (which runs as we do)."""
+    import os
+
+    if (
+        os.geteuid() == 0
+        or Path("/dev/userfaultfd").exists()
+        and os.access("/dev/userfaultfd", os.R_OK | os.W_OK)
+    ):
+        return True
+    try:
+        return Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 async def _rollback(sq: QMPClient, name: str) -> None:

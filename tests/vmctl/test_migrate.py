@@ -48,8 +48,9 @@ def _lines(disk: Path) -> list[str]:
     [
         (["--bandwidth", "1G", "--precopy-timeout", "60"], None),
         (["--bandwidth", "24M", "--precopy-timeout", "2"], "stop-and-copy"),
+        (["--bandwidth", "24M", "--precopy-timeout", "2", "--postcopy"], "postcopy"),
     ],
-    ids=["precopy", "stop-and-copy"],
+    ids=["precopy", "stop-and-copy", "postcopy"],
 )
 def test_migrate_dirtying_appending_guest(vm_root, tmp_path: Path, guest: Guest, args, mode):
     src_root, dst_root = vm_root("src"), vm_root("dst")
@@ -61,7 +62,8 @@ def test_migrate_dirtying_appending_guest(vm_root, tmp_path: Path, guest: Guest,
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert "stage 1: disks copied" in r.stderr and "RAM pre-copy started" in r.stderr
-    assert rep["mode"] == (mode or rep["mode"]) and rep["mode"] in ("precopy", "stop-and-copy")
+    assert rep["mode"] == (mode or rep["mode"]) and rep["mode"] in ("precopy", "stop-and-copy",
+                                                                    "postcopy")  # fmt: skip
     assert rep["downtime_ms"] > 0 and rep["qemu_downtime_ms"] is not None
     assert rep["stage1_s"] > 0 and rep["disk_bytes"] > 0 and rep["ram_bytes"] > 64 << 20
     # The source is gone, the destination runs.
@@ -146,7 +148,6 @@ def test_migrate_refusals_leave_the_guest_running(vm_root, tmp_path: Path, guest
     _run(src_root, "q", qcow, guest, "idle")
     cases = [
         (["v", "--to", str(src_root)], "is the source root"),
-        (["v", "--to", str(dst_root), "--postcopy"], "not yet"),
         (["q", "--to", str(dst_root)], "vimg disks only"),
         (["ghost", "--to", str(dst_root)], "no VM named"),
         (["v", "--to", str(dst_root), "--bandwidth", "fast"], "invalid size"),
