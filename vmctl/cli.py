@@ -308,6 +308,13 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     help="A guest that does not converge switches to post-copy instead of stop-and-copy.",
 )
 @click.option(
+    "--ram",
+    type=click.Choice(["live", "paused"]),
+    default=None,
+    help="RAM pre-copy while the guest runs, or copied with it paused [default: live under "
+    "KVM, paused under TCG, where QEMU 7.2's live pre-copy loses guest writes].",
+)
+@click.option(
     "--copy-storage-inc",
     is_flag=True,
     help="Copy only each disk's own layer: the destination holds its backing file (a template).",
@@ -317,7 +324,8 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
 @json_option
 @handle_errors
 def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
-            postcopy: bool, copy_storage_inc: bool, timeout: float, root: Path | None,
+            postcopy: bool, ram: str | None, copy_storage_inc: bool, timeout: float,
+            root: Path | None,
             as_json: bool) -> None:  # fmt: skip
     """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
     it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
@@ -330,7 +338,7 @@ def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_tim
     info = trio.run(lambda: do_migrate(
         _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
         precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
-        copy_storage_inc=copy_storage_inc,
+        copy_storage_inc=copy_storage_inc, ram=ram,
         progress=progress))  # fmt: skip
     if as_json:
         emit_json(info)

@@ -4,8 +4,10 @@ The guest: the tools/guest kernel + initramfs, 256 MiB, a 1 GiB ext4 disk (``--d
 running the ``append`` workload (a line fsynced every 100 ms) and ``dirty`` (rewriting
 ``--dirty-mib`` MiB of memory round after round), under TCG here. Peers, each from a fresh boot:
 
-- ``vmctl``: ``vmctl migrate`` of the guest on a vimg disk (two stages: disk copy and dirty
-  rounds through the export, RAM pre-copy, pause, last clusters, switch);
+- ``vmctl``: ``vmctl migrate --ram live`` of the guest on a vimg disk (two stages: disk copy and
+  dirty rounds through the export, RAM pre-copy, pause, last clusters, switch);
+- ``vmctl-paused``: ``vmctl migrate --ram paused`` (the default under TCG: the disks move live,
+  the RAM with the guest paused, since QEMU 7.2's live pre-copy loses writes under TCG);
 - ``qemu-shared``: QEMU's own migration, both QEMUs on one raw file (shared storage: no disk
   copy at all, the lower bound);
 - ``qemu-mirror``: libvirt's ``--copy-storage-all``: the destination QEMU exports its empty
@@ -39,7 +41,7 @@ from vmctl.disks import ImageFile
 from vmctl.machine import MachineSpec
 from vmctl.qemu import run_qemu
 
-PEERS = ["vmctl", "qemu-shared", "qemu-mirror"]
+PEERS = ["vmctl", "vmctl-paused", "qemu-shared", "qemu-mirror"]
 
 
 def vmctl(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
@@ -69,14 +71,14 @@ def wait_synced(serial: Path, n: int, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def run_vmctl(work: Path, guest, args) -> dict:
+def run_vmctl(work: Path, guest, args, ram: str = "live") -> dict:
     disk = vimg_disk(work, args.disk_mib)
     src, dst = work / "src", work / "dst"
     vmctl("run", "b", "--disk", str(disk), "--kernel", str(guest.kernel), "--initrd",
           str(guest.initrd), "--append", guest.append("append,dirty", dirty_mb=args.dirty_mib),
           "--wait-for", "vfsguest: ready", root=src)  # fmt: skip
     wait_synced(src / "b" / "serial.log", 5)
-    rep = json.loads(vmctl("migrate", "b", "--to", str(dst), "--json", "--bandwidth",
+    rep = json.loads(vmctl("migrate", "b", "--to", str(dst), "--json", "--ram", ram, "--bandwidth",
                            args.bandwidth, "--downtime-ms", str(args.downtime_ms),
                            "--precopy-timeout", str(args.precopy_timeout),
                            root=src).stdout)  # fmt: skip
@@ -224,8 +226,10 @@ def main() -> None:
         for peer in peers:  # interleaved: each run of each peer sees the same machine load
             with tempfile.TemporaryDirectory(prefix="vmctl-bench-", dir=args.dir) as tmp:
                 work = Path(tmp)
-                if peer == "vmctl":
-                    row = run_vmctl(work, guest, args)
+                if peer.startswith("vmctl"):
+                    row = run_vmctl(
+                        work, guest, args, "paused" if peer == "vmctl-paused" else "live"
+                    )
                 else:
                     row = run_qemu_peer(work, guest, args, mirror=peer == "qemu-mirror")
             results["migrate"].setdefault(peer, []).append(row)
