@@ -60,6 +60,7 @@ bench: setup
 	$(PY) -m tools.bench.template
 	$(PY) -m tools.bench.image
 	$(PY) -m tools.bench.tree
+	$(PY) -m tools.bench.export
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -98,3 +98,36 @@ def test_kill_9_under_qemu_io_fua_writes(exports, tmp_path):
     for off, pat in last.items():
         reads += ["-c", f"read -P {pat} {off} 64k"]
     run(*VIMG, "io", *reads, str(img))
+
+
+@pytest.mark.qemu
+def test_qemu_reconnects_after_the_export_restarts(exports, tmp_path):
+    """QEMU's NBD client with reconnect-delay (what vmctl gives guests) rides over a kill -9 and
+    restart of the export: the flushed write reads back and writing goes on, in one session."""
+    need("qemu-io")
+    img = make_image(tmp_path / "d.vimg", "16M")
+    e = exports.start(img)
+    opts = f"{e.opts},reconnect-delay=30"
+    # the test sees qemu-io's progress in the export's counters: its flush, then the kill
+    cmds = ["write -P 0x11 0 64k", "flush", "sleep 4000", "read -P 0x11 0 64k",
+            "write -P 0x22 64k 64k", "flush"]  # fmt: skip
+    argv = ["qemu-io", "--image-opts", opts]
+    for c in cmds:
+        argv += ["-c", c]
+    q = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while e.control.status()["flushes"] < 1:
+            assert time.monotonic() < deadline, "qemu-io never flushed"
+            time.sleep(0.02)
+        assert e.stop(sig=signal.SIGKILL) == -signal.SIGKILL
+        e2 = exports.start(img, sock=e.sock, name=e.name)
+        out, _ = q.communicate(timeout=60)
+    finally:
+        if q.poll() is None:
+            q.kill()
+            q.wait(10)
+    assert q.returncode == 0 and "Pattern verification failed" not in out, out
+    assert e2.stop() == 0
+    r = run(*VIMG, "io", str(img), "-c", "read -P 0x11 0 64k", "-c", "read -P 0x22 64k 64k")
+    assert r.returncode == 0

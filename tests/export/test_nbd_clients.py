@@ -216,3 +216,58 @@ def test_dirty_bitmap_over_nbd_and_cli(exports, disk, tmp_path):
     assert e.stop() == 0
     e2 = exports.start(disk, name="disk")
     assert e2.control.dirty("dirty") == [(63 << 20, 64 << 10)]
+
+
+def test_nbdkit_as_a_second_peer(exports, disk, tmp_path):
+    """nbdkit 1.32 (file plugin) serving a raw copy of the same disk: nbdinfo sees the same
+    data map from both servers (nbdkit's from the file's SEEK_DATA), and nbdcopy from our
+    export into an nbdkit export gives a disk qemu-img compares identical."""
+    need("nbdkit", "nbdinfo", "nbdcopy")
+    e = exports.start(disk)
+    raw = tmp_path / "d.raw"  # through the export; -S: zero runs of a whole cluster are holes
+    run("qemu-img", "convert", "-S", "64k", "-f", "raw", "-O", "raw", e.uri, str(raw))
+    dst = tmp_path / "dst.raw"
+    dst.write_bytes(b"")
+    os.truncate(dst, raw.stat().st_size)
+    procs = []
+    try:
+        for name, path in (("ref", raw), ("dst", dst)):
+            sock = tmp_path / f"{name}.sock"
+            procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "file", str(path)]))
+            for _ in range(200):
+                if sock.exists():
+                    break
+                __import__("time").sleep(0.05)
+
+        def data_map(uri):
+            out = run("nbdinfo", "--map", "--json", uri).stdout
+            # data that is not known zeros (a ZERO entry of ours is a hole of the raw file)
+            return [(x["offset"], x["length"]) for x in json.loads(out) if x["type"] == 0]
+
+        ref_uri = f"nbd+unix:///?socket={tmp_path / 'ref.sock'}"
+        assert data_map(e.uri) == data_map(ref_uri)
+        dst_uri = f"nbd+unix:///?socket={tmp_path / 'dst.sock'}"
+        run("nbdcopy", "--connections=4", e.uri, dst_uri)
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", ref_uri, dst_uri)
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", e.uri, str(dst))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def test_loopback_tcp_and_refused_addresses(exports, disk, tmp_path):
+    """--tcp serves NBD on a loopback address (qemu-img over nbd://); any other address is
+    refused in one line (there is no TLS), as is a malformed one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exports.start(disk, "--tcp", f"127.0.0.1:{port}")
+    out = run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", f"nbd://127.0.0.1:{port}/disk")
+    assert "read 65536/65536" in out.stdout
+    vfsd = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+    for addr, msg in (("0.0.0.0:10809", "loopback addresses only"), ("localhost", "HOST:PORT")):
+        r = run(*vfsd, "export", str(disk), "--tcp", addr, check=False)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,6 +1,6 @@
 """``vfsd export``: serve an image over NBD / as a raw file, and talk to running exports.
 
-- ``vfsd export IMAGE --nbd SOCKET [--tcp 127.0.0.1:PORT] [--fuse MNT] [--readonly]`` runs one
+- ``vfsd export IMAGE --nbd SOCKET [--tcp 127.0.0.1:PORT] [--fuse FILE] [--readonly]`` runs one
   export in the foreground (as ``qemu-nbd`` does without ``--fork``) until SIGTERM;
 - ``vfsd export add|rm|list`` manage the exports of a running ``vfsd serve`` (it starts one
   such process per image and restarts it when it dies);
@@ -12,6 +12,7 @@ Kept in one module (the CLIs are to move into one package as a whole).
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ def _parse_tcp(values: tuple[str, ...]) -> list[tuple[str, int]]:
             raise UsageError(f"--tcp wants HOST:PORT, not {v!r}") from None
         if not host or not 0 < p < 65536:
             raise UsageError(f"--tcp wants HOST:PORT, not {v!r}")
+        try:  # checked before the image is opened (the listener checks again)
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise UsageError(f"--tcp wants an IP address, not {host!r}") from None
+        if not loopback:
+            raise UsageError(f"TCP exports listen on loopback addresses only (no TLS), not {host}")
         out.append((host, p))
     return out
 
@@ -82,7 +89,9 @@ def _export_opts(fn: Any) -> Any:
     opts = [
         click.option("--nbd", multiple=True, metavar="SOCKET", help="Unix socket to serve NBD on."),
         click.option("--tcp", multiple=True, metavar="HOST:PORT", help="Loopback TCP address."),
-        click.option("--fuse", metavar="MNT", help="Also serve the disk as MNT/<name> (raw)."),
+        click.option(
+            "--fuse", metavar="FILE", help="Also serve the disk as a raw file mounted onto FILE."
+        ),
         click.option("--readonly", "-r", is_flag=True, help="Refuse writes (shared image lock)."),
         click.option("--name", "-x", help="Export name [default: the image's file name stem]."),
         click.option(
@@ -125,7 +134,26 @@ def run_cmd(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         raise UsageError(f"{image}: no such file")
     cfg = _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, store,
                   repo, backing_dirs, description)  # fmt: skip
-    trio.run(run_export, cfg)
+    try:
+        trio.run(run_export, cfg)
+    except BaseExceptionGroup as eg:
+        raise _single(eg) from None
+
+
+def _single(eg: BaseExceptionGroup) -> BaseException:
+    """The one error inside nested task groups (so the CLI prints it as one line), else the
+    group itself (a bug: its traceback is what a report needs)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    return leaves[0] if len(leaves) == 1 else eg
 
 
 # ------------------------------------------------------------------ the daemon's exports

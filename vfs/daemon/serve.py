@@ -1,9 +1,9 @@
 """``vfsd serve``: the daemon's whole lifetime in one place.
 
 One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views, the
-FUSE mount, the control socket) registers its cleanup right after it is created, so any failure
-or signal unwinds exactly what exists, in reverse order. SIGTERM/SIGINT end ``pyfuse3.main`` and
-the mount is unmounted.
+FUSE mount, the control socket, the image exports) registers its cleanup right after it is
+created, so any failure or signal unwinds exactly what exists, in reverse order. SIGTERM/SIGINT
+end ``pyfuse3.main`` and the mount is unmounted.
 
 Crash story (``docs/vee-layer.md``): kill -9 leaves the kernel mount dead (ENOTCONN); the next
 ``serve`` on the same mountpoint detaches it lazily and mounts again. Everything durable lives in
@@ -31,6 +31,7 @@ from vfs.daemon import control
 from vfs.daemon.confine import Confinement
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
 from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
+from vfs.export.supervisor import ExportSupervisor
 from vfs.redirect import LocalStore, Resolver, open_remote
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
@@ -47,8 +48,16 @@ MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_ot
 class Daemon:
     """The control-plane of one mount: the registry, the templates, and the views."""
 
-    def __init__(self, registry: VeeRegistry, views: Views, resolver: Resolver, remote: Any):
+    def __init__(
+        self,
+        registry: VeeRegistry,
+        views: Views,
+        resolver: Resolver,
+        remote: Any,
+        exports: ExportSupervisor | None = None,
+    ):
         self.registry = registry
+        self.exports = exports
         self.views = views
         self.resolver = resolver
         self.remote = remote
@@ -97,6 +106,15 @@ class Daemon:
             return self.rm(req["name"], req["purge"])
         if op == "upgrade":
             return await self.upgrade(req["name"], req["template"], req["dry_run"])
+        if op.startswith("export_"):
+            if self.exports is None:
+                raise UsageError("this daemon serves no exports")
+            if op == "export_add":
+                return await self.exports.add(req["spec"])
+            if op == "export_rm":
+                return await self.exports.remove(req["name"])
+            if op == "export_list":
+                return self.exports.list()
         raise UsageError(f"unknown control op {op!r}")
 
     def list(self) -> list[dict[str, Any]]:
@@ -241,7 +259,8 @@ async def serve(
         registry = VeeRegistry(state)
         views = Views(resolver)
         stack.callback(views.close)
-        daemon = Daemon(registry, views, resolver, remote)
+        exports = ExportSupervisor(state)
+        daemon = Daemon(registry, views, resolver, remote, exports)
         daemon.start_all()
         options = set(MOUNT_OPTIONS)
         if debug_fuse:
@@ -251,6 +270,8 @@ async def serve(
         stack.callback(pyfuse3.close, unmount=True)
         log.info("serving %d VEE(s) at %s", len(views.vees), mount)
         async with trio.open_nursery() as nursery:
+            # the exports (processes of their own, docs/export.md) come and go with the daemon
+            await nursery.start(exports.run)
             await nursery.start(control.serve_control, state, daemon.handle)
             nursery.start_soon(_signals, nursery.cancel_scope)
             nursery.start_soon(_kernel_ready, mount, views, ops)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,6 +48,8 @@ MAX_FETCH_ROUNDS = 64
 FETCH_THREADS = 8
 #: Block status answers cover at most this much (clients ask again for the rest).
 MAX_STATUS_SPAN = 1 << 30
+#: The first window of :meth:`ExportBackend.chain_extents`.
+STATUS_WINDOW = 1 << 20
 
 
 class NeedFetch(Exception):
@@ -290,23 +292,53 @@ class ExportBackend:
             await self.fetch(missing)
 
     # ------------------------------------------------------------------ block status
-    def block_status(self, ctx: str, offset: int, length: int) -> list[tuple[int, int]]:
-        """(length, flags) descriptors of one meta context over [offset, offset+length)."""
+    def block_status(
+        self, ctx: str, offset: int, length: int, *, one: bool = False
+    ) -> list[tuple[int, int]]:
+        """(length, flags) descriptors of one meta context over [offset, offset+length);
+        ``one`` (NBD ``REQ_ONE``, what QEMU's client always asks): just the first, computed
+        over no more of the image than it covers (see :meth:`chain_extents`)."""
         length = min(length, MAX_STATUS_SPAN, self.size - offset)
-        if ctx == P.CTX_BASE_ALLOCATION:
-            return [
-                (e.length, (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0))
-                for e in self.image.block_status(offset, length, chain=True)
-            ]
-        if ctx == P.CTX_ALLOCATION_DEPTH:
-            return [
-                (e.length, e.depth + 1 if e.allocated else 0)
-                for e in self.image.block_status(offset, length, chain=True)
-            ]
         if ctx.startswith(P.CTX_DIRTY_BITMAP_PREFIX):
             name = ctx[len(P.CTX_DIRTY_BITMAP_PREFIX) :]
-            return _runs(self.image.bitmap_dirty(name, offset, length), offset, length)
-        raise UsageError(f"unknown meta context {ctx!r}")
+            runs = _runs(self.image.bitmap_dirty(name, offset, length), offset, length)
+            return runs[:1] if one else runs
+        if ctx == P.CTX_BASE_ALLOCATION:
+
+            def desc(e: Any) -> int:
+                return (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
+
+        elif ctx == P.CTX_ALLOCATION_DEPTH:
+
+            def desc(e: Any) -> int:
+                return e.depth + 1 if e.allocated else 0
+
+        else:
+            raise UsageError(f"unknown meta context {ctx!r}")
+        if not one:
+            extents = self.image.block_status(offset, length, chain=True)
+            return [(e.length, desc(e)) for e in extents]
+        first: list[int] = []
+        for e in self.chain_extents(offset, offset + length):
+            if first and desc(e) != first[1]:
+                break
+            if first:
+                first[0] += e.length
+            else:
+                first = [e.length, desc(e)]
+        return [(first[0], first[1])]
+
+    def chain_extents(self, offset: int, end: int) -> Iterator[Any]:
+        """The chain's extents from ``offset`` to ``end``, computed in windows that start
+        small and double: a caller that stops at the first change of status (REQ_ONE, SEEK_DATA)
+        pays for what it looks at, not for the rest of the disk (a convert asks once per
+        extent: over the whole remaining disk each time would be quadratic)."""
+        pos, win = offset, STATUS_WINDOW
+        while pos < end:
+            n = min(win, end - pos)
+            yield from self.image.block_status(pos, n, chain=True)
+            pos += n
+            win = min(win * 2, MAX_STATUS_SPAN)
 
     # ------------------------------------------------------------------ dirty maps
     def bitmaps(self) -> list[dict[str, Any]]:

@@ -184,13 +184,9 @@ class RawFileOperations(pyfuse3.Operations):
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         await b.wait_open()
-        pos = offset
-        while pos < b.size:
-            n = min(b.size - pos, 1 << 30)
-            for e in b.image.block_status(pos, n, chain=True):
-                if (whence == os.SEEK_DATA) == e.data:
-                    return max(e.offset, offset)
-            pos += n
+        for e in b.chain_extents(offset, b.size):
+            if (whence == os.SEEK_DATA) == e.data:
+                return max(e.offset, offset)
         if whence == os.SEEK_DATA:
             raise pyfuse3.FUSEError(errno.ENXIO)
         return b.size

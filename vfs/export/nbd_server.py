@@ -248,9 +248,9 @@ class Connection:
         chunks = []
         items = sorted(self.neg.contexts.items())
         for k, (ctx_id, ctx) in enumerate(items):
-            ext = self.backend.block_status(ctx, req.offset, req.length)
-            if req.flags & P.CMD_FLAG_REQ_ONE:
-                ext = ext[:1]
+            ext = self.backend.block_status(
+                ctx, req.offset, req.length, one=bool(req.flags & P.CMD_FLAG_REQ_ONE)
+            )
             chunks.append(P.block_status_chunk(req.handle, ctx_id, ext, k == len(items) - 1))
         return chunks
 

@@ -62,7 +62,7 @@ class ExportConfig:
         if not self.name:
             self.name = Path(self.image).stem or "disk"
         if not (self.nbd or self.tcp or self.fuse):
-            raise UsageError("nothing to serve: give --nbd SOCKET, --tcp ADDR:PORT or --fuse MNT")
+            raise UsageError("nothing to serve: give --nbd SOCKET, --tcp HOST:PORT or --fuse FILE")
         if self.control is None and self.nbd:
             self.control = self.nbd[0] + ".ctl"
         if self.readonly:
@@ -202,6 +202,7 @@ async def run_export(cfg: ExportConfig, *, task_status: Any = trio.TASK_STATUS_I
 
                 await nursery.start(fuse_raw.serve_fuse, backend, cfg.fuse, nursery.cancel_scope)
             nursery.start_soon(_signals, nursery.cancel_scope)
+            control.ready = True  # every listener and the FUSE file are up (ping says so)
             log.info(
                 "exporting %s as %r: nbd %s tcp %s fuse %s",
                 cfg.image,
@@ -264,6 +265,7 @@ class ExportControl:
         self.cfg, self.backend, self.server = cfg, backend, server
         self.scope, self.nursery = scope, nursery
         self._hydrate_done: trio.Event | None = None
+        self.ready = False
 
     def parse(self, line: bytes) -> dict[str, Any]:
         from vfs.daemon import control as C
@@ -274,7 +276,7 @@ class ExportControl:
         b = self.backend
         op = req["op"]
         if op == "ping":
-            return {"pid": os.getpid(), "name": self.cfg.name}
+            return {"pid": os.getpid(), "name": self.cfg.name, "ready": self.ready}
         if op == "status":
             out = b.status()
             out.update(self.cfg.to_json())
