@@ -319,18 +319,33 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     is_flag=True,
     help="Copy only each disk's own layer: the destination holds its backing file (a template).",
 )
+@click.option(
+    "--abort",
+    "abort_",
+    is_flag=True,
+    help="Undo a migration whose vmctl died before the switch: resume the source, remove --to.",
+)
 @click.option("--timeout", default=600.0, show_default=True)
 @root_option
 @json_option
 @handle_errors
 def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
-            postcopy: bool, ram: str | None, copy_storage_inc: bool, timeout: float,
-            root: Path | None,
-            as_json: bool) -> None:  # fmt: skip
+            postcopy: bool, ram: str | None, copy_storage_inc: bool, abort_: bool,
+            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
     """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
     it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
     If anything fails before the switch, the source runs on and the destination is removed."""
+    from vmctl.migrate import abort as do_abort
     from vmctl.migrate import migrate as do_migrate
+
+    if abort_:
+        out = trio.run(lambda: do_abort(_root(root), name, dest))
+        if as_json:
+            emit_json(out)
+        else:
+            click.echo(f"{name}: migration undone (source running: {out['source_running']}, "
+                       f"destination removed: {out['destination_removed']})")  # fmt: skip
+        return
 
     def progress(text: str) -> None:
         click.echo(f"{name}: {text}", err=True)

@@ -33,6 +33,7 @@ source images stay where they were after a migration (as virsh's ``--copy-storag
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -41,6 +42,7 @@ from typing import Any
 
 import trio
 
+from vfs.durable import write_atomic
 from vfs.errors import AlreadyExists, NotFound, UsageError
 from vmctl.errors import QMPError, VmError
 from vmctl.exports import VimgDisk
@@ -317,6 +319,7 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         state = (await dq.execute("query-status"))["status"]
         if state != "paused":
             raise MigrationError(f"the destination is {state} after the migration, not paused")
+        write_atomic(sock.parent / SWITCHED, json.dumps({"from": report["from"]}).encode())
         with dq.listen("RESUME") as resumes:
             await dq.execute("cont")
             t_resumed = time.monotonic()
@@ -454,3 +457,40 @@ async def _rollback(sq: QMPClient, name: str) -> None:
         log.warning("migration of %s failed; the source guest runs on", name)
     except QMPError as e:
         log.warning("migration of %s failed, and the source did not answer: %s", name, e)
+
+
+#: Written in the destination's directory just before its guest is resumed: from then on the
+#: guest lives there, and ``abort`` refuses to resume the source.
+SWITCHED = "migrated-from.json"
+
+
+async def abort(root: Path, name: str, dest_root: Path) -> dict[str, Any]:
+    """Undo a migration whose ``vmctl migrate`` died before the switch (killed, host lost):
+    cancel the source's migration, resume its guest, stop and remove the destination.
+
+    Refused once the switch began (the destination's SWITCHED marker exists): the guest lives
+    there, and resuming the source would give one disk's history two guests."""
+    from vmctl.lifecycle import stop_vm
+    from vmctl.vms import vm_paths
+
+    src, dst = vm_paths(root, name), vm_paths(dest_root, name)
+    if src.dir.resolve() == dst.dir.resolve():
+        raise UsageError("the destination root is the source root")
+    if (dst.dir / SWITCHED).exists():
+        raise VmError(
+            f"the migration of {name!r} switched to {dst.dir}: the guest lives there; stop the "
+            f"source instead (vmctl stop {name} --root {root})"
+        )
+    resumed = False
+    if read_pidfile(src.pidfile) is not None:
+        async with open_qmp(src.qmp_socket, name="abort-src", connect_timeout=10) as sq:
+            await _rollback(sq, name)
+            resumed = (await sq.execute("query-status"))["status"] == "running"
+    elif not dst.dir.exists():
+        raise NotFound(f"no migration of {name!r} to undo (no source QEMU, no destination)")
+    removed = False
+    if dst.dir.exists():
+        await stop_vm(dst, force=True)
+        shutil.rmtree(dst.dir, ignore_errors=True)
+        removed = True
+    return {"name": name, "source_running": resumed, "destination_removed": removed}
