@@ -28,6 +28,13 @@ and waits in ``pre-switchover``)::
 Anything failing before the switch: the source's migration is cancelled, the guest resumed
 if QEMU left it paused, the destination (QEMU, exports, images, directory) removed. The
 source images stay where they were after a migration (as virsh's ``--copy-storage-all``).
+
+Crash story: if vmctl itself dies mid-migration, QEMU goes on and the source waits, paused,
+in ``pre-switchover`` for a ``migrate-continue`` that never comes; ``vmctl migrate --abort``
+cancels it, resumes the source and removes the destination. ``migrated-from.json`` is written
+in the destination just before its guest is resumed; from then on the guest lives there and
+``--abort`` refuses. Disks: the destination image is only written by the copier before the
+switch, and the source image is never written by vmctl, so an abort loses nothing.
 """
 
 from __future__ import annotations
