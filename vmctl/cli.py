@@ -47,7 +47,8 @@ def _root(root: Path | None) -> Path:
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
-    """Launch QEMU guests and find them again: run, list, status, stop, console, host."""
+    """Launch QEMU guests on vimg disks and find them again (run, list, status, stop, console,
+    host); save and bring them back (hibernate, restore); move them live (migrate)."""
     setup_logging(verbose)
 
 
