@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         demo_redirect(work, nginx)
-        for name in ("demo_image", "demo_tree", "demo_export"):
+        for name in ("demo_image", "demo_tree", "demo_export", "demo_vmctl"):
             mod = _optional(name)
             if mod is not None:
                 mod.run_demo(work, nginx, run, banner)
