@@ -78,6 +78,7 @@ class Daemon:
     templates: dict[str, str] = field(default_factory=dict)
     remote_url: str | None = None  # default: the file:// repo
     extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
+    engine: str = "fuse"  # "fuse" or "kernel" (vfsd serve --engine)
 
     def start(self) -> None:
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
@@ -95,6 +96,8 @@ class Daemon:
                     self.remote_url or str(self.repo),
                     "--store",
                     str(self.store),
+                    "--engine",
+                    self.engine,
                     *self.extra_args,
                 ],
                 stdout=logf,
@@ -107,7 +110,7 @@ class Daemon:
 
         try:
             control.call(self.state, {"op": "ping"}, timeout=5)
-            return is_mounted(self.mnt)
+            return self.engine == "kernel" or is_mounted(self.mnt)
         except control.DaemonNotRunning:
             return False
 
@@ -115,6 +118,7 @@ class Daemon:
         """SIGTERM, wait, then make sure: unmount, kill."""
         p = self.proc
         if p is None:
+            self.unmount_all()
             return
         try:
             if p.poll() is None:
@@ -124,11 +128,21 @@ class Daemon:
                 except subprocess.TimeoutExpired:
                     pass
         finally:
-            unmount(self.mnt)
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
             self.proc = None
+            self.unmount_all()
+
+    def unmount_all(self) -> None:
+        """Whatever a daemon of either engine left mounted: VEE overlays, image and data layer
+        mounts (the kernel engine's outlive a killed daemon), the FUSE mount."""
+        unmount(self.mnt)
+        prefixes = (os.fspath(self.mnt) + "/", os.fspath(self.state) + "/")
+        with open("/proc/self/mountinfo") as f:
+            targets = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
+        for t in sorted(set(targets), key=len, reverse=True):
+            subprocess.run(["umount", "-l", t], check=False, capture_output=True)
 
     def kill9(self) -> None:
         """kill -9, and leave the dead mount behind as a real crash does: the next start

@@ -8,8 +8,8 @@ request per connection::
     <- {"ok": false, "error": "no VEE named 'x'", "exit_code": 4}\\n
 
 Ops: ``ping``, ``list``, ``add`` (name, template), ``rm`` (name, purge), ``upgrade`` (name,
-template, dry_run). Errors carry the exit code of the :mod:`vfs.errors` class the daemon raised,
-so the CLI exits exactly as if it had done the work itself.
+template, dry_run, force). Errors carry the exit code of the :mod:`vfs.errors` class the daemon
+raised, so the CLI exits exactly as if it had done the work itself.
 """
 
 from __future__ import annotations
@@ -106,10 +106,10 @@ REQUESTS: dict[str, dict[str, type]] = {
     "list": {},
     "add": {"name": str, "template": str},
     "rm": {"name": str, "purge": bool},
-    "upgrade": {"name": str, "template": str, "dry_run": bool},
+    "upgrade": {"name": str, "template": str, "dry_run": bool, "force": bool},
 }
 #: Fields that may be left out, with their defaults.
-DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False}
+DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False, "force": False}
 
 
 def parse_request(line: bytes) -> dict[str, Any]:
