@@ -172,14 +172,41 @@ class Daemon:
             return ""
 
 
+def kernel_engine_available() -> str | None:
+    """Why the kernel engine cannot run here (None: it can): the daemon's own probe."""
+    global _KERNEL_PROBE
+    if _KERNEL_PROBE is None:
+        import tempfile
+
+        from vfs.daemon.kernel_engine import probe
+
+        with tempfile.TemporaryDirectory() as d:
+            ok, why = probe(Path(d) / "probe")
+        _KERNEL_PROBE = "" if ok else why
+    return _KERNEL_PROBE or None
+
+
+_KERNEL_PROBE: str | None = None
+#: The engines a test runs on when it asks for both (``pytest.mark.parametrize`` over the
+#: ``engine`` fixture, or a module's own ``engine`` fixture with these params).
+ENGINES = ["fuse", pytest.param("kernel", marks=pytest.mark.kernel)]
+
+
 @pytest.fixture
-def daemon(tmp_path: Path):
+def engine() -> str:
+    """The engine of the ``daemon`` fixture: the FUSE engine unless a module asks for both
+    (a module-level ``engine`` fixture with ``params=ENGINES``)."""
+    return "fuse"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, engine: str):
     """A running daemon with the sample template published as 'base' and VEEs a and b."""
-    reason = fuse_available()
+    reason = fuse_available() or (kernel_engine_available() if engine == "kernel" else None)
     if reason:
         pytest.skip(reason)
     root = tmp_path
-    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo")
+    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo", engine=engine)
     d.mnt.mkdir()
     vfsd("repo", "init", str(d.repo))
     make_sample_tree(root / "src")

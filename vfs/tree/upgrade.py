@@ -93,7 +93,18 @@ def plan_upgrade(
                 if layer.is_opaque(cpath):
                     kind, sub = "dir-opaque", None
                 elif redirect is not None:
-                    kind, sub = "dir-redirect", redirect.lstrip(b"/")
+                    # absolute ("/a/b", what the FUSE engine and overlayfs across directories
+                    # write) or relative to the parent's template directory (overlayfs's for a
+                    # rename within one directory: the kernel engine)
+                    if redirect.startswith(b"/"):
+                        kind, sub = "dir-redirect", redirect.lstrip(b"/")
+                    elif tpath is None:
+                        kind, sub = "dir-redirect", None
+                    else:
+                        kind, sub = "dir-redirect", (tpath + b"/" + redirect).lstrip(b"/")
+                    if sub is None:
+                        stack.append((cpath, None))
+                        continue
                     a, b = old.resolve(sub), new.resolve(sub)
                     if (a is None) != (b is None) or (
                         a is not None and b is not None and a.kind != b.kind
