@@ -1,12 +1,14 @@
-"""Benchmark of the VEE tree: vfsd vs native ext4, kernel overlayfs and fuse-overlayfs.
+"""Benchmark of the VEE tree: vfsd's two engines vs native ext4, kernel overlayfs, fuse-overlayfs.
 
-All four serve the same data in the same run:
+All five serve the same data in the same run (``vfsd-fuse``: ``vfsd serve --engine fuse``, one
+FUSE mount answering every request in Python; ``vfsd-kernel``: ``--engine kernel``, an overlay
+per VEE over the template's EROFS image, docs/kernel-engine.md):
 
 - cold / warm sequential read of one big file (default 256 MiB, ``--full``: 1 GiB);
 - ``find`` + stat and ``cat`` of 20,000 small files, cold and warm;
 - untar of a 20,000-file archive into the tree (the write path);
 - page cache used when 20 roots read the same 200 MiB (``Cached`` delta of /proc/meminfo):
-  20 VEEs of one vfsd mount, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts;
+  20 VEEs of each vfsd daemon, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts;
 - ``debian``, a real distribution (the cached Debian 12 minbase root of tools/debian_root.py:
   native = a ``cp -a`` copy, overlay/fuse-overlayfs = the root as lowerdir, vfsd = a VEE of it
   published as a template): ``dpkg -i`` of its repository's 25 ``.deb`` files (chrooted with
@@ -42,7 +44,8 @@ from pathlib import Path
 SMALL_FILES = 20_000
 VEES = 20
 PC_BYTES = 200 << 20
-PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd"]
+PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd-fuse", "vfsd-kernel"]
+VFSD_ENGINES = {"vfsd-fuse": "fuse", "vfsd-kernel": "kernel"}
 WORKLOADS = ["seq", "find", "cat", "untar", "pc", "debian"]
 PY_IMPORTS = "import json, email, http.client, sqlite3"
 
@@ -118,9 +121,11 @@ class Mounts:
     def __init__(self) -> None:
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen] = []
-        self.vfsd_pid = 0
-        self.digests: dict[str, str] = {}
-        self.vfsd_state = self.vfsd_mnt = Path()
+        self.vfsd_pids: set[int] = set()
+        #: per vfsd peer: its state directory, mount directory and published digests
+        self.vfsd_state: dict[str, Path] = {}
+        self.vfsd_mnt: dict[str, Path] = {}
+        self.digests: dict[str, dict[str, str]] = {}
 
     def overlay(self, lower: Path, base: Path) -> Path:
         for d in ("upper", "work", "mnt"):
@@ -139,10 +144,16 @@ class Mounts:
         return base / "mnt"
 
     def vfsd(
-        self, work: Path, src: Path, names: list[str], more: dict[str, Path] | None = None
+        self,
+        peer: str,
+        work: Path,
+        src: Path,
+        names: list[str],
+        more: dict[str, Path] | None = None,
     ) -> Path:
-        """A ``vfsd serve`` mount with VEEs ``names`` of the template of ``src``; ``more``
-        (name -> source) are published too, for add_vee."""
+        """A ``vfsd serve --engine E`` (E from ``peer``) with VEEs ``names`` of the template of
+        ``src``; ``more`` (name -> source) are published too, for add_vee. Each daemon has
+        its own repository and store: nothing one fetched or cached helps the other."""
         from vfs.daemon import control
 
         vfsd = str(Path(sys.executable).with_name("vfsd"))
@@ -155,15 +166,26 @@ class Mounts:
                  str(store), "--json"],
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
-            self.digests[name] = json.loads(out)["digest"]
-        digest = self.digests["bench"]
+            self.digests.setdefault(peer, {})[name] = json.loads(out)["digest"]
+        digest = self.digests[peer]["bench"]
         p = subprocess.Popen(
-            [vfsd, "serve", "--state", str(state), "--mount", str(mnt), "--store", str(store)],
+            [
+                vfsd,
+                "serve",
+                "--state",
+                str(state),
+                "--mount",
+                str(mnt),
+                "--store",
+                str(store),
+                "--engine",
+                VFSD_ENGINES[peer],
+            ],  # fmt: skip
             stderr=open(work / "vfsd.log", "wb"),  # noqa: SIM115
         )
         self.procs.append(p)
         self.mounts.append(mnt)
-        self.vfsd_pid = p.pid
+        self.vfsd_pids.add(p.pid)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -173,16 +195,16 @@ class Mounts:
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"vfsd did not start: see {work}/vfsd.log") from None
                 time.sleep(0.05)
-        self.vfsd_state, self.vfsd_mnt = state, mnt
+        self.vfsd_state[peer], self.vfsd_mnt[peer] = state, mnt
         for n in names:
-            self.add_vee(n, digest)
+            self.add_vee(peer, n, digest)
         return mnt
 
-    def add_vee(self, name: str, digest: str) -> Path:
+    def add_vee(self, peer: str, name: str, digest: str) -> Path:
         from vfs.daemon import control
 
-        control.call(self.vfsd_state, {"op": "add", "name": name, "template": digest})
-        return self.vfsd_mnt / name
+        control.call(self.vfsd_state[peer], {"op": "add", "name": name, "template": digest})
+        return self.vfsd_mnt[peer] / name
 
     def close(self) -> None:
         for m in reversed(self.mounts):
@@ -191,7 +213,7 @@ class Mounts:
                 subprocess.run(["umount", "-l", str(m)], check=False)
         for p in self.procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT if p.pid != self.vfsd_pid else signal.SIGTERM)
+                p.send_signal(signal.SIGTERM if p.pid in self.vfsd_pids else signal.SIGINT)
                 try:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
@@ -230,7 +252,7 @@ class DebianRoots:
             return self.mounts.overlay(self.root, d)
         if peer == "fuse-overlayfs":
             return self.mounts.fuse_overlay(self.root, d)
-        return self.mounts.add_vee(f"deb{self.n}", self.mounts.digests["debian"])
+        return self.mounts.add_vee(peer, f"deb{self.n}", self.mounts.digests[peer]["debian"])
 
 
 def dpkg_install(root: Path, batches: list[list[Path]]) -> float:
@@ -278,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if not tarball.exists():
         with tarfile.open(tarball, "w") as t:
             t.add(src / "small", arcname="small")
-    for d in ("peers", "vfsd"):
+    for d in ("peers", "vfsd", *VFSD_ENGINES):
         shutil.rmtree(work / d, ignore_errors=True)
     mounts = Mounts()
     results: dict[str, dict[str, float]] = {}
@@ -296,14 +318,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
             debian = ensure(progress=lambda m: print(f"debian_root: {m}"))
         more = {"debian": debian.root} if debian else {}
-        vmnt = mounts.vfsd(work / "vfsd", src, [f"v{i}" for i in range(VEES)], more)
-        roots["vfsd"] = vmnt / "v0"
-        with open(f"/sys/class/bdi/{_devno(vmnt)}/read_ahead_kb") as f:
-            print(f"vfsd read_ahead_kb = {f.read().strip()}")
-        if args.profile:
+        vmnts: dict[str, Path] = {}
+        for peer in VFSD_ENGINES:
+            if peer in peers:
+                vmnts[peer] = mounts.vfsd(
+                    peer, work / peer, src, [f"v{i}" for i in range(VEES)], more
+                )
+                roots[peer] = vmnts[peer] / "v0"
+        if "vfsd-fuse" in vmnts:
+            with open(f"/sys/class/bdi/{_devno(vmnts['vfsd-fuse'])}/read_ahead_kb") as f:
+                print(f"vfsd-fuse read_ahead_kb = {f.read().strip()}")
+        if args.profile and "vfsd-fuse" in vmnts:
             spy = str(Path(sys.executable).with_name("py-spy"))
+            pid = next(p.pid for p in mounts.procs if p.pid in mounts.vfsd_pids)
             mounts.procs.insert(0, subprocess.Popen(
-                [spy, "record", "-p", str(mounts.vfsd_pid), "-f", "raw", "-r", "250",
+                [spy, "record", "-p", str(pid), "-f", "raw", "-r", "250",
                  "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
             time.sleep(1)
@@ -349,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if "untar" not in only:
             del results["untar 20k"]
         if "pc" in only:
-            results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt, peers)
+            results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnts, peers)
         if debian is not None:
             fresh = DebianRoots(mounts, work / "peers", debian.root)
             row = results.setdefault("dpkg -i 25 debs", {"unit": "s"})  # type: ignore[dict-item]
@@ -366,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             measure("python3 imports x10", python_imports, False, "s", droots)
     finally:
         mounts.close()
-        for d in ("peers", "vfsd"):  # keep only src/ and the tarball for the next run
+        for d in ("peers", *VFSD_ENGINES):  # keep only src/ and the tarball for the next run
             shutil.rmtree(work / d, ignore_errors=True)
     tradeoff = read_tradeoff(work)
     return {
@@ -378,7 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def page_cache(
-    mounts: Mounts, work: Path, src: Path, vmnt: Path, peers: list[str]
+    mounts: Mounts, work: Path, src: Path, vmnts: dict[str, Path], peers: list[str]
 ) -> dict[str, float]:
     row: dict[str, float] = {"unit": "MiB"}  # type: ignore[dict-item]
     makers = {
@@ -387,7 +416,8 @@ def page_cache(
         "fuse-overlayfs": lambda: [
             mounts.fuse_overlay(src, work / "peers" / f"pfo{i}") for i in range(VEES)
         ],
-        "vfsd": lambda: [vmnt / f"v{i}" for i in range(VEES)],
+        "vfsd-fuse": lambda: [vmnts["vfsd-fuse"] / f"v{i}" for i in range(VEES)],
+        "vfsd-kernel": lambda: [vmnts["vfsd-kernel"] / f"v{i}" for i in range(VEES)],
     }
     sets = {p: makers[p]() for p in peers}
     for peer in peers:
@@ -441,12 +471,20 @@ def _devno(mnt: Path) -> str:
     return mount_devno(str(mnt)) or "0:0"
 
 
+#: the ratio columns: (numerator, denominator); the kernel engine's goals are against kernel
+#: overlayfs (docs/kernel-engine.md), the FUSE engine's against fuse-overlayfs
+RATIOS = [
+    ("vfsd-kernel", "overlay"),
+    ("vfsd-kernel", "native"),
+    ("vfsd-fuse", "fuse-overlayfs"),
+    ("vfsd-kernel", "vfsd-fuse"),
+]
+
+
 def table(res: dict[str, object]) -> str:
-    lines = [
-        "| workload | native ext4 | kernel overlay | fuse-overlayfs | vfsd | vfsd/native "
-        "| vfsd/fuse-overlayfs |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    heads = ["native ext4", "kernel overlay", "fuse-overlayfs", "vfsd fuse", "vfsd kernel"]
+    heads += [f"{a.removeprefix('vfsd-')}/{b.removeprefix('vfsd-')}" for a, b in RATIOS]
+    lines = ["| workload | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for name, row in res["results"].items():  # type: ignore[attr-defined]
         unit = row["unit"]
         cells = [
@@ -454,8 +492,7 @@ def table(res: dict[str, object]) -> str:
             for p in PEERS
         ]
         ratios = [
-            f"{row['vfsd'] / row[p]:.2f}" if "vfsd" in row and p in row else "–"
-            for p in ("native", "fuse-overlayfs")
+            f"{row[a] / row[b]:.2f}" if a in row and b in row and row[b] else "–" for a, b in RATIOS
         ]
         lines.append(f"| {name} ({unit}) | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
