@@ -334,6 +334,9 @@ def test_rm_unmounts_and_a_dead_vee_mountpoint_does_not_linger(kd, tmp_path):
     raw = bytearray(img.read_bytes())
     raw[2000] ^= 1
     img.write_bytes(bytes(raw))
+    stale = img.with_name("0" * 64 + ".erofs")  # a template no VEE uses any more
+    stale.write_bytes(b"old")
     kd.start()
     assert (kd.mnt / "b" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
     wait_for(lambda: "rebuilding" in kd.log_text(), what="image rebuilt")
+    assert img.exists() and not stale.exists()

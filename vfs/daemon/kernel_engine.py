@@ -28,11 +28,15 @@ superblock per VEE: a handle from one VEE means nothing in another, ``docs/kerne
 Crash story: the mounts belong to the kernel, not to the daemon. When the daemon dies, every
 VEE stays mounted; files whose objects are local keep working (a fully local template needs
 nothing from the daemon), reads that need the FUSE data layer fail (ENOTCONN) until a new
-daemon runs. At start-up :meth:`KernelEngine.inventory` finds the overlays a previous daemon
-left at ``MNT/<name>`` (identified by their ``upperdir``); :meth:`attach` replaces one that
-nothing holds (a fresh mount over the new daemon's data layer), and keeps one that processes
-still hold — its local files never stopped working, and the daemon fetches every object of its
-template that is not local yet, after which the old mount needs the data layer no more.
+daemon runs — also for a file a VEE first opened while its object was not local: overlayfs
+looks a stub's data up once per inode, so that inode stays bound to the dead data layer until
+the mount is replaced (``docs/kernel-engine.md`` §8). At start-up
+:meth:`KernelEngine.inventory` finds the overlays a previous daemon left at ``MNT/<name>``
+(identified by their ``upperdir``); :meth:`attach` replaces one that nothing holds (a fresh
+mount over the new daemon's data layer), and keeps one that processes still hold — its local
+files never stopped working, and the daemon fetches every object of its template that is not
+local yet, so that the files it has not opened yet find them in the store; the next restart
+after its holders leave replaces it.
 """
 
 from __future__ import annotations

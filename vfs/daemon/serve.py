@@ -165,7 +165,9 @@ class Daemon:
 
     def _hydrate(self, name: str, missing: dict[str, int]) -> None:
         """Fetch every object a kept mount of a previous daemon may still need (its data layer
-        died with that daemon): once local, the kernel finds them in the first data layer."""
+        died with that daemon): once local, the files it has not opened yet find them in the
+        first data layer (one it opened through the dead layer stays bound to it,
+        docs/kernel-engine.md §8)."""
         if name in self._hydrating:
             return
         self._hydrating.add(name)
@@ -200,6 +202,11 @@ class Daemon:
                 log.error("VEE %s not mounted: %s", name, e)
                 self.broken[name] = str(e)
         if self.kernel is not None:
+            # before the control socket: no add can be building an image meanwhile
+            keep = {rec.template for rec in self.registry.vees.values()}
+            n = self.kernel.images.remove_unused(keep)
+            if n:
+                log.info("removed %d cached template images no VEE uses", n)
             for name in list(self.kernel.leftovers):
                 left = self.kernel.leftovers.pop(name)
                 log.warning("%s: a previous daemon's mount of a VEE no longer registered: "
