@@ -13,7 +13,10 @@ per VEE over the template's EROFS image, docs/kernel-engine.md):
   native = a ``cp -a`` copy, overlay/fuse-overlayfs = the root as lowerdir, vfsd = a VEE of it
   published as a template): ``dpkg -i`` of its repository's 25 ``.deb`` files (chrooted with
   /proc and /dev, in a fresh copy/mount/VEE each run), ``find / -xdev`` of the root cold and
-  warm, and 10 x ``python3 -c 'import json, email, http.client, sqlite3'`` chrooted.
+  warm, and 10 x ``python3 -c 'import json, email, http.client, sqlite3'`` chrooted;
+- ``cold``, vfsd only: the first read of a 64 MiB object that is not local, from nginx on
+  127.0.0.1 (each daemon's repository served over HTTP, ``--remote``): fetch, verify, store,
+  serve (the kernel engine through its FUSE data layer), one fresh object per run.
 
 Cold = ``echo 3 > /proc/sys/vm/drop_caches`` before the run. Needs root. Usage::
 
@@ -46,7 +49,8 @@ VEES = 20
 PC_BYTES = 200 << 20
 PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd-fuse", "vfsd-kernel"]
 VFSD_ENGINES = {"vfsd-fuse": "fuse", "vfsd-kernel": "kernel"}
-WORKLOADS = ["seq", "find", "cat", "untar", "pc", "debian"]
+WORKLOADS = ["seq", "find", "cat", "untar", "pc", "debian", "cold"]
+COLD_BYTES = 64 << 20
 PY_IMPORTS = "import json, email, http.client, sqlite3"
 
 
@@ -112,6 +116,19 @@ def make_data(src: Path, big_bytes: int) -> None:
     (src / ".complete").write_bytes(b"")
 
 
+def make_cold(src: Path, n: int) -> None:
+    """``n`` different 64 MiB files: a template whose objects each daemon fetches once."""
+    if (src / ".complete").exists() and len(list(src.glob("c*"))) == n:
+        return
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for i in range(n):
+        with open(src / f"c{i}", "wb") as f:
+            for _ in range(COLD_BYTES >> 20):
+                f.write(os.urandom(1 << 20))
+    (src / ".complete").write_bytes(b"")
+
+
 # -- peers ------------------------------------------------------------------------------------
 
 
@@ -122,6 +139,7 @@ class Mounts:
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen] = []
         self.vfsd_pids: set[int] = set()
+        self.nginx: subprocess.Popen | None = None
         #: per vfsd peer: its state directory, mount directory and published digests
         self.vfsd_state: dict[str, Path] = {}
         self.vfsd_mnt: dict[str, Path] = {}
@@ -150,10 +168,13 @@ class Mounts:
         src: Path,
         names: list[str],
         more: dict[str, Path] | None = None,
+        remote: tuple[str, Path, Path] | None = None,
     ) -> Path:
         """A ``vfsd serve --engine E`` (E from ``peer``) with VEEs ``names`` of the template of
         ``src``; ``more`` (name -> source) are published too, for add_vee. Each daemon has
-        its own repository and store: nothing one fetched or cached helps the other."""
+        its own repository and store: nothing one fetched or cached helps the other.
+        ``remote`` = (url, webroot, cold source): the repository is served at ``url`` and the
+        daemon fetches from there; the cold source is published to the repository only."""
         from vfs.daemon import control
 
         vfsd = str(Path(sys.executable).with_name("vfsd"))
@@ -167,22 +188,20 @@ class Mounts:
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
             self.digests.setdefault(peer, {})[name] = json.loads(out)["digest"]
+        extra: list[str] = []
+        if remote is not None:
+            url, webroot, cold_src = remote
+            (webroot / peer).symlink_to(repo)
+            out = subprocess.run(
+                [vfsd, "template", "publish", str(cold_src), "--repo", str(repo), "--json"],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            self.digests[peer]["cold"] = json.loads(out)["digest"]
+            extra = ["--remote", url]
         digest = self.digests[peer]["bench"]
-        p = subprocess.Popen(
-            [
-                vfsd,
-                "serve",
-                "--state",
-                str(state),
-                "--mount",
-                str(mnt),
-                "--store",
-                str(store),
-                "--engine",
-                VFSD_ENGINES[peer],
-            ],  # fmt: skip
-            stderr=open(work / "vfsd.log", "wb"),  # noqa: SIM115
-        )
+        argv = [vfsd, "serve", "--state", str(state), "--mount", str(mnt), "--store",
+                str(store), "--engine", VFSD_ENGINES[peer], *extra]  # fmt: skip
+        p = subprocess.Popen(argv, stderr=open(work / "vfsd.log", "wb"))  # noqa: SIM115
         self.procs.append(p)
         self.mounts.append(mnt)
         self.vfsd_pids.add(p.pid)
@@ -218,6 +237,10 @@ class Mounts:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if self.nginx is not None:
+            from tools.nginx import stop_nginx
+
+            stop_nginx(self.nginx)
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -318,11 +341,22 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
             debian = ensure(progress=lambda m: print(f"debian_root: {m}"))
         more = {"debian": debian.root} if debian else {}
+        nginx = None
+        if "cold" in only:
+            from tools.nginx import start_nginx
+
+            make_cold(work / "cold-src", args.repeat)
+            shutil.rmtree(work / "nginx", ignore_errors=True)
+            proc, nginx = start_nginx(work / "nginx")
+            mounts.nginx = proc
         vmnts: dict[str, Path] = {}
         for peer in VFSD_ENGINES:
             if peer in peers:
+                remote = None
+                if nginx is not None:
+                    remote = (nginx.url(peer), nginx.webroot, work / "cold-src")
                 vmnts[peer] = mounts.vfsd(
-                    peer, work / peer, src, [f"v{i}" for i in range(VEES)], more
+                    peer, work / peer, src, [f"v{i}" for i in range(VEES)], more, remote
                 )
                 roots[peer] = vmnts[peer] / "v0"
         if "vfsd-fuse" in vmnts:
@@ -393,9 +427,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             measure("find / -xdev cold", find_root, True, "s", droots)
             measure("find / -xdev warm", find_root, False, "s", droots)
             measure("python3 imports x10", python_imports, False, "s", droots)
+        if nginx is not None:
+            results["first read of a cold 64 MiB object"] = cold_reads(mounts, peers, args.repeat)
     finally:
         mounts.close()
-        for d in ("peers", *VFSD_ENGINES):  # keep only src/ and the tarball for the next run
+        # keep only the sources and the tarball for the next run
+        for d in ("peers", "nginx", *VFSD_ENGINES):
             shutil.rmtree(work / d, ignore_errors=True)
     tradeoff = read_tradeoff(work)
     return {
@@ -428,6 +465,23 @@ def page_cache(
                 read_file(f)
         row[peer] = (cached_kib() - before) / 1024
         print(f"  {'page cache 20x200MiB':28} {peer:15} {row[peer]:10.1f} MiB")
+    return row
+
+
+def cold_reads(mounts: Mounts, peers: list[str], n: int) -> dict[str, float]:
+    """MB/s of the first read of each of ``n`` objects no daemon has (median), in a VEE of the
+    cold template: the fetch from nginx, its verification and storing, and the read."""
+    row: dict[str, float] = {"unit": "MB/s"}  # type: ignore[dict-item]
+    for peer in peers:
+        if peer not in VFSD_ENGINES:
+            continue
+        root = mounts.add_vee(peer, "cold", mounts.digests[peer]["cold"])
+        vals = []
+        for i in range(n):
+            drop_caches()
+            vals.append(COLD_BYTES / timed(lambda p=root / f"c{i}": read_file(p)) / 1e6)
+        row[peer] = statistics.median(vals)
+        print(f"  {'cold 64 MiB first read':28} {peer:15} {row[peer]:10.1f} MB/s")
     return row
 
 
