@@ -83,7 +83,6 @@ def test_upgrade_plan_reads_relative_dir_redirects_as_overlayfs_writes_them(tmp_
     """A directory renamed within its parent by kernel overlayfs (the kernel engine) carries a
     redirect relative to its parent's template directory: the plan compares what is below it
     with that template directory, as the kernel will show it."""
-
     make_sample_tree(tmp_path / "src")
     pub = publish(tmp_path / "src", tmp_path)
     try:
