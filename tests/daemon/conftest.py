@@ -79,12 +79,14 @@ class Daemon:
     remote_url: str | None = None  # default: the file:// repo
     extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
     engine: str = "fuse"  # "fuse" or "kernel" (vfsd serve --engine)
+    wrapper: list[str] = field(default_factory=list)  # runs the daemon, e.g. prlimit ...
 
     def start(self) -> None:
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(
                 [
+                    *self.wrapper,
                     *VFSD,
                     "-v",
                     "serve",

@@ -37,7 +37,7 @@ def _views(pub, tmp_path: Path, *, remote: bool = True) -> Views:
 
 
 def _hosts_oid(views: Views, a: VeeClient) -> str:
-    e = views.nodes[a.ino("etc/hosts")].lower
+    e = views.inodes.nodes[a.ino("etc/hosts")].lower
     assert e is not None and e.oid
     return e.oid
 

@@ -29,22 +29,21 @@ yields a per-VEE node of the asking VEE, and copy-up happens on that node.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
 import functools
-import hashlib
-import inspect
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
 
 import trio
 
+from vfs.durable import fsync_dir
 from vfs.errors import IntegrityError, NotFound, RemoteError, VfsError
+from vfs.tree.copyup import CopyUp, entry_meta
 from vfs.tree.entry import Entry
+from vfs.tree.inodes import InodeTable, request
 from vfs.tree.nodes import (
     _DEAD,
     ROOT_INO,
@@ -60,7 +59,6 @@ from vfs.tree.nodes import (
 )
 from vfs.tree.private import (
     OPAQUE_XATTR,
-    ORIGIN_XATTR,
     PRIVATE_XATTR_PREFIX,
     REDIRECT_XATTR,
     RENAME_NOREPLACE,
@@ -70,7 +68,6 @@ from vfs.tree.private import (
     check_name,
     chown_fd,
     fallocate,
-    fsync_dir,
     is_whiteout,
     proc_path,
     renameat2,
@@ -79,62 +76,14 @@ from vfs.tree.private import (
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 #: The mount root (whose entries are the VEE roots) is root's alone: the mount allows other
 #: users (containers run as any uid) and keeps device nodes and setuid binaries working for
 #: the VEEs, so no other host user may reach a VEE's setuid binaries or devices through it.
 #: Containers reach their VEE root through a bind mount, which never traverses the mount root.
 ROOT_MODE = 0o700
-#: Inode numbers from here up are handed out in order (collisions of the identity hash).
-FALLBACK_INO = 1 << 63
 #: Threads for fetches of objects from the remote, and for local disk work (docs/vee-layer.md).
 FETCH_THREADS = 16
 DISK_THREADS = 16
-
-#: Nodes made during the current request (per trio task): those the kernel did not take a
-#: lookup reference to by the end of the request (names only checked, readdir entries the
-#: kernel's buffer had no room for) are dropped then, with their pinned fds.
-_FRESH: contextvars.ContextVar[list[Node] | None] = contextvars.ContextVar(
-    "vfs_view_fresh", default=None
-)
-
-
-def _request(fn: F) -> F:
-    """Mark a public entry point: nodes it makes and hands to nobody are dropped at its end."""
-    if inspect.iscoroutinefunction(fn):
-
-        @functools.wraps(fn)
-        async def awrapper(self: Views, *args: Any, **kwargs: Any) -> Any:
-            token = _FRESH.set([])
-            try:
-                return await fn(self, *args, **kwargs)
-            finally:
-                fresh = _FRESH.get()
-                _FRESH.reset(token)
-                self._sweep(fresh)
-
-        return awrapper  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    def wrapper(self: Views, *args: Any, **kwargs: Any) -> Any:
-        token = _FRESH.set([])
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            fresh = _FRESH.get()
-            _FRESH.reset(token)
-            self._sweep(fresh)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _entry_meta(e: Entry) -> FileMeta:
-    """What a private copy of template entry ``e`` starts with. Xattrs in the overlay marker
-    namespace are never carried into the private layer, whatever a template says: there they
-    would act as opaque/redirect markers (and the kernel engine reads the same names)."""
-    xattrs = {k: v for k, v in e.xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIX)}
-    return FileMeta(e.mode, e.uid, e.gid, e.atime_ns, e.mtime_ns, xattrs, e.rdev)
 
 
 class Views:
@@ -150,29 +99,25 @@ class Views:
         self.content = content
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.invalidate_attr: Callable[[int], None] = lambda ino: None
-        self.attach_kernel(invalidate_entry, invalidate_attr)
         self.vees: dict[str, Vee] = {}
-        self.nodes: dict[int, Node] = {}
-        #: shared inodes by file identity (``_identity``), and the identities unshared
-        self.shared: dict[bytes, Node] = {}
-        self.unshared: set[bytes] = set()
-        #: identity -> digests of the templates whose VEEs resolved that shared inode
-        self._shared_in: dict[bytes, set[str]] = {}
-        self._identities: dict[tuple[str, int], bytes] = {}
+        self.inodes = InodeTable()
+        self.root = self.inodes.root
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, tuple[Node, list[bytes]]] = {}
-        self._fallback_ino = FALLBACK_INO
         self._next_fh = 1
-        self._paths_cache: dict[str, dict[int, list[bytes]]] = {}
-        self._copy_locks: dict[int, trio.Lock] = {}
         # Worker threads in two pools: fetches wait on a network that may stall or drip (a
         # lying server), local work (copy-up staging, fsync) on this host's disks. Apart, 50
         # stalled fetches cannot make a copy-up or an fsync of another VEE wait for a thread.
         self.fetch_threads = trio.CapacityLimiter(FETCH_THREADS)
         self.disk_threads = trio.CapacityLimiter(DISK_THREADS)
-        root = Node(ROOT_INO, None, stat.S_IFDIR, None)
-        self.nodes[ROOT_INO] = root
-        self.root = root
+        self.copyup = CopyUp(
+            self,
+            self.inodes,
+            content,
+            fetch_threads=self.fetch_threads,
+            disk_threads=self.disk_threads,
+        )
+        self.attach_kernel(invalidate_entry, invalidate_attr)
 
     def attach_kernel(
         self,
@@ -194,7 +139,7 @@ class Views:
         """Create the layer's root directory (the VEE root) if it does not exist yet: the one
         step of mounting a VEE that writes to disk, so callers can do it before committing to
         the VEE (a full disk fails here, before anything changed)."""
-        layer.ensure_upper(_entry_meta(template.root))
+        layer.ensure_upper(entry_meta(template.root))
 
     def add_vee(self, name: str, template: TemplateLike, layer: PrivateLayer) -> Vee:
         check_name(name.encode())
@@ -202,7 +147,7 @@ class Views:
             raise FsError(errno.EEXIST, f"VEE {name!r} already mounted")
         self.prepare_layer(template, layer)
         vee = Vee(name, template, layer)
-        root = self._new_node(vee, stat.S_IFDIR, template.root, (name, "root"))
+        root = self.inodes.new(vee, stat.S_IFDIR, template.root, (name, "root"))
         root.parent = self.root
         root.name = name.encode()
         root.upper = layer.lstat(()) is not None
@@ -225,110 +170,32 @@ class Views:
             if h.node.vee is vee and h.fd is not None:
                 with contextlib.suppress(OSError):
                     os.fsync(h.fd)
-        for node in list(self.nodes.values()):
-            if node.vee is vee:
-                node.vee = _DEAD
-                if node.fd is not None:  # dead nodes answer ESTALE: the pin has no use left
-                    os.close(node.fd)
-                    node.fd = None
-        for node in self.shared.values():
-            node.seen = {(p, n) for p, n in node.seen if p.vee is not _DEAD}
+        self.inodes.kill_vee(vee)  # its nodes answer ESTALE; their pins are closed
         vee.layer.close()
         self.invalidate_entry(ROOT_INO, name.encode())
 
     # -- node bookkeeping ------------------------------------------------------------------
 
-    def _new_node(
-        self, vee: Vee | None, kind: int, lower: Entry | None, identity: tuple[object, ...]
-    ) -> Node:
-        """A node whose inode number is derived from ``identity`` (what it stands for)."""
-        node = Node(self._ino_for(identity), vee, kind, lower)
-        self.nodes[node.ino] = node
-        if kind != stat.S_IFDIR and vee is not None:
-            fresh = _FRESH.get()
-            if fresh is not None:
-                fresh.append(node)
-        return node
-
-    def _ino_for(self, identity: tuple[object, ...]) -> int:
-        """The inode number of a node standing for ``identity``: 63 bits of its hash, so the
-        same file gets the same number whenever a node is made for it (after the kernel forgot
-        it, after a restart). Numbers at or above 2^63 are a counter for the astronomically
-        rare collision with a live node."""
-        h = hashlib.blake2b(repr(identity).encode(), digest_size=8, person=b"vfs-ino").digest()
-        ino = int.from_bytes(h, "little") & (FALLBACK_INO - 1)
-        taken = self.nodes.get(ino)
-        if ino > ROOT_INO and taken is None:
-            return ino
-        # A node of a removed VEE (or a removed directory) the kernel still holds keeps its
-        # number until it is forgotten: the new node for the same file gets another one. Any
-        # other case is a real collision of two identities' hashes.
-        if taken is not None and taken.vee is not _DEAD:
-            log.warning("inode number collision for %r: numbered %d", identity, ino)
-        ino = self._fallback_ino
-        self._fallback_ino += 1
-        return ino
-
-    def _identity(self, tmpl: TemplateLike, e: Entry) -> bytes:
-        """What makes a template file the same file in any template version: its path (the
-        first of its names), kind, content, metadata and hard-link count. Identical files at
-        different paths stay distinct inodes; an unchanged file of v1 and v2 is one."""
-        key = (tmpl.digest, e.ino)
-        ident = self._identities.get(key)
-        if ident is None:
-            fields = (
-                self._paths(tmpl)[e.ino][0],
-                e.kind,
-                e.oid,
-                e.target,
-                e.mode,
-                e.uid,
-                e.gid,
-                e.size,
-                e.mtime_ns,
-                e.ctime_ns,
-                e.nlink,
-                e.rdev,
-                sorted(e.xattrs.items()),
-                e.extents,
-            )
-            ident = hashlib.blake2b(repr(fields).encode(), digest_size=16).digest()
-            self._identities[key] = ident
-        return ident
-
-    def _paths(self, tmpl: TemplateLike) -> dict[int, list[bytes]]:
-        paths = self._paths_cache.get(tmpl.digest)
-        if paths is None:
-            paths = self._paths_cache[tmpl.digest] = tmpl.paths()
-        return paths
-
-    def _unref(self, node: Node) -> None:
-        """Drop a per-VEE non-directory node nobody refers to any more (no kernel lookup
-        reference, no open handle): its pinned fd is closed, its index entry removed.
-
-        Directories stay (their nodes carry the merged path the children hang off); shared
-        nodes stay (one per template inode, bounded by the templates)."""
-        if node.nlookup > 0 or node.opens > 0 or node.is_dir or node.vee is None:
-            return
-        if self.nodes.get(node.ino) is node:
-            del self.nodes[node.ino]
-        vee = node.vee
-        if isinstance(vee, Vee) and vee.files.get(node.key) is node:
-            del vee.files[node.key]
-        if node.fd is not None:
-            os.close(node.fd)
-            node.fd = None
-        self._copy_locks.pop(node.ino, None)
-
-    def _sweep(self, fresh: list[Node] | None) -> None:
-        for node in fresh or ():
-            self._unref(node)
-
     def node(self, ino: int) -> Node:
-        n = self.nodes.get(ino)
-        if n is None or n.vee is _DEAD:
-            raise StaleHandle(f"inode {ino} is gone")
-        return n
+        return self.inodes.node(ino)
+
+    def _pin(self, node: Node) -> int | None:
+        """The pinned fd of a private file (taken again by one of its names if the table shed
+        it, checked to be the same host inode), None for nodes without one."""
+        if node.fd is not None:
+            self.inodes.used_pin(node)
+            return node.fd
+        if not InodeTable.unpinned(node):
+            return None
+        vee = self._vee(node)
+        fd = vee.layer.pin(self.path(node))
+        st = os.stat(fd)
+        if ("u", st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            log.error("%s: private file replaced behind the daemon", self._describe(node))
+            raise FsError(errno.ESTALE, "private file replaced behind the daemon")
+        self.inodes.add_pin(node, fd)
+        return fd
 
     def _vee(self, node: Node) -> Vee:
         if node.vee is None or node.vee is _DEAD:
@@ -351,13 +218,7 @@ class Views:
         return tuple(reversed(parts))
 
     def forget(self, items: Iterable[tuple[int, int]]) -> None:
-        for ino, count in items:
-            node = self.nodes.get(ino)
-            if node is None:
-                continue
-            node.nlookup = max(node.nlookup - count, 0)
-            if node.nlookup == 0:
-                self._unref(node)
+        self.inodes.forget(items)
 
     # -- isolation (the FUSE adapter's confinement checks) -----------------------------------
 
@@ -367,7 +228,7 @@ class Views:
         an inode that is not a live VEE directory."""
         if root_ino == ROOT_INO:
             return None
-        node = self.nodes.get(root_ino)
+        node = self.inodes.nodes.get(root_ino)
         if node is None or not isinstance(node.vee, Vee):
             return "\0gone"
         return node.vee.name
@@ -377,21 +238,20 @@ class Views:
         shared inodes of its own template, never the mount root or another VEE's inodes."""
         if ino == ROOT_INO:
             return False
-        node = self.nodes.get(ino)
+        node = self.inodes.nodes.get(ino)
         if node is None or node.vee is _DEAD:
             return True  # unknown or gone: the request answers ESTALE by itself
         if isinstance(node.vee, Vee):
             return node.vee.name == vee_name
         vee = self.vees.get(vee_name)
-        templates = self._shared_in.get(node.key[1]) if node.key else None
-        return vee is not None and templates is not None and vee.template.digest in templates
+        return vee is not None and self.inodes.shared_visible(node, vee.template.digest)
 
     def count_lookup(self, ino: int) -> None:
-        self.nodes[ino].nlookup += 1
+        self.inodes.count_lookup(ino)
 
     # -- resolution ------------------------------------------------------------------------
 
-    def _child(self, parent: Node, name: bytes) -> Node | None:
+    def child(self, parent: Node, name: bytes) -> Node | None:
         """The node at ``name`` in directory ``parent`` (no lookup count), None if absent."""
         if parent.ino == ROOT_INO:
             vee = self.vees.get(os.fsdecode(name))
@@ -413,7 +273,7 @@ class Views:
                 lower = self._dir_lower(vee, parent, name)
                 if node is None:
                     ident = self._dir_identity(vee, lower, st)
-                    node = self._new_node(vee, stat.S_IFDIR, None, ident)
+                    node = self.inodes.new(vee, stat.S_IFDIR, None, ident)
                     node.parent, node.name = parent, name
                     vee.dirs[(parent.ino, name)] = node
                 if not node.upper:
@@ -430,34 +290,26 @@ class Views:
         if e.kind == "dir":
             node = vee.dirs.get((parent.ino, name))
             if node is None:
-                node = self._new_node(vee, stat.S_IFDIR, e, self._dir_identity(vee, e, None))
+                node = self.inodes.new(vee, stat.S_IFDIR, e, self._dir_identity(vee, e, None))
                 node.parent, node.name = parent, name
                 vee.dirs[(parent.ino, name)] = node
             return node
-        ident = self._identity(tmpl, e)
+        ident = self.inodes.identity(tmpl, e)
         if (
             e.kind in ("reg", "lnk")
-            and ident not in self.unshared
+            and ident not in self.inodes.unshared
             and ident not in vee.own
             # a hard-linked file this VEE removed a name of counts fewer links here than in
             # other VEEs: it is this VEE's own inode then (also after a restart)
             and (e.nlink == 1 or self._visible_names(vee, e) == e.nlink)
         ):
-            node = self.shared.get(ident)
-            if node is None:
-                node = self._new_node(None, stat.S_IFMT(e.mode), e, ("shared", ident))
-                node.template = tmpl
-                node.key = ("s", ident)
-                self.shared[ident] = node
-                self._shared_in[ident] = {tmpl.digest}
-            elif node.template is not tmpl:
-                self._shared_in[ident].add(tmpl.digest)
+            node = self.inodes.shared_node(tmpl, e, ident)
             node.seen.add((parent, name))
             return node
         key = ("l", e.ino)
         node = vee.files.get(key)
         if node is None:
-            node = self._new_node(vee, stat.S_IFMT(e.mode), e, (vee.name, "file", ident))
+            node = self.inodes.new(vee, stat.S_IFMT(e.mode), e, (vee.name, "file", ident))
             node.key = key
             vee.files[key] = node
         node.links.add((parent, name))
@@ -469,7 +321,7 @@ class Views:
         """A VEE directory is the template directory it merges (by template path: the same in
         every version, and after a rename, which carries a redirect), or its host directory."""
         if lower is not None:
-            return (vee.name, "dir", self._paths(vee.template)[lower.ino][0])
+            return (vee.name, "dir", self.inodes.paths(vee.template)[lower.ino][0])
         assert st is not None
         return (vee.name, "host", st.st_dev, st.st_ino)
 
@@ -491,10 +343,11 @@ class Views:
                         if origin is not None
                         else (vee.name, "host", pst.st_dev, pst.st_ino)
                     )
-                    node = self._new_node(vee, stat.S_IFMT(pst.st_mode), None, ident)
+                    node = self.inodes.new(vee, stat.S_IFMT(pst.st_mode), None, ident)
                     node.upper = True
                     node.key = key
-                    node.fd, fd = fd, -1
+                    self.inodes.add_pin(node, fd)
+                    fd = -1
                     vee.files[key] = node
             finally:
                 if fd >= 0:
@@ -521,10 +374,10 @@ class Views:
             return None
         return parent.vee.template.lookup(parent.lower.ino, name)
 
-    @_request
+    @request
     def lookup(self, parent_ino: int, name: bytes) -> Attr:
         parent = self.node(parent_ino)
-        node = self._child(parent, name)
+        node = self.child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT)
         attr = self.getattr(node.ino)
@@ -591,13 +444,13 @@ class Views:
         """How many of template inode ``e``'s names show it in ``vee``: neither whited out nor
         replaced in the private layer, nor under an opaque directory (no nodes are made)."""
         count = 0
-        for tpath in self._paths(vee.template).get(e.ino, []):
+        for tpath in self.inodes.paths(vee.template).get(e.ino, []):
             comps = tuple(tpath.split(b"/"))
             parent = vee.root
             for c in comps[:-1]:  # directories only: their nodes are kept anyway
                 if parent is None or parent.lower is None:
                     break
-                parent = self._child(parent, c)
+                parent = self.child(parent, c)
             if parent is None or not parent.is_dir or parent.lower is None:
                 continue
             if parent.upper and vee.layer.lstat(self.path(parent) + comps[-1:]) is not None:
@@ -641,224 +494,16 @@ class Views:
         assert node.lower is not None
         return node.lower.target or b""
 
-    # -- unsharing and copy-up -------------------------------------------------------------
-
-    def _unshare(self, node: Node) -> StaleHandle:
-        """Turn a shared inode into per-VEE inodes from now on (the ESTALE rule)."""
-        assert node.template is not None and node.lower is not None
-        key = self._identity(node.template, node.lower)
-        self.unshared.add(key)
-        for parent, name in node.seen:
-            self.invalidate_entry(parent.ino, name)
-        node.seen.clear()
-        log.debug("unshared template file %s", key.hex())
-        return StaleHandle("shared template inode modified: look the name up again")
-
-    def _own(self, vee: Vee, node: Node) -> StaleHandle:
-        """Make a shared inode's file this VEE's own (other VEEs keep sharing it): this VEE's
-        names of it are looked up again and yield a per-VEE inode (the ESTALE rule, for one
-        VEE: possible where the request names the VEE, i.e. for names, not inodes)."""
-        assert node.template is not None and node.lower is not None
-        vee.own.add(self._identity(vee.template, node.lower))
-        for p, n in [(p, n) for p, n in node.seen if p.vee is vee]:
-            node.seen.discard((p, n))
-            self.invalidate_entry(p.ino, n)
-        return StaleHandle("template file becomes this VEE's own: look the name up again")
-
-    def _ensure_dir_upper(self, node: Node) -> None:
-        """Give directory ``node`` (and its parents) a private directory (metadata copy-up).
-
-        The parent keeps its times: a copy-up is not a change the VEE made."""
-        if node.upper:
-            return
-        vee = self._vee(node)
-        assert node.parent is not None
-        self._ensure_dir_upper(node.parent)
-        e = node.lower
-        assert e is not None
-        path = self.path(node)
-        with vee.layer.keeping_times(path[:-1]):
-            vee.layer.make_dir(
-                path,
-                e.mode,
-                e.uid,
-                e.gid,
-                xattrs=_entry_meta(e).xattrs,
-                times_ns=(e.atime_ns, e.mtime_ns),
-            )
-        node.upper = True
-        node.nsub = None
-
-    async def _copy_up(self, node: Node, *, with_data: bool = True) -> None:
-        """Give a per-VEE template file a private copy (all its hard-link names too).
-
-        A file whose last name the VEE removed while holding it gets a private copy that no
-        name shows (made in ``work/``, pinned, unlinked there), as the host would keep it."""
-        if node.upper:
-            return
-        if node.shared:
-            raise self._unshare(node)
-        lock = self._copy_locks.setdefault(node.ino, trio.Lock())
-        async with lock:
-            if node.upper:
-                return
-            vee = self._vee(node)
-            e = node.lower
-            assert e is not None and not node.is_dir
-            path = self.path(node) if node.links else None
-            if path is not None:
-                self._ensure_dir_upper(next(iter(node.links))[0])
-            meta = _entry_meta(e)
-            # the private copy remembers the template file it came from: its node keeps the
-            # same inode number when it is made again (after a FORGET, after a restart)
-            meta.xattrs[ORIGIN_XATTR] = self._identity(vee.template, e)
-            if stat.S_ISREG(e.mode):
-                fill = self._filler(e) if with_data and e.oid and e.size else None
-                # Staging (copy + fsync) runs in a thread whatever the size: an fsync costs
-                # milliseconds, the thread hop ~0.1 ms, and the loop keeps serving every VEE.
-                # Only the atomic rename into place happens here, if the name still shows
-                # this file.
-                with self._content_errors(node):
-                    if fill is not None and not self.content.has_local(e.oid or ""):
-                        await trio.to_thread.run_sync(
-                            functools.partial(self.content.ensure, e.oid, expected_size=e.size),
-                            limiter=self.fetch_threads,
-                        )
-                    tmp = await trio.to_thread.run_sync(
-                        vee.layer.stage, meta, fill, limiter=self.disk_threads
-                    )
-                if node.vee is not vee:
-                    vee.layer.discard(tmp)
-                    raise FsError(errno.ESTALE, "VEE removed during a copy-up")
-                try:
-                    still = path is not None and self.path(node) == path
-                except FsError:
-                    still = False
-                if not still:
-                    if node.links:  # renamed meanwhile: the next attempt copies it anew
-                        vee.layer.discard(tmp)
-                        raise FsError(errno.EAGAIN, "file renamed during its copy-up")
-                    self._set_upper(node, vee, vee.layer.pin_staged(tmp))
-                    return
-                with vee.layer.keeping_times(path[:-1]):
-                    vee.layer.install(tmp, path)
-            elif path is None:
-                raise FsError(errno.ENOENT, "a removed special file cannot be changed")
-            else:
-                with vee.layer.keeping_times(path[:-1]):
-                    vee.layer.make_special(path, meta, target=e.target)
-            # hard links: every other template name of this inode that still shows it
-            if e.nlink > 1:
-                self._relink_group(vee, node, path)
-            self._set_upper(node, vee, vee.layer.pin(path))
-        self._copy_locks.pop(node.ino, None)
-
-    def _set_upper(self, node: Node, vee: Vee, fd: int) -> None:
-        """Node ``node`` now shows the private inode pinned by ``fd``."""
-        st = os.stat(fd)
-        node.upper = True
-        node.fd = fd
-        if vee.files.get(node.key) is node:
-            del vee.files[node.key]
-        node.key = ("u", st.st_dev, st.st_ino)
-        vee.files[node.key] = node
-
-    def _relink_group(self, vee: Vee, node: Node, path: tuple[bytes, ...]) -> None:
-        """After a copy-up of a hard-linked template file at ``path``, link every other name of
-        the template inode that still shows it in this VEE (whether through ``node`` or the
-        shared inode) to the copy, so the names stay one file."""
-        e = node.lower
-        assert e is not None
-        for tpath in self._paths(vee.template).get(e.ino, []):
-            comps = tuple(tpath.split(b"/"))
-            if comps == path:
-                continue
-            try:
-                parent = self._walk(vee, comps[:-1])
-                if parent is None:
-                    continue
-                child = self._child(parent, comps[-1])
-                if child is None or (child is not node and (child.upper or child.lower is not e)):
-                    continue  # the name was removed or replaced in this VEE
-                self._ensure_dir_upper(parent)
-                with (
-                    vee.layer.keeping_times(comps[:-1]),
-                    vee.layer.at(path) as (sfd, sname),
-                    vee.layer.at(comps) as (dfd, dname),
-                ):
-                    os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-                if child is not node:  # the shared inode's name now shows the private copy
-                    child.seen.discard((parent, comps[-1]))
-                    self.invalidate_entry(parent.ino, comps[-1])
-                node.links.add((parent, comps[-1]))
-            except (VfsError, OSError) as exc:
-                log.warning("hard link %r not re-created after copy-up: %s", tpath, exc)
-
-    def _walk(self, vee: Vee, comps: tuple[bytes, ...]) -> Node | None:
-        n = vee.root
-        for c in comps:
-            if n is None or not n.is_dir:
-                return None
-            n = self._child(n, c)
-        return n
-
-    def _filler(self, e: Entry) -> Callable[[int], None]:
-        content = self.content
-        oid, size, extents = e.oid, e.size, e.data_extents
-        assert oid is not None
-
-        def fill(fd: int) -> None:
-            """Copy the template content's data extents, leaving holes and all-zero blocks as
-            holes (sparse files)."""
-            os.ftruncate(fd, size)
-            zero = bytes(1 << 16)
-            for start, length in extents:
-                off, end = start, start + length
-                while off < end:
-                    chunk = content.read(oid, off, min(1 << 20, end - off), expected_size=size)
-                    if not chunk:
-                        raise FsError(errno.EIO, f"template object {oid[:16]}… is short")
-                    for i in range(0, len(chunk), 1 << 16):
-                        piece = chunk[i : i + (1 << 16)]
-                        if piece != zero[: len(piece)]:
-                            os.pwrite(fd, piece, off + i)
-                    off += len(chunk)
-
-        return fill
-
-    async def _writable(self, node: Node, *, with_data: bool = True) -> Vee:
-        """Make ``node`` privately modifiable in its VEE (copy-up), ESTALE if it is shared."""
-        if node.ino == ROOT_INO:
-            raise FsError(errno.EPERM)
-        if node.shared:
-            raise self._unshare(node)
-        vee = self._vee(node)
-        if node.upper:
-            return vee  # already private (the common case: no copy-up, no lock)
-        if node.is_dir:
-            self._ensure_dir_upper(node)
-        else:
-            for _ in range(3):  # a rename racing the copy-up: copy again at the new name
-                try:
-                    await self._copy_up(node, with_data=with_data)
-                    break
-                except FsError as e:
-                    if e.errno != errno.EAGAIN:
-                        raise
-            else:
-                raise FsError(errno.EBUSY, "file keeps being renamed during its copy-up")
-        return vee
-
     # -- setattr and xattrs ----------------------------------------------------------------
 
-    @_request
+    @request
     async def setattr(self, ino: int, ch: SetAttr, fh: int | None = None) -> Attr:
         node = self.node(ino)
         if not node.upper and node.ino != ROOT_INO and _changes_nothing(self.getattr(ino), ch):
             # e.g. the writeback cache flushing unchanged times when a template file the VEE
             # unlinked is closed: no reason to copy up (or to ESTALE a shared inode's close)
             return self.getattr(ino)
-        vee = await self._writable(node, with_data=ch.size != 0)
+        vee = await self.copyup.writable(node, with_data=ch.size != 0)
         if node.is_dir:
             self._setattr_dir(vee, node, ch)
         else:
@@ -868,7 +513,7 @@ class Views:
     def _setattr_file(self, node: Node, ch: SetAttr, h: Handle | None) -> None:
         """Every change through the pinned inode (``node.fd``): works after the last name is
         gone (the writeback cache sends a SETATTR when an unlinked file is closed)."""
-        pin = node.fd
+        pin = self._pin(node)
         assert pin is not None
         if ch.size is not None:
             if h is not None and h.fd is not None and h.writable:
@@ -925,8 +570,9 @@ class Views:
     def _xattr_target(self, node: Node) -> tuple[bytes | str, bool]:
         """(path, follow_symlinks) for the xattr calls naming exactly this private entry: the
         pinned inode's magic link (followed), or a directory's walked path (not followed)."""
-        if node.fd is not None:
-            return proc_path(node.fd), True
+        pin = self._pin(node)
+        if pin is not None:
+            return proc_path(pin), True
         vee = self._vee(node)
         return vee.layer.xattr_path(self.path(node)), False
 
@@ -959,25 +605,25 @@ class Views:
         except KeyError:
             raise FsError(errno.ENODATA) from None
 
-    @_request
+    @request
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if name.startswith(PRIVATE_XATTR_PREFIX):
             raise FsError(errno.EPERM, "this xattr namespace is reserved")
         node = self.node(ino)
-        await self._writable(node)
+        await self.copyup.writable(node)
         if node.kind == stat.S_IFLNK:
             raise FsError(errno.EPERM)
         target, follow = self._xattr_target(node)
         os.setxattr(target, name, value, follow_symlinks=follow)
 
-    @_request
+    @request
     async def removexattr(self, ino: int, name: bytes) -> None:
         if name.startswith(PRIVATE_XATTR_PREFIX):
             raise FsError(errno.ENODATA)
         node = self.node(ino)
         if not node.upper and node.lower is not None and name not in node.lower.xattrs:
             raise FsError(errno.ENODATA)
-        await self._writable(node)
+        await self.copyup.writable(node)
         target, follow = self._xattr_target(node)
         os.removexattr(target, name, follow_symlinks=follow)
 
@@ -993,9 +639,9 @@ class Views:
         if len(name) > 255:
             raise FsError(errno.ENAMETOOLONG)
         check_name(name)
-        if self._child(parent, name) is not None:
+        if self.child(parent, name) is not None:
             raise FsError(errno.EEXIST)
-        self._ensure_dir_upper(parent)
+        self.copyup.ensure_dir(parent)
         return vee, parent, self.path(parent) + (name,)
 
     def _owner(self, parent: Node, uid: int, gid: int, mode: int) -> tuple[int, int]:
@@ -1008,14 +654,14 @@ class Views:
         return gid, mode
 
     def _finish_new(self, parent: Node, name: bytes) -> Attr:
-        node = self._child(parent, name)
+        node = self.child(parent, name)
         if node is None:
             raise FsError(errno.EIO, "new entry vanished")
         attr = self.getattr(node.ino)
         node.nlookup += 1
         return attr
 
-    @_request
+    @request
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, mode = self._owner(parent, uid, gid, stat.S_IFDIR | mode)
@@ -1028,7 +674,7 @@ class Views:
         parent.nsub = None
         return self._finish_new(parent, name)
 
-    @_request
+    @request
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
         if stat.S_ISCHR(mode) and rdev == 0:
             # a 0/0 character device is the whiteout format of the private layer: refused
@@ -1045,7 +691,7 @@ class Views:
             vee.layer.touch_new(path)
         return self._finish_new(parent, name)
 
-    @_request
+    @request
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         vee, parent, path = self._prepare_new(parent_ino, name)
         gid, _ = self._owner(parent, uid, gid, stat.S_IFLNK)
@@ -1056,7 +702,7 @@ class Views:
         vee.layer.touch_new(path)
         return self._finish_new(parent, name)
 
-    @_request
+    @request
     def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Attr]:
@@ -1074,7 +720,7 @@ class Views:
         node.nlookup += 1
         return self._new_handle(node, fd, True), _stat_attr(node, st)
 
-    @_request
+    @request
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
         node = self.node(ino)
         if node.is_dir:
@@ -1083,8 +729,8 @@ class Views:
         if node.vee is not vee and not node.shared:
             raise FsError(errno.EXDEV)
         if node.shared:
-            raise self._own(vee, node)  # the VFS retries the link after a fresh lookup
-        await self._writable(node)
+            raise self.copyup.own(vee, node)  # the VFS retries the link after a fresh lookup
+        await self.copyup.writable(node)
         with vee.layer.at(self.path(node)) as (sfd, sname), vee.layer.at(path) as (dfd, dname):
             st = None
             with contextlib.suppress(FileNotFoundError):
@@ -1108,7 +754,7 @@ class Views:
         if parent.ino == ROOT_INO:
             raise FsError(errno.EPERM, "VEE roots are removed with `vfsd vee rm`")
         vee = self._vee(parent)
-        node = self._child(parent, name)
+        node = self.child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT)
         return vee, parent, node
@@ -1117,7 +763,7 @@ class Views:
         """Make ``name`` absent in the private layer: whiteout if the template has it."""
         path = self.path(parent) + (name,)
         if self._natural_lower(parent, name) is not None:
-            self._ensure_dir_upper(parent)
+            self.copyup.ensure_dir(parent)
             vee.layer.whiteout(path)
         elif parent.upper:
             vee.layer.remove(path)
@@ -1129,13 +775,14 @@ class Views:
         if node.shared and node.lower is not None and node.lower.nlink > 1:
             # its other names in this VEE now show a per-VEE inode with one link fewer
             assert isinstance(parent.vee, Vee)
-            self._own(parent.vee, node)
+            self.copyup.own(parent.vee, node)
 
-    @_request
+    @request
     def unlink(self, parent_ino: int, name: bytes) -> None:
         vee, parent, node = self._existing(parent_ino, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        self._pin(node)  # a file that may lose its last name holds its pin from now on
         self._drop_name(vee, parent, name)
         self._name_gone(node, parent, name)
 
@@ -1151,7 +798,7 @@ class Views:
                 names.setdefault(n, True)
         return sorted(n for n, shown in names.items() if shown)
 
-    @_request
+    @request
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         vee, parent, node = self._existing(parent_ino, name)
         if not node.is_dir:
@@ -1160,7 +807,7 @@ class Views:
             raise FsError(errno.ENOTEMPTY)
         path = self.path(node)
         if self._natural_lower(parent, name) is not None:
-            self._ensure_dir_upper(parent)
+            self.copyup.ensure_dir(parent)
             if node.upper:
                 vee.layer.replace_dir_with_whiteout(path)
             else:
@@ -1175,7 +822,7 @@ class Views:
 
     # -- rename ----------------------------------------------------------------------------
 
-    @_request
+    @request
     async def rename(self, p1_ino: int, n1: bytes, p2_ino: int, n2: bytes, flags: int = 0) -> None:
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL, "only RENAME_NOREPLACE is supported")
@@ -1186,7 +833,7 @@ class Views:
         if len(n2) > 255:
             raise FsError(errno.ENAMETOOLONG)
         check_name(n2)
-        dst = self._child(p2, n2)
+        dst = self.child(p2, n2)
         if dst is src:
             return
         if dst is not None:
@@ -1200,15 +847,15 @@ class Views:
                 raise FsError(errno.ENOTEMPTY)
         # 1. the source gets a private object at its old name
         if src.is_dir:
-            self._ensure_dir_upper(src)
+            self.copyup.ensure_dir(src)
         elif src.shared:
             # the name moves, and the kernel would move its dentry of the shared inode with
             # it: instead the file becomes this VEE's own, and the retried rename (the VFS
             # retries an ESTALE rename after a fresh lookup) moves the per-VEE inode
-            raise self._own(vee, src)
+            raise self.copyup.own(vee, src)
         else:
-            await self._writable(src)
-        self._ensure_dir_upper(p2)
+            await self.copyup.writable(src)
+        self.copyup.ensure_dir(p2)
         spath = self.path(p1) + (n1,)
         dpath = self.path(p2) + (n2,)
         # 2. directories carry where their template content lives (or that it has none)
@@ -1226,7 +873,10 @@ class Views:
             st = vee.layer.lstat(dpath)
             if st is not None and is_whiteout(st) and src.is_dir:
                 vee.layer.remove(dpath)
-        # 4. move, leaving a whiteout when the template has the old name
+        # 4. move, leaving a whiteout when the template has the old name (a file renamed
+        # over may lose its last name: it holds its pin from now on)
+        if dst is not None and not dst.is_dir:
+            self._pin(dst)
         hide = self._natural_lower(p1, n1) is not None
         with vee.layer.at(spath) as (sfd, sname), vee.layer.at(dpath) as (dfd, dname):
             renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if hide else 0)
@@ -1253,7 +903,7 @@ class Views:
             src.links.add((p2, n2))
 
     def _template_path(self, vee: Vee, e: Entry) -> bytes:
-        return self._paths(vee.template)[e.ino][0]
+        return self.inodes.paths(vee.template)[e.ino][0]
 
     # -- directories -----------------------------------------------------------------------
 
@@ -1270,7 +920,7 @@ class Views:
         self.dir_handles[fh] = (node, [b".", b"..", *names])
         return fh
 
-    @_request
+    @request
     def readdir(
         self, fh: int, start: int, emit: Callable[[bytes, Attr, int], bool] | None = None
     ) -> list[tuple[bytes, Attr, int]]:
@@ -1294,7 +944,7 @@ class Views:
                 out.append((name, attr, i + 1))
                 continue
             try:
-                child = self._child(node, name)
+                child = self.child(node, name)
                 if child is None:
                     continue  # removed since opendir
                 attr = self.getattr(child.ino)
@@ -1330,26 +980,29 @@ class Views:
         node.opens += 1
         return fh
 
-    @_request
+    @request
     async def open(self, ino: int, flags: int) -> int:
         node = self.node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:
-            fd = reopen(node.fd, os.O_RDONLY) if node.fd is not None else None
+            pin = self._pin(node)
+            fd = reopen(pin, os.O_RDONLY) if pin is not None else None
             return self._new_handle(node, fd, False)
-        await self._writable(node, with_data=not flags & os.O_TRUNC)
-        assert node.fd is not None
-        return self._new_handle(node, reopen(node.fd, _open_flags(flags)), True)
+        await self.copyup.writable(node, with_data=not flags & os.O_TRUNC)
+        pin = self._pin(node)
+        assert pin is not None
+        return self._new_handle(node, reopen(pin, _open_flags(flags)), True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
         node = h.node
         if node.upper:
             if h.fd is None:  # opened on the template file, copied up since
-                assert node.fd is not None
-                h.fd = reopen(node.fd, os.O_RDONLY)
+                pin = self._pin(node)
+                assert pin is not None
+                h.fd = reopen(pin, os.O_RDONLY)
             return os.pread(h.fd, size, off)
         e = node.lower
         assert e is not None
@@ -1360,7 +1013,7 @@ class Views:
         # dropped (drop_cache), or two copies would halve the density shared inodes exist for.
         # First redirection inline (a local read is cheaper than a thread hop); the second
         # (a fetch) in a thread, so other VEEs keep being served.
-        with self._content_errors(node):
+        with self.content_errors(node):
             # expected_size: the manifest's size; an object of another length (a lying
             # manifest, or a lying server) is refused before a byte of it is served
             data = self.content.read_local(e.oid, off, size, drop_cache=True, expected_size=e.size)
@@ -1374,7 +1027,7 @@ class Views:
         return data
 
     @contextlib.contextmanager
-    def _content_errors(self, node: Node) -> Iterator[None]:
+    def content_errors(self, node: Node) -> Iterator[None]:
         """A template file whose object is missing, damaged or unreachable reads as EIO (never
         ENOENT: the name exists), with one log line naming the object and the file."""
         try:
@@ -1394,7 +1047,7 @@ class Views:
                 return f"{node.vee.name}:/" + os.fsdecode(b"/".join(self.path(node)))
             tmpl = node.template or (node.vee.template if isinstance(node.vee, Vee) else None)
             if tmpl is not None and node.lower is not None:
-                path = self._paths(tmpl)[node.lower.ino][0]
+                path = self.inodes.paths(tmpl)[node.lower.ino][0]
                 return f"template {tmpl.digest[:12]}:/" + os.fsdecode(path)
         except (VfsError, KeyError, IndexError):
             pass
@@ -1434,7 +1087,7 @@ class Views:
         if h.fd is not None:
             os.close(h.fd)
         h.node.opens -= 1
-        self._unref(h.node)
+        self.inodes.unref(h.node)
 
     def statfs(self) -> os.statvfs_result:
         vee = next(iter(self.vees.values()), None)
@@ -1443,10 +1096,7 @@ class Views:
     def close(self) -> None:
         for fh in list(self.handles):
             self.release(fh)
-        for node in self.nodes.values():
-            if node.fd is not None:
-                os.close(node.fd)
-                node.fd = None
+        self.inodes.close()
         for vee in self.vees.values():
             vee.layer.close()
 
