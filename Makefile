@@ -3,9 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # gcc, libc6-dev, python3-dev, libfuse3-dev, pkg-config, git: the patched pyfuse3 is compiled here
+# erofs-utils: fsck.erofs checks the template images the kernel engine writes (tests)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-system-x86 qemu-utils nginx-light fio openssl \
                 curl fuse-overlayfs rsync git xz-utils e2fsprogs gcc libc6-dev python3-dev \
-                debootstrap apt-utils libnbd-bin nbdkit python3-libnbd
+                debootstrap apt-utils libnbd-bin nbdkit python3-libnbd erofs-utils
 STAMP := $(VENV)/.installed
 # pyfuse3 3.5.0 from PyPI with the patches of tools/pyfuse3 (README there), built into the venv
 # before the project is installed, so pip never fetches the unpatched one.

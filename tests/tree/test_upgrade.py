@@ -180,3 +180,35 @@ async def test_hidden_additions_under_an_opaque_directory_or_a_whiteout_are_repo
         views.close()
     finally:
         pub.close()
+
+
+def test_upgrade_plan_reads_relative_dir_redirects_as_overlayfs_writes_them(tmp_path: Path):
+    """A directory renamed within its parent by kernel overlayfs (the kernel engine) carries a
+    redirect relative to its parent's template directory: the plan compares what is below it
+    with that template directory, as the kernel will show it."""
+    make_sample_tree(tmp_path / "src")
+    pub = publish(tmp_path / "src", tmp_path)
+    try:
+        v2src = tmp_path / "src2"
+        copy_tree(tmp_path / "src", v2src)
+        (v2src / "etc/conf.d/a.conf").write_bytes(b"a=2\n")  # changed under the old name
+        v2 = Template.load(
+            pub.resolver, publish_template(v2src, pub.remote, store=pub.store).digest
+        )
+        layer = PrivateLayer(tmp_path / "state" / "z")
+        moved = layer.upper / "etc" / "conf.e"  # `mv etc/conf.d etc/conf.e` in the kernel
+        moved.mkdir(parents=True)
+        os.setxattr(moved, "trusted.overlay.redirect", b"conf.d")
+        (moved / "a.conf").write_bytes(b"mine\n")  # a private file over the template's a.conf
+        (moved / "b.conf").write_bytes(b"mine too\n")  # b.conf is the same in v2: no conflict
+        report = plan_upgrade("z", layer, pub.template, v2)
+        assert [(k.path, k.private, k.template_change) for k in report.conflicts] == [
+            ("etc/conf.e/a.conf", "file", "changed")
+        ]
+        # the same layer with an absolute redirect (the FUSE engine's form) plans the same
+        os.setxattr(moved, "trusted.overlay.redirect", b"/etc/conf.d")
+        again = plan_upgrade("z", layer, pub.template, v2)
+        assert [(k.path, k.private) for k in again.conflicts] == [("etc/conf.e/a.conf", "file")]
+        layer.close()
+    finally:
+        pub.close()

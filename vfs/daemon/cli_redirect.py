@@ -48,16 +48,15 @@ def store() -> None:
 @store.command("init")
 @store_option
 @click.option("--quota", help="Quota (e.g. 10G); least recently used unpinned objects go first.")
-@click.option("--compress/--no-compress", default=None, help="zstd-compress new objects at rest.")
 @handle_errors
-def store_init(store_dir, quota, compress):
-    """Create a store (or change its quota/compression)."""
+def store_init(store_dir, quota):
+    """Create a store (or change its quota).
+
+    Objects are plain files (the kernel engine reads them directly); for compression at rest
+    put the store on a compressing file system (btrfs compress=zstd, zfs)."""
     q = parse_size(quota) if quota else None
-    with open_store(store_dir, quota=q, compress=compress) as s:
-        click.echo(
-            f"store {s.root}: quota {_human(s.quota) if s.quota else 'none'}, "
-            f"compression {'zstd' if s.compress else 'off'}"
-        )
+    with open_store(store_dir, quota=q) as s:
+        click.echo(f"store {s.root}: quota {_human(s.quota) if s.quota else 'none'}")
 
 
 @store.command("stats")
@@ -77,7 +76,6 @@ def store_stats(store_dir, as_json):
     click.echo(f"on disk:   {_human(st['stored_bytes'])}")
     click.echo(f"quota:     {_human(st['quota']) if st['quota'] else 'none'}")
     click.echo(f"pinned:    {st['pinned_objects']}")
-    click.echo(f"compress:  {'zstd' if st['compress'] else 'off'}")
 
 
 @store.command("verify")
@@ -96,9 +94,18 @@ def store_verify(store_dir, repair, as_json):
 
         rep = s.verify(repair=repair, progress=progress)
     if as_json:
-        emit_json({"checked": rep.checked, "damaged": rep.bad, "removed": rep.removed})
+        emit_json(
+            {
+                "checked": rep.checked,
+                "damaged": rep.bad,
+                "removed": rep.removed,
+                "sidecars_rebuilt": rep.sums_rebuilt,
+            }
+        )
     else:
         click.echo(f"checked {rep.checked} objects, {len(rep.bad)} damaged")
+        if rep.sums_rebuilt:
+            click.echo(f"rebuilt {len(rep.sums_rebuilt)} damaged checksum sidecars")
         for oid in rep.bad:
             click.echo(f"damaged: {oid}{' (removed)' if oid in rep.removed else ''}")
     if rep.bad and not repair:

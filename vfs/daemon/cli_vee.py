@@ -38,11 +38,22 @@ def register(main: click.Group) -> None:
     help="Repository for cold objects (file:///DIR, DIR, http(s)://...). Without it, templates "
     "must be in the local store whole, and every object of a VEE's template is kept there.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "kernel", "fuse"]),
+    default="auto",
+    show_default=True,
+    help="kernel: each VEE an overlayfs mount over an EROFS image of its template (needs "
+    "Linux 6.12+); fuse: one FUSE mount for all VEEs; auto: kernel where the host can.",
+)
 @store_option()
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
-def serve_cmd(state_dir, mount, repo, store_dir, debug_fuse):
-    """Serve every VEE of STATE as a directory of one FUSE mount at MOUNT (until SIGTERM)."""
+def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
+    """Serve every VEE of STATE at MOUNT/<name> (until SIGTERM).
+
+    The kernel engine mounts each VEE root as its own overlayfs; the FUSE engine serves them
+    all from one FUSE mount at MOUNT. The engine is said at start-up and by `vfsd vee list`."""
     from vfs.daemon.serve import serve
 
     trio.run(
@@ -52,6 +63,7 @@ def serve_cmd(state_dir, mount, repo, store_dir, debug_fuse):
             store_dir=store_dir or default_store(),
             repo=repo,
             debug_fuse=debug_fuse,
+            engine=engine,
         )
     )
 
@@ -99,10 +111,13 @@ def vee_rm(state_dir, name, purge, as_json):
 @handle_errors
 def vee_list(state_dir, as_json):
     """List the VEEs and their templates."""
-    r = control.call(state_dir or default_state(), {"op": "list"})
+    state = state_dir or default_state()
+    r = control.call(state, {"op": "list"})
     if as_json:
         emit_json(r)
         return
+    info = control.call(state, {"op": "ping"})
+    click.echo(f"engine: {info.get('engine', '?')} ({info.get('engine_reason', '')})")
     for v in r:
         extra = f"  ({v['error']})" if v["state"] == "broken" else ""
         click.echo(f"{v['name']}\t{v['template']}\t{v['state']}{extra}")
@@ -113,13 +128,21 @@ def vee_list(state_dir, as_json):
 @click.argument("name")
 @click.option("--template", "ref", required=True, help="New template digest or name.")
 @click.option("--dry-run", is_flag=True, help="Only report the conflicts.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Kernel engine: remount even while processes hold the VEE (they keep the old view).",
+)
 @json_option
 @handle_errors
-def vee_upgrade(state_dir, name, ref, dry_run, as_json):
-    """Move VEE NAME to a newer template, keeping its private changes; report conflicts."""
+def vee_upgrade(state_dir, name, ref, dry_run, force, as_json):
+    """Move VEE NAME to a newer template, keeping its private changes; report conflicts.
+
+    With the kernel engine the VEE is remounted on the new template: refused while processes
+    hold it (they are listed), unless --force."""
     r = control.call(
         state_dir or default_state(),
-        {"op": "upgrade", "name": name, "template": ref, "dry_run": dry_run},
+        {"op": "upgrade", "name": name, "template": ref, "dry_run": dry_run, "force": force},
     )
     if as_json:
         emit_json(r)

@@ -8,7 +8,7 @@ request per connection::
     <- {"ok": false, "error": "no VEE named 'x'", "exit_code": 4}\\n
 
 Ops: ``ping``, ``list``, ``add`` (name, template), ``rm`` (name, purge), ``upgrade`` (name,
-template, dry_run), ``export_add`` (spec: a JSON export spec), ``export_rm`` (name),
+template, dry_run, force), ``export_add`` (spec: a JSON export spec), ``export_rm`` (name),
 ``export_list`` (:mod:`vfs.export.supervisor`). Errors carry the exit code of the
 :mod:`vfs.errors` class the daemon raised, so the CLI exits exactly as if it had done the work
 itself.
@@ -119,13 +119,13 @@ REQUESTS: dict[str, dict[str, type]] = {
     "list": {},
     "add": {"name": str, "template": str},
     "rm": {"name": str, "purge": bool},
-    "upgrade": {"name": str, "template": str, "dry_run": bool},
+    "upgrade": {"name": str, "template": str, "dry_run": bool, "force": bool},
     "export_add": {"spec": str},
     "export_rm": {"name": str},
     "export_list": {},
 }
 #: Fields that may be left out, with their defaults.
-DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False}
+DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False, "force": False}
 
 
 def parse_request(

@@ -1,14 +1,26 @@
-"""``vfsd serve``: the daemon's whole lifetime in one place.
+"""``vfsd serve``: the daemon's whole lifetime in one place, for either engine.
 
-One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views, the
-FUSE mount, the control socket, the image exports) registers its cleanup right after it is
-created, so any failure or signal unwinds exactly what exists, in reverse order. SIGTERM/SIGINT
-end ``pyfuse3.main`` and the mount is unmounted.
+One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views or
+mounts, the FUSE mount, the control socket, the image exports) registers its cleanup right
+after it is created, so any failure or signal unwinds exactly what exists, in reverse order.
+SIGTERM/SIGINT end ``pyfuse3.main`` and everything is unmounted.
 
-Crash story (``docs/vee-layer.md``): kill -9 leaves the kernel mount dead (ENOTCONN); the next
-``serve`` on the same mountpoint detaches it lazily and mounts again. Everything durable lives in
-the state directory (registry: atomic JSON; private layers: every structural change renamed into
-place and its directory fsynced; file data: the VEE's own fsync goes to the private file).
+Two engines (``docs/kernel-engine.md``), chosen at start-up (``--engine auto|kernel|fuse``):
+
+- *fuse*: one FUSE mount at MOUNT whose entries are the VEE roots (:mod:`vfs.tree.view`);
+- *kernel*: every VEE root an overlayfs mount at MOUNT/<name> over its template's EROFS image
+  (:mod:`vfs.daemon.kernel_engine`); the daemon's one FUSE mount is then the second data layer
+  (:mod:`vfs.daemon.datalayer`), serving objects that are not local yet.
+
+Both use the same state directory, registry and private layers, so a VEE moves between engines
+across a restart (a layer the kernel engine used is normalized for the FUSE engine first:
+:mod:`vfs.tree.ovl_upper`).
+
+Crash story (``docs/vee-layer.md``, ``docs/kernel-engine.md``): kill -9 leaves the FUSE mount
+dead (ENOTCONN); the next ``serve`` detaches it lazily and mounts again. Kernel-engine VEE
+mounts outlive the daemon; the next ``serve`` reuses or replaces them. Everything durable lives
+in the state directory (registry: atomic JSON; private layers: every structural change renamed
+into place and its directory fsynced; file data: the VEE's own fsync goes to the private file).
 """
 
 from __future__ import annotations
@@ -21,19 +33,32 @@ import os
 import resource
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from vfs.daemon import control
+from vfs.daemon import control, mounts
 from vfs.daemon.confine import Confinement
+from vfs.daemon.datalayer import MOUNT_OPTIONS as DATA_MOUNT_OPTIONS
+from vfs.daemon.datalayer import DataLayerOperations
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
-from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
+from vfs.daemon.kernel_engine import KernelEngine, busy_message, probe
+from vfs.errors import (
+    AlreadyExists,
+    BusyError,
+    NotFound,
+    SizeMismatch,
+    UsageError,
+    VfsError,
+)
 from vfs.export.supervisor import ExportSupervisor
 from vfs.redirect import LocalStore, RepoConfig, Resolver
-from vfs.tree.gcroots import StateRoot, missing_objects
+from vfs.tree import gcroots
+from vfs.tree.gcroots import StateRoot
+from vfs.tree.ovl_upper import needs_normalizing, normalize_upper
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
 from vfs.tree.vee import VeeRegistry, check_vee_name
@@ -44,27 +69,70 @@ log = logging.getLogger(__name__)
 #: pyfuse3 worker tasks (concurrent requests in the daemon).
 MAX_REQUEST_TASKS = 1024
 MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_other", "dev", "suid"}
+ENGINES = ("auto", "kernel", "fuse")
+
+
+def template_objects(t: Template) -> dict[str, int]:
+    """Object id -> size of every non-empty regular file of ``t``."""
+    out: dict[str, int] = {}
+    for ino in range(1, len(t) + 1):
+        e = t.getattr(ino)
+        if e.oid is not None:
+            out[e.oid] = e.size
+    return out
+
+
+def missing_objects(store: LocalStore, objects: dict[str, int]) -> dict[str, int]:
+    """The objects the store lacks. A local object of another size than its manifest says is
+    :class:`SizeMismatch` (the kernel would serve it as it is, so it is refused here)."""
+    out = {}
+    for oid, size in objects.items():
+        try:
+            actual = os.stat(store.object_path(oid)).st_size
+        except FileNotFoundError:
+            out[oid] = size
+            continue
+        if actual != size:
+            raise SizeMismatch(
+                f"object {oid}: the manifest says {size} bytes, the store's copy has {actual} "
+                "(the manifest lies); refusing the template",
+                oid=oid,
+                actual=actual,
+                expected=size,
+            )
+    return out
 
 
 class Daemon:
-    """The control-plane of one mount: the registry, the templates, and the views."""
+    """The control-plane of one daemon: the registry, the templates, and the VEEs of its
+    engine (``views`` for the FUSE engine, ``kernel`` for the kernel engine)."""
 
     def __init__(
         self,
         registry: VeeRegistry,
-        views: Views,
         resolver: Resolver,
         remote: Any,
+        *,
+        views: Views | None = None,
+        kernel: KernelEngine | None = None,
+        data_layer: DataLayerOperations | None = None,
+        engine_reason: str = "",
         root: StateRoot | None = None,
         exports: ExportSupervisor | None = None,
     ):
+        assert (views is None) != (kernel is None)
         self.registry = registry
         self.exports = exports
         self.views = views
+        self.kernel = kernel
+        self.data_layer = data_layer
         self.resolver = resolver
         self.remote = remote
+        self.engine = "kernel" if kernel is not None else "fuse"
+        self.engine_reason = engine_reason
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
+        self._hydrating: set[str] = set()
         #: the state directory's gc root in the store: what store gc and eviction must leave
         self.root = root or StateRoot(resolver.store.roots, registry.state, _url(remote))
 
@@ -89,22 +157,6 @@ class Daemon:
         """The templates the registry names, loaded (None: could not be loaded)."""
         return {r.template: self.templates.get(r.template) for r in self.registry.vees.values()}
 
-    def start_all(self) -> None:
-        """Mount every registered VEE (at startup, before serving)."""
-        # Registered with the store first (the root of a previous run stays until this one
-        # knows better): templates that fail to load now keep what their root had.
-        for digest in {r.template for r in self.registry.vees.values()}:
-            self.root.hold(digest)
-            self.root.release(digest)
-        for name, rec in sorted(self.registry.vees.items()):
-            try:
-                t = self.load_template(rec.template)
-                self.views.add_vee(name, t, self.registry.open_layer(name))
-            except VfsError as e:
-                log.error("VEE %s not mounted: %s", name, e)
-                self.broken[name] = str(e)
-        self.root.sync(self.in_use())
-
     def _use(self, digest: str, t: Template) -> None:
         """Blocking: ``t``'s objects join the gc root; without a repository to fetch them, every
         one must be in the store (checked after the root protects them, so a gc running now
@@ -112,7 +164,7 @@ class Daemon:
         self.root.hold(digest, t)
         if self.remote is not None:
             return
-        missing = list(missing_objects(t, self.resolver.store))
+        missing = list(gcroots.missing_objects(t, self.resolver.store))
         if missing:
             self.root.release(digest)
             self.root.sync(self.in_use())
@@ -123,13 +175,88 @@ class Daemon:
                 "publish it with --store, or serve with --repo"
             )
 
+    # -- the engines' blocking steps (worker threads) ---------------------------------------
+
+    def _normalize_for_fuse(self, name: str, t: Template) -> None:
+        """A layer the kernel engine used may hold metacopy files: make it plain first."""
+        root = self.registry.layer_dir(name)
+        if needs_normalizing(root):
+            normalize_upper(root, t, self.resolver.read)
+
+    def _kernel_attach(self, name: str, t: Template) -> None:
+        """Mount VEE ``name`` with the kernel engine (blocking)."""
+        assert self.kernel is not None and self.data_layer is not None
+        objects = template_objects(t)
+        missing = missing_objects(self.resolver.store, objects)
+        self.data_layer.register(objects, f"template {t.digest[:16]}…")
+        reused = self.kernel.attach(name, t, self.registry.layer_dir(name), local=not missing)
+        if reused and missing:
+            self._hydrate(name, missing)
+
+    def _hydrate(self, name: str, missing: dict[str, int]) -> None:
+        """Fetch every object a kept mount of a previous daemon may still need (its data layer
+        died with that daemon): once local, the files it has not opened yet find them in the
+        first data layer (one it opened through the dead layer stays bound to it,
+        docs/kernel-engine.md §8)."""
+        if name in self._hydrating:
+            return
+        self._hydrating.add(name)
+
+        def run() -> None:
+            done = failed = 0
+            for oid, size in missing.items():
+                try:
+                    self.resolver.ensure(oid, expected_size=size)
+                    done += 1
+                except VfsError as e:
+                    failed += 1
+                    log.error("VEE %s: object %s not fetched: %s", name, oid, e)
+            self._hydrating.discard(name)
+            log.info("VEE %s: fetched %d objects a kept mount needs (%d failed)", name, done,
+                     failed)  # fmt: skip
+
+        threading.Thread(target=run, name=f"hydrate-{name}", daemon=True).start()
+
+    def start_all(self) -> None:
+        """Mount every registered VEE (blocking; at start-up, before the control socket)."""
+        # Registered with the store first (the root of a previous run stays until this one
+        # knows better): templates that fail to load now keep what their root had.
+        for digest in {r.template for r in self.registry.vees.values()}:
+            self.root.hold(digest)
+            self.root.release(digest)
+        for name, rec in sorted(self.registry.vees.items()):
+            try:
+                t = self.load_template(rec.template)
+                if self.kernel is not None:
+                    self._kernel_attach(name, t)
+                else:
+                    assert self.views is not None
+                    self._normalize_for_fuse(name, t)
+                    self.views.add_vee(name, t, self.registry.open_layer(name))
+            except VfsError as e:
+                log.error("VEE %s not mounted: %s", name, e)
+                self.broken[name] = str(e)
+        self.root.sync(self.in_use())
+        if self.kernel is not None:
+            # before the control socket: no add can be building an image meanwhile
+            keep = {rec.template for rec in self.registry.vees.values()}
+            n = self.kernel.images.remove_unused(keep)
+            if n:
+                log.info("removed %d cached template images no VEE uses", n)
+            for name in list(self.kernel.leftovers):
+                left = self.kernel.leftovers.pop(name)
+                log.warning("%s: a previous daemon's mount of a VEE no longer registered: "
+                            "detached", left.info.mountpoint)  # fmt: skip
+                with contextlib.suppress(VfsError):
+                    mounts.umount(left.info.mountpoint)
+
     # -- control requests ------------------------------------------------------------------
 
     async def handle(self, req: dict[str, Any]) -> Any:
         """One request, already validated by :func:`control.parse_request` (exact types)."""
         op = req["op"]
         if op == "ping":
-            return {"pid": os.getpid()}
+            return {"pid": os.getpid(), "engine": self.engine, "engine_reason": self.engine_reason}
         if op == "list":
             return self.list()
         if op == "add":
@@ -137,7 +264,7 @@ class Daemon:
         if op == "rm":
             return await self.rm(req["name"], req["purge"])
         if op == "upgrade":
-            return await self.upgrade(req["name"], req["template"], req["dry_run"])
+            return await self.upgrade(req["name"], req["template"], req["dry_run"], req["force"])
         if op.startswith("export_"):
             if self.exports is None:
                 raise UsageError("this daemon serves no exports")
@@ -157,6 +284,12 @@ class Daemon:
             if name in self.broken:
                 d["error"] = self.broken[name]
             d["layer"] = str(self.registry.layer_dir(name))
+            d["engine"] = self.engine
+            d["engine_reason"] = self.engine_reason
+            if self.kernel is not None:
+                vm = self.kernel.vees.get(name)
+                if vm is not None and vm.reused:
+                    d["reused_mount"] = True
             out.append(d)
         return out
 
@@ -171,7 +304,7 @@ class Daemon:
             t = await trio.to_thread.run_sync(self.load_template, digest)
             await trio.to_thread.run_sync(self._use, digest, t)
             try:
-                self._add_registered(name, digest, ref, t)
+                await self._add_registered(name, digest, ref, t)
             finally:
                 self.root.release(digest)
         finally:
@@ -179,65 +312,121 @@ class Daemon:
             await trio.to_thread.run_sync(self.root.sync, self.in_use())
         return {"name": name, "template": digest}
 
-    def _add_registered(self, name: str, digest: str, ref: str, t: Template) -> None:
+    async def _add_registered(self, name: str, digest: str, ref: str, t: Template) -> None:
+        if self.kernel is None:
+            await trio.to_thread.run_sync(self._normalize_for_fuse, name, t)
         # Save-then-apply: everything that can fail on a full disk (the layer's directories,
-        # the registry file) happens before the VEE appears in the mount; the last step only
-        # changes memory. A failure leaves no ghost: not listed, not mounted, not registered.
+        # the registry file) happens before the VEE appears; the last step mounts it. A
+        # failure leaves no ghost: not listed, not mounted, not registered.
         layer = self.registry.open_layer(name)
         try:
-            self.views.prepare_layer(t, layer)
+            Views.prepare_layer(t, layer)
             self.registry.add(name, digest, ref)
         except BaseException:
             layer.close()
             raise
         try:
-            self.views.add_vee(name, t, layer)
+            if self.views is not None:
+                self.views.add_vee(name, t, layer)
+            else:
+                layer.close()
+                await trio.to_thread.run_sync(self._kernel_attach, name, t)
         except BaseException:
             self.registry.forget(name)  # the layer (maybe adopted, not new) stays where it is
             raise
 
+    def _busy(self, name: str) -> str | None:
+        """Why VEE ``name`` cannot be unmounted now (None: it can)."""
+        if self.views is not None:
+            vee = self.views.vees.get(name)
+            if vee is not None and any(h.node.vee is vee for h in self.views.handles.values()):
+                return f"VEE {name!r} has open files: close them (or stop its users) first"
+            return None
+        assert self.kernel is not None
+        held = self.kernel.holders(name)
+        return busy_message(name, held) if held else None
+
     async def rm(self, name: str, purge: bool) -> dict[str, Any]:
         self.registry.get(name)
-        if any(h.node.vee is self.views.vees.get(name) for h in self.views.handles.values()):
-            raise BusyError(f"VEE {name!r} has open files")
+        busy = await trio.to_thread.run_sync(self._busy, name)
+        if busy:
+            raise BusyError(busy)
         self.registry.forget(name)  # durable first: a failure here changes nothing
-        with contextlib.suppress(NotFound):
-            self.views.remove_vee(name)
+        if self.views is not None:
+            with contextlib.suppress(NotFound):
+                self.views.remove_vee(name)
+        else:
+            assert self.kernel is not None
+            with contextlib.suppress(NotFound):
+                await trio.to_thread.run_sync(lambda: self.kernel.detach(name, force=True))
         self.broken.pop(name, None)
         kept = self.registry.retire_layer(name, purge=purge)
         # last: its template's objects leave the gc root once no VEE uses them
         await trio.to_thread.run_sync(self.root.sync, self.in_use())
         return {"name": name, "kept_layer": str(kept) if kept else None}
 
-    async def upgrade(self, name: str, ref: str, dry_run: bool) -> dict[str, Any]:
+    async def upgrade(self, name: str, ref: str, dry_run: bool, force: bool) -> dict[str, Any]:
         rec = self.registry.get(name)
         digest = await trio.to_thread.run_sync(self._digest, ref)
         new = await trio.to_thread.run_sync(self.load_template, digest)
         old = await trio.to_thread.run_sync(self.load_template, rec.template)
-        live = self.views.vees.get(name)
+        live = self.views.vees.get(name) if self.views is not None else None
         # the mounted VEE's own layer object: opening another would clean its work dir under
         # a copy-up in progress
         layer = live.layer if live is not None else self.registry.open_layer(name)
-        report = await trio.to_thread.run_sync(plan_upgrade, name, layer, old, new)
+        try:
+            report = await trio.to_thread.run_sync(plan_upgrade, name, layer, old, new)
+        finally:
+            if live is None:
+                layer.close()
         out = report.to_json()
         out["applied"] = False
         if dry_run or digest == rec.template:
             return out
-        vee = self.views.vees.get(name)
-        if vee is not None and any(h.node.vee is vee for h in self.views.handles.values()):
-            raise BusyError(f"VEE {name!r} has open files: close them (or stop its users) first")
+        if self.views is not None:
+            busy = self._busy(name)
+            if busy:
+                raise BusyError(busy)
         await trio.to_thread.run_sync(self._use, digest, new)  # before the registry names it
         try:
-            self.registry.set_template(name, digest, ref)
-            with contextlib.suppress(NotFound):
-                self.views.remove_vee(name)
-            self.views.add_vee(name, new, layer)
+            if self.views is not None:
+                self.registry.set_template(name, digest, ref)
+                with contextlib.suppress(NotFound):
+                    self.views.remove_vee(name)
+                self.views.add_vee(name, new, layer)
+            else:
+                await trio.to_thread.run_sync(self._kernel_switch, name, old, new, ref, force)
             self.broken.pop(name, None)
         finally:
             self.root.release(digest)
             await trio.to_thread.run_sync(self.root.sync, self.in_use())
         out["applied"] = True
         return out
+
+    def _kernel_switch(
+        self, name: str, old: Template, new: Template, ref: str, force: bool
+    ) -> None:
+        """An overlay cannot change its lower layer: unmount (refused while held, unless
+        ``force``), make metadata-only copies full copies against the old template (a private
+        file must keep its bytes), save the registry, mount on the new template. A failure
+        before the registry is saved mounts the old template again."""
+        assert self.kernel is not None
+        self.data_layer.register(template_objects(new), f"template {new.digest[:16]}…")  # type: ignore[union-attr]
+        if name in self.kernel.vees:
+            self.kernel.detach(name, force=force)
+        root = self.registry.layer_dir(name)
+        try:
+            normalize_upper(root, old, self.resolver.read, clear_marker=False)
+            self.registry.set_template(name, new.digest, ref)
+        except BaseException:
+            with contextlib.suppress(VfsError):
+                self._kernel_attach(name, old)
+            raise
+        try:
+            self._kernel_attach(name, new)
+        except VfsError as e:
+            self.broken[name] = str(e)
+            raise
 
 
 def _url(remote: Any) -> str | None:
@@ -271,8 +460,8 @@ def _lock_state(state: Path) -> int:
     return fd
 
 
-def _prepare_mountpoint(mount: Path) -> None:
-    """Detach a dead mount left by a killed daemon (statfs fails with ENOTCONN).
+def _detach_dead_fuse(mount: Path) -> None:
+    """Detach a dead FUSE mount left by a killed daemon (statfs fails with ENOTCONN).
 
     statfs, not stat: the kernel answers stat of the dead mount's root from its attribute cache
     (we hand out hour-long timeouts), while statfs always asks the (dead) daemon."""
@@ -283,10 +472,29 @@ def _prepare_mountpoint(mount: Path) -> None:
             raise
         log.warning("%s: dead FUSE mount of a previous daemon: detaching it", mount)
         subprocess.run(["umount", "-l", os.fspath(mount)], check=False)
+
+
+def _prepare_mountpoint(mount: Path) -> None:
+    _detach_dead_fuse(mount)
     if not mount.is_dir():
         raise NotFound(f"mountpoint {mount} is not a directory")
     if os.path.ismount(mount):
         raise BusyError(f"{mount} is already a mount point")
+
+
+def choose_engine(engine: str, state: Path) -> tuple[str, str]:
+    """(engine, why) for ``--engine``: ``auto`` takes the kernel engine where the probe says
+    the kernel can do it (EROFS, file-backed mounts, overlayfs data-only layers)."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
+    if engine == "fuse":
+        return "fuse", "chosen with --engine fuse"
+    ok, why = probe(state / "kernel" / f"probe.{os.getpid()}")
+    if ok:
+        return "kernel", why
+    if engine == "kernel":
+        raise UsageError(f"the kernel engine cannot run here: {why}")
+    return "fuse", f"the kernel engine cannot run here ({why})"
 
 
 async def serve(
@@ -296,6 +504,7 @@ async def serve(
     store_dir: Path,
     repo: RepoConfig | None = None,
     debug_fuse: bool = False,
+    engine: str = "auto",
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
     state.mkdir(parents=True, exist_ok=True)
@@ -305,6 +514,8 @@ async def serve(
         stack.callback(os.close, lock_fd)
         _prepare_mountpoint(mount)
         mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
+        chosen, why = choose_engine(engine, state)
+        log.info("engine: %s (%s)", chosen, why)
         store = LocalStore(store_dir)
         stack.callback(store.close)
         remote = repo.open() if repo is not None else None
@@ -312,29 +523,81 @@ async def serve(
             stack.callback(remote.close)
         resolver = Resolver(store, remote)
         registry = VeeRegistry(state)
-        views = Views(resolver)
-        stack.callback(views.close)
         exports = ExportSupervisor(state)
-        daemon = Daemon(registry, views, resolver, remote, exports=exports)
-        daemon.start_all()
-        options = set(MOUNT_OPTIONS)
-        if debug_fuse:
-            options.add("debug")
-        ops = VeeOperations(views)
-        pyfuse3.init(ops, os.fspath(mount), options)
-        stack.callback(pyfuse3.close, unmount=True)
-        log.info("serving %d VEE(s) at %s", len(views.vees), mount)
-        async with trio.open_nursery() as nursery:
-            # the exports (processes of their own, docs/export.md) come and go with the daemon
-            await nursery.start(exports.run)
-            await nursery.start(control.serve_control, state, daemon.handle)
-            nursery.start_soon(_signals, nursery.cancel_scope)
-            nursery.start_soon(_kernel_ready, mount, views, ops)
-            # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
-            # bounded by the fetch deadline) never leave none to answer the other VEEs.
-            await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
-            nursery.cancel_scope.cancel()
+        if chosen == "kernel":
+            await _serve_kernel(stack, state, mount, store, resolver, registry, remote, why,
+                                debug_fuse, exports)  # fmt: skip
+        else:
+            await _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse,
+                              exports)  # fmt: skip
         log.info("vfsd at %s stopping", mount)
+
+
+async def _serve_fuse(
+    stack, state, mount, resolver, registry, remote, why, debug_fuse, exports
+) -> None:
+    views = Views(resolver)
+    stack.callback(views.close)
+    daemon = Daemon(registry, resolver, remote, views=views, engine_reason=why, exports=exports)
+    daemon.start_all()
+    options = set(MOUNT_OPTIONS)
+    if debug_fuse:
+        options.add("debug")
+    ops = VeeOperations(views)
+    pyfuse3.init(ops, os.fspath(mount), options)
+    stack.callback(pyfuse3.close, unmount=True)
+    log.info("serving %d VEE(s) at %s", len(views.vees), mount)
+    async with trio.open_nursery() as nursery:
+        # the exports (processes of their own, docs/export.md) come and go with the daemon
+        await nursery.start(exports.run)
+        await nursery.start(control.serve_control, state, daemon.handle)
+        nursery.start_soon(_signals, nursery.cancel_scope)
+        nursery.start_soon(_kernel_ready, mount, views, ops)
+        # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
+        # bounded by the fetch deadline) never leave none to answer the other VEEs.
+        await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_kernel(
+    stack, state, mount, store, resolver, registry, remote, why, debug_fuse, exports
+) -> None:
+    """Kernel engine: the FUSE mount is the data layer; VEE overlays are mounted from a worker
+    thread once it answers (mounting an overlay looks the data layer's root up, which this very
+    loop must answer)."""
+    os.chmod(mount, 0o700)  # MNT: only root traverses to the VEE roots (issue 8, item 2)
+    data_mnt = KernelEngine.data_layer_path(state)
+    data_mnt.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _detach_dead_fuse(data_mnt)
+    if os.path.ismount(data_mnt):
+        mounts.umount(data_mnt)
+    kernel = KernelEngine(state, mount, store.objects_dir, data_layer=data_mnt, reason=why)
+    kernel.inventory()
+    ops = DataLayerOperations(resolver)
+    daemon = Daemon(
+        registry, resolver, remote, kernel=kernel, data_layer=ops, engine_reason=why,
+        exports=exports,
+    )  # fmt: skip
+    options = set(DATA_MOUNT_OPTIONS)
+    if debug_fuse:
+        options.add("debug")
+    pyfuse3.init(ops, os.fspath(data_mnt), options)
+    stack.callback(pyfuse3.close, unmount=True)
+    stack.callback(kernel.close)  # runs first: the overlays go before their data layer
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, nursery.cancel_scope)
+        await nursery.start(exports.run)
+
+        async def start() -> None:
+            await trio.to_thread.run_sync(os.stat, data_mnt)  # INIT answered
+            set_read_ahead(os.fspath(data_mnt))
+            await trio.to_thread.run_sync(daemon.start_all)
+            log.info("serving %d VEE(s) at %s (kernel engine)", len(kernel.vees), mount)
+            await nursery.start(control.serve_control, state, daemon.handle)
+
+        nursery.start_soon(start)
+        await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        nursery.cancel_scope.cancel()
 
 
 async def _kernel_ready(mount: Path, views: Views, ops: VeeOperations) -> None:
