@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import sqlite3
 import time
 
 import pytest
@@ -23,11 +25,12 @@ def _fill(s: LocalStore, n: int, size: int = 10_000) -> list[str]:
 
 
 def _age(s: LocalStore, oids: list[str]) -> None:
-    """Give objects distinct last-use times in this order (LRU: the first is the oldest)."""
-    s._flush_atimes()
-    db = s._require_db()
-    for i, oid in enumerate(oids):
-        db.execute("UPDATE objects SET atime=? WHERE oid=?", (1000 + i, oid))
+    """Give objects distinct last-use times in this order (LRU: the first is the oldest),
+    through the index's documented schema (docs/redirect.md §5)."""
+    s.index.flush_atimes()
+    with contextlib.closing(sqlite3.connect(s.root / "index.db")) as db, db:
+        for i, oid in enumerate(oids):
+            db.execute("UPDATE objects SET atime=? WHERE oid=?", (1000 + i, oid))
 
 
 def test_plain_gc_leaves_what_roots_keep_and_cache(tmp_path):
@@ -51,7 +54,7 @@ def test_quota_eviction_takes_unrooted_first_then_cache_never_keep(tmp_path):
         s.roots.put("vimg", tmp_path / "img", {"image": ObjectSet(keep=keep, cache=cache)})
         new = s.put(os.urandom(15_000))  # needs one eviction: the unrooted one, not LRU order
         assert free[0] not in s.list() and set(cache + keep) <= set(s.list())
-        newer = s.put(os.urandom(20_000))  # more room: first the unrooted (the newest one
+        newer = s.put(os.urandom(20_001))  # more room: first the unrooted (the newest one
         # too), then the cache objects, oldest first; kept ones never
         assert new not in s.list() and cache[0] not in s.list()
         assert set(keep) | {cache[1], newer} == set(s.list())
