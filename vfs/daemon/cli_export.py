@@ -158,9 +158,9 @@ def _single(eg: BaseExceptionGroup) -> BaseException:
 
 # ------------------------------------------------------------------ the daemon's exports
 def _state(state_dir: Path | None) -> Path:
-    from vfs.daemon.cli_vee import _default_state
+    from vfs.cli.options import default_state
 
-    return state_dir or _default_state()
+    return state_dir or default_state()
 
 
 _state_opt = click.option(
