@@ -336,7 +336,7 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     is_flag=True,
     help="Undo a migration whose vmctl died before the switch: resume the source, remove --to.",
 )
-@click.option("--timeout", default=600.0, show_default=True)
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds the migration may take.")
 @root_option
 @json_option
 @handle_errors

@@ -40,11 +40,17 @@ REPO_SET = ("--repo", "--ca", "--cert", "--key", "--proxy", "--timeout", "--retr
 OWN_REPO = {
     "vfsd repo gc": "a repository directory only; its --grace is the gc's grace period",
     "vfsd store root add": "recorded in the root for information, never opened",
+    # not yet: the export process opens its --repo with the default settings (no TLS options)
+    "vfsd export add": "handed to the export process (TLS and deadline options: not yet)",
+    "vfsd export run": "handed to the export process (TLS and deadline options: not yet)",
 }
 
 # Commands without --json, and why (everything else that prints has it).
 NO_JSON = {
     "vfsd fetch": "hidden test helper, prints nothing",
+    "vfsd export flush": "prints nothing",
+    "vfsd export run": "a foreground server: logs, no result",
+    "vfsd export stop": "prints nothing",
     "vfsd repo init": "prints the path it created",
     "vfsd repo ref": "prints one object id",
     "vfsd serve": "a daemon: logs, no result",

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from vfs.cli.options import default_state, state_option, store_option
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.errors import UsageError, VfsError
 
@@ -78,7 +79,7 @@ def _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         readonly=readonly,
         bitmap=None if no_bitmap else bitmap,
         control=str(Path(control).absolute()) if control else None,
-        store=store,
+        store=None if store is None else str(store),
         repo=repo,
         backing_dirs=list(backing_dirs),
         description=description or "",
@@ -103,7 +104,7 @@ def _export_opts(fn: Any) -> Any:
         ),
         click.option("--no-bitmap", is_flag=True, help="Keep no dirty bitmap."),
         click.option("--control", metavar="SOCKET", help="Control socket [default: SOCKET.ctl]."),
-        click.option("--store", type=click.Path(file_okay=False), help="Local object store."),
+        store_option("Local object store.", param="store"),
         click.option("--repo", help="Repository of remote clusters (file:///dir, http(s)://)."),
         click.option(
             "--backing-dir",
@@ -158,18 +159,10 @@ def _single(eg: BaseExceptionGroup) -> BaseException:
 
 # ------------------------------------------------------------------ the daemon's exports
 def _state(state_dir: Path | None) -> Path:
-    from vfs.cli.options import default_state
-
     return state_dir or default_state()
 
 
-_state_opt = click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="State directory of the running vfsd serve.",
-)
+_state_opt = state_option  # the running vfsd serve's (vfs.cli.options)
 
 
 @export.command("add")
@@ -295,7 +288,9 @@ def _print_ranges(ranges: list[list[int]], as_json: bool, bitmap: str) -> None:
     click.echo(f"{sum(n for _o, n in ranges)} bytes dirty", err=True)
 
 
-_bitmap_opt = click.option("--bitmap", "-B", default="dirty", show_default=True)
+_bitmap_opt = click.option(
+    "--bitmap", "-B", default="dirty", show_default=True, help="Name of the dirty bitmap."
+)
 
 
 @export.command("dirty")
