@@ -78,6 +78,7 @@ class Daemon:
     templates: dict[str, str] = field(default_factory=dict)
     remote_url: str | None = None  # default: the file:// repo
     extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
+    use_remote: bool = True  # False: serve from the local store alone (no --repo)
     engine: str = "fuse"  # "fuse" or "kernel" (vfsd serve --engine)
     wrapper: list[str] = field(default_factory=list)  # runs the daemon, e.g. prlimit ...
 
@@ -94,8 +95,7 @@ class Daemon:
                     str(self.state),
                     "--mount",
                     str(self.mnt),
-                    "--remote",
-                    self.remote_url or str(self.repo),
+                    *(["--repo", self.remote_url or str(self.repo)] if self.use_remote else []),
                     "--store",
                     str(self.store),
                     "--engine",
@@ -262,7 +262,7 @@ def _publish_salted(d: Daemon, tree: Path, salt: bytes) -> str:
     otherwise find files an earlier case unshared)."""
     from tests.daemon.posix_support import T_ATIME_NS, T_MTIME_NS
     from vfs.redirect import LocalStore
-    from vfs.redirect.remote import FileRemote
+    from vfs.redirect.file_remote import FileRemote
     from vfs.tree.template import publish_template
 
     tag = hashlib.blake2b(salt, digest_size=8).digest()  # small: it must fit in the inode

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tools.nginx import start_nginx, stop_nginx
 from vfs.redirect import LocalStore, Resolver, open_remote
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 
 
 def drop_caches() -> None:

@@ -1,9 +1,9 @@
 """``vfsd serve``: the daemon's whole lifetime in one place, for either engine.
 
 One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views or
-mounts, the FUSE mount, the control socket) registers its cleanup right after it is created, so
-any failure or signal unwinds exactly what exists, in reverse order. SIGTERM/SIGINT end
-``pyfuse3.main`` and everything is unmounted.
+mounts, the FUSE mount, the control socket, the image exports) registers its cleanup right
+after it is created, so any failure or signal unwinds exactly what exists, in reverse order.
+SIGTERM/SIGINT end ``pyfuse3.main`` and everything is unmounted.
 
 Two engines (``docs/kernel-engine.md``), chosen at start-up (``--engine auto|kernel|fuse``):
 
@@ -54,7 +54,10 @@ from vfs.errors import (
     UsageError,
     VfsError,
 )
-from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.export.supervisor import ExportSupervisor
+from vfs.redirect import LocalStore, RepoConfig, Resolver
+from vfs.tree import gcroots
+from vfs.tree.gcroots import StateRoot
 from vfs.tree.ovl_upper import needs_normalizing, normalize_upper
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
@@ -114,9 +117,12 @@ class Daemon:
         kernel: KernelEngine | None = None,
         data_layer: DataLayerOperations | None = None,
         engine_reason: str = "",
+        root: StateRoot | None = None,
+        exports: ExportSupervisor | None = None,
     ):
         assert (views is None) != (kernel is None)
         self.registry = registry
+        self.exports = exports
         self.views = views
         self.kernel = kernel
         self.data_layer = data_layer
@@ -127,6 +133,8 @@ class Daemon:
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
         self._hydrating: set[str] = set()
+        #: the state directory's gc root in the store: what store gc and eviction must leave
+        self.root = root or StateRoot(resolver.store.roots, registry.state, _url(remote))
 
     # -- templates ---------------------------------------------------------------------------
 
@@ -134,7 +142,7 @@ class Daemon:
         if is_digest(ref):
             return ref
         if self.remote is None:
-            raise UsageError(f"template {ref!r} is a name: the daemon needs --remote to resolve it")
+            raise UsageError(f"template {ref!r} is a name: the daemon needs --repo to resolve it")
         return resolve_ref(ref, self.remote)
 
     def load_template(self, digest: str) -> Template:
@@ -144,6 +152,28 @@ class Daemon:
             t = Template.load(self.resolver, digest)
             self.templates[digest] = t
         return t
+
+    def in_use(self) -> dict[str, Template | None]:
+        """The templates the registry names, loaded (None: could not be loaded)."""
+        return {r.template: self.templates.get(r.template) for r in self.registry.vees.values()}
+
+    def _use(self, digest: str, t: Template) -> None:
+        """Blocking: ``t``'s objects join the gc root; without a repository to fetch them, every
+        one must be in the store (checked after the root protects them, so a gc running now
+        either leaves them or is found out here)."""
+        self.root.hold(digest, t)
+        if self.remote is not None:
+            return
+        missing = list(gcroots.missing_objects(t, self.resolver.store))
+        if missing:
+            self.root.release(digest)
+            self.root.sync(self.in_use())
+            path = missing[0][0].decode("utf-8", "backslashreplace")
+            raise NotFound(
+                f"template {digest[:16]}…: {len(missing)} content object(s) are not in the "
+                f"local store (first: /{path}) and the daemon has no --repo to fetch them: "
+                "publish it with --store, or serve with --repo"
+            )
 
     # -- the engines' blocking steps (worker threads) ---------------------------------------
 
@@ -189,6 +219,11 @@ class Daemon:
 
     def start_all(self) -> None:
         """Mount every registered VEE (blocking; at start-up, before the control socket)."""
+        # Registered with the store first (the root of a previous run stays until this one
+        # knows better): templates that fail to load now keep what their root had.
+        for digest in {r.template for r in self.registry.vees.values()}:
+            self.root.hold(digest)
+            self.root.release(digest)
         for name, rec in sorted(self.registry.vees.items()):
             try:
                 t = self.load_template(rec.template)
@@ -201,6 +236,7 @@ class Daemon:
             except VfsError as e:
                 log.error("VEE %s not mounted: %s", name, e)
                 self.broken[name] = str(e)
+        self.root.sync(self.in_use())
         if self.kernel is not None:
             # before the control socket: no add can be building an image meanwhile
             keep = {rec.template for rec in self.registry.vees.values()}
@@ -229,6 +265,15 @@ class Daemon:
             return await self.rm(req["name"], req["purge"])
         if op == "upgrade":
             return await self.upgrade(req["name"], req["template"], req["dry_run"], req["force"])
+        if op.startswith("export_"):
+            if self.exports is None:
+                raise UsageError("this daemon serves no exports")
+            if op == "export_add":
+                return await self.exports.add(req["spec"])
+            if op == "export_rm":
+                return await self.exports.remove(req["name"])
+            if op == "export_list":
+                return self.exports.list()
         raise UsageError(f"unknown control op {op!r}")
 
     def list(self) -> list[dict[str, Any]]:
@@ -253,7 +298,21 @@ class Daemon:
         if name in self.registry.vees:
             raise AlreadyExists(f"VEE {name!r} exists")
         digest = await trio.to_thread.run_sync(self._digest, ref)
-        t = await trio.to_thread.run_sync(self.load_template, digest)
+        # The manifest is protected before it is read, the content before a VEE uses it.
+        await trio.to_thread.run_sync(self.root.hold, digest)
+        try:
+            t = await trio.to_thread.run_sync(self.load_template, digest)
+            await trio.to_thread.run_sync(self._use, digest, t)
+            try:
+                await self._add_registered(name, digest, ref, t)
+            finally:
+                self.root.release(digest)
+        finally:
+            self.root.release(digest)
+            await trio.to_thread.run_sync(self.root.sync, self.in_use())
+        return {"name": name, "template": digest}
+
+    async def _add_registered(self, name: str, digest: str, ref: str, t: Template) -> None:
         if self.kernel is None:
             await trio.to_thread.run_sync(self._normalize_for_fuse, name, t)
         # Save-then-apply: everything that can fail on a full disk (the layer's directories,
@@ -275,7 +334,6 @@ class Daemon:
         except BaseException:
             self.registry.forget(name)  # the layer (maybe adopted, not new) stays where it is
             raise
-        return {"name": name, "template": digest}
 
     def _busy(self, name: str) -> str | None:
         """Why VEE ``name`` cannot be unmounted now (None: it can)."""
@@ -303,6 +361,8 @@ class Daemon:
                 await trio.to_thread.run_sync(lambda: self.kernel.detach(name, force=True))
         self.broken.pop(name, None)
         kept = self.registry.retire_layer(name, purge=purge)
+        # last: its template's objects leave the gc root once no VEE uses them
+        await trio.to_thread.run_sync(self.root.sync, self.in_use())
         return {"name": name, "kept_layer": str(kept) if kept else None}
 
     async def upgrade(self, name: str, ref: str, dry_run: bool, force: bool) -> dict[str, Any]:
@@ -327,13 +387,19 @@ class Daemon:
             busy = self._busy(name)
             if busy:
                 raise BusyError(busy)
-            self.registry.set_template(name, digest, ref)
-            with contextlib.suppress(NotFound):
-                self.views.remove_vee(name)
-            self.views.add_vee(name, new, layer)
-        else:
-            await trio.to_thread.run_sync(self._kernel_switch, name, old, new, ref, force)
-        self.broken.pop(name, None)
+        await trio.to_thread.run_sync(self._use, digest, new)  # before the registry names it
+        try:
+            if self.views is not None:
+                self.registry.set_template(name, digest, ref)
+                with contextlib.suppress(NotFound):
+                    self.views.remove_vee(name)
+                self.views.add_vee(name, new, layer)
+            else:
+                await trio.to_thread.run_sync(self._kernel_switch, name, old, new, ref, force)
+            self.broken.pop(name, None)
+        finally:
+            self.root.release(digest)
+            await trio.to_thread.run_sync(self.root.sync, self.in_use())
         out["applied"] = True
         return out
 
@@ -361,6 +427,10 @@ class Daemon:
         except VfsError as e:
             self.broken[name] = str(e)
             raise
+
+
+def _url(remote: Any) -> str | None:
+    return getattr(remote, "url", None) if remote is not None else None
 
 
 def _raise_fd_limit() -> None:
@@ -432,8 +502,7 @@ async def serve(
     mount: Path,
     *,
     store_dir: Path,
-    remote_url: str | None = None,
-    remote_tls: dict[str, str | None] | None = None,
+    repo: RepoConfig | None = None,
     debug_fuse: bool = False,
     engine: str = "auto",
 ) -> None:
@@ -449,23 +518,27 @@ async def serve(
         log.info("engine: %s (%s)", chosen, why)
         store = LocalStore(store_dir)
         stack.callback(store.close)
-        remote = open_remote(remote_url, **(remote_tls or {})) if remote_url else None
+        remote = repo.open() if repo is not None else None
         if remote is not None:
             stack.callback(remote.close)
         resolver = Resolver(store, remote)
         registry = VeeRegistry(state)
+        exports = ExportSupervisor(state)
         if chosen == "kernel":
             await _serve_kernel(stack, state, mount, store, resolver, registry, remote, why,
-                                debug_fuse)  # fmt: skip
+                                debug_fuse, exports)  # fmt: skip
         else:
-            await _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse)
+            await _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse,
+                              exports)  # fmt: skip
         log.info("vfsd at %s stopping", mount)
 
 
-async def _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse) -> None:
+async def _serve_fuse(
+    stack, state, mount, resolver, registry, remote, why, debug_fuse, exports
+) -> None:
     views = Views(resolver)
     stack.callback(views.close)
-    daemon = Daemon(registry, resolver, remote, views=views, engine_reason=why)
+    daemon = Daemon(registry, resolver, remote, views=views, engine_reason=why, exports=exports)
     daemon.start_all()
     options = set(MOUNT_OPTIONS)
     if debug_fuse:
@@ -475,6 +548,8 @@ async def _serve_fuse(stack, state, mount, resolver, registry, remote, why, debu
     stack.callback(pyfuse3.close, unmount=True)
     log.info("serving %d VEE(s) at %s", len(views.vees), mount)
     async with trio.open_nursery() as nursery:
+        # the exports (processes of their own, docs/export.md) come and go with the daemon
+        await nursery.start(exports.run)
         await nursery.start(control.serve_control, state, daemon.handle)
         nursery.start_soon(_signals, nursery.cancel_scope)
         nursery.start_soon(_kernel_ready, mount, views, ops)
@@ -485,7 +560,7 @@ async def _serve_fuse(stack, state, mount, resolver, registry, remote, why, debu
 
 
 async def _serve_kernel(
-    stack, state, mount, store, resolver, registry, remote, why, debug_fuse
+    stack, state, mount, store, resolver, registry, remote, why, debug_fuse, exports
 ) -> None:
     """Kernel engine: the FUSE mount is the data layer; VEE overlays are mounted from a worker
     thread once it answers (mounting an overlay looks the data layer's root up, which this very
@@ -499,7 +574,10 @@ async def _serve_kernel(
     kernel = KernelEngine(state, mount, store.objects_dir, data_layer=data_mnt, reason=why)
     kernel.inventory()
     ops = DataLayerOperations(resolver)
-    daemon = Daemon(registry, resolver, remote, kernel=kernel, data_layer=ops, engine_reason=why)
+    daemon = Daemon(
+        registry, resolver, remote, kernel=kernel, data_layer=ops, engine_reason=why,
+        exports=exports,
+    )  # fmt: skip
     options = set(DATA_MOUNT_OPTIONS)
     if debug_fuse:
         options.add("debug")
@@ -508,6 +586,7 @@ async def _serve_kernel(
     stack.callback(kernel.close)  # runs first: the overlays go before their data layer
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery.cancel_scope)
+        await nursery.start(exports.run)
 
         async def start() -> None:
             await trio.to_thread.run_sync(os.stat, data_mnt)  # INIT answered

@@ -68,6 +68,7 @@ from vfs.redirect.objfile import (
     sums_for,
     write_sparse,
 )
+from vfs.redirect.roots import GcRoots
 from vfs.redirect.store_index import StoreIndex
 from vfs.redirect.store_recovery import VerifyReport
 
@@ -127,6 +128,7 @@ class LocalStore:
         config = self._open_config(create, quota)
         self.quota: int | None = config.get("quota")
         self.chunk_size: int = int(config.get("chunk_size", DEFAULT_CHUNK))
+        self.roots = GcRoots(self.root)  # what eviction must leave (vfs.redirect.roots)
         self._version = int(config.get("version", 1))
 
         self._lock_fd = os.open(self.root / "store.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
@@ -499,31 +501,37 @@ class LocalStore:
         if used + need <= self.quota:
             return
         freed = 0
-        for oid, stored in victims:
-            if used + need - freed <= self.quota:
-                break
-            if oid == exclude:
-                continue
-            self._remove(oid)
-            freed += stored
-            log.info("store: evicted %s (%d bytes) for quota", oid, stored)
+        with self.roots.locked():  # gc roots: never what a root keeps, its cache objects last
+            for oid, stored in self.roots.evictable(victims):
+                if used + need - freed <= self.quota:
+                    break
+                if oid == exclude:
+                    continue
+                self._remove(oid)
+                freed += stored
+                log.info("store: evicted %s (%d bytes) for quota", oid, stored)
         if used + need - freed > self.quota:
             raise StoreFull(
-                f"store quota {self.quota} bytes reached and the remaining objects are pinned"
+                f"store quota {self.quota} bytes reached and the remaining objects are pinned "
+                "or needed by a gc root (vfsd store roots)"
             )
 
     def gc(self, target: int | None = None) -> dict[str, int]:
         """Evict unpinned objects, least recently used first, until usage <= ``target``
-        (default: the quota; with neither, evict every unpinned object)."""
+        (default: the quota; with neither, evict every unpinned object). Objects a gc root
+        keeps stay; those it caches go only for an explicit ``target``
+        (:mod:`vfs.redirect.roots`)."""
         goal = target if target is not None else (self.quota if self.quota is not None else 0)
         used, victims = self.evictable()
         removed = freed = 0
-        for oid, stored in victims:
-            if used - freed <= goal:
-                break
-            self._remove(oid)
-            removed += 1
-            freed += stored
+        with self.roots.locked():  # gc roots: never what a root keeps; its cache objects
+            cache = self.roots.protected()[1] if target is None else set()  # only for --target
+            for oid, stored in self.roots.evictable(victims):
+                if used - freed <= goal or oid in cache:
+                    break
+                self._remove(oid)
+                removed += 1
+                freed += stored
         return {"removed": removed, "freed_bytes": freed, "usage": used - freed}
 
     def _remove(self, oid: str) -> None:
