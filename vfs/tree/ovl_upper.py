@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfs.durable import fsync_dir
 from vfs.errors import FormatError
 from vfs.tree.entry import Entry
 from vfs.tree.nodes import TemplateLike
@@ -205,8 +206,4 @@ def _complete(path: str, st: os.stat_result, e: Entry, read: ReadFn, work: Path)
         raise
     os.close(fd)
     os.rename(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(os.path.dirname(path))
