@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 import trio
 
+from vfs.cli_sealed import keys as sealed_keys
+from vfs.cli_sealed import unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.daemon import control
 from vfs.paths import default_store, vfs_root
@@ -57,19 +59,26 @@ def register(main: click.Group) -> None:
     default=None,
     help="Local object store [default: $VFS_STORE or $VFS_ROOT/store].",
 )
+@unsealing_options
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
 def serve_cmd(state_dir, mount, remote_url, ca, cert, key, proxy, store_dir, debug_fuse):
-    """Serve every VEE of STATE as a directory of one FUSE mount at MOUNT (until SIGTERM)."""
+    """Serve every VEE of STATE as a directory of one FUSE mount at MOUNT (until SIGTERM).
+
+    With --identity, VEEs start from encrypted templates sealed to it (`vfsd vee add NAME
+    --template URL#REF`); with --trust, only from refs those publishers signed."""
     from vfs.daemon.serve import serve
 
+    state = state_dir or _default_state()
+    keys = sealed_keys(pins=state / "pins.json")  # key files are checked before mounting
     trio.run(
         lambda: serve(
-            state_dir or _default_state(),
+            state,
             mount,
             store_dir=store_dir or default_store(),
             remote_url=remote_url,
             remote_tls={"ca": ca, "cert": cert, "key": key, "proxy": proxy},
+            keys=keys,
             debug_fuse=debug_fuse,
         )
     )
@@ -83,7 +92,12 @@ def vee() -> None:
 @vee.command("add")
 @_state_opt
 @click.argument("name")
-@click.option("--template", "ref", required=True, help="Template digest or name.")
+@click.option(
+    "--template",
+    "ref",
+    required=True,
+    help="Template digest, ref name of --remote, or address URL#REF (e.g. an encrypted one).",
+)
 @json_option
 @handle_errors
 def vee_add(state_dir, name, ref, as_json):

@@ -30,8 +30,11 @@ import trio
 from vfs.daemon import control
 from vfs.daemon.confine import Confinement
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
+from vfs.daemon.sealed_sources import SealedSources
 from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
-from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.redirect import LocalStore, Remote, Resolver, open_remote
+from vfs.redirect.sealed_refs import Keys, PinStore
+from vfs.redirect.sealed_remote import UnsealingRemote, split_address
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
 from vfs.tree.vee import VeeRegistry, check_vee_name
@@ -47,22 +50,100 @@ MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_ot
 class Daemon:
     """The control-plane of one mount: the registry, the templates, and the views."""
 
-    def __init__(self, registry: VeeRegistry, views: Views, resolver: Resolver, remote: Any):
+    def __init__(
+        self,
+        registry: VeeRegistry,
+        views: Views,
+        resolver: Resolver,
+        remote: Any,
+        *,
+        unsealing: UnsealingRemote | None = None,
+        sources: SealedSources | None = None,
+        remote_tls: dict[str, Any] | None = None,
+    ):
         self.registry = registry
         self.views = views
         self.resolver = resolver
         self.remote = remote
+        self.unsealing = unsealing
+        self.sources = sources
+        self.remote_tls = remote_tls or {}
+        self._remotes: dict[str, Remote] = {}
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
 
     # -- templates ---------------------------------------------------------------------------
 
+    def remote_for(self, url: str) -> Remote:
+        """The repository at ``url``: the daemon's --remote, or one opened with the same TLS
+        and proxy options (kept open for the daemon's life)."""
+        if self.remote is not None and url.rstrip("/") == self.remote.url.rstrip("/"):
+            return self.remote
+        r = self._remotes.get(url)
+        if r is None:
+            r = self._remotes[url] = open_remote(url, **self.remote_tls)
+        return r
+
+    def close_remotes(self) -> None:
+        for r in self._remotes.values():
+            r.close()
+        self._remotes.clear()
+
     def _digest(self, ref: str) -> str:
-        if is_digest(ref):
-            return ref
-        if self.remote is None:
-            raise UsageError(f"template {ref!r} is a name: the daemon needs --remote to resolve it")
-        return resolve_ref(ref, self.remote)
+        """A template reference → digest: a digest, a ref NAME of --remote, or the address
+        URL#NAME (an encrypted template is opened with the daemon's --identity here, and where
+        it came from is kept in the state for restarts)."""
+        url, name = split_address(ref)
+        if url is None and is_digest(name):
+            return name
+        if url is None:
+            if self.remote is None:
+                raise UsageError(
+                    f"template {ref!r} is a name: the daemon needs --remote (or give URL#{ref})"
+                )
+            remote = self.remote
+        else:
+            if is_digest(name):
+                raise UsageError(f"{ref!r}: an address names a ref (URL#NAME), not a digest")
+            remote = self.remote_for(url)
+        if self.unsealing is None:
+            return resolve_ref(name, remote)
+        digest = self.unsealing.resolve(remote, name)
+        opened = next(
+            (o for o in self.unsealing.opened.values() if o.digest == digest and o.name == name),
+            None,
+        )
+        if opened is None:  # a plain ref
+            if remote is not self.remote:
+                raise UsageError(
+                    f"{ref!r}: a plain (unencrypted) template is served from --remote only"
+                )
+            return digest
+        if self.sources is not None:
+            self.sources.remember(remote.url, opened)
+        return digest
+
+    def reopen_sealed(self) -> None:
+        """At start: open the signed refs the registered VEEs came from, from the state (no
+        network), so their objects can be fetched and decrypted again."""
+        if self.sources is None or self.unsealing is None:
+            return
+        used = {rec.template for rec in self.registry.vees.values()}
+        self.sources.prune(used)
+        for digest, src in self.sources.load().items():
+            try:
+                data, index = self.sources.read(src["signed_ref"], src["index"])
+                self.unsealing.add_signed(
+                    self.remote_for(src["url"]),
+                    src["signed_ref"],
+                    data,
+                    name=src["ref"],
+                    pin=False,
+                    fetch_index=lambda _i, _n, raw=index: raw,
+                    where=f"ref {src['ref']!r} of {src['url']} (kept in the state)",
+                )
+            except (VfsError, OSError) as e:
+                log.error("encrypted template %s cannot be opened: %s", digest, e)
 
     def load_template(self, digest: str) -> Template:
         """Blocking (may fetch the manifest): call from a worker thread inside the loop."""
@@ -74,6 +155,7 @@ class Daemon:
 
     def start_all(self) -> None:
         """Mount every registered VEE (at startup, before serving)."""
+        self.reopen_sealed()
         for name, rec in sorted(self.registry.vees.items()):
             try:
                 t = self.load_template(rec.template)
@@ -222,9 +304,11 @@ async def serve(
     store_dir: Path,
     remote_url: str | None = None,
     remote_tls: dict[str, str | None] | None = None,
+    keys: Keys | None = None,
     debug_fuse: bool = False,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
+    """Run the daemon until SIGTERM/SIGINT (or cancellation). ``keys``: the identity and
+    trusted publishers encrypted templates are opened with (pins default to STATE/pins.json)."""
     state.mkdir(parents=True, exist_ok=True)
     _raise_fd_limit()
     async with contextlib.AsyncExitStack() as stack:
@@ -237,11 +321,28 @@ async def serve(
         remote = open_remote(remote_url, **(remote_tls or {})) if remote_url else None
         if remote is not None:
             stack.callback(remote.close)
-        resolver = Resolver(store, remote)
+        if keys is None:
+            keys = Keys()
+        if keys.pins is None:
+            keys.pins = PinStore(state / "pins.json")
+        # The store and the engines see plaintext objects under their plaintext ids: objects
+        # of encrypted templates are decrypted (and verified) between the repository and the
+        # resolver (docs/encryption.md, "At rest").
+        unsealing = UnsealingRemote(remote, keys)
+        resolver = Resolver(store, unsealing)
         registry = VeeRegistry(state)
         views = Views(resolver)
         stack.callback(views.close)
-        daemon = Daemon(registry, views, resolver, remote)
+        daemon = Daemon(
+            registry,
+            views,
+            resolver,
+            remote,
+            unsealing=unsealing,
+            sources=SealedSources(state),
+            remote_tls=remote_tls,
+        )
+        stack.callback(daemon.close_remotes)
         daemon.start_all()
         options = set(MOUNT_OPTIONS)
         if debug_fuse:

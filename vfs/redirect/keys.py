@@ -172,6 +172,11 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         return self._ed.sign(message)
 
+    def default_keyring(self) -> Keyring:
+        """The keyring of templates this identity publishes without ``--keyring``: derived
+        from its secret (one keyring per publisher; never leaves the publisher's host)."""
+        return Keyring(HKDF(SHA256(), 32, None, b"vfs default keyring v1").derive(self._secret()))
+
     def _secret(self) -> bytes:
         return self._x.private_bytes(_RAW, _RAW_PRIV, _NOENC) + self._ed.private_bytes(
             _RAW, _RAW_PRIV, _NOENC

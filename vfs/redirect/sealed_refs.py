@@ -456,6 +456,8 @@ class OpenedRef:
     signed: SignedRef
     data_key: bytes
     index: Index
+    raw: bytes = b""  # the signed ref's bytes
+    raw_index: bytes = b""  # the index's stored (encrypted) bytes
 
     @property
     def digest(self) -> str:
@@ -539,7 +541,7 @@ def open_signed_ref(
     want = crypto.MANIFEST if sr.kind == "template" else crypto.IMAGE
     if index.root_kind != want:
         raise FormatError(f"{where}: signed ref of kind {sr.kind} holds another kind of index")
-    return OpenedRef(sr.ref, ref_id, sr, data_key, index)
+    return OpenedRef(sr.ref, ref_id, sr, data_key, index, data, raw)
 
 
 def new_counter(previous: int | None) -> int:

@@ -59,6 +59,17 @@ from vfs.redirect.sealed_refs import (
 log = logging.getLogger(__name__)
 
 
+def split_address(text: str) -> tuple[str | None, str]:
+    """``URL#REF`` (the VE's address: a repository and a ref in it) → (URL, REF); a bare ref
+    or digest → (None, text)."""
+    if "#" not in text:
+        return None, text
+    url, _, ref = text.rpartition("#")
+    if not url or not ref:
+        raise UsageError(f"invalid template address {text!r}: expected URL#REF")
+    return url, ref
+
+
 def fetch_signed_ref(remote: Remote, name: str) -> tuple[str, bytes]:
     """The object ref ``name`` names, and its bytes if it is a signed ref (b"" if it is
     anything else: a plain manifest or image, loaded by whoever loads it). Only the first
@@ -373,6 +384,12 @@ class UnsealingRemote(Remote):
             return oid
         return self.add_signed(remote, oid, data, name=name, where=where).digest
 
+    def resolve_name(self, name: str) -> str:
+        """:meth:`resolve` in the plain repository (what ``resolve_ref`` calls)."""
+        if self.default is None:
+            raise NotFound(f"no repository to look ref {name!r} up in")
+        return self.resolve(self.default, name)
+
     def add_signed(
         self,
         remote: Remote,
@@ -382,8 +399,11 @@ class UnsealingRemote(Remote):
         name: str | None = None,
         where: str | None = None,
         pin: bool = True,
+        fetch_index=None,
     ) -> OpenedRef:
-        """Open the signed ref object ``oid`` of ``remote`` and serve its objects."""
+        """Open the signed ref object ``oid`` of ``remote`` and serve its objects.
+        ``data``/``fetch_index(id, size)``: its bytes and its index's, when kept elsewhere
+        (a daemon's state); by default both are fetched from ``remote``."""
         where = where or f"signed ref {oid} in {remote.url}"
         if data is None:
             data = remote.get(oid, max_size=MAX_REF_OBJECT)
@@ -391,7 +411,7 @@ class UnsealingRemote(Remote):
             self.keys,
             data,
             oid,
-            lambda i, n: remote.get(i, expected_size=n),
+            fetch_index or (lambda i, n: remote.get(i, expected_size=n)),
             name=name,
             where=where,
             pin=pin,
