@@ -71,6 +71,7 @@ def test_round_trip_in_memory_streaming_and_ranges(n):
     while b := r.read(10_000):
         streamed += b
     assert streamed == sealed
+
     # random access (keep-encrypted reads)
     def read(off: int, size: int) -> bytes:
         return sealed[off : off + size]
