@@ -44,6 +44,7 @@ from vfs.errors import (
     ReplayError,
     SignatureError,
     UnsupportedFeature,
+    VfsError,
 )
 from vfs.redirect import crypto
 from vfs.redirect.keys import Identity, PublicKey
@@ -533,7 +534,10 @@ def open_signed_ref(
     size = crypto.plain_size(sr.index_size)
     assert size is not None  # parse_signed_ref checked
     ctx = index_ctx(data_key, sr.scope, size, f"{where}: index {sr.index_id}")
-    raw = fetch_index(sr.index_id, sr.index_size)
+    try:
+        raw = fetch_index(sr.index_id, sr.index_size)
+    except VfsError as e:  # the repository's error names the index; say which ref it is
+        raise prefixed(e, f"{where}: index") from None
     plain = crypto.open_object(ctx, raw)
     index = parse_index(plain, f"{where}: index {sr.index_id}")
     if index.scope != sr.scope:
@@ -542,6 +546,14 @@ def open_signed_ref(
     if index.root_kind != want:
         raise FormatError(f"{where}: signed ref of kind {sr.kind} holds another kind of index")
     return OpenedRef(sr.ref, ref_id, sr, data_key, index, data, raw)
+
+
+def prefixed(e: VfsError, what: str) -> VfsError:
+    """The same error (type and context) with ``what`` in front: a repository's error about a
+    stored (encrypted) id also names the object the caller asked for."""
+    err = type(e).__new__(type(e))
+    VfsError.__init__(err, f"{what}: {e.message}", **e.context)
+    return err
 
 
 def new_counter(previous: int | None) -> int:

@@ -27,12 +27,14 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from vfs.errors import (
+    DecryptionError,
     FormatError,
     IntegrityError,
     NotFound,
     ObjectNotFound,
     SignatureError,
     UsageError,
+    VfsError,
 )
 from vfs.redirect import crypto
 from vfs.redirect.bounds import fetch_bound, size_mismatch, too_large
@@ -53,6 +55,7 @@ from vfs.redirect.sealed_refs import (
     new_counter,
     open_signed_ref,
     parse_signed_ref,
+    prefixed,
     seal_index,
 )
 
@@ -464,16 +467,20 @@ class UnsealingRemote(Remote):
         return self._decrypting(remote, index, e, block)
 
     @staticmethod
-    def _decrypting(remote: Remote, index: Index, e: IndexEntry, block: int) -> Iterator[bytes]:
-        where = f"object {e.plain_oid} (stored as {e.cipher_oid} in {remote.url})"
-        d = crypto.Decryptor(index.ctx(e, where))
-        blocks = remote.iter_object(e.cipher_oid, block, expected_size=e.cipher_size)
+    def _decrypting(remote: Remote, index: Index, entry: IndexEntry, block: int) -> Iterator[bytes]:
+        where = f"object {entry.plain_oid} (stored as {entry.cipher_oid} in {remote.url})"
+        d = crypto.Decryptor(index.ctx(entry, where))
+        blocks = remote.iter_object(entry.cipher_oid, block, expected_size=entry.cipher_size)
         try:
             for b in blocks:
                 out = d.feed(b)
                 if out:
                     yield out
             tail = d.finish()
+        except DecryptionError:
+            raise
+        except VfsError as e:  # the repository names the stored id; say which object it is
+            raise prefixed(e, f"object {entry.plain_oid}") from None
         finally:
             close = getattr(blocks, "close", None)
             if close is not None:
