@@ -527,6 +527,36 @@ def _valid_index(n: int) -> bytes:
     ).encode()
 
 
+@pytest.mark.parametrize(
+    "off,value,err",
+    [
+        (0, ord("X"), FormatError),  # magic
+        (9, 2, UnsupportedFeature),  # version
+        (11, 1, UnsupportedFeature),  # flags
+        (12, 9, FormatError),  # root kind
+        (13, 9, FormatError),  # key mode
+        (14, 1, FormatError),  # reserved
+        (155, 2, FormatError),  # recipients: length no longer matches
+        (159, 9, FormatError),  # objects: length no longer matches
+    ],
+)
+def test_index_header_fields_are_checked(off, value, err):
+    raw = bytearray(_valid_index(3))
+    assert parse_index(bytes(raw), "t").objects
+    raw[off] = value
+    with pytest.raises(err):
+        parse_index(bytes(raw), "t")
+
+
+def test_index_records_must_be_sorted_and_unique():
+    raw = _valid_index(3)
+    start = _IHEAD.size + 64
+    recs = [raw[start + i * 104 : start + (i + 1) * 104] for i in range(3)]
+    for bad in ([recs[1], recs[0], recs[2]], [recs[0], recs[0], recs[2]]):
+        with pytest.raises(FormatError, match="sorted and unique"):
+            parse_index(raw[:start] + b"".join(bad), "t")
+
+
 @_fuzz
 @given(st.data())
 def test_fuzz_index_parser(data):

@@ -321,6 +321,8 @@ def parse_index(data: bytes, where: str) -> Index:
     ) = _IHEAD.unpack_from(data)
     if version != INDEX_VERSION:
         raise UnsupportedFeature(f"{where}: index version {version} unknown")
+    if data[14:16] != b"\0\0":
+        raise FormatError(f"{where}: reserved index header bytes are not zero")
     if flags:
         raise UnsupportedFeature(f"{where}: unknown index flags {flags:#x}")
     if root_kind not in (crypto.MANIFEST, crypto.IMAGE):
