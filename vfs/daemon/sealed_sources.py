@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 
 from vfs.durable import write_atomic
-from vfs.errors import FormatError
+from vfs.errors import FormatError, InvalidObjectId
 from vfs.redirect.objectid import check_object_id
-from vfs.redirect.repometa import load_json
+from vfs.redirect.repometa import is_ref_name, load_json
 from vfs.redirect.sealed_refs import OpenedRef
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,18 @@ class SealedSources:
         if not isinstance(sources, dict):
             raise FormatError(f"{self.file}: malformed")
         for digest, v in sources.items():
-            if not isinstance(v, dict) or {"url", "ref", "signed_ref", "index"} - set(v):
-                raise FormatError(f"{self.file}: malformed source {digest!r}")
-            check_object_id(digest)
-            check_object_id(v["signed_ref"])
-            check_object_id(v["index"])
+            if (
+                not isinstance(v, dict)
+                or {"url", "ref", "signed_ref", "index"} - set(v)
+                or not all(isinstance(v[k], str) for k in ("url", "ref", "signed_ref", "index"))
+                or not is_ref_name(v["ref"])
+            ):
+                raise FormatError(f"{self.file}: malformed source {digest[:80]!r}")
+            try:
+                for oid in (digest, v["signed_ref"], v["index"]):
+                    check_object_id(oid)
+            except InvalidObjectId:
+                raise FormatError(f"{self.file}: malformed source {digest[:80]!r}") from None
         return sources
 
     def _save(self, sources: dict[str, dict[str, str]]) -> None:
