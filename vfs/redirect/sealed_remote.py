@@ -473,9 +473,7 @@ class UnsealingRemote(Remote):
         blocks = remote.iter_object(entry.cipher_oid, block, expected_size=entry.cipher_size)
         try:
             for b in blocks:
-                out = d.feed(b)
-                if out:
-                    yield out
+                yield from d.feed_chunks(b)
             tail = d.finish()
         except DecryptionError:
             raise
