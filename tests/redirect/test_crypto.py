@@ -304,3 +304,21 @@ def test_fuzz_mutated_ciphertext_never_decrypts(data):
     b[i] ^= data.draw(st.integers(1, 255))
     with pytest.raises(VfsError):
         crypto.open_object(ctx, bytes(b))
+
+
+@_fuzz
+@given(st.data())
+def test_fuzz_streaming_split_points(data):
+    """Any split of the ciphertext into feeds (pieces shorter than the header, than a chunk,
+    across chunk boundaries) gives back the plaintext, chunk by chunk."""
+    plain, ctx, sealed = _sealed(data.draw(st.integers(0, 3 * crypto.CHUNK + 100)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(sealed)), max_size=12)))
+    d = crypto.Decryptor(ctx)
+    out = []
+    prev = 0
+    for c in [*cuts, len(sealed)]:
+        piece = sealed[prev:c]
+        out += d.feed_chunks(memoryview(piece) if data.draw(st.booleans()) else piece)
+        prev = c
+    assert all(len(c) == crypto.CHUNK for c in out)
+    assert b"".join(out) + d.finish() == plain
