@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -281,8 +282,6 @@ def write_sealed_ref(
     index_id = remote.put(sealed_index)
     stanzas = [Stanza(*crypto.seal_key(data_key, r.x25519)) for r in index.recipients]
     counter = new_counter(previous)
-    import time
-
     signed = encode_signed_ref(
         ref=name,
         counter=counter,
