@@ -54,15 +54,18 @@ class _WarningCollector(logging.Handler):
 @pytest.fixture(autouse=True)
 def fail_on_unexpected_log_warnings(request: pytest.FixtureRequest):
     """A test in which vfs logs a warning or error it did not declare fails (S3QL's checklogs):
-    warnings are how the code says something went wrong quietly. Declare expected ones with
+    warnings are how the code says something went wrong quietly (the "vfs" and "vmctl" loggers).
+    Declare expected ones with
     ``@pytest.mark.log_warnings``."""
     collector = _WarningCollector()
-    vfs_logger = logging.getLogger("vfs")
-    vfs_logger.addHandler(collector)
+    loggers = [logging.getLogger(name) for name in ("vfs", "vmctl")]
+    for logger in loggers:
+        logger.addHandler(collector)
     try:
         yield
     finally:
-        vfs_logger.removeHandler(collector)
+        for logger in loggers:
+            logger.removeHandler(collector)
     if collector.records and request.node.get_closest_marker("log_warnings") is None:
         lines = [f"{r.name} {r.levelname}: {r.getMessage()}" for r in collector.records[:5]]
         pytest.fail(

@@ -21,8 +21,11 @@ from vfs.errors import StoreFull
 TMP_PREFIX = ".tmp."
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(where: str | os.PathLike[str] | int) -> None:
+    """Make a directory's entries durable: ``where`` is its path, or an fd of it (also an
+    ``O_PATH`` fd, which fsync refuses: the directory is reopened through /proc)."""
+    path = f"/proc/self/fd/{where}" if isinstance(where, int) else where
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

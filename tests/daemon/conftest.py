@@ -78,12 +78,14 @@ class Daemon:
     templates: dict[str, str] = field(default_factory=dict)
     remote_url: str | None = None  # default: the file:// repo
     extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
+    wrapper: list[str] = field(default_factory=list)  # runs the daemon, e.g. prlimit ...
 
     def start(self) -> None:
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(
                 [
+                    *self.wrapper,
                     *VFSD,
                     "-v",
                     "serve",

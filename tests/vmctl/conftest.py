@@ -1,9 +1,7 @@
 """Fixtures for vmctl's tests: the test guest (built once per session, cached across sessions),
-and the rule that vmctl, like vfs, must not log warnings a test did not declare."""
+and no QEMU left behind (the rule on undeclared warnings is suite-wide: tests/conftest.py)."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 
@@ -14,30 +12,6 @@ from tools.guest import Guest, build_guest
 def guest() -> Guest:
     """The tools/guest kernel + initramfs (built on first use, ~3 s plus a 27 MB download)."""
     return build_guest()
-
-
-class _Collector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture(autouse=True)
-def fail_on_unexpected_vmctl_warnings(request: pytest.FixtureRequest):
-    # The suite-wide check (tests/conftest.py) watches the "vfs" logger; vmctl logs as "vmctl".
-    collector = _Collector()
-    logger = logging.getLogger("vmctl")
-    logger.addHandler(collector)
-    try:
-        yield
-    finally:
-        logger.removeHandler(collector)
-    if collector.records and request.node.get_closest_marker("log_warnings") is None:
-        lines = [f"{r.name} {r.levelname}: {r.getMessage()}" for r in collector.records[:5]]
-        pytest.fail("vmctl logged unexpected warnings:\n  " + "\n  ".join(lines), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from array import array
 
 import xxhash
 
+from vfs.durable import fsync_dir
 from vfs.image import layout as L
 from vfs.image.fileio import ImageFile
 
@@ -75,13 +76,4 @@ def write_new_image(
         f.fsync()
     finally:
         f.close()
-    fsync_dir(f.path)
-
-
-def fsync_dir(path: str) -> None:
-    """Make the directory entry of ``path`` durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(os.path.abspath(f.path)))

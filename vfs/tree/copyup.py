@@ -213,7 +213,7 @@ class CopyUp:
         """Node ``node`` now shows the private inode pinned by ``fd``."""
         st = os.stat(fd)
         node.upper = True
-        node.fd = fd
+        self.inodes.add_pin(node, fd)
         if vee.files.get(node.key) is node:
             del vee.files[node.key]
         node.key = ("u", st.st_dev, st.st_ino)

@@ -13,6 +13,13 @@ here are few and strict, and every request depends on them (``docs/vee-layer.md`
 - *Lifetime.* A per-VEE non-directory node lives while the kernel holds a lookup reference or
   a handle is open; nodes a request made but handed to nobody are dropped when the request
   ends (:func:`request`), with their pinned fds. Directory and shared nodes stay.
+- *Pins are bounded.* A private file's pin (``Node.fd``, its identity) is what keeps its host
+  inode number from being reused while the node lives. A file that still has a name the view
+  knows cannot lose its host inode behind the daemon's back (only the daemon removes names in a
+  private layer), so its pin may be closed and taken again by that name when needed
+  (:meth:`InodeTable.add_pin`, least recently used first): a VEE that creates more files than
+  the daemon may hold fds (an untar of 100k files before the kernel forgets any) keeps working.
+  A file with no known name left, or with open handles, keeps its pin.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import hashlib
 import inspect
 import logging
 import os
+import resource
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -75,11 +84,23 @@ def request(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def default_pin_budget() -> int:
+    """Pins held at most: half the open-file limit (the rest is for open handles, the store
+    and the FUSE channel), at least 64."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, soft // 2)
+
+
 class InodeTable:
     """Every node of one mount, by inode number, and the shared nodes by file identity."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin_budget: int | None = None) -> None:
         self.nodes: dict[int, Node] = {}
+        #: nodes holding a pinned fd, least recently used first (:meth:`add_pin`)
+        self.pins: OrderedDict[int, Node] = OrderedDict()
+        self.pin_budget = default_pin_budget() if pin_budget is None else pin_budget
         #: shared inodes by file identity (:meth:`identity`), and the identities unshared
         self.shared: dict[bytes, Node] = {}
         self.unshared: set[bytes] = set()
@@ -194,9 +215,55 @@ class InodeTable:
         vee = node.vee
         if isinstance(vee, Vee) and vee.files.get(node.key) is node:
             del vee.files[node.key]
+        self.drop_pin(node)
+
+    # -- pins ------------------------------------------------------------------------------
+
+    def add_pin(self, node: Node, fd: int) -> None:
+        """``node`` now holds ``fd`` as its pin; over the budget, the least recently used
+        pins of files that still have a known name and no open handle are closed (they are
+        taken again by name, :meth:`unpinned`)."""
+        if node.fd is not None and node.fd != fd:
+            os.close(node.fd)
+        node.fd = fd
+        self.pins[node.ino] = node
+        self.pins.move_to_end(node.ino)
+        if len(self.pins) > self.pin_budget:
+            self._shed_pins(node)
+
+    def used_pin(self, node: Node) -> None:
+        """``node``'s pin was just used (it moves to the most recently used end)."""
+        if node.ino in self.pins:
+            self.pins.move_to_end(node.ino)
+
+    def drop_pin(self, node: Node) -> None:
         if node.fd is not None:
             os.close(node.fd)
             node.fd = None
+        if self.pins.get(node.ino) is node:
+            del self.pins[node.ino]
+
+    @staticmethod
+    def unpinned(node: Node) -> bool:
+        """Whether ``node`` is a private file whose pin was shed (taken again by name)."""
+        return node.fd is None and node.upper and not node.is_dir and isinstance(node.vee, Vee)
+
+    def _shed_pins(self, newest: Node) -> None:
+        """Close pins down to 7/8 of the budget (so that shedding is rare), oldest first;
+        never ``newest``, whose pin its caller is about to use."""
+        target = self.pin_budget - self.pin_budget // 8
+        kept: list[Node] = []
+        while len(self.pins) + len(kept) > target and self.pins:
+            _, node = self.pins.popitem(last=False)
+            if node is newest or node.opens > 0 or not node.links or node.vee is _DEAD:
+                kept.append(node)  # no name to take it again by, or in use: it keeps its pin
+                continue
+            if node.fd is not None:
+                os.close(node.fd)
+                node.fd = None
+        for node in reversed(kept):
+            self.pins[node.ino] = node
+            self.pins.move_to_end(node.ino, last=False)
 
     def sweep(self, fresh: list[Node] | None) -> None:
         for node in fresh or ():
@@ -224,14 +291,10 @@ class InodeTable:
         for node in list(self.nodes.values()):
             if node.vee is vee:
                 node.vee = _DEAD
-                if node.fd is not None:
-                    os.close(node.fd)
-                    node.fd = None
+                self.drop_pin(node)
         for node in self.shared.values():
             node.seen = {(p, n) for p, n in node.seen if p.vee is not _DEAD}
 
     def close(self) -> None:
         for node in self.nodes.values():
-            if node.fd is not None:
-                os.close(node.fd)
-                node.fd = None
+            self.drop_pin(node)

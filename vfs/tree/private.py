@@ -36,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vfs.durable import fsync_dir
 from vfs.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,6 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def fsync_dir(fd: int) -> None:
-    """fsync a directory given an O_PATH (or normal) fd to it."""
-    dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class PrivateLayer:
     """Operations on one VEE's private directory, addressed by component tuples.
 
@@ -111,11 +103,7 @@ class PrivateLayer:
             os.setxattr(tmp, k, v)
         os.utime(tmp, ns=(meta.atime_ns, meta.mtime_ns))
         os.rename(tmp, self.upper)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)
 
     def _clean_work(self) -> None:
         """Remove copy-up leftovers of a crash: they were never renamed into place, so no VEE

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
+from vfs.durable import fsync_dir
 from vfs.errors import IntegrityError, NotFound, RemoteError, VfsError
 from vfs.tree.copyup import CopyUp, entry_meta
 from vfs.tree.entry import Entry
@@ -67,7 +68,6 @@ from vfs.tree.private import (
     check_name,
     chown_fd,
     fallocate,
-    fsync_dir,
     is_whiteout,
     proc_path,
     renameat2,
@@ -178,6 +178,24 @@ class Views:
 
     def node(self, ino: int) -> Node:
         return self.inodes.node(ino)
+
+    def _pin(self, node: Node) -> int | None:
+        """The pinned fd of a private file (taken again by one of its names if the table shed
+        it, checked to be the same host inode), None for nodes without one."""
+        if node.fd is not None:
+            self.inodes.used_pin(node)
+            return node.fd
+        if not InodeTable.unpinned(node):
+            return None
+        vee = self._vee(node)
+        fd = vee.layer.pin(self.path(node))
+        st = os.stat(fd)
+        if ("u", st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            log.error("%s: private file replaced behind the daemon", self._describe(node))
+            raise FsError(errno.ESTALE, "private file replaced behind the daemon")
+        self.inodes.add_pin(node, fd)
+        return fd
 
     def _vee(self, node: Node) -> Vee:
         if node.vee is None or node.vee is _DEAD:
@@ -328,7 +346,8 @@ class Views:
                     node = self.inodes.new(vee, stat.S_IFMT(pst.st_mode), None, ident)
                     node.upper = True
                     node.key = key
-                    node.fd, fd = fd, -1
+                    self.inodes.add_pin(node, fd)
+                    fd = -1
                     vee.files[key] = node
             finally:
                 if fd >= 0:
@@ -494,7 +513,7 @@ class Views:
     def _setattr_file(self, node: Node, ch: SetAttr, h: Handle | None) -> None:
         """Every change through the pinned inode (``node.fd``): works after the last name is
         gone (the writeback cache sends a SETATTR when an unlinked file is closed)."""
-        pin = node.fd
+        pin = self._pin(node)
         assert pin is not None
         if ch.size is not None:
             if h is not None and h.fd is not None and h.writable:
@@ -551,8 +570,9 @@ class Views:
     def _xattr_target(self, node: Node) -> tuple[bytes | str, bool]:
         """(path, follow_symlinks) for the xattr calls naming exactly this private entry: the
         pinned inode's magic link (followed), or a directory's walked path (not followed)."""
-        if node.fd is not None:
-            return proc_path(node.fd), True
+        pin = self._pin(node)
+        if pin is not None:
+            return proc_path(pin), True
         vee = self._vee(node)
         return vee.layer.xattr_path(self.path(node)), False
 
@@ -762,6 +782,7 @@ class Views:
         vee, parent, node = self._existing(parent_ino, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        self._pin(node)  # a file that may lose its last name holds its pin from now on
         self._drop_name(vee, parent, name)
         self._name_gone(node, parent, name)
 
@@ -852,7 +873,10 @@ class Views:
             st = vee.layer.lstat(dpath)
             if st is not None and is_whiteout(st) and src.is_dir:
                 vee.layer.remove(dpath)
-        # 4. move, leaving a whiteout when the template has the old name
+        # 4. move, leaving a whiteout when the template has the old name (a file renamed
+        # over may lose its last name: it holds its pin from now on)
+        if dst is not None and not dst.is_dir:
+            self._pin(dst)
         hide = self._natural_lower(p1, n1) is not None
         with vee.layer.at(spath) as (sfd, sname), vee.layer.at(dpath) as (dfd, dname):
             renameat2(sfd, sname, dfd, dname, RENAME_WHITEOUT if hide else 0)
@@ -963,19 +987,22 @@ class Views:
             raise FsError(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:
-            fd = reopen(node.fd, os.O_RDONLY) if node.fd is not None else None
+            pin = self._pin(node)
+            fd = reopen(pin, os.O_RDONLY) if pin is not None else None
             return self._new_handle(node, fd, False)
         await self.copyup.writable(node, with_data=not flags & os.O_TRUNC)
-        assert node.fd is not None
-        return self._new_handle(node, reopen(node.fd, _open_flags(flags)), True)
+        pin = self._pin(node)
+        assert pin is not None
+        return self._new_handle(node, reopen(pin, _open_flags(flags)), True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
         node = h.node
         if node.upper:
             if h.fd is None:  # opened on the template file, copied up since
-                assert node.fd is not None
-                h.fd = reopen(node.fd, os.O_RDONLY)
+                pin = self._pin(node)
+                assert pin is not None
+                h.fd = reopen(pin, os.O_RDONLY)
             return os.pread(h.fd, size, off)
         e = node.lower
         assert e is not None
