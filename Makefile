@@ -3,9 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # gcc, libc6-dev, python3-dev, libfuse3-dev, pkg-config, git: the patched pyfuse3 is compiled here
+# erofs-utils: fsck.erofs checks the template images the kernel engine writes (tests)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-system-x86 qemu-utils nginx-light fio openssl \
                 curl fuse-overlayfs rsync git xz-utils e2fsprogs gcc libc6-dev python3-dev \
-                debootstrap apt-utils
+                debootstrap apt-utils libnbd-bin nbdkit python3-libnbd erofs-utils
 STAMP := $(VENV)/.installed
 # pyfuse3 3.5.0 from PyPI with the patches of tools/pyfuse3 (README there), built into the venv
 # before the project is installed, so pip never fetches the unpatched one.
@@ -17,9 +18,13 @@ PYFUSE3_INPUTS := $(PYFUSE3)/build.py $(PYFUSE3)/series $(PYFUSE3)/build-constra
 
 all: test
 
+# python3-venv: `python3 -m venv` (a minimal Debian 12 lacks it). README "The two commands" lists
+# BASE_PACKAGES and APT_PACKAGES (tests/tools/test_repo_docs.py holds the lists equal).
+BASE_PACKAGES := python3-venv
+
 # System packages: installed only when something is missing (the second run is quick).
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@missing=""; for p in $(BASE_PACKAGES) $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -60,6 +65,7 @@ bench: setup
 	$(PY) -m tools.bench.template
 	$(PY) -m tools.bench.image
 	$(PY) -m tools.bench.tree
+	$(PY) -m tools.bench.export
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -31,7 +31,7 @@ def nginx(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def nginx_repo(nginx: Nginx, request: pytest.FixtureRequest):
     """A fresh empty repository directory published under nginx; returns (dir, name)."""
-    from vfs.redirect.remote import FileRemote
+    from vfs.redirect.file_remote import FileRemote
 
     name = request.node.name.replace("[", "_").replace("]", "_")[:60]
     path = nginx.webroot / name

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         demo_redirect(work, nginx)
-        for name in ("demo_image", "demo_tree"):
+        for name in ("demo_image", "demo_tree", "demo_export", "demo_vmctl"):
             mod = _optional(name)
             if mod is not None:
                 mod.run_demo(work, nginx, run, banner)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _optional(name: str):
-    """Sections of the parts that have landed (tools/demo_image.py, tools/demo_tree.py)."""
+    """Sections of the parts that have landed (tools/demo_image.py, demo_tree.py, ...)."""
     import importlib
 
     try:

@@ -80,4 +80,6 @@ def run_demo(work: Path, nginx, run, banner) -> None:
     run("vimg", "io", "--repo", url, "--store", store, copy, "-c", "read -P 0xcd 32M 64k")
     run("vimg", "pull", "--repo", url, "--store", store, "-q", copy)
     run("vimg", "check", copy)
-    run("vimg", "compare", q, copy)
+    # the copy is the pushed image (with the bitmap section's writes, so not the qcow2 any more):
+    # compare it with the original, whose clusters now live in the repository
+    run("vimg", "compare", "--repo", repo, v, copy)

@@ -55,9 +55,9 @@ def run_demo(work: Path, nginx, run, banner) -> None:
     log = open(d / "vfsd.log", "wb")  # noqa: SIM115 - closed in finally
 
     def start() -> subprocess.Popen:
-        print(f"$ vfsd serve --state {state} --mount {mnt} --remote {url} --store {store} &")
+        print(f"$ vfsd serve --state {state} --mount {mnt} --repo {url} --store {store} &")
         p = subprocess.Popen(
-            [BIN / "vfsd", "serve", "--state", state, "--mount", mnt, "--remote", url,
+            [BIN / "vfsd", "serve", "--state", state, "--mount", mnt, "--repo", url,
              "--store", store], stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -75,7 +75,9 @@ def run_demo(work: Path, nginx, run, banner) -> None:
     proc = start()
     try:
         run("vfsd", "vee", "add", "web1", "--template", "demo-os", "--state", state)
-        run("vfsd", "vee", "add", "web2", "--template", "demo-os", "--state", state)
+        v1 = run("vfsd", "vee", "add", "web2", "--template", "demo-os", "--state", state).split()[
+            -1
+        ]
         run("vfsd", "vee", "list", "--state", state)
         run("ls", "-l", mnt / "web1" / "etc")
         print("\n# second redirection on first read: the content comes from nginx into the store")
@@ -105,6 +107,15 @@ def run_demo(work: Path, nginx, run, banner) -> None:
         run("vfsd", "template", "publish", src, "--repo", repo, "--name", "demo-os")
         run("vfsd", "vee", "upgrade", "web1", "--template", "demo-os", "--state", state)
         run("cat", mnt / "web1/etc/release", mnt / "web1/etc/app.conf")
+
+        print("\n# version 1 has no name now, but web2 runs on it: a repository gc must be told")
+        run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", "--dry-run")
+        print(
+            "# ...by the digest, or by the store of the host, whose gc roots name what its VEEs use"
+        )
+        run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", "--dry-run", v1)
+        run("vfsd", "repo", "gc", "--repo", repo, "--grace", "0", "--store", store)
+        run("vfsd", "template", "check", v1, "--repo", repo)
 
         print("\n# kill -9 the daemon: fsynced data survives, the VEEs come back on restart")
         fd = os.open(mnt / "web2/etc/journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -37,7 +37,19 @@ one-line message and an exit code (``.exit_code``).
     ├── FsError                   exit 1, any      a plain file-system errno (ENOTEMPTY, EISDIR)
     ├── StaleHandle               exit 1, ESTALE   a shared inode must be looked up again
     ├── DaemonNotRunning          exit 3           no daemon answers on the control socket
-    └── ControlError              (daemon's code)  an error the daemon reported to a CLI
+    ├── ControlError              (daemon's code)  an error the daemon reported to a CLI
+    └── Outcome                                    not a failure: a result a script tests by
+        │                                          the exit code; no "error:" line
+        ├── Differs               exit 1           the inputs differ (template diff
+        │                                          --exit-code, vimg compare: as diff, cmp)
+        ├── CheckCorruption       exit 2           vimg check found corruption it left
+        │                                          (qemu-img check's code, not a usage error)
+        └── CheckLeaks            exit 3           vimg check found only leaked clusters
+                                                   (qemu-img check's code)
+
+Outside the hierarchy, at the CLI edge only: 130 after Ctrl-C (SIGINT), 141 when stdout was
+closed under a command (``vfsd ... | head``: it ends quietly, with the status a shell shows for
+coreutils killed by SIGPIPE, 128 + 13).
 """
 
 from __future__ import annotations
@@ -188,6 +200,27 @@ class ControlError(VfsError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Outcome(VfsError):
+    """A result, not a failure, that a command reports by its exit code (diff's 1, qemu-img
+    check's 2 and 3). The CLI edge prints its message as is (nothing if it is empty), without
+    "error:", and exits with the code."""
+
+    def __init__(self, message: str = "", **context: object) -> None:
+        super().__init__(message, **context)
+
+
+class Differs(Outcome):
+    exit_code = 1
+
+
+class CheckCorruption(Outcome):
+    exit_code = 2
+
+
+class CheckLeaks(Outcome):
+    exit_code = 3
 
 
 _OS_ERRORS: dict[int, type[VfsError]] = {

@@ -1,10 +1,11 @@
 """`vmctl`: a thin launcher of QEMU guests on vimg images.
 
 ``host`` says what a guest would get here (KVM or TCG, and why). ``run`` starts a guest on
-local raw or qcow2 disks and returns once it is running (QEMU keeps running after vmctl exits);
-``list``, ``status``, ``stop`` and ``console`` find it again through its state directory
-(``--root``, ``$VMCTL_ROOT``, default ``$VFS_ROOT/vmctl``). Disks behind the vimg export,
-migration, hibernate and restore come with the image exports (issue 11).
+vimg disks (each served by a ``vfsd export`` over NBD) or raw/qcow2 files and returns once it
+is running (QEMU and the exports keep running after vmctl exits); ``list``, ``status``, ``stop``
+and ``console`` find it again through its state directory (``--root``, ``$VMCTL_ROOT``, default
+``$VFS_ROOT/vmctl``). ``hibernate`` saves a running guest into a bundle and ``restore`` brings
+it back (:mod:`vmctl.hibernate`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _root(root: Path | None) -> Path:
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
-    """Launch QEMU guests and find them again: run, list, status, stop, console, host."""
+    """Launch QEMU guests on vimg disks and find them again (run, list, status, stop, console,
+    host); save and bring them back (hibernate, restore); move them live (migrate)."""
     setup_logging(verbose)
 
 
@@ -74,18 +76,29 @@ def host(as_json: bool) -> None:
     "disks",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="A raw or qcow2 image, the guest's next virtio disk (repeatable).",
+    help="A vimg (served by a vfsd export over NBD), raw or qcow2 image: the guest's next "
+    "virtio disk (repeatable).",
 )
 @click.option(
     "--kernel",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Boot this kernel directly (no firmware boot from disk).",
 )
-@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--initrd",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Initial ram disk for --kernel.",
+)
 @click.option("--append", help="Kernel command line (with --kernel).")
 @click.option("--memory", default="256M", show_default=True, help="Guest memory (e.g. 512M, 1G).")
-@click.option("--cpus", default=1, show_default=True, type=int)
-@click.option("--machine", default="q35", show_default=True, type=click.Choice(["q35", "pc"]))
+@click.option("--cpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
+@click.option(
+    "--machine",
+    default="q35",
+    show_default=True,
+    type=click.Choice(["q35", "pc"]),
+    help="QEMU machine type.",
+)
 @click.option(
     "--wait-for",
     metavar="REGEX",
@@ -105,25 +118,16 @@ def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | 
         timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
     """Start guest NAME; return once it runs (QEMU stays up after vmctl exits)."""
     from vmctl.disks import open_disk
+    from vmctl.lifecycle import start_vm
     from vmctl.machine import MachineSpec
-    from vmctl.qemu import run_qemu
     from vmctl.vms import vm_paths
 
     memory_mib = parse_size(memory) >> 20
+    paths = vm_paths(_root(root), name)
     spec = MachineSpec(name, memory_mib=memory_mib, cpus=cpus, machine=machine, kernel=kernel,
                        initrd=initrd, append=append,
-                       disks=[open_disk(d, i) for i, d in enumerate(disks)])  # fmt: skip
-    paths = vm_paths(_root(root), name)
-
-    async def start() -> dict:
-        async with run_qemu(spec, paths.dir, marker=wait_for, boot_timeout=timeout,
-                            connect_timeout=timeout) as vm:  # fmt: skip
-            vm.detach()
-            return {"name": name, "pid": vm.pid, "accel": vm.accel.name,
-                    "accel_reason": vm.accel.reason, "state_dir": str(paths.dir),
-                    "serial_log": str(paths.serial_log)}  # fmt: skip
-
-    info = trio.run(start)
+                       disks=[open_disk(d, i, paths.dir) for i, d in enumerate(disks)])  # fmt: skip
+    info = trio.run(lambda: start_vm(spec, paths, marker=wait_for, timeout=timeout))
     if as_json:
         emit_json(info)
     else:
@@ -176,14 +180,15 @@ def status(name: str, root: Path | None, as_json: bool) -> None:
 @root_option
 @handle_errors
 def stop(name: str, force: bool, timeout: float, root: Path | None) -> None:
-    """Stop VM NAME: quit over QMP, then SIGTERM, then SIGKILL (--force: kill at once)."""
-    from vmctl.qemu import stop_detached
+    """Stop VM NAME: quit over QMP, then SIGTERM, then SIGKILL (--force: kill at once); then
+    its disks' exports."""
+    from vmctl.lifecycle import stop_vm
     from vmctl.vms import vm_paths
 
     paths = vm_paths(_root(root), name)
     if not paths.spec.exists():
         raise NotFound(f"no VM named {name!r} in {_root(root)}")
-    if not trio.run(lambda: stop_detached(paths, force=force, timeout=timeout)):
+    if not trio.run(lambda: stop_vm(paths, force=force, timeout=timeout)):
         raise VmError(f"VM {name!r} is not running")
     click.echo(f"{name}: stopped")
 
@@ -206,3 +211,166 @@ def console(name: str, follow: bool, root: Path | None) -> None:
     if not paths.spec.exists():
         raise NotFound(f"no VM named {name!r} in {_root(root)}")
     trio.run(lambda: follow_serial(paths, sys.stdout.buffer, follow=follow))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds for the state save.")
+@root_option
+@json_option
+@handle_errors
+def hibernate(name: str, bundle: Path, timeout: float, root: Path | None, as_json: bool) -> None:
+    """Save running VM NAME into BUNDLE (a new directory) and stop it.
+
+    The guest is paused, its memory and device state written to BUNDLE, each disk (vimg only)
+    frozen as a snapshot bound to that state, then QEMU stopped. `vmctl restore BUNDLE` brings
+    it back, here or on another host.
+    """
+    from vmctl.hibernate import hibernate as do_hibernate
+
+    info = trio.run(lambda: do_hibernate(_root(root), name, bundle, timeout=timeout))
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(
+            f"{name}: hibernated into {info['bundle']} ({info['state_bytes'] >> 20} MiB of state, "
+            f"saved in {info['save_s']:.2f}s)"
+        )
+
+
+def _moves(values: tuple[str, ...]) -> dict[str, Path]:
+    from vfs.errors import UsageError
+
+    out: dict[str, Path] = {}
+    for v in values:
+        node, sep, path = v.partition("=")
+        if not sep or not node or not path:
+            raise UsageError(f"--disk wants NODE=PATH (e.g. disk0=/images/web.vimg), not {v!r}")
+        out[node] = Path(path).absolute()
+    return out
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--name", help="Name of the restored VM [default: the saved one's].")
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar="NODE=PATH",
+    help="The image of disk NODE is now at PATH (moved or copied; repeatable).",
+)
+@click.option("--kernel", type=click.Path(path_type=Path), help="The saved guest's kernel moved.")
+@click.option("--initrd", type=click.Path(path_type=Path), help="Its initrd moved.")
+@click.option("--memory", help="Must equal the saved guest's memory (checked, not changed).")
+@click.option("--cpus", type=int, help="Must equal the saved guest's vCPU count.")
+@click.option("--machine", help="Must equal the saved guest's machine type.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds for start and load.")
+@root_option
+@json_option
+@handle_errors
+def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path | None,
+            initrd: Path | None, memory: str | None, cpus: int | None, machine: str | None,
+            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Bring back the guest hibernated into BUNDLE; return once it runs.
+
+    Refuses, before touching anything, what QEMU could not load (another QEMU that is older,
+    machine type, memory, vCPUs, devices) and a disk that is not the one frozen with the
+    state or was written since (so two guests never write one disk from one bundle).
+    """
+    from vmctl.hibernate import restore as do_restore
+
+    overrides = {"kernel": kernel, "initrd": initrd, "cpus": cpus, "machine": machine,
+                 "memory_mib": parse_size(memory) >> 20 if memory else None}  # fmt: skip
+    info = trio.run(lambda: do_restore(bundle, root=_root(root), name=name, moves=_moves(disks),
+                                       timeout=timeout, **overrides))  # fmt: skip
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(
+            f"{info['name']}: restored from {info['bundle']} in {info['restore_s']:.2f}s "
+            f"(pid {info['pid']}, {info['accel']})"
+        )
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--to",
+    "dest",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The destination state root (another host's, or another root here).",
+)
+@click.option("--bandwidth", default="1G", show_default=True, help="RAM pre-copy bytes/second.")
+@click.option(
+    "--downtime-ms", default=100, show_default=True, help="Pause QEMU may aim for at the switch."
+)
+@click.option(
+    "--precopy-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds of RAM pre-copy before a guest that does not converge is stopped and copied.",
+)
+@click.option(
+    "--postcopy",
+    is_flag=True,
+    help="A guest that does not converge switches to post-copy instead of stop-and-copy.",
+)
+@click.option(
+    "--ram",
+    type=click.Choice(["live", "paused"]),
+    default=None,
+    help="RAM pre-copy while the guest runs, or copied with it paused [default: live under "
+    "KVM, paused under TCG, where QEMU 7.2's live pre-copy loses guest writes].",
+)
+@click.option(
+    "--copy-storage-inc",
+    is_flag=True,
+    help="Copy only each disk's own layer: the destination holds its backing file (a template).",
+)
+@click.option(
+    "--abort",
+    "abort_",
+    is_flag=True,
+    help="Undo a migration whose vmctl died before the switch: resume the source, remove --to.",
+)
+@click.option("--timeout", default=600.0, show_default=True)
+@root_option
+@json_option
+@handle_errors
+def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
+            postcopy: bool, ram: str | None, copy_storage_inc: bool, abort_: bool,
+            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
+    it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
+    If anything fails before the switch, the source runs on and the destination is removed."""
+    from vmctl.migrate import abort as do_abort
+    from vmctl.migrate import migrate as do_migrate
+
+    if abort_:
+        out = trio.run(lambda: do_abort(_root(root), name, dest))
+        if as_json:
+            emit_json(out)
+        else:
+            click.echo(f"{name}: migration undone (source running: {out['source_running']}, "
+                       f"destination removed: {out['destination_removed']})")  # fmt: skip
+        return
+
+    def progress(text: str) -> None:
+        click.echo(f"{name}: {text}", err=True)
+
+    info = trio.run(lambda: do_migrate(
+        _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
+        precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
+        copy_storage_inc=copy_storage_inc, ram=ram,
+        progress=progress))  # fmt: skip
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(
+            f"{name}: migrated to {info['to']} ({info['mode']}): downtime {info['downtime_ms']} ms"
+            f", stage 1 {info['stage1_s']}s, {info['disk_bytes'] >> 20} MiB disk, "
+            f"{(info['ram_bytes'] or 0) >> 20} MiB RAM"
+        )

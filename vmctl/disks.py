@@ -5,9 +5,8 @@ the top one named ``node_name``) and puts a ``virtio-blk-pci`` on the top node. 
 is the disk's business:
 
 - :class:`ImageFile`: a local raw or qcow2 file (``file`` node, then the format node);
-- :class:`Blockdevs`: any stack given as specs — how the vimg export of a disk plugs in later
-  (``{"driver": "nbd", "server": {"type": "unix", "path": ...}, "export": ...}``) without the
-  runner changing.
+- :class:`Blockdevs`: any stack given as specs;
+- :class:`vmctl.exports.VimgDisk`: a vimg image behind its ``vfsd export`` (an ``nbd`` node).
 
 QEMU takes its own locks on local image files (``file-posix`` ``locking=auto``), so a second
 QEMU cannot open a disk another one writes; vmctl relies on that rather than adding its own.
@@ -121,12 +120,12 @@ class Blockdevs(Disk):
         return [dict(s) for s in self.specs]
 
 
-def open_disk(path: Path, index: int) -> Disk:
+def open_disk(path: Path, index: int, state_dir: Path | None = None) -> Disk:
     """The disk ``vmctl run --disk PATH`` gives the guest as its ``index``-th virtio disk.
 
-    Today: the image file itself, raw or qcow2 (format probed by vfs.image). This is the one
-    place the vimg export (issue 11) replaces: it will start an NBD export of the image and
-    return a :class:`Blockdevs` with ``driver: nbd``; nothing else in vmctl changes.
+    A raw or qcow2 image is opened by QEMU itself (format probed by vfs.image); a vimg image
+    is served by a ``vfsd export`` process on an NBD socket in ``state_dir``
+    (:class:`vmctl.exports.VimgDisk`; the caller starts it with ``start_exports``).
     """
     path = Path(path)
     if not path.exists():
@@ -134,6 +133,12 @@ def open_disk(path: Path, index: int) -> Disk:
     from vfs.image.fileio import probe_format
 
     fmt = probe_format(str(path))
+    if fmt == "vimg":
+        if state_dir is None:
+            raise UsageError(f"{path}: a vimg disk needs the VM's state directory (its export)")
+        from vmctl.exports import vimg_disk
+
+        return vimg_disk(path, index, state_dir)
     if fmt not in FORMATS:
-        raise UsageError(f"{path}: {fmt} disks need the image export, not there yet (raw or qcow2)")
+        raise UsageError(f"{path}: cannot use a {fmt} image as a disk (raw, qcow2 or vimg)")
     return ImageFile(path, fmt, node_name=f"disk{index}")

@@ -30,6 +30,8 @@ from vfs.errors import UsageError
 from vmctl.disks import Disk
 
 MACHINES = ("q35", "pc")
+#: Versioned machine types (what q35/pc resolve to): a restore names the one it was saved on.
+_VERSIONED = re.compile(r"^pc-(q35|i440fx)-\d+\.\d+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -59,8 +61,11 @@ class MachineSpec:
 
     def __post_init__(self) -> None:
         check_vm_name(self.name)
-        if self.machine not in MACHINES:
-            raise UsageError(f"machine type must be one of {', '.join(MACHINES)}")
+        if self.machine not in MACHINES and not _VERSIONED.match(self.machine):
+            raise UsageError(
+                f"machine type must be one of {', '.join(MACHINES)} (or a versioned pc-q35-X.Y, "
+                f"pc-i440fx-X.Y), not {self.machine!r}"
+            )
         if not 16 <= self.memory_mib <= 1 << 20:
             raise UsageError(f"memory must be between 16 MiB and 1 TiB, not {self.memory_mib} MiB")
         if not 1 <= self.cpus <= 64:
@@ -125,7 +130,8 @@ def build_argv(
     for i, disk in enumerate(spec.disks):
         argv += disk.argv(i)
     if incoming:
-        argv += ["-incoming", incoming]
+        # Paused after the stream is loaded (-S): the caller checks it, then resumes it.
+        argv += ["-S", "-incoming", incoming]
     return argv + list(spec.extra_args)
 
 

@@ -399,9 +399,11 @@ async def run_qemu(
     boot_timeout: float = 120.0,
     connect_timeout: float = 30.0,
     binary: str | None = None,
+    incoming: str | None = None,
 ) -> AsyncIterator[QemuVM]:
     """Start QEMU for ``spec`` with its state in ``state_dir``; yield once QMP is up (and, with
-    ``marker``, once the guest printed a line matching it); stop it on the way out."""
+    ``marker``, once the guest printed a line matching it); stop it on the way out.
+    ``incoming`` (e.g. ``defer``): QEMU waits for a migration stream instead of booting."""
     binary = binary or qemu_binary()
     if binary is None:
         raise NotFound("qemu-system-x86_64 is not installed")
@@ -414,7 +416,7 @@ async def run_qemu(
         raise
     try:
         argv = build_argv(spec, binary=binary, accel=accel.name, qmp_fd=listener.fileno(),
-                          serial_log=paths.serial_log)  # fmt: skip
+                          serial_log=paths.serial_log, incoming=incoming)  # fmt: skip
         record = {"format": VM_RECORD_FORMAT, "version": VM_RECORD_VERSION,
                   "spec": spec.describe(), "argv": argv, "accel": accel.name,
                   "accel_reason": accel.reason}  # fmt: skip

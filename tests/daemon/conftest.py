@@ -78,6 +78,8 @@ class Daemon:
     templates: dict[str, str] = field(default_factory=dict)
     remote_url: str | None = None  # default: the file:// repo
     extra_args: list[str] = field(default_factory=list)  # e.g. --ca/--cert/--key
+    use_remote: bool = True  # False: serve from the local store alone (no --repo)
+    engine: str = "fuse"  # "fuse" or "kernel" (vfsd serve --engine)
     wrapper: list[str] = field(default_factory=list)  # runs the daemon, e.g. prlimit ...
 
     def start(self) -> None:
@@ -93,10 +95,11 @@ class Daemon:
                     str(self.state),
                     "--mount",
                     str(self.mnt),
-                    "--remote",
-                    self.remote_url or str(self.repo),
+                    *(["--repo", self.remote_url or str(self.repo)] if self.use_remote else []),
                     "--store",
                     str(self.store),
+                    "--engine",
+                    self.engine,
                     *self.extra_args,
                 ],
                 stdout=logf,
@@ -109,7 +112,7 @@ class Daemon:
 
         try:
             control.call(self.state, {"op": "ping"}, timeout=5)
-            return is_mounted(self.mnt)
+            return self.engine == "kernel" or is_mounted(self.mnt)
         except control.DaemonNotRunning:
             return False
 
@@ -117,6 +120,7 @@ class Daemon:
         """SIGTERM, wait, then make sure: unmount, kill."""
         p = self.proc
         if p is None:
+            self.unmount_all()
             return
         try:
             if p.poll() is None:
@@ -126,11 +130,21 @@ class Daemon:
                 except subprocess.TimeoutExpired:
                     pass
         finally:
-            unmount(self.mnt)
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
             self.proc = None
+            self.unmount_all()
+
+    def unmount_all(self) -> None:
+        """Whatever a daemon of either engine left mounted: VEE overlays, image and data layer
+        mounts (the kernel engine's outlive a killed daemon), the FUSE mount."""
+        unmount(self.mnt)
+        prefixes = (os.fspath(self.mnt) + "/", os.fspath(self.state) + "/")
+        with open("/proc/self/mountinfo") as f:
+            targets = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
+        for t in sorted(set(targets), key=len, reverse=True):
+            subprocess.run(["umount", "-l", t], check=False, capture_output=True)
 
     def kill9(self) -> None:
         """kill -9, and leave the dead mount behind as a real crash does: the next start
@@ -160,14 +174,41 @@ class Daemon:
             return ""
 
 
+def kernel_engine_available() -> str | None:
+    """Why the kernel engine cannot run here (None: it can): the daemon's own probe."""
+    global _KERNEL_PROBE
+    if _KERNEL_PROBE is None:
+        import tempfile
+
+        from vfs.daemon.kernel_engine import probe
+
+        with tempfile.TemporaryDirectory() as d:
+            ok, why = probe(Path(d) / "probe")
+        _KERNEL_PROBE = "" if ok else why
+    return _KERNEL_PROBE or None
+
+
+_KERNEL_PROBE: str | None = None
+#: The engines a test runs on when it asks for both (``pytest.mark.parametrize`` over the
+#: ``engine`` fixture, or a module's own ``engine`` fixture with these params).
+ENGINES = ["fuse", pytest.param("kernel", marks=pytest.mark.kernel)]
+
+
 @pytest.fixture
-def daemon(tmp_path: Path):
+def engine() -> str:
+    """The engine of the ``daemon`` fixture: the FUSE engine unless a module asks for both
+    (a module-level ``engine`` fixture with ``params=ENGINES``)."""
+    return "fuse"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, engine: str):
     """A running daemon with the sample template published as 'base' and VEEs a and b."""
-    reason = fuse_available()
+    reason = fuse_available() or (kernel_engine_available() if engine == "kernel" else None)
     if reason:
         pytest.skip(reason)
     root = tmp_path
-    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo")
+    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo", engine=engine)
     d.mnt.mkdir()
     vfsd("repo", "init", str(d.repo))
     make_sample_tree(root / "src")
@@ -221,7 +262,7 @@ def _publish_salted(d: Daemon, tree: Path, salt: bytes) -> str:
     otherwise find files an earlier case unshared)."""
     from tests.daemon.posix_support import T_ATIME_NS, T_MTIME_NS
     from vfs.redirect import LocalStore
-    from vfs.redirect.remote import FileRemote
+    from vfs.redirect.file_remote import FileRemote
     from vfs.tree.template import publish_template
 
     tag = hashlib.blake2b(salt, digest_size=8).digest()  # small: it must fit in the inode

@@ -9,7 +9,7 @@ import pytest
 
 from tests.daemon.conftest import vfsd
 from tests.daemon.vee_helpers import copy_tree
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 
 pytestmark = pytest.mark.fuse
 

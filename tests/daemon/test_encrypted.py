@@ -19,7 +19,7 @@ import pytest
 
 from tests.daemon.conftest import Daemon, fuse_available, vfsd
 from vfs.redirect import LocalStore
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 
 pytestmark = [pytest.mark.fuse, pytest.mark.network]
 

@@ -1,4 +1,5 @@
-"""Real FUSE mount: two VEEs on one template through the kernel."""
+"""Two VEEs on one template through the kernel, on both engines (the FUSE engine's one mount,
+the kernel engine's overlay per VEE); where the engines differ on purpose, the test says so."""
 
 from __future__ import annotations
 
@@ -11,14 +12,33 @@ import subprocess
 
 import pytest
 
+from tests.daemon.conftest import ENGINES
+
 pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def ident(p) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    st = os.stat(p)
+    return st.st_dev, st.st_ino
 
 
 def test_shared_inode_until_written(daemon):
     a, b = daemon.mnt / "a", daemon.mnt / "b"
     assert sorted(os.listdir(daemon.mnt)) == ["a", "b"]
-    assert os.stat(a / "etc/hosts").st_ino == os.stat(b / "etc/hosts").st_ino
-    assert os.stat(a / "etc").st_ino != os.stat(b / "etc").st_ino
+    kernel = daemon.engine == "kernel"
+    if kernel:
+        # one superblock per VEE, the same lower inode below both (the page cache is the
+        # object file's, shared below every VEE: test_kernel_engine.py measures it)
+        assert ident(a / "etc/hosts") != ident(b / "etc/hosts")
+        before = os.stat(a / "etc/hosts").st_ino
+    else:
+        assert os.stat(a / "etc/hosts").st_ino == os.stat(b / "etc/hosts").st_ino
+        assert os.stat(a / "etc").st_ino != os.stat(b / "etc").st_ino
     # open for writing a shared inode: ESTALE inside, the kernel retries, the program sees nothing
     with open(a / "etc/hosts", "r+b") as f:
         st = os.fstat(f.fileno())
@@ -30,7 +50,10 @@ def test_shared_inode_until_written(daemon):
         assert os.fstat(f.fileno()).st_size == len(b"127.0.0.1 localhost\n10.1.1.1 a-only\n")
     assert (a / "etc/hosts").read_bytes() == b"127.0.0.1 localhost\n10.1.1.1 a-only\n"
     assert (b / "etc/hosts").read_bytes() == b"127.0.0.1 localhost\n"
-    assert os.stat(a / "etc/hosts").st_ino != os.stat(b / "etc/hosts").st_ino
+    if kernel:
+        assert os.stat(a / "etc/hosts").st_ino == before  # overlayfs keeps the number
+    else:
+        assert os.stat(a / "etc/hosts").st_ino != os.stat(b / "etc/hosts").st_ino
     priv = daemon.state / "vees" / "a" / "upper" / "etc" / "hosts"
     assert priv.read_bytes().endswith(b"a-only\n")
 
@@ -140,9 +163,12 @@ def test_permissions_owner_and_whiteouts(daemon):
     assert sorted(os.listdir(a / "data2")) == [f"f{i}" for i in range(5)]
     with pytest.raises(FileNotFoundError):
         os.stat(a / "data")
-    with pytest.raises(OSError) as ei:
-        os.mkdir(daemon.mnt / "c")
-    assert ei.value.errno == errno.EPERM
+    if daemon.engine == "fuse":
+        with pytest.raises(OSError) as ei:
+            os.mkdir(daemon.mnt / "c")  # the mount root holds only VEE roots
+        assert ei.value.errno == errno.EPERM
+    # only root traverses to the VEE roots (setuid binaries, device nodes: issue 8 item 2)
+    assert stat.S_IMODE(os.stat(daemon.mnt).st_mode) == 0o700
 
 
 def test_hard_links_after_copy_up(daemon):
@@ -150,9 +176,14 @@ def test_hard_links_after_copy_up(daemon):
     assert os.stat(a / "bin/tool").st_ino == os.stat(a / "bin/tool-link").st_ino
     with open(a / "bin/tool", "ab") as f:
         f.write(b"echo more\n")
-    assert (a / "bin/tool-link").read_bytes().endswith(b"echo more\n")
-    assert os.stat(a / "bin/tool").st_ino == os.stat(a / "bin/tool-link").st_ino
-    assert os.stat(a / "bin/tool").st_nlink == 2
+    if daemon.engine == "kernel":
+        # overlayfs without its index splits a hard link when one name is copied up
+        # (documented deviation, docs/kernel-engine.md)
+        assert not (a / "bin/tool-link").read_bytes().endswith(b"echo more\n")
+    else:
+        assert (a / "bin/tool-link").read_bytes().endswith(b"echo more\n")
+        assert os.stat(a / "bin/tool").st_ino == os.stat(a / "bin/tool-link").st_ino
+        assert os.stat(a / "bin/tool").st_nlink == 2
     os.link(a / "etc/hosts", a / "hosts-link")
     assert os.stat(a / "hosts-link").st_ino == os.stat(a / "etc/hosts").st_ino
 
@@ -178,7 +209,7 @@ def test_special_files_setgid_and_dir_rename_over_template_dir(daemon):
     os.mkfifo(a / "pipe")
     assert stat.S_ISFIFO(os.stat(a / "pipe").st_mode) and not (b / "pipe").exists()
     # the template fifo is a different inode in each VEE: no pipe between VEEs
-    assert os.stat(a / "fifo").st_ino != os.stat(b / "fifo").st_ino
+    assert ident(a / "fifo") != ident(b / "fifo")
     # setgid directories pass on their group
     os.mkdir(a / "shared")
     os.chown(a / "shared", 0, 4321)

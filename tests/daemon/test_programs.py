@@ -1,4 +1,4 @@
-"""Real programs as clients inside a VEE root."""
+"""Real programs as clients inside a VEE root, on both engines."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
+from tests.daemon.conftest import ENGINES
+
 pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 def run(*cmd: str, cwd=None) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]

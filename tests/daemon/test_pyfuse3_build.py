@@ -33,13 +33,21 @@ def test_installed_build_is_the_current_series():
 
 
 @pytest.mark.parametrize(
-    "missing", ["invalidate_inode_async", "FileInfo.cache_readdir", "Operations.fallocate"]
+    "missing",
+    [
+        "invalidate_inode_async",
+        "FileInfo.cache_readdir",
+        "Operations.fallocate",
+        "Operations.lseek",
+    ],
 )
 def test_vfsd_refuses_an_unpatched_pyfuse3(monkeypatch, missing):
     if missing == "invalidate_inode_async":
         monkeypatch.delattr(pyfuse3, "invalidate_inode_async")
     elif missing == "Operations.fallocate":
         monkeypatch.setattr(pyfuse3.Operations, "fallocate", None)
+    elif missing == "Operations.lseek":
+        monkeypatch.setattr(pyfuse3.Operations, "lseek", None)
     else:
 
         class OldFileInfo:  # pyfuse3 3.5's FileInfo has no cache_readdir

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfs.redirect import LocalStore, Resolver
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 from vfs.tree.template import Template, publish_template
 
 

@@ -466,3 +466,30 @@ def test_random_command_lines_never_traceback(tmp_path, monkeypatch):
         assert "Traceback" not in r.output
 
     run()
+
+
+def test_push_with_a_store_registers_the_image_as_a_gc_root(tmp_path):
+    """`vimg push --store` keeps a local copy of each cluster and registers the image with the
+    store, so `vfsd store gc` leaves its clusters; once the image is retired (the file removed
+    and the root forgotten) they go. (The push used to open the image a second time to compute
+    the root while holding its write lock: exit 9, "being written by another process".)"""
+    from vfs.daemon.cli import main as vfsd_main
+
+    def vfsd(*args: str) -> str:
+        r = CliRunner().invoke(vfsd_main, list(args), prog_name="vfsd")
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    a = tmp_path / "a.vimg"
+    repo, store = tmp_path / "repo", str(tmp_path / "store")
+    vimg("create", "-s", "4M", "-c", "16k", str(a))
+    vimg("io", str(a), "-c", "write -P 0x31 0 32k", "-c", "write -P 0x32 1M 16k")
+    assert "pushed 3 clusters" in vimg("push", "-q", str(a), "--repo", str(repo), "--store", store)
+    (root,) = json.loads(vfsd("store", "roots", "--store", store, "--json"))
+    assert root["kind"] == "vimg" and root["path"] == str(a) and root["cache_objects"] == 2
+    assert "removed 0 objects" in vfsd("store", "gc", "--store", store)
+    # the image reads from the store alone (no --repo): its clusters are all there
+    vimg("io", "--store", store, str(a), "-c", "read -P 0x31 0 32k", "-c", "read -P 0x32 1M 16k")
+    a.unlink()
+    assert "gc root removed" in vfsd("store", "root", "rm", str(a), "--store", store)
+    assert "removed 2 objects" in vfsd("store", "gc", "--store", store)

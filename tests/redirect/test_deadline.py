@@ -16,8 +16,8 @@ import pytest
 from tools.lying_http import LyingServer
 from vfs.errors import RemoteTimeout, RemoteUnavailable
 from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.redirect.file_remote import FileRemote
 from vfs.redirect.http_remote import DEFAULT_GRACE, DEFAULT_MIN_RATE, DEFAULT_TIMEOUT
-from vfs.redirect.remote import FileRemote
 
 pytestmark = pytest.mark.network
 

@@ -17,7 +17,7 @@ import pytest
 from tests.redirect.cli_fork import Zygote
 from tools.lying_http import LyingServer
 from vfs.errors import FormatError, UnsupportedFeature, UsageError
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 from vfs.tree.template import publish_template
 
 pytestmark = pytest.mark.network

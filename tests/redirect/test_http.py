@@ -16,7 +16,7 @@ import pytest
 
 from vfs.errors import IntegrityError, ObjectNotFound, RemoteError, RemoteUnavailable, UsageError
 from vfs.redirect import LocalStore, Resolver, open_remote
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 
 pytestmark = pytest.mark.network
 

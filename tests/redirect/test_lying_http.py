@@ -12,7 +12,7 @@ import pytest
 from tools.lying_http import LyingServer
 from vfs.errors import FormatError, IntegrityError, RemoteError, SizeMismatch
 from vfs.redirect import LocalStore, Resolver, open_remote
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 from vfs.redirect.resolver import DEFAULT_MAX_UNSIZED
 
 pytestmark = pytest.mark.network

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vfs.errors import FormatError, UnsupportedFeature
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 from vfs.redirect.repometa import (
     MAX_DEPTH,
     MAX_META_BYTES,

@@ -9,7 +9,7 @@ import pytest
 
 from vfs.errors import IntegrityError, ObjectNotFound, SizeMismatch, UsageError
 from vfs.redirect import LocalStore, Resolver, open_remote
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 
 
 @pytest.fixture

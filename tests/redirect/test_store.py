@@ -51,13 +51,21 @@ def test_put_file_streams_large_file(store, tmp_path):
     assert store.read(oid, 19 << 20, 2 << 20) == data[19 << 20 :]
 
 
-def test_compression_at_rest_is_transparent_and_smaller(tmp_path):
-    with LocalStore(tmp_path / "z", compress=True) as s:
-        data = b"the same line again\n" * 50_000
+def test_objects_are_plain_files_and_compression_is_left_to_the_file_system(tmp_path):
+    """Format 2: the object file is exactly the object's bytes (the kernel engine reads it as
+    its first data layer); runs of zeros stay holes; zstd at rest is refused with the way out."""
+    with LocalStore(tmp_path / "z") as s:
+        data = os.urandom(100_000) + bytes(1 << 20) + b"end"
         oid = s.put(data)
+        path = tmp_path / "z" / "objects" / oid[:2] / oid
+        assert path.read_bytes() == data
+        assert path.stat().st_blocks * 512 < 200_000  # the MiB of zeros is a hole
+        assert (tmp_path / "z" / "sums" / oid[:2] / oid).exists()  # > one chunk: a sidecar
+        small = s.put(b"tiny")
+        assert not (tmp_path / "z" / "sums" / small[:2] / small).exists()
         assert s.get(oid) == data
-        st = s.stats()
-        assert st.stored_bytes < st.logical_bytes / 10
+    with pytest.raises(UsageError, match="compressing file system"):
+        LocalStore(tmp_path / "c", compress=True)
 
 
 def test_usage_survives_reopen_and_is_rebuilt_from_files(tmp_path):
@@ -255,3 +263,106 @@ def test_accounting_is_right_after_kill_9_at_a_random_point(tmp_path):
         assert st.objects == len(files) >= 20
         assert st.stored_bytes == sum(p.stat().st_size for p in files)
         assert s.verify().bad == []
+
+
+@pytest.mark.log_warnings
+def test_damaged_or_missing_sidecar_never_costs_a_good_object(tmp_path):
+    root = tmp_path / "s"
+    data = os.urandom(300_000)
+    with LocalStore(root) as s:
+        oid = s.put(data)
+    sums = root / "sums" / oid[:2] / oid
+    raw = bytearray(sums.read_bytes())
+    raw[40] ^= 0xFF  # one chunk checksum wrong, the sidecar's own checksum too
+    os.chmod(sums, 0o644)
+    sums.write_bytes(bytes(raw))
+    with LocalStore(root) as s:
+        assert s.read(oid, 0, 300_000) == data  # rebuilt from the object, which matches its id
+    with LocalStore(root) as s:
+        sums.unlink()  # e.g. lost with a crash between the two renames
+        assert s.get(oid) == data
+        assert sums.exists()
+    # A well-formed sidecar with one wrong checksum: the read of that chunk fails once (its
+    # bytes cannot be vouched for by it), the object is found good and the sidecar rebuilt.
+    from vfs.redirect.objfile import ChunkSums
+
+    good = ChunkSums.decode(sums.read_bytes())
+    lie = ChunkSums(good.size, good.chunk_size, good.sums[:])
+    lie.sums[2] ^= 1
+    os.chmod(sums, 0o644)
+    sums.write_bytes(lie.encode())
+    with LocalStore(root) as s:
+        with pytest.raises(IntegrityError):
+            s.read(oid, 2 * 65536, 10)
+        assert s.has(oid)
+        assert s.read(oid, 2 * 65536, 10) == data[2 * 65536 : 2 * 65536 + 10]
+    with LocalStore(root) as s:
+        rep = s.verify()
+        assert rep.bad == [] and rep.sums_rebuilt == []
+
+
+def _v1_store(root, objects: list[bytes], *, compress: bool) -> list[str]:
+    """A store as vfs before format 2 left it: containers in objects/, store.json version 1."""
+    import json
+
+    from vfs.redirect.objfile_v1 import write_v1
+
+    (root / "objects").mkdir(parents=True)
+    (root / "tmp").mkdir()
+    (root / "store.json").write_text(
+        json.dumps(
+            {"format": "vfs-store", "version": 1, "features": [], "quota": None,
+             "compress": compress, "chunk_size": 65536}
+        )
+    )  # fmt: skip
+    oids = []
+    for data in objects:
+        oid = object_id(data)
+        (root / "objects" / oid[:2]).mkdir(exist_ok=True)
+        with open(root / "objects" / oid[:2] / oid, "wb") as f:
+            write_v1(f, data, compress=compress)
+        oids.append(oid)
+    return oids
+
+
+@pytest.mark.log_warnings
+@pytest.mark.parametrize("compress", [False, True])
+def test_format_1_store_is_migrated_to_plain_files_in_place(tmp_path, compress):
+    import json
+
+    root = tmp_path / "s"
+    blobs = [b"text line\n" * 30_000, os.urandom(1000), b"", os.urandom(200_000)]
+    oids = _v1_store(root, blobs, compress=compress)
+    damaged = _v1_store(tmp_path / "other", [b"will be damaged" * 100], compress=False)[0]
+    src = tmp_path / "other" / "objects" / damaged[:2] / damaged
+    (root / "objects" / damaged[:2]).mkdir(exist_ok=True)
+    raw = bytearray(src.read_bytes())
+    raw[5] ^= 1
+    (root / "objects" / damaged[:2] / damaged).write_bytes(bytes(raw))
+    # An interrupted earlier migration: one object already plain.
+    done = oids[1]
+    (root / "objects" / done[:2] / done).write_bytes(blobs[1])
+    with LocalStore(root) as s:
+        for oid, data in zip(oids, blobs, strict=True):
+            assert (root / "objects" / oid[:2] / oid).read_bytes() == data
+            assert s.get(oid) == data
+        assert not s.has(damaged)
+        assert s.verify().bad == []
+        st = s.stats()
+        assert st.objects == len(blobs) and st.stored_bytes == sum(map(len, blobs))
+    cfg = json.loads((root / "store.json").read_text())
+    assert cfg["version"] == 2 and "compress" not in cfg
+
+
+def test_format_1_store_in_use_elsewhere_is_not_migrated_under_it(tmp_path):
+    import fcntl
+
+    root = tmp_path / "s"
+    _v1_store(root, [b"x" * 10], compress=False)
+    fd = os.open(root / "store.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with pytest.raises(BusyError, match="must be migrated"):
+            LocalStore(root)
+    finally:
+        os.close(fd)

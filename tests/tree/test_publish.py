@@ -589,7 +589,7 @@ def test_random_trees_round_trip(tmp_path, ops):
 @pytest.mark.parametrize("second", [b"B" * (5 << 20), b"A" * (5 << 20) + b"longer"])
 def test_big_source_file_changing_between_hash_and_upload_is_refused(repo, second):
     from vfs.errors import IntegrityError
-    from vfs.tree.publish import ObjectSink
+    from vfs.tree.sink import ObjectSink
 
     reads = [b"A" * (5 << 20), second]
 

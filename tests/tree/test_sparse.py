@@ -24,7 +24,7 @@ from vfs.tree.manifest_build import Node, build_tables
 from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.private import PrivateLayer
-from vfs.tree.publish import ObjectSink
+from vfs.tree.sink import ObjectSink
 from vfs.tree.tarexport import export_tar
 from vfs.tree.template import Template, publish_template
 from vfs.tree.view import Views

@@ -140,7 +140,7 @@ def test_errors_are_one_line_with_exit_codes(env, tmp_path):
     hostile = FileRemote(repo).put(_manifest_with_name(b".."))
     assert "illegal name" in one_line_error(run("template", "show", hostile, "--repo", repo), 6)
     # a manifest corrupted in the repository is refused, not shown
-    obj = FileRemote(repo)._path(digest)
+    obj = FileRemote(repo).object_path(digest)
     data = bytearray(obj.read_bytes())
     data[70] ^= 1
     obj.write_bytes(bytes(data))
@@ -177,6 +177,7 @@ def test_read_commands_over_http_https_and_mutual_tls(env, nginx, nginx_repo):
     # publishing goes to the directory; an http repository refuses uploads in one line
     (src / "more").write_bytes(b"more")
     assert "read-only" in one_line_error(run("template", "publish", str(src), "--repo", http), 2)
+    assert "read-only" in one_line_error(run("template", "rm", "t", "--repo", http), 2)
     assert run("template", "ls", "--repo", http, "--json").stdout.count(digest) == 1
 
 
@@ -189,7 +190,7 @@ def test_check_reports_missing_and_corrupt_objects(env):
     entries = json.loads(run("template", "show", "c", "--repo", repo, "--json").stdout)["entries"]
     oid = {e["path"]: e.get("oid") for e in entries}
     fr = FileRemote(repo)
-    p = fr._path(oid["etc/passwd"])
+    p = fr.object_path(oid["etc/passwd"])
     p.write_bytes(b"root:x:0:0::/root:/bin/bash")  # same object name, other bytes
     assert run("template", "check", "c", "--repo", repo).exit_code == 0  # present...
     r = run("template", "check", "c", "--repo", repo, "--verify", "--json")
@@ -199,7 +200,7 @@ def test_check_reports_missing_and_corrupt_objects(env):
         {"oid": oid["etc/passwd"], "path": "etc/passwd"}
     ]
     assert "1 corrupt" in r.stderr and r.stderr.count("\n") == 1
-    fr._path(oid["bin/sh"]).unlink()
+    fr.object_path(oid["bin/sh"]).unlink()
     r = run("template", "check", "c", "--repo", repo)
     assert r.exit_code == 5 and f"missing {oid['bin/sh']}  bin/sh" in r.stdout
 
@@ -249,3 +250,52 @@ def test_export_to_stdout(env):
     assert set(members) == {".", "bin", "bin/sh", "etc", "etc/passwd", "sh"}
     assert members["bin/sh"].mode == 0o4755 and members["sh"].linkname == "bin/sh"
     assert "6 members, 33 bytes" in r.stderr
+
+
+def test_rm_retires_names_and_repo_gc_takes_what_no_name_reaches(env):
+    """The lifecycle of a template: publish, a second version, retire the first name, gc.
+    The retired template stays loadable by digest until the gc; a digest given to the gc keeps
+    it (a VEE still uses it); without one, its objects go, and the second version is whole."""
+    tmp, repo, src = env
+    d1 = run("template", "publish", str(src), "--repo", repo, "--name", "v1").stdout.strip()
+    (src / "etc" / "passwd").write_bytes(b"root:x:0:0::/root:/bin/bash\n")  # v2: one change
+    d2 = run("template", "publish", str(src), "--repo", repo, "--name", "v2").stdout.strip()
+    run("template", "tag", "old", "v1", "--repo", repo)
+    # a name that is no ref: nothing is removed, also not the names before it
+    assert "'nope'" in one_line_error(run("template", "rm", "v1", "nope", "--repo", repo), 4)
+    one_line_error(run("template", "rm", "../x", "--repo", repo), 2)
+    assert set(json.loads(run("template", "ls", "--repo", repo, "--json").stdout)) == {
+        "v1", "v2", "old"
+    }  # fmt: skip
+    r = run("template", "rm", "v1", "old", "--repo", repo, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == [{"name": "v1", "digest": d1}, {"name": "old", "digest": d1}]
+    assert json.loads(run("template", "ls", "--repo", repo, "--json").stdout) == {"v2": d2}
+    assert FileRemote(repo).list_refs() == {"v2": d2}  # refs.json too: what HTTP readers list
+    assert json.loads((tmp / "repo" / "refs.json").read_text()) == {"v2": d2}
+    one_line_error(run("template", "show", "v1", "--repo", repo), 4)
+    assert run("template", "show", d1, "--repo", repo).exit_code == 0  # by digest: still there
+
+    # a gc told that a VEE uses d1 keeps it whole
+    r = run("repo", "gc", "--repo", repo, "--grace", "0", d1, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["swept_objects"] == 0
+    assert run("template", "check", d1, "--repo", repo, "--verify").exit_code == 0
+    # not told: v1's manifest and its old passwd go; v2 loses nothing
+    r = run("repo", "gc", "--repo", repo, "--grace", "0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["swept_objects"] == 2
+    one_line_error(run("template", "show", d1, "--repo", repo), 4)
+    assert run("template", "check", "v2", "--repo", repo, "--verify").exit_code == 0
+
+
+def test_repo_ref_delete(env):
+    tmp, repo, _ = env
+    oid = FileRemote(repo).put(b"an object")
+    assert run("repo", "ref", "img", oid, "--repo", repo).stdout == f"{oid}\n"
+    one_line_error(run("repo", "ref", "-d", "img", oid, "--repo", repo), 2)
+    r = run("repo", "ref", "--delete", "img", "--repo", repo)
+    assert r.exit_code == 0 and r.stdout == f"{oid}\n"
+    one_line_error(run("repo", "ref", "img", "--repo", repo), 4)
+    one_line_error(run("repo", "ref", "-d", "img", "--repo", repo), 4)
+    assert FileRemote(repo).has(oid)  # the object stays until a gc

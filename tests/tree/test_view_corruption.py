@@ -19,7 +19,7 @@ from tests.daemon.vee_helpers import make_sample_tree, publish
 from tests.daemon.view_client import VeeClient
 from vfs.errors import VfsError
 from vfs.redirect import LocalStore, Resolver
-from vfs.redirect.remote import FileRemote
+from vfs.redirect.file_remote import FileRemote
 from vfs.tree.private import PrivateLayer
 from vfs.tree.template import Template
 from vfs.tree.view import Views

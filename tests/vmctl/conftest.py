@@ -3,7 +3,10 @@ and no QEMU left behind (the rule on undeclared warnings is suite-wide: tests/co
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trio
 
 from tools.guest import Guest, build_guest
 
@@ -27,3 +30,26 @@ def no_qemu_left_behind(request: pytest.FixtureRequest):
     yield
     left = processes_mentioning(tmp)
     assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture
+def vm_root(tmp_path: Path):
+    """A state root; whatever a failing test left running in it (QEMU, exports) is stopped."""
+    from tests.vmctl.helpers import processes_mentioning
+    from vmctl.lifecycle import stop_vm
+    from vmctl.qemu import VmPaths
+
+    roots: list[Path] = []
+
+    def make(name: str = "vms") -> Path:
+        r = tmp_path / name
+        r.mkdir(exist_ok=True)
+        roots.append(r)
+        return r
+
+    yield make
+    for r in roots:
+        for d in r.iterdir():
+            if d.is_dir():
+                trio.run(lambda d=d: stop_vm(VmPaths(d), force=True))
+        assert processes_mentioning(r) == []

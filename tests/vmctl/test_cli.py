@@ -92,7 +92,7 @@ def test_bad_input_is_one_line_and_an_exit_code(root: Path, tmp_path: Path):
     ]
     vimg = tmp_path / "disk.vimg"
     vimg.write_bytes(b"VIMG\r\n\x1a\n" + b"\0" * 8192)
-    cases.append((["run", "x", "--disk", str(vimg)], 2, "need the image export"))
+    cases.append((["run", "x", "--disk", str(vimg)], 6, "no valid vimg header"))
     for args, code, text in cases:
         r = vmctl(*args, root=root)
         assert (r.returncode, r.stderr.count("\n")) == (code, 1), (args, r.stderr)

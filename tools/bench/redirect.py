@@ -34,8 +34,8 @@ from pathlib import Path
 from tools.bench.template import make_tree
 from tools.nginx import start_nginx, stop_nginx
 from vfs.redirect import LocalStore, Resolver, open_remote
+from vfs.redirect.file_remote import FileRemote
 from vfs.redirect.keys import Identity
-from vfs.redirect.remote import FileRemote
 from vfs.redirect.sealed_refs import Keys, PinStore
 from vfs.redirect.sealed_remote import SealingRemote, UnsealingRemote
 from vfs.tree.template import publish_template

@@ -1,17 +1,22 @@
-"""Benchmark of the VEE tree: vfsd vs native ext4, kernel overlayfs and fuse-overlayfs.
+"""Benchmark of the VEE tree: vfsd's two engines vs native ext4, kernel overlayfs, fuse-overlayfs.
 
-All four serve the same data in the same run:
+All five serve the same data in the same run (``vfsd-fuse``: ``vfsd serve --engine fuse``, one
+FUSE mount answering every request in Python; ``vfsd-kernel``: ``--engine kernel``, an overlay
+per VEE over the template's EROFS image, docs/kernel-engine.md):
 
 - cold / warm sequential read of one big file (default 256 MiB, ``--full``: 1 GiB);
 - ``find`` + stat and ``cat`` of 20,000 small files, cold and warm;
 - untar of a 20,000-file archive into the tree (the write path);
 - page cache used when 20 roots read the same 200 MiB (``Cached`` delta of /proc/meminfo):
-  20 VEEs of one vfsd mount, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts;
+  20 VEEs of each vfsd daemon, 20 overlayfs mounts over one lower dir, 20 fuse-overlayfs mounts;
 - ``debian``, a real distribution (the cached Debian 12 minbase root of tools/debian_root.py:
   native = a ``cp -a`` copy, overlay/fuse-overlayfs = the root as lowerdir, vfsd = a VEE of it
   published as a template): ``dpkg -i`` of its repository's 25 ``.deb`` files (chrooted with
   /proc and /dev, in a fresh copy/mount/VEE each run), ``find / -xdev`` of the root cold and
-  warm, and 10 x ``python3 -c 'import json, email, http.client, sqlite3'`` chrooted.
+  warm, and 10 x ``python3 -c 'import json, email, http.client, sqlite3'`` chrooted;
+- ``cold``, vfsd only: the first read of a 64 MiB object that is not local, from nginx on
+  127.0.0.1 (each daemon's repository served over HTTP, ``--remote``): fetch, verify, store,
+  serve (the kernel engine through its FUSE data layer), one fresh object per run.
 
 Cold = ``echo 3 > /proc/sys/vm/drop_caches`` before the run. Needs root. Usage::
 
@@ -42,8 +47,10 @@ from pathlib import Path
 SMALL_FILES = 20_000
 VEES = 20
 PC_BYTES = 200 << 20
-PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd"]
-WORKLOADS = ["seq", "find", "cat", "untar", "pc", "debian"]
+PEERS = ["native", "overlay", "fuse-overlayfs", "vfsd-fuse", "vfsd-kernel"]
+VFSD_ENGINES = {"vfsd-fuse": "fuse", "vfsd-kernel": "kernel"}
+WORKLOADS = ["seq", "find", "cat", "untar", "pc", "debian", "cold"]
+COLD_BYTES = 64 << 20
 PY_IMPORTS = "import json, email, http.client, sqlite3"
 
 
@@ -109,6 +116,19 @@ def make_data(src: Path, big_bytes: int) -> None:
     (src / ".complete").write_bytes(b"")
 
 
+def make_cold(src: Path, n: int) -> None:
+    """``n`` different 64 MiB files: a template whose objects each daemon fetches once."""
+    if (src / ".complete").exists() and len(list(src.glob("c*"))) == n:
+        return
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for i in range(n):
+        with open(src / f"c{i}", "wb") as f:
+            for _ in range(COLD_BYTES >> 20):
+                f.write(os.urandom(1 << 20))
+    (src / ".complete").write_bytes(b"")
+
+
 # -- peers ------------------------------------------------------------------------------------
 
 
@@ -118,9 +138,12 @@ class Mounts:
     def __init__(self) -> None:
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen] = []
-        self.vfsd_pid = 0
-        self.digests: dict[str, str] = {}
-        self.vfsd_state = self.vfsd_mnt = Path()
+        self.vfsd_pids: set[int] = set()
+        self.nginx: subprocess.Popen | None = None
+        #: per vfsd peer: its state directory, mount directory and published digests
+        self.vfsd_state: dict[str, Path] = {}
+        self.vfsd_mnt: dict[str, Path] = {}
+        self.digests: dict[str, dict[str, str]] = {}
 
     def overlay(self, lower: Path, base: Path) -> Path:
         for d in ("upper", "work", "mnt"):
@@ -139,10 +162,19 @@ class Mounts:
         return base / "mnt"
 
     def vfsd(
-        self, work: Path, src: Path, names: list[str], more: dict[str, Path] | None = None
+        self,
+        peer: str,
+        work: Path,
+        src: Path,
+        names: list[str],
+        more: dict[str, Path] | None = None,
+        remote: tuple[str, Path, Path] | None = None,
     ) -> Path:
-        """A ``vfsd serve`` mount with VEEs ``names`` of the template of ``src``; ``more``
-        (name -> source) are published too, for add_vee."""
+        """A ``vfsd serve --engine E`` (E from ``peer``) with VEEs ``names`` of the template of
+        ``src``; ``more`` (name -> source) are published too, for add_vee. Each daemon has
+        its own repository and store: nothing one fetched or cached helps the other.
+        ``remote`` = (url, webroot, cold source): the repository is served at ``url`` and the
+        daemon fetches from there; the cold source is published to the repository only."""
         from vfs.daemon import control
 
         vfsd = str(Path(sys.executable).with_name("vfsd"))
@@ -155,15 +187,24 @@ class Mounts:
                  str(store), "--json"],
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
-            self.digests[name] = json.loads(out)["digest"]
-        digest = self.digests["bench"]
-        p = subprocess.Popen(
-            [vfsd, "serve", "--state", str(state), "--mount", str(mnt), "--store", str(store)],
-            stderr=open(work / "vfsd.log", "wb"),  # noqa: SIM115
-        )
+            self.digests.setdefault(peer, {})[name] = json.loads(out)["digest"]
+        extra: list[str] = []
+        if remote is not None:
+            url, webroot, cold_src = remote
+            (webroot / peer).symlink_to(repo)
+            out = subprocess.run(
+                [vfsd, "template", "publish", str(cold_src), "--repo", str(repo), "--json"],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            self.digests[peer]["cold"] = json.loads(out)["digest"]
+            extra = ["--remote", url]
+        digest = self.digests[peer]["bench"]
+        argv = [vfsd, "serve", "--state", str(state), "--mount", str(mnt), "--store",
+                str(store), "--engine", VFSD_ENGINES[peer], *extra]  # fmt: skip
+        p = subprocess.Popen(argv, stderr=open(work / "vfsd.log", "wb"))  # noqa: SIM115
         self.procs.append(p)
         self.mounts.append(mnt)
-        self.vfsd_pid = p.pid
+        self.vfsd_pids.add(p.pid)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -173,16 +214,16 @@ class Mounts:
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"vfsd did not start: see {work}/vfsd.log") from None
                 time.sleep(0.05)
-        self.vfsd_state, self.vfsd_mnt = state, mnt
+        self.vfsd_state[peer], self.vfsd_mnt[peer] = state, mnt
         for n in names:
-            self.add_vee(n, digest)
+            self.add_vee(peer, n, digest)
         return mnt
 
-    def add_vee(self, name: str, digest: str) -> Path:
+    def add_vee(self, peer: str, name: str, digest: str) -> Path:
         from vfs.daemon import control
 
-        control.call(self.vfsd_state, {"op": "add", "name": name, "template": digest})
-        return self.vfsd_mnt / name
+        control.call(self.vfsd_state[peer], {"op": "add", "name": name, "template": digest})
+        return self.vfsd_mnt[peer] / name
 
     def close(self) -> None:
         for m in reversed(self.mounts):
@@ -191,14 +232,34 @@ class Mounts:
                 subprocess.run(["umount", "-l", str(m)], check=False)
         for p in self.procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT if p.pid != self.vfsd_pid else signal.SIGTERM)
+                p.send_signal(signal.SIGTERM if p.pid in self.vfsd_pids else signal.SIGINT)
                 try:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if self.nginx is not None:
+            from tools.nginx import stop_nginx
+
+            stop_nginx(self.nginx)
 
 
 # -- workloads ---------------------------------------------------------------------------------
+
+
+def untar(tarball: Path, dest: Path) -> float:
+    """Seconds of ``tar -xf`` into ``dest``; NaN, with tar's complaint, when it fails (e.g. the
+    FUSE engine's daemon out of file descriptors: it holds one per private inode the kernel
+    caches, and a host that denies CAP_SYS_RESOURCE caps it at the hard limit)."""
+    start = time.perf_counter()
+    p = subprocess.run(
+        ["tar", "-xf", str(tarball), "-C", str(dest)], capture_output=True, text=True
+    )
+    t = time.perf_counter() - start
+    if p.returncode != 0:
+        err = p.stderr.strip().splitlines()
+        print(f"  tar -xf failed in {dest} ({len(err)} errors), first: {err[0] if err else '?'}")
+        return float("nan")
+    return t
 
 
 def find_stat(root: Path) -> None:
@@ -230,7 +291,7 @@ class DebianRoots:
             return self.mounts.overlay(self.root, d)
         if peer == "fuse-overlayfs":
             return self.mounts.fuse_overlay(self.root, d)
-        return self.mounts.add_vee(f"deb{self.n}", self.mounts.digests["debian"])
+        return self.mounts.add_vee(peer, f"deb{self.n}", self.mounts.digests[peer]["debian"])
 
 
 def dpkg_install(root: Path, batches: list[list[Path]]) -> float:
@@ -278,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if not tarball.exists():
         with tarfile.open(tarball, "w") as t:
             t.add(src / "small", arcname="small")
-    for d in ("peers", "vfsd"):
+    for d in ("peers", "vfsd", *VFSD_ENGINES):
         shutil.rmtree(work / d, ignore_errors=True)
     mounts = Mounts()
     results: dict[str, dict[str, float]] = {}
@@ -296,14 +357,32 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
             debian = ensure(progress=lambda m: print(f"debian_root: {m}"))
         more = {"debian": debian.root} if debian else {}
-        vmnt = mounts.vfsd(work / "vfsd", src, [f"v{i}" for i in range(VEES)], more)
-        roots["vfsd"] = vmnt / "v0"
-        with open(f"/sys/class/bdi/{_devno(vmnt)}/read_ahead_kb") as f:
-            print(f"vfsd read_ahead_kb = {f.read().strip()}")
-        if args.profile:
+        nginx = None
+        if "cold" in only:
+            from tools.nginx import start_nginx
+
+            make_cold(work / "cold-src", args.repeat)
+            shutil.rmtree(work / "nginx", ignore_errors=True)
+            proc, nginx = start_nginx(work / "nginx")
+            mounts.nginx = proc
+        vmnts: dict[str, Path] = {}
+        for peer in VFSD_ENGINES:
+            if peer in peers:
+                remote = None
+                if nginx is not None:
+                    remote = (nginx.url(peer), nginx.webroot, work / "cold-src")
+                vmnts[peer] = mounts.vfsd(
+                    peer, work / peer, src, [f"v{i}" for i in range(VEES)], more, remote
+                )
+                roots[peer] = vmnts[peer] / "v0"
+        if "vfsd-fuse" in vmnts:
+            with open(f"/sys/class/bdi/{_devno(vmnts['vfsd-fuse'])}/read_ahead_kb") as f:
+                print(f"vfsd-fuse read_ahead_kb = {f.read().strip()}")
+        if args.profile and "vfsd-fuse" in vmnts:
             spy = str(Path(sys.executable).with_name("py-spy"))
+            pid = next(p.pid for p in mounts.procs if p.pid in mounts.vfsd_pids)
             mounts.procs.insert(0, subprocess.Popen(
-                [spy, "record", "-p", str(mounts.vfsd_pid), "-f", "raw", "-r", "250",
+                [spy, "record", "-p", str(pid), "-f", "raw", "-r", "250",
                  "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
             time.sleep(1)
@@ -344,12 +423,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 dest = work / "peers" / "native-untar"
                 shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-            row[peer] = timed(lambda d=dest: sh("tar", "-xf", str(tarball), "-C", str(d)))
+            row[peer] = untar(tarball, dest)
             print(f"  {'untar 20k':28} {peer:15} {row[peer]:10.3f} s")
         if "untar" not in only:
             del results["untar 20k"]
         if "pc" in only:
-            results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnt, peers)
+            results["page cache, 20 roots x 200 MiB"] = page_cache(mounts, work, src, vmnts, peers)
         if debian is not None:
             fresh = DebianRoots(mounts, work / "peers", debian.root)
             row = results.setdefault("dpkg -i 25 debs", {"unit": "s"})  # type: ignore[dict-item]
@@ -364,9 +443,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             measure("find / -xdev cold", find_root, True, "s", droots)
             measure("find / -xdev warm", find_root, False, "s", droots)
             measure("python3 imports x10", python_imports, False, "s", droots)
+        if nginx is not None:
+            results["first read of a cold 64 MiB object"] = cold_reads(mounts, peers, args.repeat)
     finally:
         mounts.close()
-        for d in ("peers", "vfsd"):  # keep only src/ and the tarball for the next run
+        # keep only the sources and the tarball for the next run
+        for d in ("peers", "nginx", *VFSD_ENGINES):
             shutil.rmtree(work / d, ignore_errors=True)
     tradeoff = read_tradeoff(work)
     return {
@@ -378,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def page_cache(
-    mounts: Mounts, work: Path, src: Path, vmnt: Path, peers: list[str]
+    mounts: Mounts, work: Path, src: Path, vmnts: dict[str, Path], peers: list[str]
 ) -> dict[str, float]:
     row: dict[str, float] = {"unit": "MiB"}  # type: ignore[dict-item]
     makers = {
@@ -387,7 +469,8 @@ def page_cache(
         "fuse-overlayfs": lambda: [
             mounts.fuse_overlay(src, work / "peers" / f"pfo{i}") for i in range(VEES)
         ],
-        "vfsd": lambda: [vmnt / f"v{i}" for i in range(VEES)],
+        "vfsd-fuse": lambda: [vmnts["vfsd-fuse"] / f"v{i}" for i in range(VEES)],
+        "vfsd-kernel": lambda: [vmnts["vfsd-kernel"] / f"v{i}" for i in range(VEES)],
     }
     sets = {p: makers[p]() for p in peers}
     for peer in peers:
@@ -398,6 +481,23 @@ def page_cache(
                 read_file(f)
         row[peer] = (cached_kib() - before) / 1024
         print(f"  {'page cache 20x200MiB':28} {peer:15} {row[peer]:10.1f} MiB")
+    return row
+
+
+def cold_reads(mounts: Mounts, peers: list[str], n: int) -> dict[str, float]:
+    """MB/s of the first read of each of ``n`` objects no daemon has (median), in a VEE of the
+    cold template: the fetch from nginx, its verification and storing, and the read."""
+    row: dict[str, float] = {"unit": "MB/s"}  # type: ignore[dict-item]
+    for peer in peers:
+        if peer not in VFSD_ENGINES:
+            continue
+        root = mounts.add_vee(peer, "cold", mounts.digests[peer]["cold"])
+        vals = []
+        for i in range(n):
+            drop_caches()
+            vals.append(COLD_BYTES / timed(lambda p=root / f"c{i}": read_file(p)) / 1e6)
+        row[peer] = statistics.median(vals)
+        print(f"  {'cold 64 MiB first read':28} {peer:15} {row[peer]:10.1f} MB/s")
     return row
 
 
@@ -441,12 +541,20 @@ def _devno(mnt: Path) -> str:
     return mount_devno(str(mnt)) or "0:0"
 
 
+#: the ratio columns: (numerator, denominator); the kernel engine's goals are against kernel
+#: overlayfs (docs/kernel-engine.md), the FUSE engine's against fuse-overlayfs
+RATIOS = [
+    ("vfsd-kernel", "overlay"),
+    ("vfsd-kernel", "native"),
+    ("vfsd-fuse", "fuse-overlayfs"),
+    ("vfsd-kernel", "vfsd-fuse"),
+]
+
+
 def table(res: dict[str, object]) -> str:
-    lines = [
-        "| workload | native ext4 | kernel overlay | fuse-overlayfs | vfsd | vfsd/native "
-        "| vfsd/fuse-overlayfs |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    heads = ["native ext4", "kernel overlay", "fuse-overlayfs", "vfsd fuse", "vfsd kernel"]
+    heads += [f"{a.removeprefix('vfsd-')}/{b.removeprefix('vfsd-')}" for a, b in RATIOS]
+    lines = ["| workload | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for name, row in res["results"].items():  # type: ignore[attr-defined]
         unit = row["unit"]
         cells = [
@@ -454,8 +562,7 @@ def table(res: dict[str, object]) -> str:
             for p in PEERS
         ]
         ratios = [
-            f"{row['vfsd'] / row[p]:.2f}" if "vfsd" in row and p in row else "–"
-            for p in ("native", "fuse-overlayfs")
+            f"{row[a] / row[b]:.2f}" if a in row and b in row and row[b] else "–" for a, b in RATIOS
         ]
         lines.append(f"| {name} ({unit}) | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.options import repo_options
 from vfs.cli_sealed import keys as sealed_keys
 from vfs.cli_sealed import unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
-from vfs.daemon.cli_redirect import open_repo, repo_options
 from vfs.errors import UsageError
 
 
@@ -87,7 +87,7 @@ def key_show(spec, as_json):
 @json_option
 @click.argument("ref")
 @handle_errors
-def key_reseal(repo_url, ca, cert, key, timeout, retries, add, remove, as_json, ref):
+def key_reseal(repo, add, remove, as_json, ref):
     """Rewrap encrypted ref REF for new recipients without re-encrypting its content.
 
     --identity must open REF (be one of its recipients); it signs the new version of the ref.
@@ -101,9 +101,9 @@ def key_reseal(repo_url, ca, cert, key, timeout, retries, add, remove, as_json, 
         raise UsageError("nothing to do: give --add PUB and/or --remove PUB")
     adds = [load_public(p) for p in add]
     removes = [load_public(p) for p in remove]
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         if not isinstance(r, FileRemote):
-            raise UsageError(f"{repo_url}: read-only repository: reseal in the directory")
+            raise UsageError(f"{repo.url}: read-only repository: reseal in the directory")
         old, ref_id, recipients = reseal(r, ref, sealed_keys(), add=adds, remove=removes)
     out = {
         "ref": ref,

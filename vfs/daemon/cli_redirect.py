@@ -8,127 +8,19 @@ from pathlib import Path
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, json_option, parse_size
-from vfs.errors import UsageError
+from vfs.cli.options import repo_options
+from vfs.cli.options import store_option as make_store_option
+from vfs.cli_util import emit_json, handle_errors, json_option, parse_duration, parse_size
+from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.paths import default_store
-from vfs.redirect import LocalStore, Resolver, check_object_id, http_remote, open_remote
-from vfs.redirect.remote import FileRemote
+from vfs.redirect import LocalStore, RepoConfig, Resolver, check_object_id
+from vfs.redirect.file_remote import FileRemote
 
-store_option = click.option(
-    "--store",
-    "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local object store directory [default: $VFS_STORE or $VFS_ROOT/store, "
-    "VFS_ROOT=/var/lib/vfs].",
-)
-
-
-def _store_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.meta["vfs.proxy"] = value
-
-
-def _store_min_rate(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value is not None:
-        try:
-            ctx.meta["vfs.min_rate"] = parse_size(value)
-        except UsageError as e:  # parsing time: click's one-line usage error, not a traceback
-            raise click.BadParameter(str(e)) from None
-
-
-def _store_grace(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
-    if value is not None:
-        ctx.meta["vfs.grace"] = value
-
-
-def current_proxy() -> str | None:
-    """--proxy of the running command (kept in the click context, not in every signature)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta.get("vfs.proxy") if ctx is not None else None
-
-
-def _current(key: str):
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta.get(key) if ctx is not None else None
-
-
-def repo_options(fn):
-    """--repo URL plus the TLS, proxy and deadline options of HTTP(S) repositories."""
-    fn = click.option(
-        "--proxy",
-        metavar="URL",
-        expose_value=False,
-        callback=_store_proxy,
-        help="HTTP forward proxy (e.g. a site cache) for http(s):// repositories.",
-    )(fn)
-    fn = click.option(
-        "--grace",
-        type=click.FloatRange(min=0),
-        expose_value=False,
-        callback=_store_grace,
-        help=f"Seconds an HTTP fetch may take before --min-rate applies "
-        f"[default: {http_remote.DEFAULT_GRACE:g}].",
-    )(fn)
-    fn = click.option(
-        "--min-rate",
-        metavar="BYTES",
-        expose_value=False,
-        callback=_store_min_rate,
-        help="Bytes/s an HTTP fetch must average once its grace is over, else it is cut off "
-        f"(e.g. 64K; 0: no overall deadline) [default: {http_remote.DEFAULT_MIN_RATE // 1024}K].",
-    )(fn)
-    fn = click.option(
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=http_remote.DEFAULT_TIMEOUT,
-        show_default=True,
-        help="Seconds any one connect, TLS handshake or read may take.",
-    )(fn)
-    fn = click.option(
-        "--retries",
-        type=click.IntRange(min=0),
-        default=http_remote.DEFAULT_RETRIES,
-        show_default=True,
-        help="Retries after a failed request (exponential backoff, within the deadline).",
-    )(fn)
-    fn = click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")(fn)
-    fn = click.option(
-        "--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS)."
-    )(fn)
-    fn = click.option(
-        "--ca",
-        type=click.Path(dir_okay=False),
-        help="CA bundle that signs the server's certificate.",
-    )(fn)
-    fn = click.option(
-        "--repo",
-        "repo_url",
-        required=True,
-        metavar="URL",
-        help="Repository: file:///DIR, DIR, http://HOST/PATH or https://...",
-    )(fn)
-    return fn
+store_option = make_store_option()
 
 
 def open_store(store_dir: Path | None, **kw) -> LocalStore:
     return LocalStore(store_dir or default_store(), **kw)
-
-
-def open_repo(repo_url, ca, cert, key, timeout, retries, create=False):
-    """The repository of a command's --repo/--ca/--cert/--key/--timeout/--retries/--proxy."""
-    return open_remote(
-        repo_url,
-        ca=ca,
-        cert=cert,
-        key=key,
-        timeout=timeout,
-        retries=retries,
-        create=create,
-        proxy=current_proxy(),
-        min_rate=_current("vfs.min_rate"),
-        grace=_current("vfs.grace"),
-    )
 
 
 def _human(n: float) -> str:
@@ -156,16 +48,15 @@ def store() -> None:
 @store.command("init")
 @store_option
 @click.option("--quota", help="Quota (e.g. 10G); least recently used unpinned objects go first.")
-@click.option("--compress/--no-compress", default=None, help="zstd-compress new objects at rest.")
 @handle_errors
-def store_init(store_dir, quota, compress):
-    """Create a store (or change its quota/compression)."""
+def store_init(store_dir, quota):
+    """Create a store (or change its quota).
+
+    Objects are plain files (the kernel engine reads them directly); for compression at rest
+    put the store on a compressing file system (btrfs compress=zstd, zfs)."""
     q = parse_size(quota) if quota else None
-    with open_store(store_dir, quota=q, compress=compress) as s:
-        click.echo(
-            f"store {s.root}: quota {_human(s.quota) if s.quota else 'none'}, "
-            f"compression {'zstd' if s.compress else 'off'}"
-        )
+    with open_store(store_dir, quota=q) as s:
+        click.echo(f"store {s.root}: quota {_human(s.quota) if s.quota else 'none'}")
 
 
 @store.command("stats")
@@ -185,7 +76,6 @@ def store_stats(store_dir, as_json):
     click.echo(f"on disk:   {_human(st['stored_bytes'])}")
     click.echo(f"quota:     {_human(st['quota']) if st['quota'] else 'none'}")
     click.echo(f"pinned:    {st['pinned_objects']}")
-    click.echo(f"compress:  {'zstd' if st['compress'] else 'off'}")
 
 
 @store.command("verify")
@@ -204,35 +94,157 @@ def store_verify(store_dir, repair, as_json):
 
         rep = s.verify(repair=repair, progress=progress)
     if as_json:
-        emit_json({"checked": rep.checked, "damaged": rep.bad, "removed": rep.removed})
+        emit_json(
+            {
+                "checked": rep.checked,
+                "damaged": rep.bad,
+                "removed": rep.removed,
+                "sidecars_rebuilt": rep.sums_rebuilt,
+            }
+        )
     else:
         click.echo(f"checked {rep.checked} objects, {len(rep.bad)} damaged")
+        if rep.sums_rebuilt:
+            click.echo(f"rebuilt {len(rep.sums_rebuilt)} damaged checksum sidecars")
         for oid in rep.bad:
             click.echo(f"damaged: {oid}{' (removed)' if oid in rep.removed else ''}")
     if rep.bad and not repair:
-        sys.exit(5)
+        raise IntegrityError(
+            f"{len(rep.bad)} of {rep.checked} objects are damaged (--repair removes them)"
+        )
 
 
 @store.command("gc")
 @store_option
 @click.option(
     "--target",
-    help="Evict LRU unpinned objects until usage <= this (default: quota, "
-    "or everything unpinned when there is no quota).",
+    help="Evict LRU objects until usage <= this, the cache objects of gc roots included "
+    "(default: the quota, or every object no root needs when there is no quota).",
 )
 @json_option
 @handle_errors
 def store_gc(store_dir, target, as_json):
-    """Evict least recently used unpinned objects."""
+    """Evict least recently used objects nothing on this host needs.
+
+    Never evicted: objects a gc root keeps (templates of VEEs served without a repository,
+    every template's manifest, images registered without one: see `vfsd store roots`) and
+    pinned objects. Objects a root can fetch back again (cache) go only for --target."""
     with open_store(store_dir, create=False) as s:
+        notes = refresh_image_roots(s)
         res = s.gc(parse_size(target) if target else None)
+        keep, cache = s.roots.protected()
+        res["roots"] = len(s.roots.roots())
+        res["kept_by_roots"] = len(keep)
+        res["cached_by_roots"] = len(cache)
+    for n in notes:
+        click.echo(f"vfsd: note: {n}", err=True)
     if as_json:
         emit_json(res)
     else:
         click.echo(
             f"removed {res['removed']} objects, freed {_human(res['freed_bytes'])}, "
-            f"usage now {_human(res['usage'])}"
+            f"usage now {_human(res['usage'])}; {res['roots']} gc roots keep "
+            f"{res['kept_by_roots']} objects and cache {res['cached_by_roots']}"
         )
+
+
+def refresh_image_roots(s: LocalStore) -> list[str]:
+    """Image roots follow their images (push and pull change which clusters are remote):
+    recompute each from its file before a gc. An image that is gone or unreadable keeps its
+    last set (say so): only `vfsd store root rm` forgets a root."""
+    from vfs.cli.gc import image_set
+    from vfs.errors import VfsError
+
+    notes = []
+    for r in s.roots.roots():
+        if r.kind != "vimg":
+            continue
+        try:
+            sets = {"image": image_set(r.path, r.repo)}
+        except (VfsError, OSError) as e:
+            notes.append(f"gc root {r.path}: kept as it was ({e})")
+            continue
+        s.roots.put("vimg", r.path, sets, repo=r.repo)
+    return notes
+
+
+@store.command("roots")
+@store_option
+@json_option
+@handle_errors
+def store_roots(store_dir, as_json):
+    """List the gc roots: what on this host needs objects of the store.
+
+    `vfsd serve` registers its state directory; `vimg push --store` its image; `vfsd store
+    root add` anything else."""
+    with open_store(store_dir, create=False) as s:
+        rows = [r.summary() for r in s.roots.roots()]
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        where = f"repo {r['repo']}" if r["repo"] else "no repo: nothing can be fetched back"
+        gone = "" if r["present"] else "  (path missing)"
+        click.echo(
+            f"{r['kind']:9} {r['path']}: keeps {r['keep_objects']}, caches "
+            f"{r['cache_objects']} ({where}){gone}"
+        )
+
+
+@store.group("root")
+def store_root() -> None:
+    """Register or forget a gc root by hand."""
+
+
+@store_root.command("add")
+@store_option
+@json_option
+@click.option(
+    "--repo",
+    "repo_url",
+    metavar="URL",
+    help="Where its objects can be fetched back from: they are then cache, not kept.",
+)
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@handle_errors
+def store_root_add(store_dir, as_json, repo_url, path):
+    """Register PATH (a vimg image, or a vfsd state directory) as a gc root of the store."""
+    from vfs.cli.gc import image_set, state_sets
+
+    with open_store(store_dir, create=False) as s:
+        if path.is_dir():
+            if not (path / "vees.json").exists() and not (path / "vees").is_dir():
+                raise UsageError(f"{path}: not a vfsd state directory (no vees.json)")
+            root = s.roots.update(
+                "vee-state", path, add=state_sets(path, s, repo_url is not None), repo=repo_url
+            )
+        else:
+            root = s.roots.put("vimg", path, {"image": image_set(path, repo_url)}, repo=repo_url)
+    info = root.summary()
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(
+        f"{info['kind']} {info['path']}: keeps {info['keep_objects']}, caches "
+        f"{info['cache_objects']}"
+    )
+
+
+@store_root.command("rm")
+@store_option
+@json_option
+@click.argument("path", type=click.Path(path_type=Path))
+@handle_errors
+def store_root_rm(store_dir, as_json, path):
+    """Forget the gc root PATH: its objects become ordinary cache (evictable)."""
+    with open_store(store_dir, create=False) as s:
+        removed = [k for k in ("vee-state", "vimg") if s.roots.remove(k, path)]
+    if not removed:
+        raise NotFound(f"{path}: no gc root of this store")
+    if as_json:
+        emit_json({"path": str(path), "removed": removed})
+        return
+    click.echo(f"{path}: gc root removed")
 
 
 @store.command("rebuild")
@@ -251,13 +263,20 @@ def store_rebuild(store_dir, as_json):
 
 @store.command("put")
 @store_option
+@json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @handle_errors
-def store_put(store_dir, files):
+def store_put(store_dir, as_json, files):
     """Add files to the store; print their ids."""
+    results = []
     with open_store(store_dir) as s:
         for f in files:
-            click.echo(f"{s.put_file(f)}  {f}")
+            oid = s.put_file(f)
+            results.append({"file": f, "id": oid})
+            if not as_json:
+                click.echo(f"{oid}  {f}")
+    if as_json:
+        emit_json(results)
 
 
 @store.command("cat")
@@ -294,12 +313,12 @@ def repo_init(directory):
 @json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @handle_errors
-def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files):
+def repo_put(repo, ref_name, as_json, files):
     """Upload files as objects (file:// repositories; publish HTTP ones by copying the dir)."""
     if ref_name and len(files) != 1:
         raise UsageError("--ref needs exactly one file")
     results = []
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         for f in files:
             oid = r.put_file(f)
             results.append({"file": f, "id": oid})
@@ -333,13 +352,13 @@ def repo_put(repo_url, ca, cert, key, timeout, retries, ref_name, as_json, files
 @click.argument("ref")
 @handle_errors
 def repo_get(
-    repo_url, ca, cert, key, timeout, retries, store_dir, output, expected_size, max_size,
+    repo, store_dir, output, expected_size, max_size,
     as_json, ref,
 ):  # fmt: skip
     """Resolve REF (an id or a ref name) through the local store: fetch, verify, store."""
     exact = parse_size(expected_size) if expected_size is not None else None
     bound = parse_size(max_size)
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
+    with repo.open() as r, open_store(store_dir) as s:
         oid = ref if _looks_like_id(ref) else r.get_ref(ref)
         res = Resolver(s, r)
         local = s.has(oid)
@@ -368,9 +387,9 @@ def repo_get(
 @repo_options
 @json_option
 @handle_errors
-def repo_ls(repo_url, ca, cert, key, timeout, retries, as_json):
+def repo_ls(repo, as_json):
     """List the named refs of a repository."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         refs = r.list_refs()
     if as_json:
         emit_json(refs)
@@ -381,15 +400,101 @@ def repo_ls(repo_url, ca, cert, key, timeout, retries, as_json):
 
 @repo.command("ref")
 @repo_options
+@click.option(
+    "-d",
+    "--delete",
+    is_flag=True,
+    help="Remove NAME (print the id it named); the objects stay until `vfsd repo gc`.",
+)
 @click.argument("name")
 @click.argument("oid", required=False)
 @handle_errors
-def repo_ref(repo_url, ca, cert, key, timeout, retries, name, oid):
-    """Show NAME's object id, or point NAME at OID."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+def repo_ref(repo, delete, name, oid):
+    """Show NAME's object id, point NAME at OID, or remove NAME (--delete)."""
+    if delete and oid:
+        raise UsageError("--delete takes a NAME only, no OID")
+    with repo.open() as r:
+        if delete:
+            click.echo(r.delete_ref(name))
+            return
         if oid:
             r.set_ref(name, check_object_id(oid))
         click.echo(r.get_ref(name))
+
+
+@repo.command("gc")
+@click.option(
+    "--repo",
+    "repo_url",
+    required=True,
+    metavar="DIR",
+    help="The repository directory (file:///DIR or DIR; a web server's copy is not collected).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option(
+    "--grace",
+    "grace_text",
+    metavar="DURATION",
+    default="1d",
+    show_default=True,
+    help="Keep unreferenced objects younger than this (30s, 10m, 2h, 7d): longer than any "
+    "publish, so one running now loses nothing.",
+)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also keep the remote clusters of this local vimg image (repeatable): images pushed "
+    "without --ref are named by no ref.",
+)
+@make_store_option(
+    "Also keep what the gc roots of this local object store name (the templates of its host's "
+    "VEEs, its images), where the repository has it.",
+    param="host_store",
+)
+@json_option
+@click.argument("digests", nargs=-1)
+@handle_errors
+def repo_gc(repo_url, dry_run, grace_text, images, host_store, as_json, digests):
+    """Remove the objects of a repository that no ref, DIGEST, --image or --store reaches.
+
+    Marks from every ref (templates and everything they name, images pushed with --ref and
+    their clusters, plain objects) and from each DIGEST given (a template, an image or an
+    object), then removes every other object older than --grace. Nothing is removed if a
+    ref names a missing object or a reachable manifest cannot be read."""
+    from vfs.cli.gc import image_objects, object_references
+    from vfs.redirect import repo_gc
+
+    grace = parse_duration(grace_text)
+    extra = [check_object_id(d) for d in digests]
+    for img in images:
+        extra.extend(sorted(image_objects(img)))
+    host: set[str] = set()
+    if host_store is not None:
+        with open_store(host_store, create=False) as s:
+            keep, cache = s.roots.protected()
+        host = keep | cache
+    with RepoConfig(repo_url).open() as r:
+        if not isinstance(r, FileRemote):
+            raise UsageError(f"{repo_url}: repo gc needs the repository directory (file://)")
+        # a host's roots also name objects of other repositories and local-only ones: those
+        # are no concern of this repository's gc (a digest given by hand must be here)
+        extra.extend(sorted(o for o in host if r.has(o)))
+        rep = repo_gc.collect(r, object_references, extra_roots=extra, grace=grace, dry_run=dry_run)
+    if as_json:
+        emit_json(rep.to_json())
+    else:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{rep.refs} refs, {rep.roots} roots: {rep.marked_objects} objects reachable "
+            f"({_human(rep.marked_bytes)}); {verb} {rep.swept_objects} objects "
+            f"({_human(rep.swept_bytes)}); kept {rep.young_objects} younger than {grace_text} "
+            f"({_human(rep.young_bytes)})"
+        )
+    err = repo_gc.missing_error(rep, r.url)
+    if err is not None:
+        raise err
 
 
 def _looks_like_id(text: str) -> bool:
@@ -401,9 +506,9 @@ def _looks_like_id(text: str) -> bool:
 @store_option
 @click.argument("oids", nargs=-1, required=True)
 @handle_errors
-def fetch(repo_url, ca, cert, key, timeout, retries, store_dir, oids):
+def fetch(repo, store_dir, oids):
     """Make objects local (used by tests racing processes)."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r, open_store(store_dir) as s:
+    with repo.open() as r, open_store(store_dir) as s:
         res = Resolver(s, r)
         for oid in oids:
             res.ensure(check_object_id(oid))

@@ -17,23 +17,21 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.options import repo_options, store_option
 from vfs.cli_sealed import keys as sealed_keys
 from vfs.cli_sealed import sealing, sealing_options, unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
-from vfs.daemon.cli_redirect import open_repo, open_store, repo_options
-from vfs.errors import IntegrityError, NotFound, UsageError
+from vfs.daemon.cli_redirect import open_store
+from vfs.errors import Differs, IntegrityError, NotFound, UsageError
 from vfs.redirect import HttpRemote, Resolver, check_ref_name
 from vfs.tree.entry import Entry
+from vfs.tree.gcroots import content_objects
 from vfs.tree.manifest_check import check_template
 from vfs.tree.manifest_diff import diff_templates
 from vfs.tree.template import Template, publish_template, resolve_ref
 
-_store_opt = click.option(
-    "--store",
-    "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local object store: publish also puts the objects there; show/diff read through it.",
+_store_opt = store_option(
+    "Local object store: publish also puts the objects there; show/diff read through it."
 )
 
 
@@ -48,12 +46,12 @@ def template() -> None:
 
 
 @contextlib.contextmanager
-def _loader(repo_url, ca, cert, key, timeout, retries, store_dir):
+def _loader(repo, store_dir):
     """Yield (remote, getter): getter.get(oid) reads via the store when one is given. Both see
     through encrypted refs opened with --identity (the remote is an UnsealingRemote)."""
     from vfs.redirect.sealed_remote import UnsealingRemote
 
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as plain:
+    with repo.open() as plain:
         r = UnsealingRemote(plain, sealed_keys())
         if store_dir is None:
             yield r, r
@@ -91,7 +89,7 @@ def _progress():
 @json_option
 @click.argument("src", type=click.Path(path_type=Path))
 @handle_errors
-def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude, as_json, src):
+def publish(repo, store_dir, name, exclude, as_json, src):
     """Publish SRC (a directory, a tar archive, or - for a tar on stdin); print the digest.
 
     Uploads only the objects the repository lacks: content objects first, then the manifest,
@@ -105,10 +103,10 @@ def publish(repo_url, ca, cert, key, timeout, retries, store_dir, name, exclude,
     seal = sealing()
     if seal is not None and name is None:
         raise UsageError("--encrypt-for needs --name: an encrypted template is a signed ref")
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         if isinstance(r, HttpRemote):  # refuse before hashing the whole tree, not after
             raise UsageError(
-                f"{repo_url}: HTTP repositories are read-only: publish to the repository "
+                f"{repo.url}: HTTP repositories are read-only: publish to the repository "
                 "directory, then copy it to the web root (objects first, refs last)"
             )
         if name is not None:
@@ -159,9 +157,9 @@ def _sealing_remote(r, name, seal):
 @click.option("-l", "--long", "long_", is_flag=True, help="Also load each template: sizes.")
 @json_option
 @handle_errors
-def ls(repo_url, ca, cert, key, timeout, retries, store_dir, long_, as_json):
+def ls(repo, store_dir, long_, as_json):
     """List the template names of a repository and their digests."""
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         refs = r.list_refs()
         if not long_:
             if as_json:
@@ -242,9 +240,9 @@ def _ls_line(path: bytes, e: Entry) -> str:
 @click.argument("ref")
 @click.argument("path", required=False, default="")
 @handle_errors
-def show(repo_url, ca, cert, key, timeout, retries, store_dir, show_xattrs, as_json, ref, path):
+def show(repo, store_dir, show_xattrs, as_json, ref, path):
     """List the entries of template REF (a name or a digest) like ls -lR, or those under PATH."""
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         digest = resolve_ref(ref, r)
         t = Template.load(getter, digest)
     want = path.strip("/").encode("utf-8", "surrogateescape")
@@ -272,9 +270,9 @@ def show(repo_url, ca, cert, key, timeout, retries, store_dir, show_xattrs, as_j
 @click.argument("a")
 @click.argument("b")
 @handle_errors
-def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_code, a, b):
+def diff(repo, store_dir, as_json, exit_code, a, b):
     """Compare templates A and B (names or digests): paths added, removed, modified."""
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         ta = Template.load(getter, resolve_ref(a, r))
         tb = Template.load(getter, resolve_ref(b, r))
     changes = diff_templates(ta, tb)
@@ -286,7 +284,7 @@ def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_cod
             extra = f"  ({', '.join(c.fields)})" if c.fields else ""
             click.echo(f"{marks[c.status]} {_text(c.path) or '.'}{extra}")
     if exit_code and changes:
-        sys.exit(1)
+        raise Differs()  # as diff --exit-code: 1 when they differ
 
 
 @template.command("check")
@@ -295,10 +293,10 @@ def diff(repo_url, ca, cert, key, timeout, retries, store_dir, as_json, exit_cod
 @json_option
 @click.argument("ref")
 @handle_errors
-def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
+def check(repo, verify, as_json, ref):
     """Check that template REF is complete in the repository: its manifest loads and verifies,
     and every content object it names is present (--verify: and hashes right)."""
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         t = Template.load(r, resolve_ref(ref, r))
         rep = check_template(t, r, verify=verify)
     if as_json:
@@ -321,19 +319,64 @@ def check(repo_url, ca, cert, key, timeout, retries, verify, as_json, ref):
 
 @template.command("tag")
 @repo_options
+@json_option
 @click.argument("name")
 @click.argument("ref")
 @handle_errors
-def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
+def tag(repo, as_json, name, ref):
     """Point NAME at template REF (a digest or another name), e.g. to roll a name back.
 
     REF must load as a valid template first: a name never points at something that is not one.
     """
     check_ref_name(name)
-    with open_repo(repo_url, ca, cert, key, timeout, retries) as r:
+    with repo.open() as r:
         t = Template.load(r, resolve_ref(ref, r))
+        freshen = getattr(r, "freshen", None)
+        if freshen is not None:
+            # A directory repository: every object of the template is marked as in use again
+            # (and must be there) before the name points at it, so a repo gc running now
+            # cannot take an old template's objects from under the new name.
+            for oid in sorted(content_objects(t)):
+                if not freshen(oid):
+                    raise IntegrityError(
+                        f"template {t.digest[:16]}… is incomplete: object {oid} is missing "
+                        "(vfsd template check); the name was not changed"
+                    )
         r.set_ref(name, t.digest)
+    if as_json:
+        emit_json({"name": name, "digest": t.digest})
+        return
     click.echo(f"{t.digest}  {name}")
+
+
+@template.command("rm")
+@repo_options
+@json_option
+@click.argument("names", nargs=-1, required=True)
+@handle_errors
+def rm(repo, as_json, names):
+    """Retire template names: each NAME stops resolving; its template stays in the repository.
+
+    VEEs on it keep running (they know it by digest) and `template show DIGEST` still works.
+    Its objects are removed by the next `vfsd repo gc` once no other name and no DIGEST given
+    to the gc reaches them: give the gc the digests VEEs still use (`vfsd vee list`). Every
+    NAME is checked before any is removed: a name that is no ref removes nothing.
+    """
+    for name in names:
+        check_ref_name(name)
+    retired = []
+    with repo.open() as r:
+        refs = r.list_refs()
+        unknown = [n for n in names if n not in refs]
+        if unknown:
+            raise NotFound(f"no template named {', '.join(map(repr, unknown))} in {r.url}")
+        for name in dict.fromkeys(names):
+            retired.append({"name": name, "digest": r.delete_ref(name)})
+    if as_json:
+        emit_json(retired)
+        return
+    for x in retired:
+        click.echo(f"retired {x['name']} (was {x['digest']})")
 
 
 @template.command("export")
@@ -345,12 +388,12 @@ def tag(repo_url, ca, cert, key, timeout, retries, name, ref):
 )
 @click.argument("ref")
 @handle_errors
-def export(repo_url, ca, cert, key, timeout, retries, store_dir, output, ref):
+def export(repo, store_dir, output, ref):
     """Write template REF as a pax tar (owners, modes, ns times, xattrs, hard links, devices):
     extract it with `tar -xpf - --xattrs --xattrs-include='*' --numeric-owner`."""
     from vfs.tree.tarexport import export_tar
 
-    with _loader(repo_url, ca, cert, key, timeout, retries, store_dir) as (r, getter):
+    with _loader(repo, store_dir) as (r, getter):
         t = Template.load(getter, resolve_ref(ref, r))
         source = getter if store_dir is not None else r
         if output is None:

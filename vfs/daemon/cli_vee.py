@@ -6,30 +6,17 @@ the running daemon through its control socket (:mod:`vfs.daemon.control`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 import trio
 
+from vfs.cli.options import default_state, repo_options, state_option, store_option
 from vfs.cli_sealed import keys as sealed_keys
 from vfs.cli_sealed import unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.daemon import control
-from vfs.paths import default_store, vfs_root
-
-
-def _default_state() -> Path:
-    return Path(os.environ.get("VFS_STATE", str(vfs_root() / "state")))
-
-
-_state_opt = click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Daemon state directory [default: $VFS_STATE or $VFS_ROOT/state].",
-)
+from vfs.paths import default_store
 
 
 def register(main: click.Group) -> None:
@@ -39,7 +26,7 @@ def register(main: click.Group) -> None:
 
 
 @click.command("serve")
-@_state_opt
+@state_option
 @click.option(
     "--mount",
     "mount",
@@ -47,39 +34,45 @@ def register(main: click.Group) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Mountpoint (an empty directory); its entries are the VEE roots.",
 )
-@click.option("--remote", "remote_url", metavar="URL", help="Repository for cold objects.")
-@click.option("--ca", type=click.Path(dir_okay=False), help="CA of an https:// remote's server.")
-@click.option("--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS).")
-@click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")
-@click.option("--proxy", metavar="URL", help="HTTP forward proxy (site cache) for the remote.")
-@click.option(
-    "--store",
-    "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local object store [default: $VFS_STORE or $VFS_ROOT/store].",
+@repo_options(
+    required=False,
+    alias_remote=True,
+    help="Repository for cold objects (file:///DIR, DIR, http(s)://...). Without it, templates "
+    "must be in the local store whole, and every object of a VEE's template is kept there.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "kernel", "fuse"]),
+    default="auto",
+    show_default=True,
+    help="kernel: each VEE an overlayfs mount over an EROFS image of its template (needs "
+    "Linux 6.12+); fuse: one FUSE mount for all VEEs; auto: kernel where the host can.",
+)
+@store_option()
 @unsealing_options
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
-def serve_cmd(state_dir, mount, remote_url, ca, cert, key, proxy, store_dir, debug_fuse):
-    """Serve every VEE of STATE as a directory of one FUSE mount at MOUNT (until SIGTERM).
+def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
+    """Serve every VEE of STATE at MOUNT/<name> (until SIGTERM).
+
+    The kernel engine mounts each VEE root as its own overlayfs; the FUSE engine serves them
+    all from one FUSE mount at MOUNT. The engine is said at start-up and by `vfsd vee list`.
 
     With --identity, VEEs start from encrypted templates sealed to it (`vfsd vee add NAME
     --template URL#REF`); with --trust, only from refs those publishers signed."""
     from vfs.daemon.serve import serve
 
-    state = state_dir or _default_state()
+    state = state_dir or default_state()
     keys = sealed_keys(pins=state / "pins.json")  # key files are checked before mounting
     trio.run(
         lambda: serve(
-            state,
+            state_dir or default_state(),
             mount,
             store_dir=store_dir or default_store(),
-            remote_url=remote_url,
-            remote_tls={"ca": ca, "cert": cert, "key": key, "proxy": proxy},
+            repo=repo,
             keys=keys,
             debug_fuse=debug_fuse,
+            engine=engine,
         )
     )
 
@@ -90,7 +83,7 @@ def vee() -> None:
 
 
 @vee.command("add")
-@_state_opt
+@state_option
 @click.argument("name")
 @click.option(
     "--template",
@@ -102,7 +95,7 @@ def vee() -> None:
 @handle_errors
 def vee_add(state_dir, name, ref, as_json):
     """Create VEE NAME on a template; it appears as MOUNT/NAME at once."""
-    r = control.call(state_dir or _default_state(), {"op": "add", "name": name, "template": ref})
+    r = control.call(state_dir or default_state(), {"op": "add", "name": name, "template": ref})
     if as_json:
         emit_json(r)
     else:
@@ -110,14 +103,14 @@ def vee_add(state_dir, name, ref, as_json):
 
 
 @vee.command("rm")
-@_state_opt
+@state_option
 @click.argument("name")
 @click.option("--purge", is_flag=True, help="Delete the private layer instead of keeping it.")
 @json_option
 @handle_errors
 def vee_rm(state_dir, name, purge, as_json):
     """Remove VEE NAME from the mount (its private layer is kept aside unless --purge)."""
-    r = control.call(state_dir or _default_state(), {"op": "rm", "name": name, "purge": purge})
+    r = control.call(state_dir or default_state(), {"op": "rm", "name": name, "purge": purge})
     if as_json:
         emit_json(r)
     elif r["kept_layer"]:
@@ -127,32 +120,43 @@ def vee_rm(state_dir, name, purge, as_json):
 
 
 @vee.command("list")
-@_state_opt
+@state_option
 @json_option
 @handle_errors
 def vee_list(state_dir, as_json):
     """List the VEEs and their templates."""
-    r = control.call(state_dir or _default_state(), {"op": "list"})
+    state = state_dir or default_state()
+    r = control.call(state, {"op": "list"})
     if as_json:
         emit_json(r)
         return
+    info = control.call(state, {"op": "ping"})
+    click.echo(f"engine: {info.get('engine', '?')} ({info.get('engine_reason', '')})")
     for v in r:
         extra = f"  ({v['error']})" if v["state"] == "broken" else ""
         click.echo(f"{v['name']}\t{v['template']}\t{v['state']}{extra}")
 
 
 @vee.command("upgrade")
-@_state_opt
+@state_option
 @click.argument("name")
 @click.option("--template", "ref", required=True, help="New template digest or name.")
 @click.option("--dry-run", is_flag=True, help="Only report the conflicts.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Kernel engine: remount even while processes hold the VEE (they keep the old view).",
+)
 @json_option
 @handle_errors
-def vee_upgrade(state_dir, name, ref, dry_run, as_json):
-    """Move VEE NAME to a newer template, keeping its private changes; report conflicts."""
+def vee_upgrade(state_dir, name, ref, dry_run, force, as_json):
+    """Move VEE NAME to a newer template, keeping its private changes; report conflicts.
+
+    With the kernel engine the VEE is remounted on the new template: refused while processes
+    hold it (they are listed), unless --force."""
     r = control.call(
-        state_dir or _default_state(),
-        {"op": "upgrade", "name": name, "template": ref, "dry_run": dry_run},
+        state_dir or default_state(),
+        {"op": "upgrade", "name": name, "template": ref, "dry_run": dry_run, "force": force},
     )
     if as_json:
         emit_json(r)
@@ -160,4 +164,9 @@ def vee_upgrade(state_dir, name, ref, dry_run, as_json):
     verb = "upgraded" if r["applied"] else "would upgrade" if dry_run else "unchanged"
     click.echo(f"{name}: {verb} {r['old_template'][:16]}… -> {r['new_template'][:16]}…")
     for c in r["conflicts"]:
-        click.echo(f"conflict: {c['path']}: private {c['private']}, template {c['template']}")
+        by = f" (hidden by {c['hidden_by']})" if "hidden_by" in c else ""
+        click.echo(f"conflict: {c['path']}: private {c['private']}, template {c['template']}{by}")
+    if r.get("identical_to_new"):
+        click.echo(
+            f"{r['identical_to_new']} private files already equal the new version's: no conflict"
+        )

@@ -8,8 +8,10 @@ request per connection::
     <- {"ok": false, "error": "no VEE named 'x'", "exit_code": 4}\\n
 
 Ops: ``ping``, ``list``, ``add`` (name, template), ``rm`` (name, purge), ``upgrade`` (name,
-template, dry_run). Errors carry the exit code of the :mod:`vfs.errors` class the daemon raised,
-so the CLI exits exactly as if it had done the work itself.
+template, dry_run, force), ``export_add`` (spec: a JSON export spec), ``export_rm`` (name),
+``export_list`` (:mod:`vfs.export.supervisor`). Errors carry the exit code of the
+:mod:`vfs.errors` class the daemon raised, so the CLI exits exactly as if it had done the work
+itself.
 """
 
 from __future__ import annotations
@@ -52,7 +54,18 @@ def socket_path(state_dir: str | Path) -> Path:
 
 async def serve_control(state_dir: Path, handler: Handler, *, task_status: Any = None) -> None:
     """Accept control connections until cancelled."""
-    path = socket_path(state_dir)
+    await serve_socket(socket_path(state_dir), handler, parse_request, task_status=task_status)
+
+
+Parser = Callable[[bytes], dict[str, Any]]
+
+
+async def serve_socket(
+    path: Path, handler: Handler, parse: Parser, *, task_status: Any = None
+) -> None:
+    """Serve JSON-line requests on the Unix socket ``path`` (mode 0600) until cancelled:
+    each line is checked by ``parse`` and answered by ``handler`` (the export processes use
+    this with their own requests)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -64,14 +77,14 @@ async def serve_control(state_dir: Path, handler: Handler, *, task_status: Any =
         if task_status is not None:
             task_status.started()
         await trio.serve_listeners(
-            lambda stream: _serve_one(stream, handler), [listener], handler_nursery=None
+            lambda stream: _serve_one(stream, handler, parse), [listener], handler_nursery=None
         )
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
-async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+async def _serve_one(stream: trio.SocketStream, handler: Handler, parse: Parser) -> None:
     async with stream:
         buf = b""
         try:
@@ -82,7 +95,7 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 buf += data
                 if len(buf) > MAX_REQUEST:
                     raise UsageError("control request too long")
-            req = parse_request(buf.split(b"\n", 1)[0])
+            req = parse(buf.split(b"\n", 1)[0])
             result = await handler(req)
             reply: dict[str, Any] = {"ok": True, "result": result}
         except VfsError as e:
@@ -106,15 +119,25 @@ REQUESTS: dict[str, dict[str, type]] = {
     "list": {},
     "add": {"name": str, "template": str},
     "rm": {"name": str, "purge": bool},
-    "upgrade": {"name": str, "template": str, "dry_run": bool},
+    "upgrade": {"name": str, "template": str, "dry_run": bool, "force": bool},
+    "export_add": {"spec": str},
+    "export_rm": {"name": str},
+    "export_list": {},
 }
 #: Fields that may be left out, with their defaults.
-DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False}
+DEFAULTS: dict[str, Any] = {"purge": False, "dry_run": False, "force": False}
 
 
-def parse_request(line: bytes) -> dict[str, Any]:
+def parse_request(
+    line: bytes,
+    requests: dict[str, dict[str, type]] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Decode and validate one request line strictly: a flat JSON object whose ``op`` is known
-    and whose fields all have their exact types (UsageError otherwise, never a traceback)."""
+    and whose fields all have their exact types (UsageError otherwise, never a traceback).
+    ``requests``/``defaults``: another protocol's table (default: the daemon's)."""
+    requests = REQUESTS if requests is None else requests
+    defaults = DEFAULTS if defaults is None else defaults
     try:
         req = json.loads(line)
     except (ValueError, RecursionError) as e:
@@ -122,7 +145,7 @@ def parse_request(line: bytes) -> dict[str, Any]:
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         raise UsageError("control request must be a JSON object with a string 'op'")
     op = req["op"]
-    fields = REQUESTS.get(op)
+    fields = requests.get(op)
     if fields is None:
         raise UsageError(f"unknown control op {op[:40]!r}")
     out: dict[str, Any] = {"op": op}
@@ -137,15 +160,21 @@ def parse_request(line: bytes) -> dict[str, Any]:
         out[key] = value
     for key in fields:
         if key not in out:
-            if key not in DEFAULTS:
+            if key not in defaults:
                 raise UsageError(f"control op {op!r} needs a {fields[key].__name__} {key!r}")
-            out[key] = DEFAULTS[key]
+            out[key] = defaults[key]
     return out
 
 
 def call(state_dir: str | Path, request: dict[str, Any], timeout: float = 600.0) -> Any:
     """Send one request to the daemon of ``state_dir``; its result, or ControlError."""
-    path = socket_path(state_dir)
+    return call_socket(socket_path(state_dir), request, timeout, f"state directory {state_dir}")
+
+
+def call_socket(
+    path: str | Path, request: dict[str, Any], timeout: float = 600.0, what: str = ""
+) -> Any:
+    """Send one request to the JSON-line server on ``path``; its result, or ControlError."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -153,7 +182,7 @@ def call(state_dir: str | Path, request: dict[str, Any], timeout: float = 600.0)
             s.connect(os.fspath(path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunning(
-                f"no vfsd serving state directory {state_dir} (no answer on {path})"
+                f"no vfsd serving {what or path} (no answer on {path})"
             ) from None
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""

@@ -1,7 +1,7 @@
 """The pyfuse3 adapter of :class:`vfs.tree.view.Views`: the only place that speaks errno.
 
 Every handler is a translation: arguments in, :class:`Attr` → ``EntryAttributes`` out,
-``VfsError``/``OSError`` → ``FUSEError(errno)``. The tunings of ``PERF-NOTES.md`` live here:
+``VfsError``/``OSError`` → ``FUSEError(errno)``. The tunings of ``docs/perf-notes.md`` live here:
 long entry/attr timeouts and ``keep_cache`` (template content never changes, and everything else
 changes only through this daemon), ``flush`` answered with ENOSYS so the kernel stops sending it,
 the writeback cache (the kernel merges small writes and handles O_APPEND), and the kernel's
@@ -46,6 +46,8 @@ def check_pyfuse3() -> None:
         missing.append("FileInfo.cache_readdir")
     if not hasattr(pyfuse3, "invalidate_inode_async"):
         missing.append("invalidate_inode_async")
+    if getattr(pyfuse3.Operations, "lseek", None) is None:
+        missing.append("Operations.lseek")
     if missing:
         raise VfsError(
             f"pyfuse3 {pyfuse3.__version__} ({pyfuse3.__file__}) is not the vfs-patched build "
@@ -375,7 +377,8 @@ class VeeOperations(pyfuse3.Operations):
 
 
 def set_read_ahead(mountpoint: str, kb: int = 1024) -> bool:
-    """Raise the FUSE mount's read-ahead (PERF-NOTES: cold sequential 412 → ~1300 MB/s)."""
+    """Raise the FUSE mount's read-ahead: bigger read requests, the largest single gain for cold
+    sequential reads (docs/perf-notes.md)."""
     # not os.stat(mountpoint): that would wait for this very daemon to answer GETATTR
     devno = mount_devno(mountpoint)
     if devno is None:

@@ -1,14 +1,26 @@
-"""``vfsd serve``: the daemon's whole lifetime in one place.
+"""``vfsd serve``: the daemon's whole lifetime in one place, for either engine.
 
-One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views, the
-FUSE mount, the control socket) registers its cleanup right after it is created, so any failure
-or signal unwinds exactly what exists, in reverse order. SIGTERM/SIGINT end ``pyfuse3.main`` and
-the mount is unmounted.
+One ``AsyncExitStack`` and one trio nursery: each resource (state lock, store, remote, views or
+mounts, the FUSE mount, the control socket, the image exports) registers its cleanup right
+after it is created, so any failure or signal unwinds exactly what exists, in reverse order.
+SIGTERM/SIGINT end ``pyfuse3.main`` and everything is unmounted.
 
-Crash story (``docs/vee-layer.md``): kill -9 leaves the kernel mount dead (ENOTCONN); the next
-``serve`` on the same mountpoint detaches it lazily and mounts again. Everything durable lives in
-the state directory (registry: atomic JSON; private layers: every structural change renamed into
-place and its directory fsynced; file data: the VEE's own fsync goes to the private file).
+Two engines (``docs/kernel-engine.md``), chosen at start-up (``--engine auto|kernel|fuse``):
+
+- *fuse*: one FUSE mount at MOUNT whose entries are the VEE roots (:mod:`vfs.tree.view`);
+- *kernel*: every VEE root an overlayfs mount at MOUNT/<name> over its template's EROFS image
+  (:mod:`vfs.daemon.kernel_engine`); the daemon's one FUSE mount is then the second data layer
+  (:mod:`vfs.daemon.datalayer`), serving objects that are not local yet.
+
+Both use the same state directory, registry and private layers, so a VEE moves between engines
+across a restart (a layer the kernel engine used is normalized for the FUSE engine first:
+:mod:`vfs.tree.ovl_upper`).
+
+Crash story (``docs/vee-layer.md``, ``docs/kernel-engine.md``): kill -9 leaves the FUSE mount
+dead (ENOTCONN); the next ``serve`` detaches it lazily and mounts again. Kernel-engine VEE
+mounts outlive the daemon; the next ``serve`` reuses or replaces them. Everything durable lives
+in the state directory (registry: atomic JSON; private layers: every structural change renamed
+into place and its directory fsynced; file data: the VEE's own fsync goes to the private file).
 """
 
 from __future__ import annotations
@@ -21,20 +33,35 @@ import os
 import resource
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from vfs.daemon import control
+from vfs.daemon import control, mounts
 from vfs.daemon.confine import Confinement
+from vfs.daemon.datalayer import MOUNT_OPTIONS as DATA_MOUNT_OPTIONS
+from vfs.daemon.datalayer import DataLayerOperations
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
+from vfs.daemon.kernel_engine import KernelEngine, busy_message, probe
 from vfs.daemon.sealed_sources import SealedSources
-from vfs.errors import AlreadyExists, BusyError, NotFound, UsageError, VfsError
-from vfs.redirect import LocalStore, Remote, Resolver, open_remote
+from vfs.errors import (
+    AlreadyExists,
+    BusyError,
+    NotFound,
+    SizeMismatch,
+    UsageError,
+    VfsError,
+)
+from vfs.export.supervisor import ExportSupervisor
+from vfs.redirect import LocalStore, Remote, RepoConfig, Resolver
 from vfs.redirect.sealed_refs import Keys, PinStore
 from vfs.redirect.sealed_remote import UnsealingRemote, split_address
+from vfs.tree import gcroots
+from vfs.tree.gcroots import StateRoot
+from vfs.tree.ovl_upper import needs_normalizing, normalize_upper
 from vfs.tree.template import Template, is_digest, resolve_ref
 from vfs.tree.upgrade import plan_upgrade
 from vfs.tree.vee import VeeRegistry, check_vee_name
@@ -45,32 +72,79 @@ log = logging.getLogger(__name__)
 #: pyfuse3 worker tasks (concurrent requests in the daemon).
 MAX_REQUEST_TASKS = 1024
 MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_other", "dev", "suid"}
+ENGINES = ("auto", "kernel", "fuse")
+
+
+def template_objects(t: Template) -> dict[str, int]:
+    """Object id -> size of every non-empty regular file of ``t``."""
+    out: dict[str, int] = {}
+    for ino in range(1, len(t) + 1):
+        e = t.getattr(ino)
+        if e.oid is not None:
+            out[e.oid] = e.size
+    return out
+
+
+def missing_objects(store: LocalStore, objects: dict[str, int]) -> dict[str, int]:
+    """The objects the store lacks. A local object of another size than its manifest says is
+    :class:`SizeMismatch` (the kernel would serve it as it is, so it is refused here)."""
+    out = {}
+    for oid, size in objects.items():
+        try:
+            actual = os.stat(store.object_path(oid)).st_size
+        except FileNotFoundError:
+            out[oid] = size
+            continue
+        if actual != size:
+            raise SizeMismatch(
+                f"object {oid}: the manifest says {size} bytes, the store's copy has {actual} "
+                "(the manifest lies); refusing the template",
+                oid=oid,
+                actual=actual,
+                expected=size,
+            )
+    return out
 
 
 class Daemon:
-    """The control-plane of one mount: the registry, the templates, and the views."""
+    """The control-plane of one daemon: the registry, the templates, and the VEEs of its
+    engine (``views`` for the FUSE engine, ``kernel`` for the kernel engine)."""
 
     def __init__(
         self,
         registry: VeeRegistry,
-        views: Views,
         resolver: Resolver,
         remote: Any,
         *,
+        views: Views | None = None,
+        kernel: KernelEngine | None = None,
+        data_layer: DataLayerOperations | None = None,
+        engine_reason: str = "",
+        root: StateRoot | None = None,
+        exports: ExportSupervisor | None = None,
         unsealing: UnsealingRemote | None = None,
         sources: SealedSources | None = None,
-        remote_tls: dict[str, Any] | None = None,
+        repo: RepoConfig | None = None,
     ):
+        assert (views is None) != (kernel is None)
         self.registry = registry
+        self.exports = exports
         self.views = views
+        self.kernel = kernel
+        self.data_layer = data_layer
         self.resolver = resolver
         self.remote = remote
+        self.engine = "kernel" if kernel is not None else "fuse"
+        self.engine_reason = engine_reason
         self.unsealing = unsealing
         self.sources = sources
-        self.remote_tls = remote_tls or {}
+        self.repo_config = repo
         self._remotes: dict[str, Remote] = {}
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
+        self._hydrating: set[str] = set()
+        #: the state directory's gc root in the store: what store gc and eviction must leave
+        self.root = root or StateRoot(resolver.store.roots, registry.state, _url(remote))
 
     # -- templates ---------------------------------------------------------------------------
 
@@ -81,7 +155,9 @@ class Daemon:
             return self.remote
         r = self._remotes.get(url)
         if r is None:
-            r = self._remotes[url] = open_remote(url, **self.remote_tls)
+            # the same TLS, proxy and deadline options as --repo, for another URL
+            cfg = self.repo_config.replace(url=url) if self.repo_config else RepoConfig(url)
+            r = self._remotes[url] = cfg.open()
         return r
 
     def close_remotes(self) -> None:
@@ -99,7 +175,7 @@ class Daemon:
         if url is None:
             if self.remote is None:
                 raise UsageError(
-                    f"template {ref!r} is a name: the daemon needs --remote (or give URL#{ref})"
+                    f"template {ref!r} is a name: the daemon needs --repo (or give URL#{ref})"
                 )
             remote = self.remote
         else:
@@ -116,7 +192,7 @@ class Daemon:
         if opened is None:  # a plain ref
             if remote is not self.remote:
                 raise UsageError(
-                    f"{ref!r}: a plain (unencrypted) template is served from --remote only"
+                    f"{ref!r}: a plain (unencrypted) template is served from --repo only"
                 )
             return digest
         if self.sources is not None:
@@ -153,16 +229,105 @@ class Daemon:
             self.templates[digest] = t
         return t
 
+    def in_use(self) -> dict[str, Template | None]:
+        """The templates the registry names, loaded (None: could not be loaded)."""
+        return {r.template: self.templates.get(r.template) for r in self.registry.vees.values()}
+
+    def _use(self, digest: str, t: Template) -> None:
+        """Blocking: ``t``'s objects join the gc root; without a repository to fetch them, every
+        one must be in the store (checked after the root protects them, so a gc running now
+        either leaves them or is found out here)."""
+        self.root.hold(digest, t)
+        if self.remote is not None:
+            return
+        if self.unsealing is not None and self.unsealing.entry(digest) is not None:
+            return  # an encrypted template: its objects are fetched from where it came from
+        missing = list(gcroots.missing_objects(t, self.resolver.store))
+        if missing:
+            self.root.release(digest)
+            self.root.sync(self.in_use())
+            path = missing[0][0].decode("utf-8", "backslashreplace")
+            raise NotFound(
+                f"template {digest[:16]}…: {len(missing)} content object(s) are not in the "
+                f"local store (first: /{path}) and the daemon has no --repo to fetch them: "
+                "publish it with --store, or serve with --repo"
+            )
+
+    # -- the engines' blocking steps (worker threads) ---------------------------------------
+
+    def _normalize_for_fuse(self, name: str, t: Template) -> None:
+        """A layer the kernel engine used may hold metacopy files: make it plain first."""
+        root = self.registry.layer_dir(name)
+        if needs_normalizing(root):
+            normalize_upper(root, t, self.resolver.read)
+
+    def _kernel_attach(self, name: str, t: Template) -> None:
+        """Mount VEE ``name`` with the kernel engine (blocking)."""
+        assert self.kernel is not None and self.data_layer is not None
+        objects = template_objects(t)
+        missing = missing_objects(self.resolver.store, objects)
+        self.data_layer.register(objects, f"template {t.digest[:16]}…")
+        reused = self.kernel.attach(name, t, self.registry.layer_dir(name), local=not missing)
+        if reused and missing:
+            self._hydrate(name, missing)
+
+    def _hydrate(self, name: str, missing: dict[str, int]) -> None:
+        """Fetch every object a kept mount of a previous daemon may still need (its data layer
+        died with that daemon): once local, the files it has not opened yet find them in the
+        first data layer (one it opened through the dead layer stays bound to it,
+        docs/kernel-engine.md §8)."""
+        if name in self._hydrating:
+            return
+        self._hydrating.add(name)
+
+        def run() -> None:
+            done = failed = 0
+            for oid, size in missing.items():
+                try:
+                    self.resolver.ensure(oid, expected_size=size)
+                    done += 1
+                except VfsError as e:
+                    failed += 1
+                    log.error("VEE %s: object %s not fetched: %s", name, oid, e)
+            self._hydrating.discard(name)
+            log.info("VEE %s: fetched %d objects a kept mount needs (%d failed)", name, done,
+                     failed)  # fmt: skip
+
+        threading.Thread(target=run, name=f"hydrate-{name}", daemon=True).start()
+
     def start_all(self) -> None:
-        """Mount every registered VEE (at startup, before serving)."""
+        """Mount every registered VEE (blocking; at start-up, before the control socket)."""
         self.reopen_sealed()
+        # Registered with the store first (the root of a previous run stays until this one
+        # knows better): templates that fail to load now keep what their root had.
+        for digest in {r.template for r in self.registry.vees.values()}:
+            self.root.hold(digest)
+            self.root.release(digest)
         for name, rec in sorted(self.registry.vees.items()):
             try:
                 t = self.load_template(rec.template)
-                self.views.add_vee(name, t, self.registry.open_layer(name))
+                if self.kernel is not None:
+                    self._kernel_attach(name, t)
+                else:
+                    assert self.views is not None
+                    self._normalize_for_fuse(name, t)
+                    self.views.add_vee(name, t, self.registry.open_layer(name))
             except VfsError as e:
                 log.error("VEE %s not mounted: %s", name, e)
                 self.broken[name] = str(e)
+        self.root.sync(self.in_use())
+        if self.kernel is not None:
+            # before the control socket: no add can be building an image meanwhile
+            keep = {rec.template for rec in self.registry.vees.values()}
+            n = self.kernel.images.remove_unused(keep)
+            if n:
+                log.info("removed %d cached template images no VEE uses", n)
+            for name in list(self.kernel.leftovers):
+                left = self.kernel.leftovers.pop(name)
+                log.warning("%s: a previous daemon's mount of a VEE no longer registered: "
+                            "detached", left.info.mountpoint)  # fmt: skip
+                with contextlib.suppress(VfsError):
+                    mounts.umount(left.info.mountpoint)
 
     # -- control requests ------------------------------------------------------------------
 
@@ -170,15 +335,24 @@ class Daemon:
         """One request, already validated by :func:`control.parse_request` (exact types)."""
         op = req["op"]
         if op == "ping":
-            return {"pid": os.getpid()}
+            return {"pid": os.getpid(), "engine": self.engine, "engine_reason": self.engine_reason}
         if op == "list":
             return self.list()
         if op == "add":
             return await self.add(req["name"], req["template"])
         if op == "rm":
-            return self.rm(req["name"], req["purge"])
+            return await self.rm(req["name"], req["purge"])
         if op == "upgrade":
-            return await self.upgrade(req["name"], req["template"], req["dry_run"])
+            return await self.upgrade(req["name"], req["template"], req["dry_run"], req["force"])
+        if op.startswith("export_"):
+            if self.exports is None:
+                raise UsageError("this daemon serves no exports")
+            if op == "export_add":
+                return await self.exports.add(req["spec"])
+            if op == "export_rm":
+                return await self.exports.remove(req["name"])
+            if op == "export_list":
+                return self.exports.list()
         raise UsageError(f"unknown control op {op!r}")
 
     def list(self) -> list[dict[str, Any]]:
@@ -189,6 +363,12 @@ class Daemon:
             if name in self.broken:
                 d["error"] = self.broken[name]
             d["layer"] = str(self.registry.layer_dir(name))
+            d["engine"] = self.engine
+            d["engine_reason"] = self.engine_reason
+            if self.kernel is not None:
+                vm = self.kernel.vees.get(name)
+                if vm is not None and vm.reused:
+                    d["reused_mount"] = True
             out.append(d)
         return out
 
@@ -197,59 +377,139 @@ class Daemon:
         if name in self.registry.vees:
             raise AlreadyExists(f"VEE {name!r} exists")
         digest = await trio.to_thread.run_sync(self._digest, ref)
-        t = await trio.to_thread.run_sync(self.load_template, digest)
+        # The manifest is protected before it is read, the content before a VEE uses it.
+        await trio.to_thread.run_sync(self.root.hold, digest)
+        try:
+            t = await trio.to_thread.run_sync(self.load_template, digest)
+            await trio.to_thread.run_sync(self._use, digest, t)
+            try:
+                await self._add_registered(name, digest, ref, t)
+            finally:
+                self.root.release(digest)
+        finally:
+            self.root.release(digest)
+            await trio.to_thread.run_sync(self.root.sync, self.in_use())
+        return {"name": name, "template": digest}
+
+    async def _add_registered(self, name: str, digest: str, ref: str, t: Template) -> None:
+        if self.kernel is None:
+            await trio.to_thread.run_sync(self._normalize_for_fuse, name, t)
         # Save-then-apply: everything that can fail on a full disk (the layer's directories,
-        # the registry file) happens before the VEE appears in the mount; the last step only
-        # changes memory. A failure leaves no ghost: not listed, not mounted, not registered.
+        # the registry file) happens before the VEE appears; the last step mounts it. A
+        # failure leaves no ghost: not listed, not mounted, not registered.
         layer = self.registry.open_layer(name)
         try:
-            self.views.prepare_layer(t, layer)
+            Views.prepare_layer(t, layer)
             self.registry.add(name, digest, ref)
         except BaseException:
             layer.close()
             raise
         try:
-            self.views.add_vee(name, t, layer)
+            if self.views is not None:
+                self.views.add_vee(name, t, layer)
+            else:
+                layer.close()
+                await trio.to_thread.run_sync(self._kernel_attach, name, t)
         except BaseException:
             self.registry.forget(name)  # the layer (maybe adopted, not new) stays where it is
             raise
-        return {"name": name, "template": digest}
 
-    def rm(self, name: str, purge: bool) -> dict[str, Any]:
+    def _busy(self, name: str) -> str | None:
+        """Why VEE ``name`` cannot be unmounted now (None: it can)."""
+        if self.views is not None:
+            vee = self.views.vees.get(name)
+            if vee is not None and any(h.node.vee is vee for h in self.views.handles.values()):
+                return f"VEE {name!r} has open files: close them (or stop its users) first"
+            return None
+        assert self.kernel is not None
+        held = self.kernel.holders(name)
+        return busy_message(name, held) if held else None
+
+    async def rm(self, name: str, purge: bool) -> dict[str, Any]:
         self.registry.get(name)
-        if any(h.node.vee is self.views.vees.get(name) for h in self.views.handles.values()):
-            raise BusyError(f"VEE {name!r} has open files")
+        busy = await trio.to_thread.run_sync(self._busy, name)
+        if busy:
+            raise BusyError(busy)
         self.registry.forget(name)  # durable first: a failure here changes nothing
-        with contextlib.suppress(NotFound):
-            self.views.remove_vee(name)
+        if self.views is not None:
+            with contextlib.suppress(NotFound):
+                self.views.remove_vee(name)
+        else:
+            assert self.kernel is not None
+            with contextlib.suppress(NotFound):
+                await trio.to_thread.run_sync(lambda: self.kernel.detach(name, force=True))
         self.broken.pop(name, None)
         kept = self.registry.retire_layer(name, purge=purge)
+        # last: its template's objects leave the gc root once no VEE uses them
+        await trio.to_thread.run_sync(self.root.sync, self.in_use())
         return {"name": name, "kept_layer": str(kept) if kept else None}
 
-    async def upgrade(self, name: str, ref: str, dry_run: bool) -> dict[str, Any]:
+    async def upgrade(self, name: str, ref: str, dry_run: bool, force: bool) -> dict[str, Any]:
         rec = self.registry.get(name)
         digest = await trio.to_thread.run_sync(self._digest, ref)
         new = await trio.to_thread.run_sync(self.load_template, digest)
         old = await trio.to_thread.run_sync(self.load_template, rec.template)
-        live = self.views.vees.get(name)
+        live = self.views.vees.get(name) if self.views is not None else None
         # the mounted VEE's own layer object: opening another would clean its work dir under
         # a copy-up in progress
         layer = live.layer if live is not None else self.registry.open_layer(name)
-        report = await trio.to_thread.run_sync(plan_upgrade, name, layer, old, new)
+        try:
+            report = await trio.to_thread.run_sync(plan_upgrade, name, layer, old, new)
+        finally:
+            if live is None:
+                layer.close()
         out = report.to_json()
         out["applied"] = False
         if dry_run or digest == rec.template:
             return out
-        vee = self.views.vees.get(name)
-        if vee is not None and any(h.node.vee is vee for h in self.views.handles.values()):
-            raise BusyError(f"VEE {name!r} has open files: close them (or stop its users) first")
-        self.registry.set_template(name, digest, ref)
-        with contextlib.suppress(NotFound):
-            self.views.remove_vee(name)
-        self.views.add_vee(name, new, layer)
-        self.broken.pop(name, None)
+        if self.views is not None:
+            busy = self._busy(name)
+            if busy:
+                raise BusyError(busy)
+        await trio.to_thread.run_sync(self._use, digest, new)  # before the registry names it
+        try:
+            if self.views is not None:
+                self.registry.set_template(name, digest, ref)
+                with contextlib.suppress(NotFound):
+                    self.views.remove_vee(name)
+                self.views.add_vee(name, new, layer)
+            else:
+                await trio.to_thread.run_sync(self._kernel_switch, name, old, new, ref, force)
+            self.broken.pop(name, None)
+        finally:
+            self.root.release(digest)
+            await trio.to_thread.run_sync(self.root.sync, self.in_use())
         out["applied"] = True
         return out
+
+    def _kernel_switch(
+        self, name: str, old: Template, new: Template, ref: str, force: bool
+    ) -> None:
+        """An overlay cannot change its lower layer: unmount (refused while held, unless
+        ``force``), make metadata-only copies full copies against the old template (a private
+        file must keep its bytes), save the registry, mount on the new template. A failure
+        before the registry is saved mounts the old template again."""
+        assert self.kernel is not None
+        self.data_layer.register(template_objects(new), f"template {new.digest[:16]}…")  # type: ignore[union-attr]
+        if name in self.kernel.vees:
+            self.kernel.detach(name, force=force)
+        root = self.registry.layer_dir(name)
+        try:
+            normalize_upper(root, old, self.resolver.read, clear_marker=False)
+            self.registry.set_template(name, new.digest, ref)
+        except BaseException:
+            with contextlib.suppress(VfsError):
+                self._kernel_attach(name, old)
+            raise
+        try:
+            self._kernel_attach(name, new)
+        except VfsError as e:
+            self.broken[name] = str(e)
+            raise
+
+
+def _url(remote: Any) -> str | None:
+    return getattr(remote, "url", None) if remote is not None else None
 
 
 def _raise_fd_limit() -> None:
@@ -279,8 +539,8 @@ def _lock_state(state: Path) -> int:
     return fd
 
 
-def _prepare_mountpoint(mount: Path) -> None:
-    """Detach a dead mount left by a killed daemon (statfs fails with ENOTCONN).
+def _detach_dead_fuse(mount: Path) -> None:
+    """Detach a dead FUSE mount left by a killed daemon (statfs fails with ENOTCONN).
 
     statfs, not stat: the kernel answers stat of the dead mount's root from its attribute cache
     (we hand out hour-long timeouts), while statfs always asks the (dead) daemon."""
@@ -291,10 +551,29 @@ def _prepare_mountpoint(mount: Path) -> None:
             raise
         log.warning("%s: dead FUSE mount of a previous daemon: detaching it", mount)
         subprocess.run(["umount", "-l", os.fspath(mount)], check=False)
+
+
+def _prepare_mountpoint(mount: Path) -> None:
+    _detach_dead_fuse(mount)
     if not mount.is_dir():
         raise NotFound(f"mountpoint {mount} is not a directory")
     if os.path.ismount(mount):
         raise BusyError(f"{mount} is already a mount point")
+
+
+def choose_engine(engine: str, state: Path) -> tuple[str, str]:
+    """(engine, why) for ``--engine``: ``auto`` takes the kernel engine where the probe says
+    the kernel can do it (EROFS, file-backed mounts, overlayfs data-only layers)."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
+    if engine == "fuse":
+        return "fuse", "chosen with --engine fuse"
+    ok, why = probe(state / "kernel" / f"probe.{os.getpid()}")
+    if ok:
+        return "kernel", why
+    if engine == "kernel":
+        raise UsageError(f"the kernel engine cannot run here: {why}")
+    return "fuse", f"the kernel engine cannot run here ({why})"
 
 
 async def serve(
@@ -302,10 +581,10 @@ async def serve(
     mount: Path,
     *,
     store_dir: Path,
-    remote_url: str | None = None,
-    remote_tls: dict[str, str | None] | None = None,
+    repo: RepoConfig | None = None,
     keys: Keys | None = None,
     debug_fuse: bool = False,
+    engine: str = "auto",
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation). ``keys``: the identity and
     trusted publishers encrypted templates are opened with (pins default to STATE/pins.json)."""
@@ -316,9 +595,11 @@ async def serve(
         stack.callback(os.close, lock_fd)
         _prepare_mountpoint(mount)
         mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
+        chosen, why = choose_engine(engine, state)
+        log.info("engine: %s (%s)", chosen, why)
         store = LocalStore(store_dir)
         stack.callback(store.close)
-        remote = open_remote(remote_url, **(remote_tls or {})) if remote_url else None
+        remote = repo.open() if repo is not None else None
         if remote is not None:
             stack.callback(remote.close)
         if keys is None:
@@ -331,35 +612,86 @@ async def serve(
         unsealing = UnsealingRemote(remote, keys)
         resolver = Resolver(store, unsealing)
         registry = VeeRegistry(state)
-        views = Views(resolver)
-        stack.callback(views.close)
-        daemon = Daemon(
-            registry,
-            views,
-            resolver,
-            remote,
-            unsealing=unsealing,
-            sources=SealedSources(state),
-            remote_tls=remote_tls,
-        )
-        stack.callback(daemon.close_remotes)
-        daemon.start_all()
-        options = set(MOUNT_OPTIONS)
-        if debug_fuse:
-            options.add("debug")
-        ops = VeeOperations(views)
-        pyfuse3.init(ops, os.fspath(mount), options)
-        stack.callback(pyfuse3.close, unmount=True)
-        log.info("serving %d VEE(s) at %s", len(views.vees), mount)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(control.serve_control, state, daemon.handle)
-            nursery.start_soon(_signals, nursery.cancel_scope)
-            nursery.start_soon(_kernel_ready, mount, views, ops)
-            # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
-            # bounded by the fetch deadline) never leave none to answer the other VEEs.
-            await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
-            nursery.cancel_scope.cancel()
+        exports = ExportSupervisor(state)
+        sealed = {"unsealing": unsealing, "sources": SealedSources(state), "repo": repo}
+        if chosen == "kernel":
+            await _serve_kernel(stack, state, mount, store, resolver, registry, remote, why,
+                                debug_fuse, exports, sealed)  # fmt: skip
+        else:
+            await _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse,
+                              exports, sealed)  # fmt: skip
         log.info("vfsd at %s stopping", mount)
+
+
+async def _serve_fuse(
+    stack, state, mount, resolver, registry, remote, why, debug_fuse, exports, sealed
+) -> None:
+    views = Views(resolver)
+    stack.callback(views.close)
+    daemon = Daemon(
+        registry, resolver, remote, views=views, engine_reason=why, exports=exports, **sealed
+    )
+    stack.callback(daemon.close_remotes)
+    daemon.start_all()
+    options = set(MOUNT_OPTIONS)
+    if debug_fuse:
+        options.add("debug")
+    ops = VeeOperations(views)
+    pyfuse3.init(ops, os.fspath(mount), options)
+    stack.callback(pyfuse3.close, unmount=True)
+    log.info("serving %d VEE(s) at %s", len(views.vees), mount)
+    async with trio.open_nursery() as nursery:
+        # the exports (processes of their own, docs/export.md) come and go with the daemon
+        await nursery.start(exports.run)
+        await nursery.start(control.serve_control, state, daemon.handle)
+        nursery.start_soon(_signals, nursery.cancel_scope)
+        nursery.start_soon(_kernel_ready, mount, views, ops)
+        # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
+        # bounded by the fetch deadline) never leave none to answer the other VEEs.
+        await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_kernel(
+    stack, state, mount, store, resolver, registry, remote, why, debug_fuse, exports, sealed
+) -> None:
+    """Kernel engine: the FUSE mount is the data layer; VEE overlays are mounted from a worker
+    thread once it answers (mounting an overlay looks the data layer's root up, which this very
+    loop must answer)."""
+    os.chmod(mount, 0o700)  # MNT: only root traverses to the VEE roots (issue 8, item 2)
+    data_mnt = KernelEngine.data_layer_path(state)
+    data_mnt.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _detach_dead_fuse(data_mnt)
+    if os.path.ismount(data_mnt):
+        mounts.umount(data_mnt)
+    kernel = KernelEngine(state, mount, store.objects_dir, data_layer=data_mnt, reason=why)
+    kernel.inventory()
+    ops = DataLayerOperations(resolver)
+    daemon = Daemon(
+        registry, resolver, remote, kernel=kernel, data_layer=ops, engine_reason=why,
+        exports=exports, **sealed,
+    )  # fmt: skip
+    stack.callback(daemon.close_remotes)
+    options = set(DATA_MOUNT_OPTIONS)
+    if debug_fuse:
+        options.add("debug")
+    pyfuse3.init(ops, os.fspath(data_mnt), options)
+    stack.callback(pyfuse3.close, unmount=True)
+    stack.callback(kernel.close)  # runs first: the overlays go before their data layer
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, nursery.cancel_scope)
+        await nursery.start(exports.run)
+
+        async def start() -> None:
+            await trio.to_thread.run_sync(os.stat, data_mnt)  # INIT answered
+            set_read_ahead(os.fspath(data_mnt))
+            await trio.to_thread.run_sync(daemon.start_all)
+            log.info("serving %d VEE(s) at %s (kernel engine)", len(kernel.vees), mount)
+            await nursery.start(control.serve_control, state, daemon.handle)
+
+        nursery.start_soon(start)
+        await pyfuse3.main(max_tasks=MAX_REQUEST_TASKS)
+        nursery.cancel_scope.cancel()
 
 
 async def _kernel_ready(mount: Path, views: Views, ops: VeeOperations) -> None:

@@ -19,9 +19,9 @@ _HUGE = 2 << 20
 def request_buffer(size: int, fill: int = 0) -> memoryview:
     """The one buffer every request uses, allocated the way QEMU allocates guest RAM: anonymous
     memory, 2 MiB-aligned and advised for transparent huge pages (MADV_HUGEPAGE; plain pages
-    where the kernel says no). On this project's VMs a 1 MiB copy into or out of a buffer on
-    4 KiB pages runs at 6-7 GB/s, on a huge page at 9-12 GB/s: without this the benchmark
-    measures the buffer's pages rather than the image."""
+    where the kernel says no). A 1 MiB copy into or out of a buffer on 4 KiB pages is
+    markedly slower than on a huge page: without this the benchmark measures the buffer's pages
+    rather than the image."""
     m = mmap.mmap(-1, size + _HUGE)
     try:
         m.madvise(mmap.MADV_HUGEPAGE)

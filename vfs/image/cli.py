@@ -9,13 +9,19 @@ remote clusters (bench, io, push, pull/hydrate). Shared options: :mod:`vfs.image
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import click
 
 from vfs.cli_util import emit_json, handle_errors
-from vfs.errors import CorruptionError, IntegrityError, UsageError
+from vfs.errors import (
+    CheckCorruption,
+    CheckLeaks,
+    CorruptionError,
+    Differs,
+    IntegrityError,
+    UsageError,
+)
 from vfs.image.cli_common import (
     FMT,
     LazyResolver,
@@ -41,10 +47,17 @@ from vfs.image.qemuio import parse_size
 @main.command()
 @click.option("-f", "fmt", type=click.Choice(["vimg"]), default="vimg", help="Only vimg.")
 @click.option("-s", "--size", "size_opt", help="Virtual size (k, M, G, T suffixes).")
-@click.option("-c", "--cluster-size", "cluster", default="64k", show_default=True)
+@click.option(
+    "-c", "--cluster-size", "cluster", default="64k", show_default=True, help="Cluster size."
+)
 @click.option("-b", "--backing", "backing", help="Backing file (relative to the new image).")
 @click.option("-F", "backing_fmt", type=click.Choice(["raw", "vimg"]), help="Backing format.")
-@click.option("--compress", type=click.Choice(["zstd", "none"]), default="none")
+@click.option(
+    "--compress",
+    type=click.Choice(["zstd", "none"]),
+    default="none",
+    help="Compress the clusters written (zstd).",
+)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("size", required=False)
 @backing_opts
@@ -73,7 +86,7 @@ def create(fmt, size_opt, cluster, backing, backing_fmt, compress, file, size):
 
 # ----------------------------------------------------------------------------------- info
 @main.command()
-@click.option("-f", "fmt", type=FMT)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain.")
 @json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -148,7 +161,7 @@ def info(fmt, backing_chain, as_json, output, file):
 
 # ----------------------------------------------------------------------------------- check
 @main.command()
-@click.option("-f", "fmt", type=FMT)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
 @click.option("-r", "repair", type=click.Choice(["leaks", "all"]), help="Repair leaks or all.")
 @json_opts
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -185,7 +198,10 @@ def check(fmt, repair, as_json, output, file):
             f"{res.compressed_clusters} compressed, {res.remote_clusters} remote clusters"
         )
         click.echo(f"Image end offset: {res.image_end_offset}")
-    sys.exit(res.exit_code)
+    if res.exit_code == 2:
+        raise CheckCorruption()  # exit 2 and 3 as qemu-img check: results, not usage errors
+    if res.exit_code == 3:
+        raise CheckLeaks()
 
 
 # ----------------------------------------------------------------------------------- verify
@@ -224,7 +240,7 @@ def verify(as_json, output, store, repo, file):
 
 # ----------------------------------------------------------------------------------- map
 @main.command(name="map")
-@click.option("-f", "fmt", type=FMT)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
 @json_opts
 @remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -270,7 +286,7 @@ def _j(v: Any) -> str:
 # ----------------------------------------------------------------------------------- convert
 @main.command()
 @click.option("-f", "src_fmt", type=FMT, help="Input format (probed if omitted).")
-@click.option("-O", "dst_fmt", type=FMT, default="raw", show_default=True)
+@click.option("-O", "dst_fmt", type=FMT, default="raw", show_default=True, help="Output format.")
 @click.option("-c", "compress", is_flag=True, help="Compress the output (zstd for vimg).")
 @click.option("--cluster-size", default="64k", show_default=True, help="vimg output only.")
 @click.option("-p", "progress", is_flag=True, help="Show progress on stderr.")
@@ -307,10 +323,10 @@ def convert(src_fmt, dst_fmt, compress, cluster_size, progress, store, repo, src
 
 # ----------------------------------------------------------------------------------- compare
 @main.command()
-@click.option("-f", "fmt1", type=FMT)
-@click.option("-F", "fmt2", type=FMT)
+@click.option("-f", "fmt1", type=FMT, help="Format of FILE1 (probed if omitted).")
+@click.option("-F", "fmt2", type=FMT, help="Format of FILE2 (probed if omitted).")
 @click.option("-s", "strict", is_flag=True, help="Strict: images of different sizes differ.")
-@click.option("-q", "quiet", is_flag=True)
+@click.option("-q", "quiet", is_flag=True, help="Print nothing: the exit code says it.")
 @remote_opts
 @click.argument("file1", type=click.Path(dir_okay=False))
 @click.argument("file2", type=click.Path(dir_okay=False))
@@ -342,15 +358,17 @@ def compare(fmt1, fmt2, strict, quiet, store, repo, file1, file2):
         return
     if not quiet:
         click.echo(f"Content mismatch at offset {off}!")
-    sys.exit(1)
+    raise Differs()  # exit 1, as qemu-img compare and cmp
 
 
 # ----------------------------------------------------------------------------------- measure
 @main.command()
-@click.option("-f", "fmt", type=FMT)
-@click.option("-O", "out_fmt", type=FMT, default="vimg", show_default=True)
+@click.option("-f", "fmt", type=FMT, help="Format of FILE (probed if omitted).")
+@click.option(
+    "-O", "out_fmt", type=FMT, default="vimg", show_default=True, help="Format to measure for."
+)
 @click.option("--size", "size", help="Measure an empty image of this size instead of FILE.")
-@click.option("--cluster-size", default="64k", show_default=True)
+@click.option("--cluster-size", default="64k", show_default=True, help="vimg output only.")
 @json_opts
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 @backing_opts

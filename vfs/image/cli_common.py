@@ -8,16 +8,17 @@ and a non-zero exit code, never a traceback. JSON output uses qemu-img's field n
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from typing import Any
 
 import click
 
-from vfs.cli_util import json_option, setup_logging
+from vfs.cli.options import repo_options, store_option
+from vfs.cli_util import OneLineErrorGroup, json_option, setup_logging
 from vfs.errors import UsageError
 from vfs.image.image import Image
+from vfs.redirect.repoconfig import RepoConfig
 
 FMT = click.Choice(["raw", "qcow2", "vimg"])
 
@@ -25,12 +26,11 @@ FMT = click.Choice(["raw", "qcow2", "vimg"])
 class LazyResolver:
     """Opens the local store (and the repository) only when a remote cluster is read."""
 
-    def __init__(self, store: str | None, repo: str | None) -> None:
+    def __init__(self, store: str | None, repo: RepoConfig | None) -> None:
         self.store_dir, self.repo = store, repo
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
-        self._tls = tls()  # captured now: fetch threads have no click context
 
     def resolver(self) -> Any:
         with self._lock:
@@ -39,11 +39,11 @@ class LazyResolver:
     def _resolver(self) -> Any:
         if self._r is None:
             from vfs.paths import default_store
-            from vfs.redirect import LocalStore, Resolver, open_remote
+            from vfs.redirect import LocalStore, Resolver
 
             store = LocalStore(self.store_dir or default_store())
             self._objs.append(store)
-            remote = open_remote(self.repo, **self._tls) if self.repo else None
+            remote = self.repo.open() if self.repo is not None else None
             if remote is not None:
                 self._objs.append(remote)
             self._r = Resolver(store, remote)
@@ -58,35 +58,6 @@ class LazyResolver:
     def close(self) -> None:
         for o in reversed(self._objs):
             o.close()
-
-
-def tls() -> dict[str, str]:
-    """--ca/--cert/--key of the current command (for https:// repositories, mutual TLS)."""
-    ctx = click.get_current_context(silent=True)
-    return dict(ctx.meta.get("vimg.tls", {})) if ctx is not None else {}
-
-
-def _store_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.meta.setdefault("vimg.tls", {})[param.name] = value
-
-
-def tls_opts(fn: Any) -> Any:
-    for name, text in (
-        ("proxy", "HTTP forward proxy (e.g. a site cache) for http(s):// repositories."),
-        ("key", "Client key (mutual TLS)."),
-        ("cert", "Client certificate (mutual TLS)."),
-        ("ca", "CA bundle that signs the repository server's certificate."),
-    ):
-        fn = click.option(
-            f"--{name}",
-            name,
-            type=click.Path(dir_okay=False),
-            expose_value=False,
-            callback=_store_tls,
-            help=text,
-        )(fn)
-    return fn
 
 
 def _store_backing_dirs(ctx: click.Context, param: click.Parameter, value: tuple) -> None:
@@ -117,18 +88,15 @@ def backing_dirs() -> tuple[str, ...]:
 
 
 def remote_opts(fn: Any) -> Any:
+    """--repo and how to reach it (:func:`vfs.cli.options.repo_options`: parameter ``repo``, a
+    RepoConfig or None), --store, --backing-dir."""
     fn = backing_opts(fn)
-    fn = tls_opts(fn)
-    fn = click.option(
-        "--store",
-        "store",
-        type=click.Path(file_okay=False),
-        help="Local object store [default: $VFS_STORE or $VFS_ROOT/store].",
-    )(fn)
-    fn = click.option(
-        "--repo", "repo", help="Repository of remote clusters (file:///dir, /dir, http(s)://...)."
-    )(fn)
-    return fn
+    fn = store_option(param="store")(fn)
+    return repo_options(
+        fn,
+        required=False,
+        help="Repository of remote clusters (file:///dir, /dir, http(s)://...).",
+    )
 
 
 def json_opts(fn: Any) -> Any:
@@ -218,27 +186,7 @@ class Progress:
         click.echo(f"\r{self.what}: {done}/{total} ({pct:.1f}%)", err=True, nl=done == total)
 
 
-class OneLineErrors(click.Group):
-    """Usage errors (unknown option, missing argument) as one line, like every other error."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        kwargs["standalone_mode"] = False
-        try:
-            rv = super().main(*args, **kwargs)
-        except click.ClickException as e:
-            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
-            if isinstance(e, no_args) and getattr(e, "ctx", None) is not None:
-                click.echo(e.ctx.get_help(), err=True)  # type: ignore[union-attr]
-                sys.exit(2)
-            click.echo(f"vimg: error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("vimg: interrupted", err=True)
-            sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
 def main(verbose: int) -> None:
     """vimg: create, inspect, check and convert vimg disk images (qemu-img style).

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from vfs.cli.options import repo_options, store_option
 from vfs.cli_util import handle_errors
 from vfs.errors import UsageError
 from vfs.image.cli_common import (
@@ -18,9 +19,9 @@ from vfs.image.cli_common import (
     open_image,
     probe,
     remote_opts,
-    tls,
 )
 from vfs.image.qemuio import parse_size
+from vfs.redirect.repoconfig import RepoConfig
 
 
 # ----------------------------------------------------------------------------------- bench
@@ -29,7 +30,7 @@ from vfs.image.qemuio import parse_size
 @click.option(
     "-d", "depth", default=64, show_default=True, help="Reported only (requests are sequential)."
 )
-@click.option("-f", "fmt", type=click.Choice(["raw", "vimg"]))
+@click.option("-f", "fmt", type=click.Choice(["raw", "vimg"]), help="Format of FILE.")
 @click.option("-n", "nocache", is_flag=True, help="Accepted for qemu-img compatibility.")
 @click.option("-o", "offset", default="0", help="Start offset.")
 @click.option("-s", "size", default="4k", show_default=True, help="Request size.")
@@ -104,7 +105,7 @@ def bench(
 # ----------------------------------------------------------------------------------- io
 @main.command()
 @click.option("-c", "commands", multiple=True, required=True, help="Command (repeatable).")
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
+@click.option("-f", "fmt", type=click.Choice(["vimg"]), help="Only vimg.")
 @remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
@@ -125,8 +126,8 @@ def io(commands, fmt, store, repo, file):
 
 # ----------------------------------------------------------------------------------- push/pull
 @main.command()
-@click.option("--repo", required=True, help="Repository (file:///dir or a directory).")
-@click.option("--store", type=click.Path(file_okay=False), help="Also keep a copy in this store.")
+@repo_options(help="Repository (file:///dir or a directory).")
+@store_option("Also keep a copy of each cluster in this local object store.", param="store")
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
 @click.option("--ref", "ref", help="Also publish the image as a template under this name.")
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -141,12 +142,11 @@ def push(repo, store, quiet, ref, file):
     """
     from vfs.image.remote import publish_template
     from vfs.image.remote import push as do_push
-    from vfs.redirect import open_remote
 
     check_vimg(file, None)
     # A directory repository is created on first push; http(s) ones are read-only (the remote
     # says so in one line: publish by copying the directory to a web root).
-    remote = open_remote(repo, create=not repo.startswith(("http://", "https://")), **tls())
+    remote = repo.open(create=not repo.is_http)
     st = None
     if store:
         from vfs.redirect import LocalStore
@@ -158,26 +158,30 @@ def push(repo, store, quiet, ref, file):
         if ref:
             oid = publish_template(img, remote, ref)
             click.echo(f"published template {ref} = {oid}")
+        if st is not None:
+            # the local copies serve this image's reads: a gc root of the store, as cache (the
+            # repository gives them back), refreshed by every `vfsd store gc`
+            from vfs.cli.gc import open_image_set
+
+            st.roots.put("vimg", file, {"image": open_image_set(img, remote.url)}, repo=remote.url)
     finally:
         close_image(img)
         remote.close()
         if st is not None:
             st.close()
-    click.echo(f"pushed {n} clusters to {repo}")
+    click.echo(f"pushed {n} clusters to {repo.url}")
 
 
 def _pull(
-    repo: str | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
+    repo: RepoConfig | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
 ) -> None:
     from vfs.image.remote import fetch_template
     from vfs.image.remote import pull as do_pull
 
     if ref:
-        if not repo:
+        if repo is None:
             raise UsageError("--ref needs --repo")
-        from vfs.redirect import open_remote
-
-        with open_remote(repo, **tls()) as remote:
+        with repo.open() as remote:
             oid = fetch_template(remote, ref, file)
         click.echo(f"fetched template {ref} = {oid}")
         if lazy:
@@ -213,4 +217,4 @@ def pull(repo, store, ref, lazy, quiet, file):
     _pull(repo, store, quiet, file, ref, lazy)
 
 
-main.add_command(pull, name="hydrate")  # the same command under the name DESIGN.md uses
+main.add_command(pull, name="hydrate")  # the same command under the name docs/design.md uses

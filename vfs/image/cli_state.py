@@ -23,9 +23,9 @@ from vfs.image.qemuio import parse_size
 
 # ----------------------------------------------------------------------------------- commit
 @main.command()
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
+@click.option("-f", "fmt", type=click.Choice(["vimg"]), help="Only vimg.")
 @click.option("-d", "keep", is_flag=True, help="Do not empty FILE after the commit.")
-@click.option("-p", "progress", is_flag=True)
+@click.option("-p", "progress", is_flag=True, help="Show progress on stderr.")
 @remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
@@ -44,10 +44,12 @@ def commit(fmt, keep, progress, store, repo, file):
 
 # ----------------------------------------------------------------------------------- rebase
 @main.command()
-@click.option("-f", "fmt", type=click.Choice(["vimg"]))
+@click.option("-f", "fmt", type=click.Choice(["vimg"]), help="Only vimg.")
 @click.option("-u", "unsafe", is_flag=True, help="Only change the reference; copy nothing.")
 @click.option("-b", "backing", required=True, help="New backing file ('' for none).")
-@click.option("-F", "backing_fmt", type=click.Choice(["raw", "vimg"]))
+@click.option(
+    "-F", "backing_fmt", type=click.Choice(["raw", "vimg"]), help="Format of the backing file."
+)
 @remote_opts
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors

@@ -40,7 +40,7 @@ class Writer:
         self.reader = reader
         self._cctx = zstandard.ZstdCompressor(level=3)
         #: Preallocation: the file is grown with fallocate ahead of appended clusters (writing
-        #: into reserved blocks is ~1.5x faster than extending the file); what is left past the
+        #: into reserved blocks is faster than extending the file); what is left past the
         #: image end is given back at close. 0: off (read-only, or not supported).
         self.grown_to = 0 if core.readonly else core.f.size()
         #: Dirty trackers (persistent bitmaps): every guest range a write path changes.

@@ -9,9 +9,11 @@ images or FUSE. The formats are specified in docs/redirect.md.
 """
 
 from vfs.redirect import http_remote
+from vfs.redirect.file_remote import FileRemote
 from vfs.redirect.http_remote import HttpRemote
 from vfs.redirect.objectid import check_object_id, object_id
-from vfs.redirect.remote import FileRemote, Remote, check_ref_name, open_remote
+from vfs.redirect.remote import Remote, check_ref_name, open_remote
+from vfs.redirect.repoconfig import RepoConfig
 from vfs.redirect.resolver import Resolver
 from vfs.redirect.store import LocalStore
 
@@ -20,6 +22,7 @@ __all__ = [
     "HttpRemote",
     "LocalStore",
     "Remote",
+    "RepoConfig",
     "Resolver",
     "check_object_id",
     "check_ref_name",

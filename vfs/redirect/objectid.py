@@ -1,10 +1,10 @@
 """Object ids: SHA-256 of the object's bytes, as 64 lowercase hex characters.
 
 Why SHA-256 and not BLAKE2b-256 (docs/redirect.md has the long form): both are collision
-resistant; SHA-256 runs on the SHA-NI instructions every current x86 and ARM server has (hashlib
-reaches ~1.5-2 GB/s per core here, faster than BLAKE2b in hashlib), and it is what operators'
-other tools (sha256sum, OCI registries, S3 checksums) already speak, so an object can be checked
-by hand. Hex keeps ids safe in paths and URLs with no escaping.
+resistant; SHA-256 runs on the SHA-NI instructions every current x86 and ARM server has
+(hashlib's SHA-256 is faster than its BLAKE2b there), and it is what operators' other tools
+(sha256sum, OCI registries, S3 checksums) already speak, so an object can be checked by hand.
+Hex keeps ids safe in paths and URLs with no escaping.
 """
 
 from __future__ import annotations

@@ -1,28 +1,32 @@
-"""The local store's file format for one object: checksummed chunks, optionally zstd-compressed.
+"""The local store's files for one object (store format 2): the plain bytes, and a sidecar of
+per-chunk checksums for objects longer than one chunk.
 
-Layout (docs/redirect.md, "Object file"): chunk payloads, then a table of ``nchunks`` entries,
-then a 48-byte trailer at the very end of the file::
+``objects/ab/<id>`` holds exactly the object's bytes (holes where it has long runs of zeros), so
+the kernel can read it as it is: it is the first data-only layer of the kernel engine's overlay
+mounts (``docs/kernel-engine.md``) and the same file every FUSE-engine read and every image
+reads. One copy on disk, whichever engine serves it.
 
-    payload 0 | payload 1 | ... | table (nchunks x 16 bytes) | trailer (48 bytes)
+Verification (``docs/redirect.md``, section 4):
 
-    table entry:  u64 end offset of this payload in the file (bit 63 set: payload is a zstd frame)
-                  u64 xxh3_64 of the chunk's *uncompressed* bytes
-    trailer:      0  8  magic b"VFSOBJ\\x00\\x01"
-                  8  4  version (1)
-                 12  4  incompatible feature bits (none defined; readers refuse any set bit)
-                 16  8  size: uncompressed object size in bytes
-                 24  4  chunk size (bytes of uncompressed data per chunk, last may be short)
-                 28  4  nchunks
-                 32  8  xxh3_64 of the table bytes
-                 40  8  xxh3_64 of trailer bytes 0..39
+- an object of at most one chunk (64 KiB, the common template file) is read whole when it is
+  opened and checked against its id (SHA-256): small objects need no sidecar at all;
+- a longer object has ``sums/ab/<id>``, the xxh3-64 of each chunk, so a partial read of a large
+  object proves its bytes without hashing the whole object. Layout (little-endian)::
 
-Why a container and not the raw bytes: the SHA-256 digest can only be checked over a whole
-object, but FUSE and images read 4 KiB..1 MiB pieces of objects that may be gigabytes. Per-chunk
-xxh3 lets every partial read prove its bytes are what was stored (a flipped bit on disk is an
-:class:`IntegrityError`, never data), and chunking lets zstd compression keep random access.
+      0   8  magic b"VFSSUMS\\x00"
+      8   4  version (1)
+     12   4  incompatible feature bits (none defined; readers refuse any set bit)
+     16   8  size: the object's length in bytes
+     24   4  chunk size (bytes per chunk, the last may be short)
+     28   4  nchunks = ceil(size / chunk size)
+     32   8n xxh3-64 of each chunk
+     32+8n 8 xxh3-64 of all bytes before it
 
-Crash story: object files are written whole to a temporary file and renamed into place only
-after fsync (see :mod:`vfs.durable`), so a reader never sees a partial container.
+A sidecar is derived data: the store rebuilds one that is missing or damaged from the object,
+after checking the object against its id (:func:`sums_for`), so a damaged sidecar never costs a
+good object. Reads through the kernel engine are not verified at all (no fs-verity in the
+kernels this runs on): integrity at rest is checked when an object enters the store and by
+``vfsd store verify``.
 """
 
 from __future__ import annotations
@@ -30,180 +34,213 @@ from __future__ import annotations
 import os
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import xxhash
-import zstandard
 
 from vfs.errors import FormatError, IntegrityError, UnsupportedFeature
+from vfs.redirect.objectid import new_hasher
 
-MAGIC = b"VFSOBJ\x00\x01"
-VERSION = 1
-TRAILER = struct.Struct("<8sIIQIIQQ")
-assert TRAILER.size == 48
-COMPRESSED_BIT = 1 << 63
+SUMS_MAGIC = b"VFSSUMS\x00"
+SUMS_VERSION = 1
+SUMS_HEADER = struct.Struct("<8sIIQII")
+assert SUMS_HEADER.size == 32
 DEFAULT_CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
-#: Objects larger than this are refused (format limit chosen so a table fits in memory: 16 TiB).
+#: Objects larger than this are refused (16 TiB: a sidecar of any allowed object fits in memory).
 MAX_SIZE = 1 << 44
-#: Object files up to this size are read whole when opened (one chunk of the default size and
-#: its table and trailer); the bytes stay with the reader, so this bounds its memory.
-SMALL_FILE = DEFAULT_CHUNK + 4096
+#: Granularity of holes in object files: runs of zeros this long and aligned are not written.
+HOLE_BLOCK = 4096
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
-class ObjectWriter:
-    """Streams bytes into an object file: chunks them, checksums and optionally compresses."""
-
-    def __init__(self, f: BinaryIO, *, compress: bool = False, chunk_size: int = DEFAULT_CHUNK):
-        self._f = f
-        self._chunk_size = chunk_size
-        self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
-        self._buf = bytearray()
-        self._ends = array("Q")
-        self._sums = array("Q")
-        self._pos = 0
-        self.size = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-        cs = self._chunk_size
-        if len(self._buf) >= cs:
-            view = memoryview(self._buf)
-            n = len(self._buf) // cs * cs
-            for off in range(0, n, cs):
-                self._emit(view[off : off + cs])
-            view.release()
-            del self._buf[:n]
-
-    def _emit(self, chunk: memoryview | bytes) -> None:
-        payload: bytes | memoryview = chunk
-        flag = 0
-        if self._compressor is not None:
-            packed = self._compressor.compress(chunk)
-            if len(packed) < len(chunk) - len(chunk) // 16:
-                payload = packed
-                flag = COMPRESSED_BIT
-        self._f.write(payload)
-        self._pos += len(payload)
-        self.size += len(chunk)
-        self._ends.append(self._pos | flag)
-        self._sums.append(_xxh3(chunk))
-
-    def finish(self) -> int:
-        """Write the table and trailer; return the file's total length."""
-        if self._buf:
-            self._emit(bytes(self._buf))
-            self._buf.clear()
-        table = self._ends.tobytes() + self._sums.tobytes()
-        self._f.write(table)
-        head = struct.pack(
-            "<8sIIQII",
-            MAGIC,
-            VERSION,
-            0,
-            self.size,
-            self._chunk_size,
-            len(self._ends),
-        )
-        head += struct.pack("<Q", _xxh3(table))
-        self._f.write(head + struct.pack("<Q", _xxh3(head)))
-        return self._pos + len(table) + TRAILER.size
+class MissingSums(IntegrityError):
+    """A large object has no usable sidecar (missing or damaged): the store rebuilds it."""
 
 
-@dataclass
-class ObjectInfo:
+@dataclass(frozen=True)
+class ChunkSums:
+    """The per-chunk checksums of one object."""
+
     size: int
     chunk_size: int
-    nchunks: int
-    stored_size: int
+    sums: array  # array('Q') of xxh3-64, one per chunk
+
+    @property
+    def nchunks(self) -> int:
+        return len(self.sums)
+
+    def encode(self) -> bytes:
+        head = SUMS_HEADER.pack(
+            SUMS_MAGIC, SUMS_VERSION, 0, self.size, self.chunk_size, len(self.sums)
+        )
+        body = head + self.sums.tobytes()
+        return body + struct.pack("<Q", _xxh3(body))
+
+    @classmethod
+    def decode(cls, data: bytes, *, name: str = "?") -> ChunkSums:
+        """Parse and check a sidecar; :class:`MissingSums` (an IntegrityError) if it is
+        damaged in any way, :class:`UnsupportedFeature` if it is from a newer vfs."""
+        if len(data) < SUMS_HEADER.size + 8:
+            raise MissingSums(f"object {name}: checksum sidecar truncated", oid=name)
+        magic, version, incompat, size, chunk, n = SUMS_HEADER.unpack_from(data)
+        if magic != SUMS_MAGIC:
+            raise MissingSums(f"object {name}: checksum sidecar has a bad magic", oid=name)
+        if version != SUMS_VERSION or incompat:
+            raise UnsupportedFeature(
+                f"object {name}: checksum sidecar version {version} features {incompat:#x}"
+            )
+        if len(data) != SUMS_HEADER.size + 8 * n + 8:
+            raise MissingSums(f"object {name}: checksum sidecar has a wrong length", oid=name)
+        (check,) = struct.unpack_from("<Q", data, len(data) - 8)
+        if _xxh3(data[:-8]) != check:
+            raise MissingSums(f"object {name}: checksum sidecar is damaged", oid=name)
+        if not (0 < chunk <= MAX_CHUNK) or size > MAX_SIZE or n != -(-size // chunk):
+            raise MissingSums(f"object {name}: checksum sidecar is inconsistent", oid=name)
+        sums = array("Q")
+        sums.frombytes(data[SUMS_HEADER.size : -8])
+        return cls(size, chunk, sums)
+
+
+class SumsBuilder:
+    """Chunk checksums of a byte stream, fed in pieces of any size."""
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK) -> None:
+        self.chunk_size = chunk_size
+        self._sums = array("Q")
+        self._state = xxhash.xxh3_64()
+        self._in_chunk = 0
+        self.size = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        cs = self.chunk_size
+        while view:
+            take = min(cs - self._in_chunk, len(view))
+            self._state.update(view[:take])
+            self._in_chunk += take
+            self.size += take
+            view = view[take:]
+            if self._in_chunk == cs:
+                self._sums.append(self._state.intdigest())
+                self._state.reset()
+                self._in_chunk = 0
+
+    def finish(self) -> ChunkSums:
+        sums = array("Q", self._sums)
+        if self._in_chunk:
+            sums.append(self._state.intdigest())
+        return ChunkSums(self.size, self.chunk_size, sums)
+
+
+def write_sparse(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write ``data`` at ``offset`` leaving aligned all-zero 4 KiB blocks as holes (the caller
+    extends the file to its length at the end with ``ftruncate``): a sparse template file's
+    object stays sparse on disk, and ``du`` in a kernel-engine VEE sees the data it has.
+    A search for a run of 4096 zeros first (tens of microseconds a MiB) keeps dense data to
+    one write."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    n = len(data)
+    run_start = 0  # first byte not yet written
+    pos = 0
+    while True:
+        hit = data.find(_ZERO_BLOCK, pos)
+        if hit < 0:
+            break
+        a = hit + (-(offset + hit)) % HOLE_BLOCK  # the first aligned block at or after it
+        if a + HOLE_BLOCK > n:
+            break
+        if data[a : a + HOLE_BLOCK] != _ZERO_BLOCK:
+            pos = a  # the run ended before an aligned block; look further
+            continue
+        end = a + HOLE_BLOCK
+        while end + HOLE_BLOCK <= n and data[end : end + HOLE_BLOCK] == _ZERO_BLOCK:
+            end += HOLE_BLOCK
+        if a > run_start:
+            _pwrite_all(fd, memoryview(data)[run_start:a], offset + run_start)
+        run_start = pos = end
+    if run_start < n:
+        _pwrite_all(fd, memoryview(data)[run_start:], offset + run_start)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view = view[k:]
+        offset += k
 
 
 class ObjectReader:
-    """Random access to one object file. Cheap to keep open; safe to share between threads
-    (only ``os.pread`` on a fixed fd, no file position)."""
+    """Verified random access to one plain object file. Cheap to keep open; safe to share
+    between threads (only ``os.pread`` on a fixed fd, no file position).
 
-    def __init__(self, fd: int, *, name: str = "?"):
+    ``sums``: the object's sidecar (required when the object is longer than ``chunk_size``;
+    :class:`MissingSums` otherwise). A small object is read whole here and checked against
+    ``oid``; its bytes then stay with the reader (the store bounds how many readers it keeps).
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        oid: str,
+        *,
+        sums: ChunkSums | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
         self.fd = fd
-        self.name = name
+        self.name = oid
         st = os.fstat(fd)
-        if st.st_size < TRAILER.size:
-            raise IntegrityError(f"object {name}: file truncated ({st.st_size} bytes)", oid=name)
-        # A small object file (one chunk, the common template file) is read whole in one
-        # pread: one system call and one disk read instead of trailer, table and payload
-        # separately (cold reads of small files are dominated by these). Its bytes are then
-        # verified exactly as those read piecewise are.
-        whole = os.pread(fd, st.st_size, 0) if st.st_size <= SMALL_FILE else None
-        if whole is not None and len(whole) != st.st_size:
-            raise IntegrityError(f"object {name}: file changed while read", oid=name)
-        if whole is not None:
-            raw = whole[-TRAILER.size :]
-        else:
-            raw = os.pread(fd, TRAILER.size, st.st_size - TRAILER.size)
-        magic, version, incompat, size, chunk, n, table_sum, trailer_sum = TRAILER.unpack(raw)
-        if magic != MAGIC:
-            raise IntegrityError(f"object {name}: bad trailer magic (damaged file)", oid=name)
-        if _xxh3(raw[:40]) != trailer_sum:
-            raise IntegrityError(f"object {name}: trailer checksum mismatch", oid=name)
-        if version != VERSION or incompat:
-            raise UnsupportedFeature(
-                f"object {name}: format version {version} features {incompat:#x} not supported"
-            )
-        if not (0 < chunk <= MAX_CHUNK) or size > MAX_SIZE or n != -(-size // chunk):
-            raise FormatError(f"object {name}: inconsistent trailer", oid=name)
-        table_len = 16 * n
-        table_off = st.st_size - TRAILER.size - table_len
-        if table_off < 0:
-            raise IntegrityError(f"object {name}: table out of bounds", oid=name)
-        if whole is not None:
-            table = whole[table_off : table_off + table_len]
-        else:
-            table = os.pread(fd, table_len, table_off)
-        if _xxh3(table) != table_sum:
-            raise IntegrityError(f"object {name}: chunk table checksum mismatch", oid=name)
-        self._ends = array("Q")
-        self._ends.frombytes(table[: 8 * n])
-        self._sums = array("Q")
-        self._sums.frombytes(table[8 * n :])
-        self.size = size
-        self.chunk_size = chunk
-        self.nchunks = n
+        self.size = st.st_size
         self.stored_size = st.st_size
-        self._table_off = table_off
-        self._whole = whole
-        self._dctx: zstandard.ZstdDecompressor | None = None  # made on the first compressed chunk
-
-    def info(self) -> ObjectInfo:
-        return ObjectInfo(self.size, self.chunk_size, self.nchunks, self.stored_size)
+        self._whole: bytes | None = None
+        if self.size <= chunk_size:
+            whole = os.pread(fd, self.size, 0) if self.size else b""
+            if len(whole) != self.size:
+                raise IntegrityError(f"object {oid}: file changed while read", oid=oid)
+            h = new_hasher()
+            h.update(whole)
+            if h.hexdigest() != oid:
+                raise IntegrityError(
+                    f"object {oid}: content does not match its id (damaged file)", oid=oid
+                )
+            self._whole = whole
+            self.chunk_size = chunk_size
+            self.nchunks = 1 if self.size else 0
+            self._sums = None
+            return
+        if sums is None:
+            raise MissingSums(f"object {oid}: no checksum sidecar", oid=oid)
+        if sums.size != self.size:
+            raise MissingSums(
+                f"object {oid}: checksum sidecar is for {sums.size} bytes, the file has "
+                f"{self.size}",
+                oid=oid,
+            )
+        self.chunk_size = sums.chunk_size
+        self.nchunks = sums.nchunks
+        self._sums = sums.sums
 
     def chunk(self, i: int) -> bytes:
-        """Chunk ``i``'s verified uncompressed bytes."""
-        end = self._ends[i]
-        start = (self._ends[i - 1] & ~COMPRESSED_BIT) if i else 0
-        compressed = bool(end & COMPRESSED_BIT)
-        end &= ~COMPRESSED_BIT
-        if not (start <= end <= self._table_off):
-            raise IntegrityError(f"object {self.name}: chunk {i} out of bounds", oid=self.name)
-        whole = self._whole
-        payload = whole[start:end] if whole is not None else os.pread(self.fd, end - start, start)
-        expect = min(self.chunk_size, self.size - i * self.chunk_size)
-        if compressed:
-            if self._dctx is None:
-                self._dctx = zstandard.ZstdDecompressor()
-            try:
-                data = self._dctx.decompress(payload, max_output_size=self.chunk_size)
-            except zstandard.ZstdError:
-                data = b""
-        else:
-            data = payload
+        """Chunk ``i``'s verified bytes."""
+        cs = self.chunk_size
+        if self._whole is not None:
+            if i != 0:
+                raise IndexError(i)
+            return self._whole
+        start = i * cs
+        expect = min(cs, self.size - start)
+        data = os.pread(self.fd, expect, start)
+        assert self._sums is not None
         if len(data) != expect or _xxh3(data) != self._sums[i]:
             raise IntegrityError(
                 f"object {self.name}: checksum mismatch in chunk {i} "
-                f"(bytes {i * self.chunk_size}..{i * self.chunk_size + expect})",
+                f"(bytes {start}..{start + expect})",
                 oid=self.name,
-                offset=i * self.chunk_size,
+                offset=start,
             )
         return data
 
@@ -214,6 +251,8 @@ class ObjectReader:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        if self._whole is not None:
+            return self._whole[offset:end]
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         if first == last:
@@ -230,14 +269,14 @@ class ObjectReader:
         """Drop this file's page cache up to the end of the chunks holding ``offset..+size``
         (the whole file once a read reaches the object's end): for callers that keep the bytes
         cached elsewhere (a FUSE inode), so the host does not cache them twice."""
-        last = (min(offset + size, self.size) - 1) // self.chunk_size
-        if self._whole is not None or last >= self.nchunks - 1:
+        if self._whole is not None or offset + size >= self.size:
             length = 0  # to the end of the file
         else:
-            length = self._ends[max(last, 0)] & ~COMPRESSED_BIT
+            last = (offset + size - 1) // self.chunk_size
+            length = (last + 1) * self.chunk_size
         os.posix_fadvise(self.fd, 0, length, os.POSIX_FADV_DONTNEED)
 
-    def iter_chunks(self):
+    def iter_chunks(self) -> Iterator[bytes]:
         for i in range(self.nchunks):
             yield self.chunk(i)
 
@@ -245,3 +284,26 @@ class ObjectReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def sums_for(fd: int, oid: str, chunk_size: int = DEFAULT_CHUNK) -> ChunkSums:
+    """Recompute an object's chunk checksums from its file, checking the whole file against
+    its id first: :class:`IntegrityError` if the object itself is damaged (then no sidecar can
+    be trusted to describe it)."""
+    size = os.fstat(fd).st_size
+    if size > MAX_SIZE:
+        raise FormatError(f"object {oid}: {size} bytes, more than the format allows", oid=oid)
+    h = new_hasher()
+    b = SumsBuilder(chunk_size)
+    off = 0
+    step = max(chunk_size, 1 << 20) // chunk_size * chunk_size
+    while off < size:
+        block = os.pread(fd, min(step, size - off), off)
+        if not block:
+            break
+        h.update(block)
+        b.update(block)
+        off += len(block)
+    if off != size or h.hexdigest() != oid:
+        raise IntegrityError(f"object {oid}: content does not match its id (damaged file)", oid=oid)
+    return b.finish()

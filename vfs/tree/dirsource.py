@@ -23,7 +23,7 @@ from vfs.errors import UsageError
 from vfs.tree import manifest_layout as L
 from vfs.tree.entry import IFMT_TO_KIND
 from vfs.tree.manifest_build import Node
-from vfs.tree.publish import Exclude, ObjectSink
+from vfs.tree.sink import Exclude, ObjectSink
 
 log = logging.getLogger(__name__)
 

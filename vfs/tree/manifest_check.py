@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfs.errors import ObjectNotFound, VfsError
-from vfs.tree.publish import HoleCheck
+from vfs.tree.sink import HoleCheck
 from vfs.tree.template import Template
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from vfs.errors import IntegrityError
 from vfs.tree.entry import Entry, Extents
-from vfs.tree.publish import HoleCheck
+from vfs.tree.sink import HoleCheck
 from vfs.tree.template import Template
 
 log = logging.getLogger(__name__)

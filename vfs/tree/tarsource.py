@@ -32,7 +32,7 @@ from urllib.parse import unquote_to_bytes
 from vfs.errors import FormatError
 from vfs.tree import manifest_layout as L
 from vfs.tree.manifest_build import Node
-from vfs.tree.publish import Exclude, ObjectSink
+from vfs.tree.sink import Exclude, ObjectSink
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfs.durable import write_atomic
+from vfs.durable import fsync_dir, write_atomic
 from vfs.errors import AlreadyExists, FormatError, NotFound, UsageError
 from vfs.tree.private import PrivateLayer
 from vfs.tree.template import check_digest
@@ -143,12 +143,19 @@ class VeeRegistry:
         layer = self.layer_dir(name)
         if not layer.exists():
             return None
+        # Durable before the caller reports success: a crash after an acknowledged rm must not
+        # leave the layer at its old place, where a later `add` of the name would adopt it.
         if purge:
             shutil.rmtree(layer)
+            fsync_dir(layer.parent)
             return None
         removed = self.state / "removed"
-        removed.mkdir(exist_ok=True)
+        if not removed.is_dir():
+            removed.mkdir(exist_ok=True)
+            fsync_dir(self.state)
         dest = removed / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{time.time_ns() % 10**9}"
         os.rename(layer, dest)
+        fsync_dir(removed)
+        fsync_dir(layer.parent)
         log.info("VEE %s removed; private layer kept at %s", name, dest)
         return dest

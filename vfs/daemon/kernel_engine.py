@@ -1,0 +1,345 @@
+"""The kernel engine: every VEE root its own overlayfs mount over its template's EROFS image.
+
+Per template, an EROFS image of metadata only (:mod:`vfs.tree.erofs_image`) mounted once at
+``<state>/kernel/lower/<digest>``; per VEE, an overlay at ``MNT/<name>``::
+
+    lowerdir+  <state>/kernel/lower/<digest>      the template (metadata, metacopy stubs)
+    datadir+   <store>/objects                    first redirection: local objects, in the kernel
+    datadir+   <state>/kernel/data                second: vfsd's FUSE mount of objects fetched
+                                                  on demand (vfs/daemon/datalayer.py)
+    upperdir   <state>/vees/<name>/upper          the private layer (the FUSE engine's format)
+    workdir    <state>/vees/<name>/ovl-work       overlayfs's own scratch directory
+    metacopy=on, redirect_dir=on, index=off, nfs_export=off, xino=auto
+
+Requests of a VEE never reach Python: the kernel answers every lookup, getattr, readdir, read
+and write; the daemon only serves objects that are not local yet. The page cache of a template
+file is the object file's (both data layers are below every VEE): one copy for every VEE of
+every template version that has the file.
+
+Why these options: ``metacopy=on`` is what makes the stubs work (and a chmod of a template file
+copies up only its metadata); ``redirect_dir=on`` lets a VEE rename a template directory
+without EXDEV, as the FUSE engine does; ``index=off`` because an index pins the lower layer's
+identity, and a VEE moving to another template remounts on another image (overlayfs then
+refuses the mount); ``nfs_export=off`` so file handles of a VEE cannot be decoded at all (one
+superblock per VEE: a handle from one VEE means nothing in another, ``docs/kernel-engine.md``
+"Isolation"); ``xino=auto`` so that st_dev is the overlay's for every file (``find -xdev``,
+``du -x``) with inode numbers that stay unique.
+
+Crash story: the mounts belong to the kernel, not to the daemon. When the daemon dies, every
+VEE stays mounted; files whose objects are local keep working (a fully local template needs
+nothing from the daemon), reads that need the FUSE data layer fail (ENOTCONN) until a new
+daemon runs — also for a file a VEE first opened while its object was not local: overlayfs
+looks a stub's data up once per inode, so that inode stays bound to the dead data layer until
+the mount is replaced (``docs/kernel-engine.md`` §8). At start-up
+:meth:`KernelEngine.inventory` finds the overlays a previous daemon left at ``MNT/<name>``
+(identified by their ``upperdir``); :meth:`attach` replaces one that nothing holds (a fresh
+mount over the new daemon's data layer), and keeps one that processes still hold — its local
+files never stopped working, and the daemon fetches every object of its template that is not
+local yet, so that the files it has not opened yet find them in the store; the next restart
+after its holders leave replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfs.daemon import mounts
+from vfs.daemon.holders import Holder, holders
+from vfs.errors import BusyError, NotFound, VfsError
+from vfs.tree.erofs_image import ImageCache
+from vfs.tree.ovl_upper import KERNEL_WORK
+
+log = logging.getLogger(__name__)
+
+OVERLAY_FLAGS = (
+    ("metacopy", "on"),
+    ("redirect_dir", "on"),
+    ("index", "off"),
+    ("nfs_export", "off"),
+    ("xino", "auto"),
+)
+
+
+@dataclass
+class VeeMount:
+    name: str
+    digest: str
+    path: Path
+    mount_id: int
+    dev: str
+    reused: bool = False  #: a previous daemon's mount, still held by processes
+
+
+@dataclass
+class Leftover:
+    """An overlay a previous daemon left at ``MNT/<name>``."""
+
+    info: mounts.MountInfo
+    digest: str | None  # the template of its lower layer, if it is one of ours
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class KernelEngine:
+    """Mounts and unmounts the VEE overlays of one daemon (thread-safe: the blocking calls run
+    in worker threads)."""
+
+    name = "kernel"
+
+    def __init__(
+        self,
+        state: Path,
+        mnt: Path,
+        store_objects: Path,
+        *,
+        data_layer: Path | None,
+        reason: str = "",
+    ) -> None:
+        self.state = state
+        self.mnt = mnt
+        self.store_objects = store_objects
+        self.kdir = state / "kernel"
+        self.lower_dir = self.kdir / "lower"
+        self.data_layer = data_layer
+        self.reason = reason
+        self.images = ImageCache(self.kdir / "images")
+        self.vees: dict[str, VeeMount] = {}
+        self.leftovers: dict[str, Leftover] = {}
+        self._lowers: dict[str, int] = {}  # digest -> VEEs mounted on it
+        self._lock = threading.RLock()
+        for d in (self.kdir, self.lower_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    @staticmethod
+    def data_layer_path(state: Path) -> Path:
+        return state / "kernel" / "data"
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def inventory(self) -> None:
+        """Find what a previous daemon left mounted: VEE overlays (kept for :meth:`attach` to
+        reuse or replace), template image mounts (detached: a new one is mounted on demand;
+        overlays hold private clones of their layers, so detaching never affects a VEE)."""
+        mnt_prefix = os.fspath(self.mnt) + "/"
+        for m in mounts.mountinfo():
+            if m.fstype == "overlay" and m.mountpoint.startswith(mnt_prefix):
+                name = m.mountpoint[len(mnt_prefix) :]
+                if "/" in name:
+                    continue
+                upper = m.option("upperdir")
+                want = os.fspath(self.state / "vees" / name / "upper")
+                if upper != [want]:
+                    log.warning("%s: an overlay that is not this daemon's: left alone",
+                                m.mountpoint)  # fmt: skip
+                    continue
+                lowers = m.option("lowerdir+") or m.option("lowerdir")
+                digest = None
+                if lowers:
+                    first = lowers[0].split(":")[0]
+                    if first.startswith(os.fspath(self.lower_dir) + "/"):
+                        digest = os.path.basename(first)
+                self.leftovers[name] = Leftover(m, digest)
+                log.info("VEE %s: still mounted by a previous daemon (template %s)", name,
+                         (digest or "?")[:16])  # fmt: skip
+        n = mounts.detach_all_under(self.lower_dir)
+        if n:
+            log.info("detached %d template image mounts of a previous daemon", n)
+
+    # -- template lower layers -----------------------------------------------------------------
+
+    def _lower(self, template: Any) -> Path:
+        """The mounted image of ``template`` (built, checked, mounted on first use)."""
+        digest = template.digest
+        target = self.lower_dir / digest
+        with self._lock:
+            if digest in self._lowers and mounts.mounted_at(target) is not None:
+                self._lowers[digest] += 1
+                return target
+        image = self.images.ensure(template)
+        with self._lock:
+            if digest in self._lowers and mounts.mounted_at(target) is not None:
+                self._lowers[digest] += 1
+                return target
+            target.mkdir(mode=0o700, exist_ok=True)
+            mounts.mount_erofs(image, target)
+            self._lowers[digest] = 1
+            return target
+
+    def _release_lower(self, digest: str) -> None:
+        with self._lock:
+            n = self._lowers.get(digest, 0) - 1
+            if n > 0:
+                self._lowers[digest] = n
+                return
+            self._lowers.pop(digest, None)
+            target = self.lower_dir / digest
+            with contextlib.suppress(VfsError):
+                mounts.umount(target)
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+    # -- VEE mounts ----------------------------------------------------------------------------
+
+    def _mount_overlay(self, name: str, lower: Path, layer_root: Path) -> VeeMount:
+        target = self.mnt / name
+        target.mkdir(mode=0o755, exist_ok=True)
+        work = layer_root / KERNEL_WORK
+        work.mkdir(mode=0o700, exist_ok=True)
+        strings = [("lowerdir+", os.fspath(lower)), ("datadir+", os.fspath(self.store_objects))]
+        if self.data_layer is not None:
+            strings.append(("datadir+", os.fspath(self.data_layer)))
+        strings += [
+            ("upperdir", os.fspath(layer_root / "upper")),
+            ("workdir", os.fspath(work)),
+            *OVERLAY_FLAGS,
+        ]
+        mounts.mount_fs("overlay", target, strings=strings)
+        info = mounts.mounted_at(target)
+        if info is None:
+            raise VfsError(f"overlay of VEE {name} mounted at {target} but not found there")
+        return VeeMount(name, os.path.basename(lower), target, info.mount_id, info.dev)
+
+    def attach(self, name: str, template: Any, layer_root: Path, *, local: bool) -> bool:
+        """Mount VEE ``name`` on ``template`` (blocking). ``local``: every object of the
+        template is in the store. Returns True when a previous daemon's mount is kept (it is
+        held by processes; see the module's crash story): the caller then fetches what is not
+        local so that it heals."""
+        left = self.leftovers.pop(name, None)
+        if left is not None:
+            vm = VeeMount(name, left.digest or "", Path(left.info.mountpoint),
+                          left.info.mount_id, left.info.dev, reused=True)  # fmt: skip
+            held = holders(vm.dev, vm.mount_id, os.fspath(vm.path))
+            if held and left.digest == template.digest:
+                log.warning("VEE %s: a previous daemon's mount is in use (%s): kept", name,
+                            "; ".join(map(str, held[:3])))  # fmt: skip
+                with self._lock:
+                    self.vees[name] = vm  # its layers are the overlay's private clones
+                return True
+            if held:
+                raise BusyError(
+                    f"VEE {name} is still mounted on template {(left.digest or '?')[:16]}… by a "
+                    f"previous daemon and in use ({held[0]}): stop its users and restart vfsd"
+                )
+            log.info("VEE %s: replacing a previous daemon's mount", name)
+            mounts.umount(vm.path)
+        lower = self._lower(template)
+        try:
+            vm = self._mount_overlay(name, lower, layer_root)
+        except BaseException:
+            self._release_lower(template.digest)
+            raise
+        with self._lock:
+            self.vees[name] = vm
+        return False
+
+    def holders(self, name: str) -> list[Holder]:
+        vm = self.vees.get(name)
+        if vm is None:
+            return []
+        return holders(vm.dev, vm.mount_id, os.fspath(vm.path))
+
+    def detach(self, name: str, *, force: bool = False) -> None:
+        """Unmount VEE ``name``. Refused while processes hold it (the list says who), unless
+        ``force``: then the mount is detached lazily and they keep the view they have."""
+        with self._lock:
+            vm = self.vees.get(name)
+        if vm is None:
+            raise NotFound(f"VEE {name!r} is not mounted")
+        if not force:
+            held = self.holders(name)
+            if held:
+                raise BusyError(busy_message(name, held))
+        mounts.umount(vm.path, detach=True)
+        with self._lock:
+            self.vees.pop(name, None)
+        if not vm.reused:
+            self._release_lower(vm.digest)
+        with contextlib.suppress(OSError):
+            vm.path.rmdir()
+
+    def close(self) -> None:
+        """Unmount every VEE (lazily: a process inside keeps what it holds) and every image."""
+        for name in list(self.vees):
+            with contextlib.suppress(VfsError):
+                self.detach(name, force=True)
+        for left in self.leftovers.values():
+            with contextlib.suppress(VfsError):
+                mounts.umount(left.info.mountpoint)
+        mounts.detach_all_under(self.lower_dir)
+        self._lowers.clear()
+
+
+def busy_message(name: str, held: list[Holder]) -> str:
+    shown = "; ".join(str(h) for h in held[:8])
+    more = f" and {len(held) - 8} more" if len(held) > 8 else ""
+    return f"VEE {name!r} is in use: {shown}{more} (stop them, or use --force)"
+
+
+# -- is the kernel engine possible here? --------------------------------------------------------
+
+
+def probe(workdir: Path) -> tuple[bool, str]:
+    """Try the whole kernel path once in ``workdir`` (removed after): a file-backed EROFS
+    mount of an image this vfs writes, and an overlay with a data-only layer that serves a
+    metacopy stub's bytes. Returns (supported, why) — the reason names what is missing."""
+    import hashlib
+    import shutil
+    import stat as st
+
+    from vfs.tree.entry import Entry
+    from vfs.tree.erofs_image import build_image
+    from vfs.tree.template import Template
+
+    fs = Path("/proc/filesystems").read_text().split()
+    for need in ("erofs", "overlay"):
+        if need not in fs:
+            return False, f"the kernel has no {need} file system"
+    data = b"vfs kernel engine probe\n"
+    oid = hashlib.sha256(data).hexdigest()
+    root = Entry(1, "dir", st.S_IFDIR | 0o755, 0, 0, 0, 0, 2, 0, None, None, {})
+    f = Entry(2, "reg", st.S_IFREG | 0o644, 0, 0, len(data), 0, 1, 0, None, oid, {})
+    t = Template(oid, [root, f], [(1, b"probe", 2)], 0)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(mode=0o700, parents=True)
+    lower, mnt = workdir / "lower", workdir / "mnt"
+    try:
+        for d in (lower, mnt, workdir / "upper", workdir / "work", workdir / "data" / oid[:2]):
+            d.mkdir(parents=True)
+        (workdir / "data" / oid[:2] / oid).write_bytes(data)
+        (workdir / "image").write_bytes(build_image(t))
+        try:
+            mounts.mount_erofs(workdir / "image", lower)
+        except VfsError as e:
+            return False, f"no file-backed EROFS mounts (Linux 6.12+): {e}"
+        try:
+            mounts.mount_fs(
+                "overlay",
+                mnt,
+                strings=[
+                    ("lowerdir+", os.fspath(lower)),
+                    ("datadir+", os.fspath(workdir / "data")),
+                    ("upperdir", os.fspath(workdir / "upper")),
+                    ("workdir", os.fspath(workdir / "work")),
+                    *OVERLAY_FLAGS,
+                ],
+            )
+        except VfsError as e:
+            return False, f"no overlayfs data-only layers (lowerdir+/datadir+, Linux 6.5+): {e}"
+        try:
+            if (mnt / "probe").read_bytes() != data:
+                return False, "overlayfs did not follow a metacopy redirect into a data layer"
+        finally:
+            mounts.umount(mnt)
+        return True, "EROFS images (file-backed), overlayfs metacopy and data-only layers"
+    except OSError as e:
+        return False, f"kernel engine probe failed: {e}"
+    finally:
+        with contextlib.suppress(VfsError):
+            mounts.umount(lower)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""The objects templates need: the gc root of a ``vfsd`` state directory, and a template's
+references for repository garbage collection.
+
+A state directory's VEEs use templates; while they do, the local store must keep what the VEEs
+cannot do without (:mod:`vfs.redirect.roots`): with no repository behind the daemon, every object
+of every template in use (nothing could fetch it back); with one, the manifests are kept and the
+content objects are cache (evicted under quota pressure, fetched again on the next read).
+
+:class:`StateRoot` keeps that root true as the daemon changes its VEEs. The order is the safety:
+a template's objects join the root *before* a VEE depends on them (before the registry names the
+template) and leave it only *after* no VEE does (after the registry forgot it), and a template
+being added or upgraded to counts as used from the first step (``hold``) to the last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from vfs.redirect.roots import GcRoots, ObjectSet
+from vfs.tree.template import Template
+
+log = logging.getLogger(__name__)
+
+KIND = "vee-state"
+
+
+def content_objects(t: Template) -> set[str]:
+    """Every content object a template's files name (hard links and repeats once)."""
+    return {e.oid for _, e in t.walk() if e.oid is not None}
+
+
+def template_set(t: Template, *, fetchable: bool) -> ObjectSet:
+    """What a VEE on ``t`` needs from the store: the manifest always kept; the content kept
+    too, or only cached when a repository can give it back (``fetchable``)."""
+    content = content_objects(t)
+    if fetchable:
+        return ObjectSet(keep={t.digest}, cache=content)
+    return ObjectSet(keep={t.digest} | content)
+
+
+def missing_objects(t: Template, store: Any) -> Iterator[tuple[bytes, str]]:
+    """(path, object id) of every file of ``t`` whose content is not in ``store``."""
+    seen: set[str] = set()
+    for path, e in t.walk():
+        if e.oid is not None and e.oid not in seen:
+            seen.add(e.oid)
+            if not store.has(e.oid):
+                yield path, e.oid
+
+
+class StateRoot:
+    """The gc root of one state directory in one store (thread-safe: the daemon calls it from
+    worker threads)."""
+
+    def __init__(self, roots: GcRoots, state_dir: str | os.PathLike[str], repo: str | None):
+        self.roots = roots
+        self.path = os.path.abspath(os.fspath(state_dir))
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._held: Counter[str] = Counter()
+        self._templates: dict[str, Template] = {}
+        self._sets: dict[str, ObjectSet] = {}  # computed once per template (a walk of it)
+
+    def _set(self, digest: str, t: Template | None, old: Mapping[str, ObjectSet]) -> ObjectSet:
+        if t is not None:
+            s = self._sets.get(digest)
+            if s is None:
+                s = self._sets[digest] = template_set(t, fetchable=self.repo is not None)
+            return s
+        # Not loaded (its manifest is unreachable now): whatever the root had for it stays.
+        return old.get(digest) or ObjectSet(keep={digest})
+
+    def hold(self, digest: str, t: Template | None = None) -> None:
+        """``digest`` is about to be used (a VEE is being added or upgraded to it): its
+        objects join the root now (the manifest alone until ``t``, the loaded template, is
+        known). Durable when this returns. Pair with :meth:`release`."""
+        with self._lock:
+            if t is not None:
+                self._templates[digest] = t
+            if self._held[digest] == 0 or t is not None:
+                old = self._old_sets()
+                self.roots.update(
+                    KIND, self.path, add={digest: self._set(digest, t, old)}, repo=self.repo
+                )
+            self._held[digest] += 1
+
+    def release(self, digest: str) -> None:
+        """The operation that held ``digest`` is over (it succeeded: the registry names it;
+        or it failed: the next :meth:`sync` drops it)."""
+        with self._lock:
+            self._held[digest] -= 1
+            if self._held[digest] <= 0:
+                del self._held[digest]
+
+    def sync(self, in_use: Mapping[str, Template | None]) -> None:
+        """Make the root exactly the templates ``in_use`` (digest → loaded template, or None
+        when it could not be loaded) plus those held: called after the registry changed."""
+        with self._lock:
+            for d, t in in_use.items():
+                if t is not None:
+                    self._templates[d] = t
+            old = self._old_sets()
+            wanted = set(in_use) | set(self._held)
+            sets = {d: self._set(d, self._templates.get(d), old) for d in sorted(wanted)}
+            for d in list(self._templates):
+                if d not in wanted:
+                    del self._templates[d]
+                    self._sets.pop(d, None)
+            self.roots.put(KIND, self.path, sets, repo=self.repo)
+
+    def _old_sets(self) -> dict[str, ObjectSet]:
+        r = self.roots.get(KIND, self.path)
+        return dict(r.sets) if r is not None else {}

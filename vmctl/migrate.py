@@ -1,0 +1,503 @@
+"""``vmctl migrate NAME --to ROOT``: move a running guest to another state root, in two stages.
+
+Under TCG the RAM is by default copied with the guest paused (``--ram paused``): QEMU 7.2's
+live pre-copy lost guest memory writes under TCG in about 1 of 10 migrations of a busy guest
+here (the guest oopsed or hung on the destination; QEMU alone, without vmctl, does the same),
+so only the disks move live there. ``--ram live`` (the default under KVM) is the full scheme.
+
+Stage 1, the guest running::
+
+    destination: a new image per disk, its export, QEMU ``-S -incoming defer`` on the same
+    platform (the versioned machine type, the CPU model), ``migrate-incoming unix:``
+    disks: full copy of every allocated range, then rounds of what the guest dirtied
+    (the source export's bitmap) until a round is small or the rounds stop shrinking
+    RAM: QEMU's pre-copy (``migrate`` with ``pause-before-switchover``), disk rounds go on
+    meanwhile; a guest that dirties faster than the link carries is bounded: after
+    ``--precopy-timeout`` the downtime limit is lifted, which makes QEMU stop the guest and
+    copy the rest (stop-and-copy), or with ``--postcopy`` QEMU switches to post-copy (the
+    destination runs at once and pulls the pages it misses; a failure after that switch
+    loses the guest's memory — QEMU's post-copy recovery is not driven — but not its disks)
+
+Stage 2, the guest paused (QEMU stopped it and flushed its disks into the source exports,
+and waits in ``pre-switchover``)::
+
+    copy the disks' last dirty ranges, flush the destination ─► ``migrate-continue``
+    (the device state) ─► destination loaded ─► ``cont`` there: the switch
+    ─► stop the source QEMU and its exports
+
+Anything failing before the switch: the source's migration is cancelled, the guest resumed
+if QEMU left it paused, the destination (QEMU, exports, images, directory) removed. The
+source images stay where they were after a migration (as virsh's ``--copy-storage-all``).
+
+Crash story: if vmctl itself dies mid-migration, QEMU goes on and the source waits, paused,
+in ``pre-switchover`` for a ``migrate-continue`` that never comes; ``vmctl migrate --abort``
+cancels it, resumes the source and removes the destination. ``migrated-from.json`` is written
+in the destination just before its guest is resumed; from then on the guest lives there and
+``--abort`` refuses. Disks: the destination image is only written by the copier before the
+switch, and the source image is never written by vmctl, so an abort loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vfs.durable import write_atomic
+from vfs.errors import AlreadyExists, NotFound, UsageError
+from vmctl.errors import QMPError, VmError
+from vmctl.exports import VimgDisk
+from vmctl.machine import MachineSpec, check_migration_capabilities
+from vmctl.qemu import QemuVM, read_pidfile
+from vmctl.qmp import QMPClient, open_qmp
+
+log = logging.getLogger("vmctl.migrate")
+
+#: A disk round this small ends the rounds (the rest goes in stage 2).
+DISK_DONE_BYTES = 4 << 20
+MAX_DISK_ROUNDS = 10
+#: QEMU's downtime limit is at most 2000 s; this one means "stop and copy, however long".
+STOP_AND_COPY_MS = 600_000
+_POLL = 0.01
+
+
+class MigrationError(VmError):
+    """The migration failed before the switch; the source runs on."""
+
+
+def _say(progress, text: str) -> None:
+    log.info("%s", text)
+    if progress is not None:
+        progress(text)
+
+
+async def _src_status(qmp: QMPClient) -> dict[str, Any]:
+    return await qmp.execute("query-migrate", timeout=10)
+
+
+async def migrate(
+    root: Path,
+    name: str,
+    dest_root: Path,
+    *,
+    bandwidth: int = 1 << 30,
+    downtime_ms: int = 100,
+    precopy_timeout: float = 30.0,
+    postcopy: bool = False,
+    copy_storage_inc: bool = False,
+    ram: str | None = None,
+    timeout: float = 600.0,
+    progress=None,
+) -> dict[str, Any]:
+    from vmctl.hibernate import _platform, _vm_record, wait_migration
+    from vmctl.lifecycle import start_vm, stop_vm
+    from vmctl.vms import vm_paths
+
+    src = vm_paths(root, name)
+    dst = vm_paths(dest_root, name)
+    if not src.spec.exists():
+        raise NotFound(f"no VM named {name!r} in {root}")
+    if src.dir.resolve() == dst.dir.resolve():
+        raise UsageError("the destination root is the source root")
+    if read_pidfile(src.pidfile) is None:
+        raise VmError(f"VM {name!r} is not running")
+    if dst.dir.exists():
+        raise AlreadyExists(f"{dst.dir} exists: the destination already has a VM {name!r}")
+    if postcopy and not _userfaultfd_usable():
+        raise UsageError("--postcopy needs userfaultfd (root, /dev/userfaultfd or "
+                         "vm.unprivileged_userfaultfd=1)")  # fmt: skip
+    rec = _vm_record(src)
+    spec_rec = rec["spec"]
+    for d in spec_rec.get("disks", []):
+        if d.get("format") != "vimg":
+            raise UsageError(
+                f"disk {d.get('node')} is a {d.get('format')} file: migrate copies vimg disks "
+                "only (convert it with `vimg convert -O vimg`)"
+            )
+        if copy_storage_inc:
+            if not d.get("backing"):
+                raise UsageError(
+                    f"disk {d['node']} has no backing file: --copy-storage-inc copies the "
+                    "layer of an image over a backing file (a template) the destination holds"
+                )
+            if not Path(d["backing"]).exists():
+                raise NotFound(
+                    f"disk {d['node']}: the destination lacks its backing file {d['backing']}"
+                )
+    ram = ram or ("paused" if rec["accel"] == "tcg" else "live")
+    if ram not in ("live", "paused"):
+        raise UsageError(f"--ram must be live or paused, not {ram!r}")
+    if ram == "live" and rec["accel"] == "tcg":
+        log.warning(
+            "live RAM pre-copy under TCG: QEMU 7.2 lost guest memory writes in about 1 of 10 "
+            "such migrations here (the guest oopses or hangs after the switch); --ram paused "
+            "is safe"
+        )
+    if postcopy and ram == "paused":
+        raise UsageError("--postcopy needs --ram live (a paused guest's RAM has nothing to defer)")
+    caps = {"pause-before-switchover": True, "auto-converge": False, "postcopy-ram": postcopy}
+    check_migration_capabilities(rec["accel"], caps)
+    t0 = time.monotonic()
+    report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
+
+    async with open_qmp(src.qmp_socket, name="migrate-src", connect_timeout=10) as sq:
+        platform = await _platform(sq, rec)
+        if (await sq.execute("query-status"))["status"] != "running":
+            raise VmError(f"VM {name!r} is not running (paused?)")
+        try:
+            disks = [
+                _dest_disk(dst.dir, i, d, copy_storage_inc)
+                for i, d in enumerate(spec_rec.get("disks", []))
+            ]  # fmt: skip
+        except BaseException:
+            shutil.rmtree(dst.dir, ignore_errors=True)
+            raise
+        spec = MachineSpec(
+            name,
+            memory_mib=platform["memory_mib"],
+            cpus=platform["cpus"],
+            machine=platform["machine"],
+            cpu_model=platform["cpu_model"],
+            kernel=Path(spec_rec["kernel"]) if spec_rec.get("kernel") else None,
+            initrd=Path(spec_rec["initrd"]) if spec_rec.get("initrd") else None,
+            append=spec_rec.get("append"),
+            disks=disks,
+            extra_args=list(spec_rec.get("extra_args", [])),
+        )
+        switched = False
+
+        async def body(dq_vm: QemuVM) -> None:
+            nonlocal switched
+            dq = dq_vm.qmp
+            assert dq is not None
+            sock = dst.dir / "migrate.sock"
+            if postcopy:  # both ends must have the capability before the stream starts
+                await dq.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "postcopy-ram", "state": True}]})  # fmt: skip
+            await dq.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            copiers = await trio.to_thread.run_sync(
+                lambda: _copiers(spec_rec.get("disks", []), disks)
+            )
+            try:
+                switched = await _migrate(sq, dq, copiers, sock, report, progress, caps=caps,
+                                          top_only=copy_storage_inc, postcopy=postcopy,
+                                          paused=ram == "paused",
+                                          bandwidth=bandwidth, downtime_ms=downtime_ms,
+                                          precopy_timeout=precopy_timeout,
+                                          timeout=timeout, wait=wait_migration)  # fmt: skip
+            except BaseException:
+                if report.get("switched"):  # post-copy failed after the switch: no way back
+                    raise
+                with trio.CancelScope(shield=True):
+                    await _rollback(sq, name)
+                raise
+            finally:
+                for c in copiers:
+                    with contextlib.suppress(Exception):
+                        await trio.to_thread.run_sync(lambda c=c: c.close(drop_bitmap=True))
+
+        try:
+            info = await start_vm(spec, dst, timeout=min(timeout, 120), incoming="defer",
+                                  on_up=body)  # fmt: skip
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                if not switched and not report.get("switched"):
+                    await stop_vm(dst, force=True)
+                    shutil.rmtree(dst.dir, ignore_errors=True)
+            if report.get("switched"):
+                raise MigrationError(
+                    f"post-copy of {name!r} failed after the switch ({e}): the guest's memory "
+                    "was split between the hosts and is lost; its disks are intact"
+                ) from e
+            if isinstance(e, Exception) and not switched:
+                raise MigrationError(
+                    f"migration of {name!r} failed, the source runs on: {e}"
+                ) from e
+            raise
+    # Switched: the destination runs. The source is paused after the migration: stop it.
+    await stop_vm(src)
+    report.update({"pid": info["pid"], "accel": info["accel"],
+                   "total_s": round(time.monotonic() - t0, 3)})  # fmt: skip
+    _say(progress, f"done: downtime {report['downtime_ms']:.0f} ms, total {report['total_s']}s")
+    return report
+
+
+def _dest_disk(dest_dir: Path, index: int, d: dict[str, Any], inc: bool) -> VimgDisk:
+    """A fresh image of the source disk's size in the destination directory (over the same
+    backing file with ``inc``), as the destination guest's disk."""
+    from vfs.export.client import ExportControl
+    from vfs.image import Image
+
+    size = ExportControl(d["control"]).status()["size"]
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / f"{d['node']}.vimg"
+    dirs: tuple[str, ...] = ()
+    if inc:
+        dirs = (str(Path(d["backing"]).parent),)
+        Image.create(str(path), size, backing=d["backing"], backing_format=d["backing_format"],
+                     backing_dirs=dirs).close()  # fmt: skip
+    else:
+        Image.create(str(path), size).close()
+    return VimgDisk(
+        path,
+        dest_dir / f"d{index}.nbd",
+        node_name=d["node"],
+        backing=d["backing"] if inc else "",
+        backing_format=d["backing_format"] if inc else "",
+        backing_dirs=dirs,
+    )
+
+
+def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk]):
+    from vmctl.diskcopy import DiskCopier
+
+    out = []
+    try:
+        for s, d in zip(src_disks, dst_disks, strict=True):
+            out.append(DiskCopier(Path(s["socket"]), Path(s["control"]), s["node"],
+                                  d.socket, d.node_name))  # fmt: skip
+    except BaseException:
+        for c in out:
+            c.close()
+        raise
+    return out
+
+
+async def _disk_rounds(copiers, report, progress) -> None:
+    """Dirty rounds until a round is small, the rounds stop shrinking, or MAX_DISK_ROUNDS."""
+    last = None
+    for n in range(1, MAX_DISK_ROUNDS + 1):
+        sent = 0
+        for c in copiers:
+            sent += await trio.to_thread.run_sync(c.copy_dirty)
+        report["disk_rounds"] = report.get("disk_rounds", 0) + 1
+        _say(progress, f"stage 1: disk round {n}: {sent >> 10} KiB")
+        if sent <= DISK_DONE_BYTES or (last is not None and sent >= last):
+            return
+        last = sent
+
+
+async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, progress, *,
+                   caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
+                   top_only: bool = False, postcopy: bool = False,
+                   paused: bool = False) -> bool:  # fmt: skip
+    """Stages 1 and 2; returns True once the destination runs."""
+    t1 = time.monotonic()
+    full = 0
+    for c in copiers:
+        full += await trio.to_thread.run_sync(c.full_copy, top_only)
+    _say(progress, f"stage 1: disks copied ({full >> 10} KiB allocated)")
+    await _disk_rounds(copiers, report, progress)
+
+    await sq.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": k, "state": v} for k, v in caps.items()]})  # fmt: skip
+    await sq.execute("migrate-set-parameters",
+                     {"max-bandwidth": bandwidth, "downtime-limit": downtime_ms})  # fmt: skip
+    with sq.listen("STOP") as stops:
+        if paused:  # RAM copied with the guest paused: no dirty tracking to trust
+            await sq.execute("stop")
+            await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
+        await sq.execute("migrate", {"uri": f"unix:{sock}"})
+        _say(progress, "stage 1: RAM " + ("copy (guest paused)" if paused else "pre-copy")
+             + " started")  # fmt: skip
+        mode = await _precopy(sq, copiers, progress, precopy_timeout, timeout, postcopy)
+        if paused:
+            mode = "paused"
+        # Stage 2: the guest is paused (QEMU stopped it and flushed its disks).
+        t_pause = time.monotonic()
+        stage1 = t_pause - t1
+        last = 0
+        for c in copiers:
+            last += await trio.to_thread.run_sync(c.finish)
+        await sq.execute("migrate-continue", {"state": "pre-switchover"})
+        if mode == "postcopy":
+            # The device state is loaded, the RAM follows on demand: run it as soon as QEMU
+            # has it (paused, -S), then wait for the last pages.
+            await _wait_status(dq, "paused", timeout)
+        else:
+            final = await wait(sq, timeout)
+            await wait(dq, timeout)
+        state = (await dq.execute("query-status"))["status"]
+        if state != "paused":
+            raise MigrationError(f"the destination is {state} after the migration, not paused")
+        write_atomic(sock.parent / SWITCHED, json.dumps({"from": report["from"]}).encode())
+        with dq.listen("RESUME") as resumes:
+            await dq.execute("cont")
+            t_resumed = time.monotonic()
+            report["switched"] = True
+            resumed = await resumes.wait_for("RESUME", timeout=30)
+        if mode == "postcopy":
+            final = await wait(sq, timeout)
+            await wait(dq, timeout)
+        paused = [ev for ev in stops.drain() if ev.name == "STOP"]
+    # The guest-visible downtime: QEMU's own timestamps of the source's STOP and the
+    # destination's RESUME (one host clock here; NTP-close between hosts).
+    if paused:
+        downtime = (resumed.timestamp - paused[-1].timestamp) * 1000
+    else:  # no STOP seen (cannot happen with pause-before-switchover): our own clock
+        downtime = (t_resumed - t_pause) * 1000
+    ram = final.get("ram", {})
+    report.update({
+        "mode": mode,
+        "stage1_s": round(stage1, 3),
+        "stage2_s": round(t_resumed - t_pause, 3),
+        "downtime_ms": round(downtime, 1),
+        "qemu_downtime_ms": final.get("downtime"),
+        "qemu_total_ms": final.get("total-time"),
+        "ram_bytes": ram.get("transferred"),
+        "ram_passes": ram.get("dirty-sync-count"),
+        "disk_bytes": sum(c.stats.bytes_sent for c in copiers),
+        "disk_last_bytes": last,
+    })  # fmt: skip
+    return True
+
+
+async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
+                   timeout: float, postcopy: bool = False) -> str:  # fmt: skip
+    """Wait for QEMU's pre-switchover pause while the disks' dirty rounds go on beside it;
+    returns the mode it ended in (precopy, or stop-and-copy once the limit was lifted)."""
+    mode = "precopy"
+    started = time.monotonic()
+    paused = trio.Event()
+    errors: list[Exception] = []  # raised after the nursery: no exception groups for callers
+
+    async def disks_follow() -> None:
+        # Keep the disks close behind the guest while RAM converges (small rounds: the
+        # pause waits for the one in progress).
+        try:
+            while not paused.is_set():
+                for c in copiers:
+                    await trio.to_thread.run_sync(c.copy_dirty)
+                with trio.move_on_after(0.5):
+                    await paused.wait()
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+            paused.set()
+
+    async def poll() -> None:
+        nonlocal mode
+        last_report = 0.0
+        while not paused.is_set():
+            st = await _src_status(sq)
+            status = st.get("status")
+            if status == "pre-switchover":
+                return
+            if status in ("failed", "cancelled", "completed"):
+                why = st.get("error-desc", "no reason")
+                raise MigrationError(f"RAM migration {status}: {why}")
+            now = time.monotonic()
+            if mode == "precopy" and now - started > precopy_timeout:
+                if postcopy:
+                    mode = "postcopy"
+                    _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: "
+                                   "post-copy")  # fmt: skip
+                    await sq.execute("migrate-start-postcopy")
+                else:
+                    mode = "stop-and-copy"
+                    _say(progress, f"stage 1: RAM did not converge in {precopy_timeout}s: "
+                                   "stop and copy")  # fmt: skip
+                    await sq.execute("migrate-set-parameters",
+                                     {"downtime-limit": STOP_AND_COPY_MS})  # fmt: skip
+            if now - started > timeout:
+                raise MigrationError(f"RAM migration still {status} after {timeout}s")
+            if now - last_report > 1.0:
+                ram = st.get("ram", {})
+                _say(progress, f"stage 1: RAM {status}, {ram.get('transferred', 0) >> 20} MiB "
+                               f"sent, {ram.get('remaining', 0) >> 20} MiB remaining, "
+                               f"{ram.get('dirty-sync-count', 0)} passes")  # fmt: skip
+                last_report = now
+            await trio.sleep(_POLL)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(disks_follow)
+        try:
+            await poll()
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+        paused.set()
+    if errors:
+        raise errors[0]
+    return mode
+
+
+async def _wait_status(qmp: QMPClient, want: str, timeout: float) -> None:
+    deadline = trio.current_time() + timeout
+    while (await qmp.execute("query-status"))["status"] != want:
+        if trio.current_time() > deadline:
+            raise MigrationError(f"the destination did not become {want} in {timeout}s")
+        await trio.sleep(_POLL)
+
+
+def _userfaultfd_usable() -> bool:
+    """Post-copy needs userfaultfd in QEMU (which runs as we do)."""
+    import os
+
+    if (
+        os.geteuid() == 0
+        or Path("/dev/userfaultfd").exists()
+        and os.access("/dev/userfaultfd", os.R_OK | os.W_OK)
+    ):
+        return True
+    try:
+        return Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+async def _rollback(sq: QMPClient, name: str) -> None:
+    """Before the switch: cancel the source's migration and make sure its guest runs."""
+    try:
+        st = await _src_status(sq)
+        if st.get("status") not in (None, "none", "completed", "failed", "cancelled"):
+            await sq.execute("migrate-cancel")
+            with trio.move_on_after(30):
+                while (await _src_status(sq)).get("status") not in ("cancelled", "failed"):
+                    await trio.sleep(0.05)
+        if (await sq.execute("query-status"))["status"] != "running":
+            await sq.execute("cont")
+        log.warning("migration of %s failed; the source guest runs on", name)
+    except QMPError as e:
+        log.warning("migration of %s failed, and the source did not answer: %s", name, e)
+
+
+#: Written in the destination's directory just before its guest is resumed: from then on the
+#: guest lives there, and ``abort`` refuses to resume the source.
+SWITCHED = "migrated-from.json"
+
+
+async def abort(root: Path, name: str, dest_root: Path) -> dict[str, Any]:
+    """Undo a migration whose ``vmctl migrate`` died before the switch (killed, host lost):
+    cancel the source's migration, resume its guest, stop and remove the destination.
+
+    Refused once the switch began (the destination's SWITCHED marker exists): the guest lives
+    there, and resuming the source would give one disk's history two guests."""
+    from vmctl.lifecycle import stop_vm
+    from vmctl.vms import vm_paths
+
+    src, dst = vm_paths(root, name), vm_paths(dest_root, name)
+    if src.dir.resolve() == dst.dir.resolve():
+        raise UsageError("the destination root is the source root")
+    if (dst.dir / SWITCHED).exists():
+        raise VmError(
+            f"the migration of {name!r} switched to {dst.dir}: the guest lives there; stop the "
+            f"source instead (vmctl stop {name} --root {root})"
+        )
+    resumed = False
+    if read_pidfile(src.pidfile) is not None:
+        async with open_qmp(src.qmp_socket, name="abort-src", connect_timeout=10) as sq:
+            await _rollback(sq, name)
+            resumed = (await sq.execute("query-status"))["status"] == "running"
+    elif not dst.dir.exists():
+        raise NotFound(f"no migration of {name!r} to undo (no source QEMU, no destination)")
+    removed = False
+    if dst.dir.exists():
+        await stop_vm(dst, force=True)
+        shutil.rmtree(dst.dir, ignore_errors=True)
+        removed = True
+    return {"name": name, "source_running": resumed, "destination_removed": removed}
