@@ -14,8 +14,13 @@ one-line message and an exit code (``.exit_code``).
     ├── AlreadyExists             exit 4, EEXIST
     ├── IntegrityError            exit 5, EIO      bytes do not match their digest/checksum
     │   ├── CorruptionError       exit 5, EIO      on-disk metadata is inconsistent
-    │   └── SizeMismatch          exit 5, EIO      an object's length is not the size its
-    │                                              reference (manifest, image) claims
+    │   ├── SizeMismatch          exit 5, EIO      an object's length is not the size its
+    │   │                                          reference (manifest, image) claims
+    │   ├── DecryptionError       exit 5, EIO      ciphertext does not authenticate under its
+    │   │                                          key (tampered, swapped, truncated, wrong key)
+    │   └── SignatureError        exit 5, EIO      a signed ref is unsigned, wrongly signed,
+    │       │                                      or signed by a publisher not trusted
+    │       └── ReplayError       exit 5, EIO      a signed ref older than the newest one seen
     ├── FormatError               exit 6, EIO      not our format, or a malformed structure
     │   └── UnsupportedFeature    exit 6, EIO      a newer writer set a feature we cannot read
     ├── RemoteError               exit 7, EIO      the repository misbehaved (HTTP 5xx, TLS)
@@ -23,6 +28,8 @@ one-line message and an exit code (``.exit_code``).
     │       └── RemoteTimeout     exit 7, EIO      a fetch missed its deadline (stalled or
     │                                              slower than the rate floor)
     ├── StoreFull                 exit 8, ENOSPC   disk full or quota cannot be met
+    ├── NoKeyError                exit 12, EACCES  no key opens it: a ref sealed to others, an
+    │                                              encrypted template and no --identity
     ├── BusyError                 exit 9, EBUSY    in use (pinned, locked, mounted)
     ├── ReadOnlyError             exit 10, EROFS
     ├── WriteFailed               exit 11, EIO     an earlier write/fsync failed: nothing since
@@ -102,6 +109,27 @@ class SizeMismatch(IntegrityError):
     """An object's real length differs from the size its reference claims. The object itself
     may be genuine (its digest matches): the reference lies, so it is neither served nor
     quarantined."""
+
+
+class DecryptionError(IntegrityError):
+    """Ciphertext that does not authenticate under the key its reference gives: tampered,
+    swapped, truncated or damaged (docs/encryption.md). No byte of it is served."""
+
+
+class SignatureError(IntegrityError):
+    """A signed ref whose signature is missing or wrong, or whose signer is not trusted."""
+
+
+class ReplayError(SignatureError):
+    """A correctly signed ref older than the newest one this client has seen (a replay)."""
+
+
+class NoKeyError(VfsError):
+    """Nothing this process holds opens an encrypted object or ref (no identity given, or the
+    ref is sealed to other recipients)."""
+
+    errno = _errno.EACCES
+    exit_code = 12
 
 
 class FormatError(VfsError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from vfs.cli_util import OneLineErrorGroup, setup_logging
-from vfs.daemon import cli_export, cli_redirect, cli_template, cli_vee
+from vfs.daemon import cli_export, cli_keys, cli_redirect, cli_template, cli_vee
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,3 +23,4 @@ cli_redirect.register(main)
 cli_template.register(main)
 cli_vee.register(main)
 cli_export.register(main)
+cli_keys.register(main)

@@ -18,6 +18,8 @@ from pathlib import Path
 import click
 
 from vfs.cli.options import repo_options, store_option
+from vfs.cli_sealed import keys as sealed_keys
+from vfs.cli_sealed import sealing, sealing_options, unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.daemon.cli_redirect import open_store
 from vfs.errors import Differs, IntegrityError, NotFound, UsageError
@@ -45,8 +47,12 @@ def template() -> None:
 
 @contextlib.contextmanager
 def _loader(repo, store_dir):
-    """Yield (remote, getter): getter.get(oid) reads via the store when one is given."""
-    with repo.open() as r:
+    """Yield (remote, getter): getter.get(oid) reads via the store when one is given. Both see
+    through encrypted refs opened with --identity (the remote is an UnsealingRemote)."""
+    from vfs.redirect.sealed_remote import UnsealingRemote
+
+    with repo.open() as plain:
+        r = UnsealingRemote(plain, sealed_keys())
         if store_dir is None:
             yield r, r
         else:
@@ -70,6 +76,7 @@ def _progress():
 
 @template.command("publish")
 @repo_options
+@sealing_options
 @_store_opt
 @click.option("--name", help="Point this name (a ref) at the new template, last.")
 @click.option(
@@ -87,8 +94,15 @@ def publish(repo, store_dir, name, exclude, as_json, src):
 
     Uploads only the objects the repository lacks: content objects first, then the manifest,
     then the name, so an interrupted publish leaves the old name and no partial template.
+
+    With --encrypt-for, every object and the manifest are encrypted, and the name is a signed
+    ref (signed with --identity) whose data key is sealed to each PUB and to --identity
+    (docs/encryption.md).
     """
     progress = _progress()
+    seal = sealing()
+    if seal is not None and name is None:
+        raise UsageError("--encrypt-for needs --name: an encrypted template is a signed ref")
     with repo.open() as r:
         if isinstance(r, HttpRemote):  # refuse before hashing the whole tree, not after
             raise UsageError(
@@ -101,8 +115,9 @@ def publish(repo, store_dir, name, exclude, as_json, src):
             store = stack.enter_context(open_store(store_dir)) if store_dir else None
             t0 = time.perf_counter()
             source = sys.stdin.buffer if str(src) == "-" else src
+            target = r if seal is None else _sealing_remote(r, name, seal)
             res = publish_template(
-                source, r, name=name, store=store, progress=progress, exclude=exclude
+                source, target, name=name, store=store, progress=progress, exclude=exclude
             )
             dt = time.perf_counter() - t0
     if progress is not None:
@@ -120,8 +135,24 @@ def publish(repo, store_dir, name, exclude, as_json, src):
     )
 
 
+def _sealing_remote(r, name, seal):
+    from vfs.redirect.sealed_refs import Keys
+    from vfs.redirect.sealed_remote import SealingRemote, previous_ref
+
+    previous, counter = previous_ref(r, name, Keys(identity=seal.identity))
+    return SealingRemote(
+        r,
+        signer=seal.identity,
+        recipients=seal.recipients,
+        keyring=seal.keyring,
+        previous=previous,
+        previous_counter=counter,
+    )
+
+
 @template.command("ls")
 @repo_options
+@unsealing_options
 @_store_opt
 @click.option("-l", "--long", "long_", is_flag=True, help="Also load each template: sizes.")
 @json_option
@@ -138,7 +169,8 @@ def ls(repo, store_dir, long_, as_json):
                     click.echo(f"{digest}  {ref_name}")
             return
         rows = []
-        for ref_name, digest in sorted(refs.items()):
+        for ref_name in sorted(refs):
+            digest = resolve_ref(ref_name, r)
             t = Template.load(getter, digest)
             content = {e.oid: e.size for _, e in t.walk() if e.oid is not None}
             rows.append(
@@ -201,6 +233,7 @@ def _ls_line(path: bytes, e: Entry) -> str:
 
 @template.command("show")
 @repo_options
+@unsealing_options
 @_store_opt
 @click.option("-x", "--xattrs", "show_xattrs", is_flag=True, help="Also list xattrs.")
 @json_option
@@ -230,6 +263,7 @@ def show(repo, store_dir, show_xattrs, as_json, ref, path):
 
 @template.command("diff")
 @repo_options
+@unsealing_options
 @_store_opt
 @json_option
 @click.option("--exit-code", is_flag=True, help="Exit 1 when the templates differ (like diff).")
@@ -347,6 +381,7 @@ def rm(repo, as_json, names):
 
 @template.command("export")
 @repo_options
+@unsealing_options
 @_store_opt
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), help="Write the tar here [default: stdout]."

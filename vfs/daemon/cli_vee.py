@@ -12,6 +12,8 @@ import click
 import trio
 
 from vfs.cli.options import default_state, repo_options, state_option, store_option
+from vfs.cli_sealed import keys as sealed_keys
+from vfs.cli_sealed import unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.daemon import control
 from vfs.paths import default_store
@@ -47,21 +49,28 @@ def register(main: click.Group) -> None:
     "Linux 6.12+); fuse: one FUSE mount for all VEEs; auto: kernel where the host can.",
 )
 @store_option()
+@unsealing_options
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
 def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
     """Serve every VEE of STATE at MOUNT/<name> (until SIGTERM).
 
     The kernel engine mounts each VEE root as its own overlayfs; the FUSE engine serves them
-    all from one FUSE mount at MOUNT. The engine is said at start-up and by `vfsd vee list`."""
+    all from one FUSE mount at MOUNT. The engine is said at start-up and by `vfsd vee list`.
+
+    With --identity, VEEs start from encrypted templates sealed to it (`vfsd vee add NAME
+    --template URL#REF`); with --trust, only from refs those publishers signed."""
     from vfs.daemon.serve import serve
 
+    state = state_dir or default_state()
+    keys = sealed_keys(pins=state / "pins.json")  # key files are checked before mounting
     trio.run(
         lambda: serve(
             state_dir or default_state(),
             mount,
             store_dir=store_dir or default_store(),
             repo=repo,
+            keys=keys,
             debug_fuse=debug_fuse,
             engine=engine,
         )
@@ -76,7 +85,12 @@ def vee() -> None:
 @vee.command("add")
 @state_option
 @click.argument("name")
-@click.option("--template", "ref", required=True, help="Template digest or name.")
+@click.option(
+    "--template",
+    "ref",
+    required=True,
+    help="Template digest, ref name of --remote, or address URL#REF (e.g. an encrypted one).",
+)
 @json_option
 @handle_errors
 def vee_add(state_dir, name, ref, as_json):

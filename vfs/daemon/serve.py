@@ -46,6 +46,7 @@ from vfs.daemon.datalayer import MOUNT_OPTIONS as DATA_MOUNT_OPTIONS
 from vfs.daemon.datalayer import DataLayerOperations
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
 from vfs.daemon.kernel_engine import KernelEngine, busy_message, probe
+from vfs.daemon.sealed_sources import SealedSources
 from vfs.errors import (
     AlreadyExists,
     BusyError,
@@ -55,7 +56,9 @@ from vfs.errors import (
     VfsError,
 )
 from vfs.export.supervisor import ExportSupervisor
-from vfs.redirect import LocalStore, RepoConfig, Resolver
+from vfs.redirect import LocalStore, Remote, RepoConfig, Resolver
+from vfs.redirect.sealed_refs import Keys, PinStore
+from vfs.redirect.sealed_remote import UnsealingRemote, split_address
 from vfs.tree import gcroots
 from vfs.tree.gcroots import StateRoot
 from vfs.tree.ovl_upper import needs_normalizing, normalize_upper
@@ -119,6 +122,9 @@ class Daemon:
         engine_reason: str = "",
         root: StateRoot | None = None,
         exports: ExportSupervisor | None = None,
+        unsealing: UnsealingRemote | None = None,
+        sources: SealedSources | None = None,
+        repo: RepoConfig | None = None,
     ):
         assert (views is None) != (kernel is None)
         self.registry = registry
@@ -130,6 +136,10 @@ class Daemon:
         self.remote = remote
         self.engine = "kernel" if kernel is not None else "fuse"
         self.engine_reason = engine_reason
+        self.unsealing = unsealing
+        self.sources = sources
+        self.repo_config = repo
+        self._remotes: dict[str, Remote] = {}
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
         self._hydrating: set[str] = set()
@@ -138,12 +148,78 @@ class Daemon:
 
     # -- templates ---------------------------------------------------------------------------
 
+    def remote_for(self, url: str) -> Remote:
+        """The repository at ``url``: the daemon's --remote, or one opened with the same TLS
+        and proxy options (kept open for the daemon's life)."""
+        if self.remote is not None and url.rstrip("/") == self.remote.url.rstrip("/"):
+            return self.remote
+        r = self._remotes.get(url)
+        if r is None:
+            # the same TLS, proxy and deadline options as --repo, for another URL
+            cfg = self.repo_config.replace(url=url) if self.repo_config else RepoConfig(url)
+            r = self._remotes[url] = cfg.open()
+        return r
+
+    def close_remotes(self) -> None:
+        for r in self._remotes.values():
+            r.close()
+        self._remotes.clear()
+
     def _digest(self, ref: str) -> str:
-        if is_digest(ref):
-            return ref
-        if self.remote is None:
-            raise UsageError(f"template {ref!r} is a name: the daemon needs --repo to resolve it")
-        return resolve_ref(ref, self.remote)
+        """A template reference → digest: a digest, a ref NAME of --remote, or the address
+        URL#NAME (an encrypted template is opened with the daemon's --identity here, and where
+        it came from is kept in the state for restarts)."""
+        url, name = split_address(ref)
+        if url is None and is_digest(name):
+            return name
+        if url is None:
+            if self.remote is None:
+                raise UsageError(
+                    f"template {ref!r} is a name: the daemon needs --repo (or give URL#{ref})"
+                )
+            remote = self.remote
+        else:
+            if is_digest(name):
+                raise UsageError(f"{ref!r}: an address names a ref (URL#NAME), not a digest")
+            remote = self.remote_for(url)
+        if self.unsealing is None:
+            return resolve_ref(name, remote)
+        digest = self.unsealing.resolve(remote, name)
+        opened = next(
+            (o for o in self.unsealing.opened.values() if o.digest == digest and o.name == name),
+            None,
+        )
+        if opened is None:  # a plain ref
+            if remote is not self.remote:
+                raise UsageError(
+                    f"{ref!r}: a plain (unencrypted) template is served from --repo only"
+                )
+            return digest
+        if self.sources is not None:
+            self.sources.remember(remote.url, opened)
+        return digest
+
+    def reopen_sealed(self) -> None:
+        """At start: open the signed refs the registered VEEs came from, from the state (no
+        network), so their objects can be fetched and decrypted again."""
+        if self.sources is None or self.unsealing is None:
+            return
+        used = {rec.template for rec in self.registry.vees.values()}
+        self.sources.prune(used)
+        for digest, src in self.sources.load().items():
+            try:
+                data, index = self.sources.read(src["signed_ref"], src["index"])
+                self.unsealing.add_signed(
+                    self.remote_for(src["url"]),
+                    src["signed_ref"],
+                    data,
+                    name=src["ref"],
+                    pin=False,
+                    fetch_index=lambda _i, _n, raw=index: raw,
+                    where=f"ref {src['ref']!r} of {src['url']} (kept in the state)",
+                )
+            except (VfsError, OSError) as e:
+                log.error("encrypted template %s cannot be opened: %s", digest, e)
 
     def load_template(self, digest: str) -> Template:
         """Blocking (may fetch the manifest): call from a worker thread inside the loop."""
@@ -164,6 +240,8 @@ class Daemon:
         self.root.hold(digest, t)
         if self.remote is not None:
             return
+        if self.unsealing is not None and self.unsealing.entry(digest) is not None:
+            return  # an encrypted template: its objects are fetched from where it came from
         missing = list(gcroots.missing_objects(t, self.resolver.store))
         if missing:
             self.root.release(digest)
@@ -219,6 +297,7 @@ class Daemon:
 
     def start_all(self) -> None:
         """Mount every registered VEE (blocking; at start-up, before the control socket)."""
+        self.reopen_sealed()
         # Registered with the store first (the root of a previous run stays until this one
         # knows better): templates that fail to load now keep what their root had.
         for digest in {r.template for r in self.registry.vees.values()}:
@@ -503,10 +582,12 @@ async def serve(
     *,
     store_dir: Path,
     repo: RepoConfig | None = None,
+    keys: Keys | None = None,
     debug_fuse: bool = False,
     engine: str = "auto",
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
+    """Run the daemon until SIGTERM/SIGINT (or cancellation). ``keys``: the identity and
+    trusted publishers encrypted templates are opened with (pins default to STATE/pins.json)."""
     state.mkdir(parents=True, exist_ok=True)
     _raise_fd_limit()
     async with contextlib.AsyncExitStack() as stack:
@@ -521,24 +602,36 @@ async def serve(
         remote = repo.open() if repo is not None else None
         if remote is not None:
             stack.callback(remote.close)
-        resolver = Resolver(store, remote)
+        if keys is None:
+            keys = Keys()
+        if keys.pins is None:
+            keys.pins = PinStore(state / "pins.json")
+        # The store and the engines see plaintext objects under their plaintext ids: objects
+        # of encrypted templates are decrypted (and verified) between the repository and the
+        # resolver (docs/encryption.md, "At rest").
+        unsealing = UnsealingRemote(remote, keys)
+        resolver = Resolver(store, unsealing)
         registry = VeeRegistry(state)
         exports = ExportSupervisor(state)
+        sealed = {"unsealing": unsealing, "sources": SealedSources(state), "repo": repo}
         if chosen == "kernel":
             await _serve_kernel(stack, state, mount, store, resolver, registry, remote, why,
-                                debug_fuse, exports)  # fmt: skip
+                                debug_fuse, exports, sealed)  # fmt: skip
         else:
             await _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse,
-                              exports)  # fmt: skip
+                              exports, sealed)  # fmt: skip
         log.info("vfsd at %s stopping", mount)
 
 
 async def _serve_fuse(
-    stack, state, mount, resolver, registry, remote, why, debug_fuse, exports
+    stack, state, mount, resolver, registry, remote, why, debug_fuse, exports, sealed
 ) -> None:
     views = Views(resolver)
     stack.callback(views.close)
-    daemon = Daemon(registry, resolver, remote, views=views, engine_reason=why, exports=exports)
+    daemon = Daemon(
+        registry, resolver, remote, views=views, engine_reason=why, exports=exports, **sealed
+    )
+    stack.callback(daemon.close_remotes)
     daemon.start_all()
     options = set(MOUNT_OPTIONS)
     if debug_fuse:
@@ -560,7 +653,7 @@ async def _serve_fuse(
 
 
 async def _serve_kernel(
-    stack, state, mount, store, resolver, registry, remote, why, debug_fuse, exports
+    stack, state, mount, store, resolver, registry, remote, why, debug_fuse, exports, sealed
 ) -> None:
     """Kernel engine: the FUSE mount is the data layer; VEE overlays are mounted from a worker
     thread once it answers (mounting an overlay looks the data layer's root up, which this very
@@ -576,8 +669,9 @@ async def _serve_kernel(
     ops = DataLayerOperations(resolver)
     daemon = Daemon(
         registry, resolver, remote, kernel=kernel, data_layer=ops, engine_reason=why,
-        exports=exports,
+        exports=exports, **sealed,
     )  # fmt: skip
+    stack.callback(daemon.close_remotes)
     options = set(DATA_MOUNT_OPTIONS)
     if debug_fuse:
         options.add("debug")

@@ -205,9 +205,15 @@ def is_digest(text: str) -> bool:
 def resolve_ref(ref: str, remote: object) -> str:
     """A template reference (a digest, or a name published with ``--name``) → digest.
 
-    Names are looked up with ``remote.get_ref(name)``; a digest is returned unchanged.
+    Names are looked up with ``remote.get_ref(name)``; a digest is returned unchanged. A remote
+    that has ``resolve_name`` (:class:`vfs.redirect.sealed_remote.UnsealingRemote`) resolves
+    the name itself: an encrypted ref is verified and opened there, and the digest it names
+    is then loaded through that remote like any other.
     """
     if is_digest(ref):
         return ref
+    resolve_name = getattr(remote, "resolve_name", None)
+    if resolve_name is not None:
+        return check_digest(resolve_name(ref))
     digest = remote.get_ref(ref)  # type: ignore[attr-defined]
     return check_digest(digest)
