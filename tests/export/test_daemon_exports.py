@@ -44,13 +44,22 @@ class Serve:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+        self.unmount_all()
+
+    def unmount_all(self) -> None:
+        """The FUSE mount, and whatever else a daemon left below the state or the mount."""
         unmount(self.mnt)
+        prefixes = (os.fspath(self.mnt) + "/", os.fspath(self.state) + "/")
+        with open("/proc/self/mountinfo") as f:
+            targets = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
+        for t in sorted(set(targets), key=len, reverse=True):
+            subprocess.run(["umount", "-l", t], check=False, capture_output=True)
 
     def start(self) -> None:
         with open(self.tmp / f"vfsd-{time.monotonic_ns()}.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [*VFSD, "-v", "serve", "--state", str(self.state), "--mount", str(self.mnt),
-                 "--store", str(self.tmp / "store")],
+                 "--store", str(self.tmp / "store"), "--engine", "fuse"],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_for(lambda: self.cli("export", "list", check=False).returncode == 0,
@@ -64,7 +73,7 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        unmount(self.mnt)
+        self.unmount_all()
 
     def cli(self, *args: str, check: bool = True):
         return run(*VFSD, *args, "--state", str(self.state), check=check)
