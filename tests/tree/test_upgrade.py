@@ -212,3 +212,36 @@ def test_upgrade_plan_reads_relative_dir_redirects_as_overlayfs_writes_them(tmp_
         layer.close()
     finally:
         pub.close()
+
+
+def test_new_directories_kernel_overlayfs_marks_opaque_hide_only_what_the_vee_lacks(
+    tmp_path: Path,
+):
+    """Kernel overlayfs marks every directory made in a merged directory opaque. After `apt-get
+    install` on the kernel engine, a new version with the same packages adds those directories:
+    the directory itself is no conflict, files the VEE has the same are identical, and only what
+    the new version adds there and the VEE lacks is reported as hidden."""
+    make_sample_tree(tmp_path / "src")
+    pub = publish(tmp_path / "src", tmp_path)
+    try:
+        v2src = tmp_path / "src2"
+        copy_tree(tmp_path / "src", v2src)
+        (v2src / "etc/newpkg").mkdir()
+        (v2src / "etc/newpkg/conf").write_bytes(b"installed\n")
+        (v2src / "etc/newpkg/extra").write_bytes(b"only in v2\n")
+        v2 = Template.load(
+            pub.resolver, publish_template(v2src, pub.remote, store=pub.store).digest
+        )
+        layer = PrivateLayer(tmp_path / "state" / "k")
+        made = layer.upper / "etc" / "newpkg"  # `mkdir etc/newpkg` on the kernel engine
+        made.mkdir(parents=True)
+        os.setxattr(made, "trusted.overlay.opaque", b"y")
+        (made / "conf").write_bytes(b"installed\n")
+        shutil.copystat(v2src / "etc/newpkg/conf", made / "conf")
+        report = plan_upgrade("k", layer, pub.template, v2)
+        got = [(k.path, k.private, k.template_change, k.hidden_by) for k in report.conflicts]
+        assert got == [("etc/newpkg/extra", "dir-opaque", "added", "etc/newpkg")]
+        assert report.identical == 1
+        layer.close()
+    finally:
+        pub.close()

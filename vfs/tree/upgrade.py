@@ -219,7 +219,12 @@ class _Planner:
                 stack.append((cpath, ctpath))
                 if ctpath is not None:
                     a, b = old.resolve(ctpath), new.resolve(ctpath)
-                    if not same_entry(a, b):
+                    if a is None and b is not None and b.kind == "dir":
+                        # a directory the VEE made where the old version had nothing (kernel
+                        # overlayfs marks every new directory in a merged one opaque): only
+                        # what the new version adds beneath it and the VEE lacks is hidden
+                        self.hidden(cpath, ctpath, "dir-opaque")
+                    elif not same_entry(a, b):
                         self.add(cpath, "dir-opaque", _change(a, b))
                     elif b is not None and b.kind == "dir":
                         self.hidden(cpath, ctpath, "dir-opaque")
