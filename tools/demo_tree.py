@@ -67,7 +67,9 @@ def run_demo(work: Path, nginx, run, banner) -> None:
             ping = subprocess.run(
                 [BIN / "vfsd", "vee", "list", "--state", state], capture_output=True
             )
-            return ping.returncode == 0 and os.path.ismount(mnt)
+            # the control socket answers once the VEEs are served (FUSE engine: the one mount
+            # at MNT; kernel engine: a mount per VEE below MNT)
+            return ping.returncode == 0
 
         _wait(ready, "the daemon")
         return p
@@ -135,6 +137,12 @@ def run_demo(work: Path, nginx, run, banner) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # whatever a daemon of either engine left (VEE overlays, its data layer, the FUSE mount)
+        prefixes = (os.fspath(mnt) + "/", os.fspath(state) + "/")
+        with open("/proc/self/mountinfo") as f:
+            left = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
+        for target in sorted(set(left), key=len, reverse=True):
+            subprocess.run(["umount", "-l", target], check=False)
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         log.close()
