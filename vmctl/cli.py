@@ -331,6 +331,19 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     help="Copy only each disk's own layer: the destination holds its backing file (a template).",
 )
 @click.option(
+    "--dest-address",
+    metavar="IP",
+    help="The destination host's address: the RAM stream and the disk copy go over TCP to it "
+    "(the destination QEMU listens there during the migration) [default: Unix sockets in --to, "
+    "a destination on this host].",
+)
+@click.option(
+    "--dest-netns",
+    metavar="NS",
+    help="Start the destination's QEMU and exports in network namespace NS (a destination host "
+    "on this machine, reached at --dest-address).",
+)
+@click.option(
     "--abort",
     "abort_",
     is_flag=True,
@@ -341,8 +354,9 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
 @json_option
 @handle_errors
 def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
-            postcopy: bool, ram: str | None, copy_storage_inc: bool, abort_: bool,
-            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+            postcopy: bool, ram: str | None, copy_storage_inc: bool, dest_address: str | None,
+            dest_netns: str | None, abort_: bool, timeout: float, root: Path | None,
+            as_json: bool) -> None:  # fmt: skip
     """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
     it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
     If anything fails before the switch, the source runs on and the destination is removed."""
@@ -364,8 +378,8 @@ def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_tim
     info = trio.run(lambda: do_migrate(
         _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
         precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
-        copy_storage_inc=copy_storage_inc, ram=ram,
-        progress=progress))  # fmt: skip
+        copy_storage_inc=copy_storage_inc, ram=ram, dest_address=dest_address,
+        dest_netns=dest_netns, progress=progress))  # fmt: skip
     if as_json:
         emit_json(info)
     else:

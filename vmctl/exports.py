@@ -132,15 +132,17 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return lines[-1].split("error: ", 1)[-1] if lines else ""
 
 
-async def start_export(disk: VimgDisk) -> int:
+async def start_export(disk: VimgDisk, netns: str | None = None) -> int:
     """Start the export of ``disk`` (detached: it outlives vmctl, as its QEMU does) and return
-    its pid once its control socket answers. On any failure the process is killed."""
+    its pid once its control socket answers (in network namespace ``netns`` if given). On any
+    failure the process is killed."""
+    from vmctl.netns import netns_prefix
     from vmctl.qemu import process_start_time
 
     disk.socket.parent.mkdir(parents=True, exist_ok=True)
     with open(disk.logfile, "wb") as out:
         proc = await trio.lowlevel.open_process(
-            _export_argv(disk),
+            netns_prefix(netns) + _export_argv(disk),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -188,13 +190,13 @@ def _remove(disk: VimgDisk) -> None:
             p.unlink()
 
 
-async def start_exports(disks: list[Disk]) -> list[VimgDisk]:
+async def start_exports(disks: list[Disk], netns: str | None = None) -> list[VimgDisk]:
     """Start the export of every vimg disk in ``disks``; if one fails, stop those started."""
     started: list[VimgDisk] = []
     try:
         for d in disks:
             if isinstance(d, VimgDisk):
-                await start_export(d)
+                await start_export(d, netns)
                 started.append(d)
     except BaseException:
         with trio.CancelScope(shield=True):

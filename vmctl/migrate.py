@@ -25,6 +25,15 @@ and waits in ``pre-switchover``)::
     (the device state) ─► destination loaded ─► ``cont`` there: the switch
     ─► stop the source QEMU and its exports
 
+Transport: by default the stream and the disk copy use Unix sockets in the destination's
+directory (a destination on this host). With ``dest_address`` (another host) both go over TCP:
+the destination QEMU listens for the stream on a port the kernel picks and runs an NBD server
+on a port of ``NBD_PORTS`` exporting each disk's block node writable, which the copier writes
+through (libvirt's scheme; QEMU activates the incoming node for it). The NBD server is stopped
+once the last dirty ranges are copied and flushed, before the device state goes: the running
+guest's disk is never served on the network. Neither has TLS: a private migration link.
+``dest_netns`` starts the destination's processes in a network namespace (vmctl/netns.py).
+
 Anything failing before the switch: the source's migration is cancelled, the guest resumed
 if QEMU left it paused, the destination (QEMU, exports, images, directory) removed. The
 source images stay where they were after a migration (as virsh's ``--copy-storage-all``).
@@ -92,6 +101,8 @@ async def migrate(
     postcopy: bool = False,
     copy_storage_inc: bool = False,
     ram: str | None = None,
+    dest_address: str | None = None,
+    dest_netns: str | None = None,
     timeout: float = 600.0,
     progress=None,
 ) -> dict[str, Any]:
@@ -109,6 +120,12 @@ async def migrate(
         raise VmError(f"VM {name!r} is not running")
     if dst.dir.exists():
         raise AlreadyExists(f"{dst.dir} exists: the destination already has a VM {name!r}")
+    if dest_netns is not None:
+        from vmctl.netns import check_netns
+
+        check_netns(dest_netns)
+    if dest_address is not None:
+        dest_address = _check_address(dest_address)
     if postcopy and not _userfaultfd_usable():
         raise UsageError("--postcopy needs userfaultfd (root, /dev/userfaultfd or "
                          "vm.unprivileged_userfaultfd=1)")  # fmt: skip
@@ -144,7 +161,12 @@ async def migrate(
     caps = {"pause-before-switchover": True, "auto-converge": False, "postcopy-ram": postcopy}
     check_migration_capabilities(rec["accel"], caps)
     t0 = time.monotonic()
-    report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
+    report: dict[str, Any] = {
+        "name": name,
+        "from": str(src.dir),
+        "to": str(dst.dir),
+        "transport": f"tcp {dest_address}" if dest_address else "unix",
+    }
 
     async with open_qmp(src.qmp_socket, name="migrate-src", connect_timeout=10) as sq:
         platform = await _platform(sq, rec)
@@ -176,16 +198,21 @@ async def migrate(
             nonlocal switched
             dq = dq_vm.qmp
             assert dq is not None
-            sock = dst.dir / "migrate.sock"
             if postcopy:  # both ends must have the capability before the stream starts
                 await dq.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": "postcopy-ram", "state": True}]})  # fmt: skip
-            await dq.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            if dest_address is None:
+                uri = f"unix:{dst.dir / 'migrate.sock'}"
+                await dq.execute("migrate-incoming", {"uri": uri})
+                targets: list[Any] = [d.socket for d in disks]
+            else:
+                uri, targets = await _listen_tcp(dq, dest_address, disks)
             copiers = await trio.to_thread.run_sync(
-                lambda: _copiers(spec_rec.get("disks", []), disks)
+                lambda: _copiers(spec_rec.get("disks", []), disks, targets)
             )
             try:
-                switched = await _migrate(sq, dq, copiers, sock, report, progress, caps=caps,
+                switched = await _migrate(sq, dq, copiers, uri, dst.dir, report, progress,
+                                          caps=caps, tcp=dest_address is not None,
                                           top_only=copy_storage_inc, postcopy=postcopy,
                                           paused=ram == "paused",
                                           bandwidth=bandwidth, downtime_ms=downtime_ms,
@@ -204,7 +231,7 @@ async def migrate(
 
         try:
             info = await start_vm(spec, dst, timeout=min(timeout, 120), incoming="defer",
-                                  on_up=body)  # fmt: skip
+                                  on_up=body, netns=dest_netns)  # fmt: skip
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 if not switched and not report.get("switched"):
@@ -254,14 +281,16 @@ def _dest_disk(dest_dir: Path, index: int, d: dict[str, Any], inc: bool) -> Vimg
     )
 
 
-def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk]):
+def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk], targets: list[Any]):
+    """One copier per disk, from the source export to ``targets`` (the destination exports'
+    Unix sockets, or the destination QEMU's NBD server over TCP)."""
     from vmctl.diskcopy import DiskCopier
 
     out = []
     try:
-        for s, d in zip(src_disks, dst_disks, strict=True):
+        for s, d, t in zip(src_disks, dst_disks, targets, strict=True):
             out.append(DiskCopier(Path(s["socket"]), Path(s["control"]), s["node"],
-                                  d.socket, d.node_name))  # fmt: skip
+                                  t, d.node_name))  # fmt: skip
     except BaseException:
         for c in out:
             c.close()
@@ -283,10 +312,10 @@ async def _disk_rounds(copiers, report, progress) -> None:
         last = sent
 
 
-async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, progress, *,
-                   caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
-                   top_only: bool = False, postcopy: bool = False,
-                   paused: bool = False) -> bool:  # fmt: skip
+async def _migrate(sq: QMPClient, dq: QMPClient, copiers, uri: str, dest_dir: Path, report,
+                   progress, *, caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
+                   top_only: bool = False, postcopy: bool = False, paused: bool = False,
+                   tcp: bool = False) -> bool:  # fmt: skip
     """Stages 1 and 2; returns True once the destination runs."""
     t1 = time.monotonic()
     full = 0
@@ -303,7 +332,7 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         if paused:  # RAM copied with the guest paused: no dirty tracking to trust
             await sq.execute("stop")
             await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
-        await sq.execute("migrate", {"uri": f"unix:{sock}"})
+        await sq.execute("migrate", {"uri": uri})
         _say(progress, "stage 1: RAM " + ("copy (guest paused)" if paused else "pre-copy")
              + " started")  # fmt: skip
         mode = await _precopy(sq, copiers, progress, precopy_timeout, timeout, postcopy)
@@ -315,6 +344,8 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         last = 0
         for c in copiers:
             last += await trio.to_thread.run_sync(c.finish)
+        if tcp:  # the disks are copied and flushed: nothing may write them over TCP now
+            await _unlisten_tcp(dq, copiers)
         await sq.execute("migrate-continue", {"state": "pre-switchover"})
         if mode == "postcopy":
             # The device state is loaded, the RAM follows on demand: run it as soon as QEMU
@@ -326,7 +357,7 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         state = (await dq.execute("query-status"))["status"]
         if state != "paused":
             raise MigrationError(f"the destination is {state} after the migration, not paused")
-        write_atomic(sock.parent / SWITCHED, json.dumps({"from": report["from"]}).encode())
+        write_atomic(dest_dir / SWITCHED, json.dumps({"from": report["from"]}).encode())
         with dq.listen("RESUME") as resumes:
             await dq.execute("cont")
             t_resumed = time.monotonic()
@@ -424,6 +455,67 @@ async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
     if errors:
         raise errors[0]
     return mode
+
+
+#: The TCP ports tried, in order, for the destination QEMU's NBD server (libvirt's
+#: migration range); the migration stream itself listens on a port the kernel picks.
+NBD_PORTS = range(49152, 49216)
+
+
+def _check_address(address: str) -> str:
+    """An IP address (v4 or v6) the destination can listen on: no names (a name could resolve
+    to another host than the one whose namespace the destination runs in)."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        raise UsageError(f"--dest-address wants an IP address, not {address!r}") from None
+
+
+def _hostport(address: str, port: int | str) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+async def _listen_tcp(dq: QMPClient, address: str, disks: list[VimgDisk]):
+    """The destination QEMU listens on ``address``: for the migration stream (a port the
+    kernel picks, read back from ``query-migrate``), and with an NBD server exporting each
+    disk's block node writable, which the disk copy writes through (libvirt's scheme for
+    ``--copy-storage-all``: QEMU's NBD export activates the node of an incoming guest).
+    Returns the source's migrate URI and the copy targets."""
+    await dq.execute("migrate-incoming", {"uri": f"tcp:{_hostport(address, 0)}"})
+    st = await dq.execute("query-migrate")
+    ports = [a.get("port") for a in st.get("socket-address", []) if a.get("type") == "inet"]
+    if not ports:
+        raise MigrationError(f"the destination did not say which port it listens on: {st}")
+    uri = f"tcp:{_hostport(address, ports[0])}"
+    for port in NBD_PORTS:
+        try:
+            await dq.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+                "host": address, "port": str(port)}}})  # fmt: skip
+            break
+        except QMPError as e:
+            if "in use" not in str(e).lower():
+                raise
+    else:
+        raise MigrationError(f"no free port for the disks' NBD server on {address} "
+                             f"({NBD_PORTS.start}-{NBD_PORTS.stop - 1})")  # fmt: skip
+    for d in disks:
+        await dq.execute("block-export-add", {"type": "nbd", "id": f"vmctl-{d.node_name}",
+                                              "node-name": d.node_name, "name": d.node_name,
+                                              "writable": True})  # fmt: skip
+    log.info("destination listens on %s (stream) and %s (disks)", uri, _hostport(address, port))
+    return uri, [(address, port)] * len(disks)
+
+
+async def _unlisten_tcp(dq: QMPClient, copiers) -> None:
+    """Close the copy's connections, then the destination's NBD exports and server: the
+    guest's disks are no longer reachable over the network once it runs there."""
+    for c in copiers:
+        await trio.to_thread.run_sync(c.close_destination)
+    for c in copiers:
+        await dq.execute("block-export-del", {"id": f"vmctl-{c.dst_export}", "mode": "hard"})
+    await dq.execute("nbd-server-stop")
 
 
 async def _wait_status(qmp: QMPClient, want: str, timeout: float) -> None:
