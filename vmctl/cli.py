@@ -266,13 +266,25 @@ def _moves(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--memory", help="Must equal the saved guest's memory (checked, not changed).")
 @click.option("--cpus", type=int, help="Must equal the saved guest's vCPU count.")
 @click.option("--machine", help="Must equal the saved guest's machine type.")
+@click.option(
+    "--repo",
+    metavar="URL",
+    help="Repository the disks' remote clusters are fetched from on demand (file:///dir, "
+    "http://...): an image pushed there (vimg push) and pulled here with --lazy.",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Local object store the fetched clusters are kept in [default: the host's].",
+)
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds for start and load.")
 @root_option
 @json_option
 @handle_errors
 def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path | None,
             initrd: Path | None, memory: str | None, cpus: int | None, machine: str | None,
-            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+            repo: str | None, store: Path | None, timeout: float, root: Path | None,
+            as_json: bool) -> None:  # fmt: skip
     """Bring back the guest hibernated into BUNDLE; return once it runs.
 
     Refuses, before touching anything, what QEMU could not load (another QEMU that is older,
@@ -282,6 +294,7 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     from vmctl.hibernate import restore as do_restore
 
     overrides = {"kernel": kernel, "initrd": initrd, "cpus": cpus, "machine": machine,
+                 "repo": repo, "store": store,
                  "memory_mib": parse_size(memory) >> 20 if memory else None}  # fmt: skip
     info = trio.run(lambda: do_restore(bundle, root=_root(root), name=name, moves=_moves(disks),
                                        timeout=timeout, **overrides))  # fmt: skip

@@ -62,6 +62,10 @@ class VimgDisk(Disk):
     backing_format: str = ""
     #: Directories besides the image's own where its backing file may lie (vimg spec 8).
     backing_dirs: tuple[str, ...] = ()
+    #: Where the export fetches the image's remote clusters on demand ('' none: only what the
+    #: local store holds), and that local store ('' the default one).
+    repo: str = ""
+    store: str = ""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).absolute()  # vm.json and bundles outlive the cwd
@@ -94,7 +98,8 @@ class VimgDisk(Disk):
                 "read_only": self.read_only, "socket": str(self.socket),
                 "control": str(self.control), "backing": self.backing,
                 "backing_format": self.backing_format,
-                "backing_dirs": list(self.backing_dirs)}  # fmt: skip
+                "backing_dirs": list(self.backing_dirs), "repo": self.repo,
+                "store": self.store}  # fmt: skip
 
 
 def vimg_disk(path: Path, index: int, state_dir: Path) -> VimgDisk:
@@ -119,7 +124,9 @@ def _export_argv(disk: VimgDisk) -> list[str]:
     return [sys.executable, "-c", "from vfs.daemon.cli import main; main()", "export", "run",
             str(disk.path.resolve()), "--nbd", str(disk.socket), "--name", disk.node_name,
             *(["--readonly"] if disk.read_only else []),
-            *[a for d in disk.backing_dirs for a in ("--backing-dir", d)]]  # fmt: skip
+            *[a for d in disk.backing_dirs for a in ("--backing-dir", d)],
+            *(["--repo", disk.repo] if disk.repo else []),
+            *(["--store", disk.store] if disk.store else [])]  # fmt: skip
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

@@ -132,7 +132,7 @@ def test_restore_refuses_what_cannot_be_carried_over(
         (tmp_path / "nothing", [], "no bundle at"),
     ]
     other = make_vimg_disk(tmp_path / "other.vimg", size="16M")
-    cases.append((bundle, ["--disk", f"disk0={other}"], "has no snapshot"))
+    cases.append((bundle, ["--disk", f"disk0={other}"], "is not the disk frozen with this"))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     shutil.copy(bundle / "bundle.json", damaged)
