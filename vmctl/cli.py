@@ -357,6 +357,25 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     "on this machine, reached at --dest-address).",
 )
 @click.option(
+    "--postcopy-bandwidth",
+    metavar="SIZE",
+    help="Bytes/second of the pages post-copy pushes after the switch [default: unlimited].",
+)
+@click.option(
+    "--recover-timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to reconnect a post-copy whose link broke after the switch before giving up "
+    "(both QEMUs are then kept for --recover).",
+)
+@click.option(
+    "--recover",
+    "recover_",
+    is_flag=True,
+    help="Finish a post-copy that lost its link after the switch: reconnect, wait, stop the "
+    "source.",
+)
+@click.option(
     "--abort",
     "abort_",
     is_flag=True,
@@ -368,14 +387,36 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
 @handle_errors
 def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
             postcopy: bool, ram: str | None, copy_storage_inc: bool, dest_address: str | None,
-            dest_netns: str | None, abort_: bool, timeout: float, root: Path | None,
+            dest_netns: str | None, postcopy_bandwidth: str | None, recover_timeout: float,
+            recover_: bool, abort_: bool, timeout: float, root: Path | None,
             as_json: bool) -> None:  # fmt: skip
     """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
     it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
     If anything fails before the switch, the source runs on and the destination is removed."""
     from vmctl.migrate import abort as do_abort
     from vmctl.migrate import migrate as do_migrate
+    from vmctl.migrate import recover as do_recover
 
+    def progress(text: str) -> None:
+        click.echo(f"{name}: {text}", err=True)
+
+    if recover_:
+        out = trio.run(
+            lambda: do_recover(
+                _root(root),
+                name,
+                dest,
+                timeout=timeout,
+                recover_timeout=recover_timeout,
+                progress=progress,
+            )
+        )
+        if as_json:
+            emit_json(out)
+        else:
+            click.echo(f"{name}: post-copy finished at {out['to']} "
+                       f"({out['recoveries']} reconnections)")  # fmt: skip
+        return
     if abort_:
         out = trio.run(lambda: do_abort(_root(root), name, dest))
         if as_json:
@@ -385,14 +426,13 @@ def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_tim
                        f"destination removed: {out['destination_removed']})")  # fmt: skip
         return
 
-    def progress(text: str) -> None:
-        click.echo(f"{name}: {text}", err=True)
-
+    pc_bw = parse_size(postcopy_bandwidth) if postcopy_bandwidth else None
     info = trio.run(lambda: do_migrate(
         _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
         precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
         copy_storage_inc=copy_storage_inc, ram=ram, dest_address=dest_address,
-        dest_netns=dest_netns, progress=progress))  # fmt: skip
+        dest_netns=dest_netns, recover_timeout=recover_timeout, progress=progress,
+        postcopy_bandwidth=pc_bw))  # fmt: skip
     if as_json:
         emit_json(info)
     else:

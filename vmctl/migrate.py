@@ -80,6 +80,11 @@ class MigrationError(VmError):
     """The migration failed before the switch; the source runs on."""
 
 
+class PostcopyStuck(VmError):
+    """Post-copy lost its link after the switch and did not recover in time: the guest's
+    memory is split between two live QEMUs, which are both kept (``--recover`` goes on)."""
+
+
 def _say(progress, text: str) -> None:
     log.info("%s", text)
     if progress is not None:
@@ -103,6 +108,8 @@ async def migrate(
     ram: str | None = None,
     dest_address: str | None = None,
     dest_netns: str | None = None,
+    postcopy_bandwidth: int | None = None,
+    recover_timeout: float = 60.0,
     timeout: float = 600.0,
     progress=None,
 ) -> dict[str, Any]:
@@ -193,9 +200,11 @@ async def migrate(
             extra_args=list(spec_rec.get("extra_args", [])),
         )
         switched = False
+        stuck: PostcopyStuck | None = None
+        recovery = Recovery(dst.dir, dest_address, recover_timeout)
 
         async def body(dq_vm: QemuVM) -> None:
-            nonlocal switched
+            nonlocal switched, stuck
             dq = dq_vm.qmp
             assert dq is not None
             if postcopy:  # both ends must have the capability before the stream starts
@@ -217,7 +226,21 @@ async def migrate(
                                           paused=ram == "paused",
                                           bandwidth=bandwidth, downtime_ms=downtime_ms,
                                           precopy_timeout=precopy_timeout,
+                                          postcopy_bandwidth=postcopy_bandwidth,
+                                          recovery=recovery,
                                           timeout=timeout, wait=wait_migration)  # fmt: skip
+            except Exception as e:
+                if report.get("mode") != "postcopy" or not report.get("switched"):
+                    if report.get("switched"):
+                        raise
+                    with trio.CancelScope(shield=True):
+                        await _rollback(sq, name)
+                    raise
+                # Post-copy, after the switch: the destination holds the running guest's
+                # devices and part of its memory, the source the rest. Keep both (the
+                # destination QEMU is detached as usual) for --recover: killing either
+                # loses the guest.
+                stuck = e if isinstance(e, PostcopyStuck) else PostcopyStuck(str(e))
             except BaseException:
                 if report.get("switched"):  # post-copy failed after the switch: no way back
                     raise
@@ -247,6 +270,12 @@ async def migrate(
                     f"migration of {name!r} failed, the source runs on: {e}"
                 ) from e
             raise
+    if stuck is not None:
+        raise PostcopyStuck(
+            f"post-copy of {name!r} lost its link after the switch and did not recover "
+            f"({stuck}): both QEMUs are kept, the guest runs at the destination on the memory "
+            f"it has; once the link is back: vmctl migrate {name} --to {dest_root} --recover"
+        )
     # Switched: the destination runs. The source is paused after the migration: stop it.
     await stop_vm(src)
     report.update({"pid": info["pid"], "accel": info["accel"],
@@ -315,7 +344,8 @@ async def _disk_rounds(copiers, report, progress) -> None:
 async def _migrate(sq: QMPClient, dq: QMPClient, copiers, uri: str, dest_dir: Path, report,
                    progress, *, caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
                    top_only: bool = False, postcopy: bool = False, paused: bool = False,
-                   tcp: bool = False) -> bool:  # fmt: skip
+                   tcp: bool = False, postcopy_bandwidth: int | None = None,
+                   recovery: Recovery | None = None) -> bool:  # fmt: skip
     """Stages 1 and 2; returns True once the destination runs."""
     t1 = time.monotonic()
     full = 0
@@ -328,6 +358,8 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, uri: str, dest_dir: Pa
         {"capability": k, "state": v} for k, v in caps.items()]})  # fmt: skip
     await sq.execute("migrate-set-parameters",
                      {"max-bandwidth": bandwidth, "downtime-limit": downtime_ms})  # fmt: skip
+    if postcopy and postcopy_bandwidth:
+        await sq.execute("migrate-set-parameters", {"max-postcopy-bandwidth": postcopy_bandwidth})
     with sq.listen("STOP") as stops:
         if paused:  # RAM copied with the guest paused: no dirty tracking to trust
             await sq.execute("stop")
@@ -357,14 +389,22 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, uri: str, dest_dir: Pa
         state = (await dq.execute("query-status"))["status"]
         if state != "paused":
             raise MigrationError(f"the destination is {state} after the migration, not paused")
-        write_atomic(dest_dir / SWITCHED, json.dumps({"from": report["from"]}).encode())
+        write_atomic(dest_dir / SWITCHED, json.dumps({
+            "from": report["from"], "dest_address": recovery.address if recovery else None,
+        }).encode())  # fmt: skip
         with dq.listen("RESUME") as resumes:
             await dq.execute("cont")
             t_resumed = time.monotonic()
             report["switched"] = True
             resumed = await resumes.wait_for("RESUME", timeout=30)
         if mode == "postcopy":
-            final = await wait(sq, timeout)
+            report["mode"] = "postcopy"
+            _say(progress, "switched: the guest runs at the destination, its RAM follows "
+                           "(post-copy)")  # fmt: skip
+            if recovery is None:
+                final = await wait(sq, timeout)
+            else:
+                final = await finish_postcopy(sq, dq, recovery, report, progress, timeout)
             await wait(dq, timeout)
         paused = [ev for ev in stops.drain() if ev.name == "STOP"]
     # The guest-visible downtime: QEMU's own timestamps of the source's STOP and the
@@ -455,6 +495,146 @@ async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
     if errors:
         raise errors[0]
     return mode
+
+
+#: Seconds one reconnection attempt of a broken post-copy may take to connect.
+DIAL_TIMEOUT = 3.0
+#: The name the recovery's connection is given in the source QEMU (``getfd``).
+RECOVER_FD = "vmctl-recover"
+#: In the destination's directory: where its QEMU listens for a recovery (a later
+#: ``--recover`` dials it again: QEMU takes one ``migrate-recover`` per pause).
+RECOVER_STATE = "migrate-recover.json"
+
+
+class Recovery:
+    """How a broken post-copy is reconnected: the destination listens anew
+    (``migrate-recover``), vmctl dials it and hands the connected socket to the source QEMU
+    (``getfd``, ``migrate fd: resume``). vmctl dials, not QEMU, so every attempt has a bounded
+    connect time and a clear outcome: a failed one is retried until ``timeout``, and the
+    source never has two connections under way (QEMU 7.2 does not guard against that)."""
+
+    def __init__(self, dest_dir: Path, address: str | None, timeout: float) -> None:
+        self.dest_dir, self.address, self.timeout = dest_dir, address, timeout
+
+    async def listen(self, dq: QMPClient) -> tuple[Any, str]:
+        """Make the destination listen for the recovery; the dial target and its name.
+
+        Out of band only (the destination's main loop may be blocked on a missing page, so
+        no ``query-migrate`` there): ``migrate-recover`` is retried until the destination
+        has noticed the break, then once more after ``migrate-pause`` cuts a half-open
+        stream; a TCP port is taken from NBD_PORTS (no query to learn a kernel-picked one)."""
+        deadline = trio.current_time() + 10
+        paused = False
+        ports = iter(NBD_PORTS)
+        port = next(ports)
+        while True:
+            if self.address is None:
+                path = self.dest_dir / "migrate-recover.sock"
+                path.unlink(missing_ok=True)
+                uri, target, where = f"unix:{path}", str(path), str(path)
+            else:
+                where = _hostport(self.address, port)
+                uri, target = f"tcp:{where}", (self.address, port)
+            try:
+                await dq.execute("migrate-recover", {"uri": uri}, oob=True, timeout=10)
+                write_atomic(
+                    self.dest_dir / RECOVER_STATE,
+                    json.dumps({"target": target, "where": where}).encode(),
+                )
+                return target, where
+            except QMPError as e:
+                text = str(e).lower()
+                if "triggered already" in text:  # an earlier vmctl's listener, still open
+                    try:
+                        st = json.loads((self.dest_dir / RECOVER_STATE).read_text())
+                    except (OSError, ValueError):
+                        raise PostcopyStuck(f"the destination listens already, where is "
+                                            f"not recorded: {e}") from e  # fmt: skip
+                    t = st["target"]
+                    return (tuple(t) if isinstance(t, list) else t), st["where"]
+                if "in use" in text and self.address is not None:
+                    port = next(ports, None)
+                    if port is None:
+                        raise PostcopyStuck(f"no free port on {self.address} to recover") from e
+                    continue
+                if "paused" not in text:  # "can only be run when postcopy is paused"
+                    raise PostcopyStuck(f"the destination refused to recover: {e}") from e
+                if trio.current_time() > deadline:
+                    if paused:
+                        raise PostcopyStuck(f"the destination does not pause: {e}") from e
+                    await dq.execute("migrate-pause", oob=True, timeout=10)
+                    paused, deadline = True, trio.current_time() + 10
+                await trio.sleep(0.1)
+
+
+def _dial(target: Any, timeout: float):
+    import socket
+
+    if isinstance(target, tuple):
+        sock = socket.create_connection(target, timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target)
+        except BaseException:
+            sock.close()
+            raise
+    sock.settimeout(None)
+    return sock
+
+
+async def _mig_status(qmp: QMPClient) -> str:
+    return (await qmp.execute("query-migrate", timeout=10)).get("status", "none")
+
+
+async def finish_postcopy(sq: QMPClient, dq: QMPClient, recovery: Recovery, report, progress,
+                          timeout: float) -> dict[str, Any]:  # fmt: skip
+    """Wait for the source's post-copy to complete, reconnecting it whenever its link broke
+    (QEMU then pauses both sides in ``postcopy-paused`` instead of failing)."""
+    deadline = trio.current_time() + timeout
+    while True:
+        st = await _src_status(sq)
+        status = st.get("status")
+        if status == "completed":
+            return st
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"post-copy {status}: {st.get('error-desc', 'no reason')}")
+        if status == "postcopy-paused":
+            await _recover(sq, dq, recovery, report, progress)
+            continue
+        if trio.current_time() > deadline:
+            raise PostcopyStuck(f"post-copy still {status} after {timeout}s")
+        await trio.sleep(_POLL)
+
+
+async def _recover(sq: QMPClient, dq: QMPClient, recovery: Recovery, report, progress) -> None:
+    t0 = time.monotonic()
+    n = report["recoveries"] = report.get("recoveries", 0) + 1
+    _say(progress, f"post-copy: the migration link broke: recovering (recovery {n})")
+    target, where = await recovery.listen(dq)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            sock = await trio.to_thread.run_sync(_dial, target, DIAL_TIMEOUT)
+        except OSError as e:
+            waited = time.monotonic() - t0
+            if waited > recovery.timeout:
+                raise PostcopyStuck(f"no connection to {where} in {waited:.0f}s: {e}") from None
+            _say(progress, f"post-copy: attempt {attempt} to reach {where}: {e}; again in 1s")
+            await trio.sleep(1)
+            continue
+        with sock:  # QEMU holds its own copy once getfd returns
+            await sq.execute("getfd", {"fdname": RECOVER_FD}, fds=(sock.fileno(),))
+        await sq.execute("migrate", {"uri": f"fd:{RECOVER_FD}", "resume": True})
+        break
+    with trio.move_on_after(max(5.0, recovery.timeout)):
+        while await _mig_status(sq) == "postcopy-paused":
+            await trio.sleep(_POLL)
+    took = time.monotonic() - t0
+    report["recovery_s"] = round(report.get("recovery_s", 0) + took, 3)
+    _say(progress, f"post-copy: reconnected to {where} after {took:.2f}s ({attempt} attempts)")
 
 
 #: The TCP ports tried, in order, for the destination QEMU's NBD server (libvirt's
@@ -556,6 +736,48 @@ async def _rollback(sq: QMPClient, name: str) -> None:
         log.warning("migration of %s failed; the source guest runs on", name)
     except QMPError as e:
         log.warning("migration of %s failed, and the source did not answer: %s", name, e)
+
+
+async def recover(root: Path, name: str, dest_root: Path, *, recover_timeout: float = 60.0,
+                  timeout: float = 600.0, progress=None) -> dict[str, Any]:  # fmt: skip
+    """Finish a post-copy whose ``vmctl migrate`` gave up reconnecting after the switch (or
+    died): reconnect the two QEMUs, wait for the last pages, stop the source."""
+    from vmctl.hibernate import wait_migration
+    from vmctl.lifecycle import stop_vm
+    from vmctl.vms import vm_paths
+
+    src, dst = vm_paths(root, name), vm_paths(dest_root, name)
+    marker = dst.dir / SWITCHED
+    if not marker.exists():
+        raise VmError(f"no switched migration of {name!r} in {dst.dir}: nothing to recover "
+                      "(before the switch, --abort undoes a migration)")  # fmt: skip
+    try:
+        address = json.loads(marker.read_text()).get("dest_address")
+    except ValueError as e:
+        raise VmError(f"{marker} is damaged: {e}") from None
+    if read_pidfile(dst.pidfile) is None:
+        raise VmError(f"the destination QEMU of {name!r} is not running: nothing to recover")
+    report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
+    if read_pidfile(src.pidfile) is None:
+        async with open_qmp(dst.qmp_socket, name="recover-dst", connect_timeout=10) as dq:
+            if await _mig_status(dq) != "completed":
+                raise VmError(
+                    f"the source QEMU of {name!r} is gone before post-copy completed: the "
+                    "memory it held is lost (stop the destination: vmctl stop --force)"
+                )
+        report["recoveries"] = 0
+        return report
+    async with (
+        open_qmp(src.qmp_socket, name="recover-src", connect_timeout=10) as sq,
+        open_qmp(dst.qmp_socket, name="recover-dst", connect_timeout=10, oob=True) as dq,
+    ):
+        report["recoveries"] = 0
+        recovery = Recovery(dst.dir, address, recover_timeout)
+        final = await finish_postcopy(sq, dq, recovery, report, progress, timeout)
+        await wait_migration(dq, timeout)
+    await stop_vm(src)
+    report["qemu_total_ms"] = final.get("total-time")
+    return report
 
 
 #: Written in the destination's directory just before its guest is resumed: from then on the

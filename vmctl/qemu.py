@@ -451,7 +451,14 @@ async def run_qemu(
             write_atomic(paths.pidfile, f"{process.pid} {start}\n".encode())
         try:
             vm.qmp = await stack.enter_async_context(
-                open_qmp(paths.qmp_socket, name=spec.name, connect_timeout=connect_timeout)
+                # An incoming guest may become a post-copy destination, whose main loop can
+                # block on a missing page: its recovery commands then go out of band.
+                open_qmp(
+                    paths.qmp_socket,
+                    name=spec.name,
+                    connect_timeout=connect_timeout,
+                    oob=incoming is not None,
+                )
             )
         except QMPConnectError as e:
             raise await vm._start_error("QEMU did not start", e) from e

@@ -166,3 +166,69 @@ def test_bad_dest_address_or_netns_keeps_the_source(two_hosts, vm_root, tmp_path
     status = json.loads(a.vmctl("status", "v", "--json", root=src_root).stdout)
     assert status["state"] == "running"
     assert a.vmctl("stop", "v", root=src_root).returncode == 0
+
+
+def _lines_until(stream, needle: str, seen: list[str]) -> None:
+    for line in stream:
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"no {needle!r} in the progress: {''.join(seen)}")
+
+
+@pytest.mark.qemu
+def test_postcopy_recovers_when_the_link_breaks(two_hosts, vm_root, tmp_path: Path,
+                                                guest: Guest):  # fmt: skip
+    """After the switch the link breaks (connection reset, then down): both QEMUs pause in
+    postcopy-paused, vmctl keeps dialling the destination until the link is back, hands the
+    new connection to the source QEMU, and post-copy completes; the guest loses nothing."""
+    a, b = two_hosts
+    src_root, dst_root = vm_root("src"), vm_root("dst")
+    disk = make_vimg_disk(tmp_path / "disk.vimg")
+    r = a.vmctl("run", "p", "--disk", str(disk), "--kernel", str(guest.kernel),
+                "--initrd", str(guest.initrd), "--memory", "128M",
+                "--append", guest.append("append"), "--wait-for", "vfsguest: ready",
+                root=src_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    wait_for_synced(src_root / "p" / "serial.log", 3)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", a.netns, sys.executable, "-c", "from vmctl.cli import main; main()",
+         "migrate", "p", "--to", str(dst_root), "--dest-address", b.address, "--dest-netns",
+         b.netns, "--ram", "live", "--bandwidth", "8M", "--precopy-timeout", "2", "--postcopy",
+         "--postcopy-bandwidth", "16M", "--json", "--root", str(src_root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        _lines_until(proc.stderr, "switched:", seen)
+        r = a.run("ss", "-K", "dst", b.address)  # resets the stream (both ends see it)
+        assert r.returncode == 0, r.stderr
+        _ip("-n", a.netns, "link", "set", a.dev, "down")
+        _lines_until(proc.stderr, "recovering", seen)
+        _lines_until(proc.stderr, "attempt 2 to reach", seen)  # it retries while down
+        _ip("-n", a.netns, "link", "set", a.dev, "up")
+        out, rest = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seen.append(rest)
+    assert proc.returncode == 0, "".join(seen)
+    rep = json.loads(out)
+    assert rep["mode"] == "postcopy" and rep["recoveries"] >= 1 and rep["recovery_s"] > 0, rep
+    assert "reconnected to" in rest and "Traceback" not in rest
+    assert processes_mentioning(src_root) == []
+
+    before = synced_numbers((src_root / "p" / "serial.log").read_text(errors="replace"))
+    serial = dst_root / "p" / "serial.log"
+    after = wait_for_synced(serial, max(before) + 3)
+    assert after[0] in (max(before) + 1, max(before) + 2), (before[-3:], after[:3])
+    assert after == list(range(after[0], after[0] + len(after)))
+    assert b.vmctl("stop", "p", root=dst_root).returncode == 0
+    acked = synced_numbers(serial.read_text(errors="replace"))
+    dest_disk = dst_root / "p" / "disk0.vimg"
+    check_clean(dest_disk)
+    lines = (read_vimg_file(dest_disk, APPEND_LOG) or b"").decode().splitlines()
+    assert lines == [f"line {n}" for n in range(1, len(lines) + 1)]
+    assert len(lines) >= max(acked)
