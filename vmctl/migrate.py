@@ -15,8 +15,7 @@ Stage 1, the guest running::
     meanwhile; a guest that dirties faster than the link carries is bounded: after
     ``--precopy-timeout`` the downtime limit is lifted, which makes QEMU stop the guest and
     copy the rest (stop-and-copy), or with ``--postcopy`` QEMU switches to post-copy (the
-    destination runs at once and pulls the pages it misses; a failure after that switch
-    loses the guest's memory — QEMU's post-copy recovery is not driven — but not its disks)
+    destination runs at once and pulls the pages it misses; see "Post-copy recovery")
 
 Stage 2, the guest paused (QEMU stopped it and flushed its disks into the source exports,
 and waits in ``pre-switchover``)::
@@ -33,6 +32,18 @@ through (libvirt's scheme; QEMU activates the incoming node for it). The NBD ser
 once the last dirty ranges are copied and flushed, before the device state goes: the running
 guest's disk is never served on the network. Neither has TLS: a private migration link.
 ``dest_netns`` starts the destination's processes in a network namespace (vmctl/netns.py).
+
+Post-copy recovery: after a post-copy switch the guest's memory is split between the two
+QEMUs, so a broken link must not fail the migration. QEMU 7.2 pauses both sides
+(``postcopy-paused``: destination vCPUs touching a missing page wait) instead; vmctl then makes
+the destination listen anew (``migrate-recover``, out of band, because the destination's main
+loop may itself be blocked on a missing page), dials it with a bounded connect time, retried
+every second until ``--recover-timeout``, hands the connected socket to the source QEMU
+(``getfd``) and resumes it (``migrate fd: resume``): post-copy goes on where it stopped. If the
+link stays down, vmctl gives up with one line and keeps both QEMUs (killing either loses the
+guest); ``vmctl migrate NAME --to ROOT --recover`` finishes later, dialling the listener the
+first attempt recorded (``migrate-recover.json``): a new QMP session to a blocked destination
+cannot even be negotiated, so it is not needed. Lost for good only if a QEMU dies.
 
 Anything failing before the switch: the source's migration is cancelled, the guest resumed
 if QEMU left it paused, the destination (QEMU, exports, images, directory) removed. The
@@ -516,6 +527,15 @@ class Recovery:
     def __init__(self, dest_dir: Path, address: str | None, timeout: float) -> None:
         self.dest_dir, self.address, self.timeout = dest_dir, address, timeout
 
+    def recorded(self) -> tuple[Any, str]:
+        """Where the destination listens since an earlier ``listen`` (by another vmctl)."""
+        try:
+            st = json.loads((self.dest_dir / RECOVER_STATE).read_text())
+            t = st["target"]
+            return (tuple(t) if isinstance(t, list) else t), st["where"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PostcopyStuck(f"no recorded recovery listener of the destination ({e})") from e
+
     async def listen(self, dq: QMPClient) -> tuple[Any, str]:
         """Make the destination listen for the recovery; the dial target and its name.
 
@@ -545,13 +565,7 @@ class Recovery:
             except QMPError as e:
                 text = str(e).lower()
                 if "triggered already" in text:  # an earlier vmctl's listener, still open
-                    try:
-                        st = json.loads((self.dest_dir / RECOVER_STATE).read_text())
-                    except (OSError, ValueError):
-                        raise PostcopyStuck(f"the destination listens already, where is "
-                                            f"not recorded: {e}") from e  # fmt: skip
-                    t = st["target"]
-                    return (tuple(t) if isinstance(t, list) else t), st["where"]
+                    return self.recorded()
                 if "in use" in text and self.address is not None:
                     port = next(ports, None)
                     if port is None:
@@ -608,11 +622,14 @@ async def finish_postcopy(sq: QMPClient, dq: QMPClient, recovery: Recovery, repo
         await trio.sleep(_POLL)
 
 
-async def _recover(sq: QMPClient, dq: QMPClient, recovery: Recovery, report, progress) -> None:
+async def _recover(sq: QMPClient, dq: QMPClient | None, recovery: Recovery, report,
+                   progress) -> None:  # fmt: skip
+    """Reconnect a paused post-copy: the destination listens (through ``dq``; with None,
+    where an earlier vmctl made it listen), vmctl dials, the source resumes on that socket."""
     t0 = time.monotonic()
     n = report["recoveries"] = report.get("recoveries", 0) + 1
     _say(progress, f"post-copy: the migration link broke: recovering (recovery {n})")
-    target, where = await recovery.listen(dq)
+    target, where = await recovery.listen(dq) if dq is not None else recovery.recorded()
     attempt = 0
     while True:
         attempt += 1
@@ -632,6 +649,7 @@ async def _recover(sq: QMPClient, dq: QMPClient, recovery: Recovery, report, pro
     with trio.move_on_after(max(5.0, recovery.timeout)):
         while await _mig_status(sq) == "postcopy-paused":
             await trio.sleep(_POLL)
+    (recovery.dest_dir / RECOVER_STATE).unlink(missing_ok=True)  # that listener is used up
     took = time.monotonic() - t0
     report["recovery_s"] = round(report.get("recovery_s", 0) + took, 3)
     _say(progress, f"post-copy: reconnected to {where} after {took:.2f}s ({attempt} attempts)")
@@ -767,13 +785,43 @@ async def recover(root: Path, name: str, dest_root: Path, *, recover_timeout: fl
                 )
         report["recoveries"] = 0
         return report
-    async with (
-        open_qmp(src.qmp_socket, name="recover-src", connect_timeout=10) as sq,
-        open_qmp(dst.qmp_socket, name="recover-dst", connect_timeout=10, oob=True) as dq,
-    ):
-        report["recoveries"] = 0
-        recovery = Recovery(dst.dir, address, recover_timeout)
-        final = await finish_postcopy(sq, dq, recovery, report, progress, timeout)
+    # The destination's main loop may be blocked on a page the broken stream never brought:
+    # a new QMP connection to it cannot even be negotiated then. The source is fine, and the
+    # destination's recovery listener (if an earlier vmctl set it up) is recorded: dial it.
+    recovery = Recovery(dst.dir, address, recover_timeout)
+    report["recoveries"] = 0
+    async with open_qmp(src.qmp_socket, name="recover-src", connect_timeout=10) as sq:
+        first = True
+        deadline = trio.current_time() + timeout
+        while True:
+            st = await _src_status(sq)
+            status = st.get("status")
+            if status == "completed":
+                final = st
+                break
+            if status in ("failed", "cancelled", "none"):
+                raise VmError(f"the source's migration is {status}: "
+                              f"{st.get('error-desc', 'no reason')}")  # fmt: skip
+            if status == "postcopy-paused":
+                if first and (dst.dir / RECOVER_STATE).exists():
+                    await _recover(sq, None, recovery, report, progress)
+                else:
+                    try:
+                        async with open_qmp(dst.qmp_socket, name="recover-dst",
+                                            connect_timeout=10, oob=True) as dq:  # fmt: skip
+                            await _recover(sq, dq, recovery, report, progress)
+                    except QMPError as e:
+                        raise PostcopyStuck(
+                            f"the destination QEMU does not answer QMP ({e}): its main loop "
+                            "waits for a page of the broken post-copy, and no recovery "
+                            "listener of it is recorded"
+                        ) from e
+                first = False
+                continue
+            if trio.current_time() > deadline:
+                raise PostcopyStuck(f"post-copy still {status} after {timeout}s")
+            await trio.sleep(_POLL)
+    async with open_qmp(dst.qmp_socket, name="recover-dst", connect_timeout=30) as dq:
         await wait_migration(dq, timeout)
     await stop_vm(src)
     report["qemu_total_ms"] = final.get("total-time")

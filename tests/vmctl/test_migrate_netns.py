@@ -232,3 +232,69 @@ def test_postcopy_recovers_when_the_link_breaks(two_hosts, vm_root, tmp_path: Pa
     lines = (read_vimg_file(dest_disk, APPEND_LOG) or b"").decode().splitlines()
     assert lines == [f"line {n}" for n in range(1, len(lines) + 1)]
     assert len(lines) >= max(acked)
+
+
+@pytest.mark.qemu
+def test_postcopy_kept_when_the_link_stays_down_then_recover(two_hosts, vm_root, tmp_path: Path,
+                                                             guest: Guest):  # fmt: skip
+    """The link stays down past --recover-timeout: vmctl gives up with one line and keeps both
+    QEMUs (killing either would lose the guest); `vmctl migrate --recover` finishes it once
+    the link is back."""
+    a, b = two_hosts
+    src_root, dst_root = vm_root("src"), vm_root("dst")
+    disk = make_vimg_disk(tmp_path / "disk.vimg")
+    r = a.vmctl("run", "q", "--disk", str(disk), "--kernel", str(guest.kernel),
+                "--initrd", str(guest.initrd), "--memory", "128M",
+                "--append", guest.append("append"), "--wait-for", "vfsguest: ready",
+                root=src_root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    wait_for_synced(src_root / "q" / "serial.log", 3)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", a.netns, sys.executable, "-c", "from vmctl.cli import main; main()",
+         "migrate", "q", "--to", str(dst_root), "--dest-address", b.address, "--dest-netns",
+         b.netns, "--ram", "live", "--bandwidth", "8M", "--precopy-timeout", "2", "--postcopy",
+         "--postcopy-bandwidth", "16M", "--recover-timeout", "3", "--root", str(src_root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        _lines_until(proc.stderr, "switched:", seen)
+        assert a.run("ss", "-K", "dst", b.address).returncode == 0
+        _ip("-n", a.netns, "link", "set", a.dev, "down")
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, "".join(seen) + rest
+    last = rest.strip().splitlines()[-1]
+    assert "did not recover" in last and "both QEMUs are kept" in last and "--recover" in last
+    assert "Traceback" not in rest
+    for root in (src_root, dst_root):  # both alive
+        assert read_pidfile(root / "q" / "qemu.pid"), root
+
+    # Still down: --recover gives up the same way, nothing killed.
+    r = a.vmctl("migrate", "q", "--to", str(dst_root), "--recover", "--recover-timeout", "1",
+                root=src_root)  # fmt: skip
+    assert r.returncode != 0 and "Network is unreachable" in r.stderr, r.stderr
+    assert read_pidfile(src_root / "q" / "qemu.pid") and read_pidfile(dst_root / "q" / "qemu.pid")
+
+    _ip("-n", a.netns, "link", "set", a.dev, "up")
+    r = a.vmctl("migrate", "q", "--to", str(dst_root), "--recover", "--json", root=src_root)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["recoveries"] >= 1
+    assert processes_mentioning(src_root) == []
+
+    before = synced_numbers((src_root / "q" / "serial.log").read_text(errors="replace"))
+    serial = dst_root / "q" / "serial.log"
+    after = wait_for_synced(serial, max(before) + 3)
+    assert after[0] in (max(before) + 1, max(before) + 2), (before[-3:], after[:3])
+    assert after == list(range(after[0], after[0] + len(after)))
+    assert b.vmctl("stop", "q", root=dst_root).returncode == 0
+    acked = synced_numbers(serial.read_text(errors="replace"))
+    dest_disk = dst_root / "q" / "disk0.vimg"
+    check_clean(dest_disk)
+    lines = (read_vimg_file(dest_disk, APPEND_LOG) or b"").decode().splitlines()
+    assert lines == [f"line {n}" for n in range(1, len(lines) + 1)]
+    assert len(lines) >= max(acked)
