@@ -167,6 +167,8 @@ def status(name: str, root: Path | None, as_json: bool) -> None:
     for key in ("name", "state", "pid", "accel", "accel_reason", "memory_mib", "cpus",
                 "machine", "state_dir", "serial_log"):  # fmt: skip
         click.echo(f"{key + ':':14} {info.get(key)}")
+    if info.get("netns"):
+        click.echo(f"{'netns:':14} {info['netns']}")
     for disk in info.get("disks") or []:
         click.echo(
             f"{'disk:':14} {disk.get('node')} {disk.get('format', '')} {disk.get('path', '')}"

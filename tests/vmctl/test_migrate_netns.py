@@ -115,6 +115,8 @@ def test_migrate_across_a_veth_link(two_hosts, vm_root, tmp_path: Path, guest: G
     assert received >= rep["disk_bytes"] + rep["ram_bytes"], (received, rep)
     dst_pid = read_pidfile(dst_root / "n" / "qemu.pid")
     assert dst_pid and os.readlink(f"/proc/{dst_pid}/ns/net") == b.net_ns_id()
+    status = json.loads(b.vmctl("status", "n", "--json", root=dst_root).stdout)
+    assert status["state"] == "running" and status["netns"] == b.netns, status
     export_pid = read_pidfile(dst_root / "n" / "d0.pid")
     assert export_pid and os.readlink(f"/proc/{export_pid}/ns/net") == b.net_ns_id()
     assert processes_mentioning(src_root) == []
