@@ -18,8 +18,8 @@ from vfs.export import NbdClient
 
 pytestmark = pytest.mark.fuse
 
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
 
 
 def pid_alive(pid: int) -> bool:

@@ -14,8 +14,8 @@ import pytest
 from tests.export.conftest import need, run
 from vfs.export import NbdClient
 
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
 MiB = 1 << 20
 
 

@@ -96,7 +96,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
 
 def export_argv(spec: dict[str, Any], control: Path) -> list[str]:
     """The ``vfsd export`` command line of a spec."""
-    argv = [sys.executable, "-c", "from vfs.daemon.cli import main; main()", "-v", "export"]
+    argv = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", "-v", "export"]
     argv += ["run", spec["image"], "--name", spec["name"], "--control", str(control)]
     for p in spec["nbd"]:
         argv += ["--nbd", p]

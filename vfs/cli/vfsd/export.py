@@ -20,8 +20,8 @@ from typing import Any
 
 import click
 
+from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import default_state, state_option, store_option
-from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.errors import UsageError, VfsError
 
 
