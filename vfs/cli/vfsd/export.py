@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from vfs.cli.edge import emit_json, handle_errors, json_option
-from vfs.cli.options import default_state, state_option, store_option
+from vfs.cli.options import default_state, repo_options, state_option, store_option
 from vfs.errors import UsageError, VfsError
 
 
@@ -80,7 +80,7 @@ def _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         bitmap=None if no_bitmap else bitmap,
         control=str(Path(control).absolute()) if control else None,
         store=None if store is None else str(store),
-        repo=repo,
+        repo=repo,  # a RepoConfig (vfs.cli.options.repo_options) or None
         backing_dirs=list(backing_dirs),
         description=description or "",
     )
@@ -105,7 +105,9 @@ def _export_opts(fn: Any) -> Any:
         click.option("--no-bitmap", is_flag=True, help="Keep no dirty bitmap."),
         click.option("--control", metavar="SOCKET", help="Control socket [default: SOCKET.ctl]."),
         store_option("Local object store.", param="store"),
-        click.option("--repo", help="Repository of remote clusters (file:///dir, http(s)://)."),
+        repo_options(
+            required=False, help="Repository of remote clusters (file:///DIR, http(s)://)."
+        ),
         click.option(
             "--backing-dir",
             "backing_dirs",
@@ -181,11 +183,18 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
         raise UsageError("--name and NAME differ: give the export name once")
     if control:
         raise UsageError("the daemon chooses the control socket of its exports")
+    if repo is not None:  # the daemon resolves no path relative to this shell's directory
+        absolute = {k: str(Path(v).absolute()) for k in ("ca", "cert", "key")
+                    if (v := getattr(repo, k))}  # fmt: skip
+        if "://" not in repo.url:
+            absolute["url"] = str(Path(repo.url).absolute())
+        repo = repo.replace(**absolute)
     cfg = _config(image, nbd, tcp, fuse, readonly, export_name, bitmap, no_bitmap,
                   "/unused", store, repo, backing_dirs, description)  # fmt: skip
     spec = cfg.to_json()
     spec.pop("control")
-    spec.update(store=cfg.store, repo=cfg.repo, backing_dirs=cfg.backing_dirs,
+    spec.update(store=cfg.store, repo=cfg.repo.to_json() if cfg.repo else None,
+                backing_dirs=cfg.backing_dirs,
                 description=cfg.description)  # fmt: skip
     r = C.call(_state(state_dir), {"op": "export_add", "spec": _encode(spec)})
     if as_json:
