@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from vfs.durable import fsync_dir, tmp_name, write_atomic
+from vfs.durable import atomic_writer, fsync_dir, tmp_name, write_atomic
 from vfs.errors import (
     BusyError,
     FormatError,
@@ -278,20 +278,8 @@ class LocalStore:
         """Install a sidecar for ``oid`` (temp file, fsync, rename)."""
         dest = self.sums_path(oid)
         dest.parent.mkdir(exist_ok=True)
-        tmp = tmp_name(self.tmp_dir)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            try:
-                data = memoryview(sums.encode())
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with atomic_writer(dest, tmp_dir=self.tmp_dir, mode=0o444) as f:
+            f.write(sums.encode())
 
     def _reader(self, oid: str) -> ObjectReader:
         with self._lock:
@@ -475,8 +463,6 @@ class LocalStore:
             self.write_sums(oid, sums)  # before the object: a visible object has its sidecar
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
-        if size > self.chunk_size:
-            fsync_dir(self.sums_path(oid).parent)
         self.index.insert(oid, size, size)
 
     # ------------------------------------------------------------------ quota, pins, eviction
