@@ -264,12 +264,29 @@ def _call(target: str, state_dir: Path | None, req: dict[str, Any], timeout: flo
 
 _target_arg = click.argument("target", metavar="TARGET")
 
+_bitmap_opt = click.option(
+    "--bitmap", "-B", default="dirty", show_default=True, help="Name of the dirty bitmap."
+)
 
-@export.command("status")
-@_state_opt
-@_target_arg
-@json_option
-@handle_errors
+
+def _target_command(name: str, *options: Any, bitmap: bool = False, json: bool = True) -> Any:
+    """A command on one export: ``vfsd export NAME [--state DIR] TARGET [--bitmap B]
+    [OPTIONS] [--json]``, its errors one line (the stack every such command shares)."""
+
+    def decorate(fn: Any) -> Any:
+        fn = handle_errors(fn)
+        if json:
+            fn = json_option(fn)
+        for o in reversed(options):
+            fn = o(fn)
+        if bitmap:
+            fn = _bitmap_opt(fn)
+        return export.command(name)(_state_opt(_target_arg(fn)))
+
+    return decorate
+
+
+@_target_command("status")
 def status_cmd(state_dir, target, as_json):
     """Counters, bitmaps and hydration progress of export TARGET."""
     r = _call(target, state_dir, {"op": "status"})
@@ -297,70 +314,45 @@ def _print_ranges(ranges: list[list[int]], as_json: bool, bitmap: str) -> None:
     click.echo(f"{sum(n for _o, n in ranges)} bytes dirty", err=True)
 
 
-_bitmap_opt = click.option(
-    "--bitmap", "-B", default="dirty", show_default=True, help="Name of the dirty bitmap."
-)
-
-
-@export.command("dirty")
-@_state_opt
-@_target_arg
-@_bitmap_opt
-@json_option
-@handle_errors
+@_target_command("dirty", bitmap=True)
 def dirty_cmd(state_dir, target, bitmap, as_json):
     """The ranges written since the last mark (offset, length; --json for scripts)."""
     _print_ranges(_call(target, state_dir, {"op": "dirty", "bitmap": bitmap}), as_json, bitmap)
 
 
-@export.command("take")
-@_state_opt
-@_target_arg
-@_bitmap_opt
-@json_option
-@handle_errors
+@_target_command("take", bitmap=True)
 def take_cmd(state_dir, target, bitmap, as_json):
     """The dirty ranges and a new mark, atomically (what a copier copies next)."""
     _print_ranges(_call(target, state_dir, {"op": "take", "bitmap": bitmap}), as_json, bitmap)
 
 
-@export.command("mark")
-@_state_opt
-@_target_arg
-@_bitmap_opt
-@click.option("--granularity", default=0, help="Bytes per bit of a new bitmap.")
-@json_option
-@handle_errors
+@_target_command(
+    "mark",
+    click.option("--granularity", default=0, help="Bytes per bit of a new bitmap."),
+    bitmap=True,
+)
 def mark_cmd(state_dir, target, bitmap, granularity, as_json):
     """A new point in time: clear the bitmap (create it when missing)."""
     r = _call(target, state_dir, {"op": "mark", "bitmap": bitmap, "granularity": granularity})
     emit_json(r) if as_json else click.echo(f"{bitmap}: marked")
 
 
-@export.command("flush")
-@_state_opt
-@_target_arg
-@handle_errors
+@_target_command("flush", json=False)
 def flush_cmd(state_dir, target):
     """Commit what was written to export TARGET."""
     _call(target, state_dir, {"op": "flush"})
 
 
-@export.command("stop")
-@_state_opt
-@_target_arg
-@handle_errors
+@_target_command("stop", json=False)
 def stop_cmd(state_dir, target):
     """Stop a foreground export (SIGTERM does the same)."""
     _call(target, state_dir, {"op": "stop"})
 
 
-@export.command("hydrate")
-@_state_opt
-@_target_arg
-@click.option("--wait", is_flag=True, help="Wait until every cluster is local, with progress.")
-@json_option
-@handle_errors
+@_target_command(
+    "hydrate",
+    click.option("--wait", is_flag=True, help="Wait until every cluster is local, with progress."),
+)
 def hydrate_cmd(state_dir, target, wait, as_json):
     """Fetch the remote clusters of export TARGET into its image, in the background."""
     r = _call(target, state_dir, {"op": "hydrate", "wait": False})
