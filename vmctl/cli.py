@@ -105,6 +105,17 @@ def host(as_json: bool) -> None:
     help="Return only once the guest printed a line matching REGEX on its console.",
 )
 @click.option(
+    "--repo",
+    metavar="URL",
+    help="Repository the vimg disks' remote clusters are fetched from on demand (an image "
+    "pulled with `vimg pull --ref --lazy`).",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Local object store for the fetched clusters [default: the host's].",
+)
+@click.option(
     "--timeout",
     default=120.0,
     show_default=True,
@@ -115,7 +126,8 @@ def host(as_json: bool) -> None:
 @handle_errors
 def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | None,
         append: str | None, memory: str, cpus: int, machine: str, wait_for: str | None,
-        timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+        repo: str | None, store: Path | None, timeout: float, root: Path | None,
+        as_json: bool) -> None:  # fmt: skip
     """Start guest NAME; return once it runs (QEMU stays up after vmctl exits)."""
     from vmctl.disks import open_disk
     from vmctl.lifecycle import start_vm
@@ -127,6 +139,11 @@ def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | 
     spec = MachineSpec(name, memory_mib=memory_mib, cpus=cpus, machine=machine, kernel=kernel,
                        initrd=initrd, append=append,
                        disks=[open_disk(d, i, paths.dir) for i, d in enumerate(disks)])  # fmt: skip
+    from vmctl.exports import VimgDisk
+
+    for d in spec.disks:
+        if isinstance(d, VimgDisk):
+            d.repo, d.store = repo or "", str(store.absolute()) if store else ""
     info = trio.run(lambda: start_vm(spec, paths, marker=wait_for, timeout=timeout))
     if as_json:
         emit_json(info)

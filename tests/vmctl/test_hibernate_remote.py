@@ -98,3 +98,13 @@ def test_restore_onto_a_pushed_image_fetched_on_demand(vm_root, tmp_path: Path, 
     r = vmctl("restore", str(bundle), "--disk", f"disk0={pulled}", "--name", "h2", "--repo", url,
               root=root_b)  # fmt: skip
     _refused(r, "is not the disk frozen with this bundle")
+
+    # The same image boots cold with `vmctl run --repo` (a fresh store: fetched again).
+    r = vmctl("run", "cold", "--disk", str(pulled), "--kernel", str(guest.kernel),
+              "--initrd", str(guest.initrd), "--append", guest.append("idle"),
+              "--repo", url, "--store", str(host_b / "store2"), "--wait-for", "vfsguest: ready",
+              root=root_b)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    st = ExportControl(root_b / "cold" / "d0.nbd.ctl").status()
+    assert st["fetched_objects"] > 0, st
+    assert vmctl("stop", "cold", root=root_b).returncode == 0
