@@ -34,6 +34,7 @@ def _remote_lines(image: Path, repo: str, store: Path) -> list[str]:
 
 
 @pytest.mark.qemu
+@pytest.mark.network
 def test_restore_onto_a_pushed_image_fetched_on_demand(vm_root, tmp_path: Path, guest: Guest,
                                                        nginx, nginx_repo):  # fmt: skip
     repo_dir, repo_name = nginx_repo
