@@ -536,7 +536,7 @@ class Recovery:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PostcopyStuck(f"no recorded recovery listener of the destination ({e})") from e
 
-    async def listen(self, dq: QMPClient) -> tuple[Any, str]:
+    async def listen(self, dq: QMPClient, progress=None) -> tuple[Any, str]:
         """Make the destination listen for the recovery; the dial target and its name.
 
         Out of band only (the destination's main loop may be blocked on a missing page, so
@@ -576,6 +576,8 @@ class Recovery:
                 if trio.current_time() > deadline:
                     if paused:
                         raise PostcopyStuck(f"the destination does not pause: {e}") from e
+                    _say(progress, "post-copy: the destination did not see the break (a "
+                                   "half-open stream): cutting it (migrate-pause)")  # fmt: skip
                     await dq.execute("migrate-pause", oob=True, timeout=10)
                     paused, deadline = True, trio.current_time() + 10
                 await trio.sleep(0.1)
@@ -629,7 +631,10 @@ async def _recover(sq: QMPClient, dq: QMPClient | None, recovery: Recovery, repo
     t0 = time.monotonic()
     n = report["recoveries"] = report.get("recoveries", 0) + 1
     _say(progress, f"post-copy: the migration link broke: recovering (recovery {n})")
-    target, where = await recovery.listen(dq) if dq is not None else recovery.recorded()
+    if dq is not None:
+        target, where = await recovery.listen(dq, progress)
+    else:
+        target, where = recovery.recorded()
     attempt = 0
     while True:
         attempt += 1

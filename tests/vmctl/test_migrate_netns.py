@@ -179,11 +179,14 @@ def _lines_until(stream, needle: str, seen: list[str]) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("half_open", [False, True], ids=["reset", "half-open"])
 def test_postcopy_recovers_when_the_link_breaks(two_hosts, vm_root, tmp_path: Path,
-                                                guest: Guest):  # fmt: skip
-    """After the switch the link breaks (connection reset, then down): both QEMUs pause in
-    postcopy-paused, vmctl keeps dialling the destination until the link is back, hands the
-    new connection to the source QEMU, and post-copy completes; the guest loses nothing."""
+                                                guest: Guest, half_open: bool):  # fmt: skip
+    """After the switch the link breaks: both QEMUs pause in postcopy-paused, vmctl keeps
+    dialling the destination until the link is back, hands the new connection to the source
+    QEMU, and post-copy completes; the guest loses nothing. "reset": the connection is reset
+    (both ends see it), then the link goes down; "half-open": the link goes down first, so
+    the destination never hears of the break and vmctl cuts its stream (migrate-pause)."""
     a, b = two_hosts
     src_root, dst_root = vm_root("src"), vm_root("dst")
     disk = make_vimg_disk(tmp_path / "disk.vimg")
@@ -204,9 +207,12 @@ def test_postcopy_recovers_when_the_link_breaks(two_hosts, vm_root, tmp_path: Pa
     try:
         assert proc.stderr is not None
         _lines_until(proc.stderr, "switched:", seen)
-        r = a.run("ss", "-K", "dst", b.address)  # resets the stream (both ends see it)
+        if half_open:
+            _ip("-n", a.netns, "link", "set", a.dev, "down")
+        r = a.run("ss", "-K", "dst", b.address)  # the source's end of the stream is gone
         assert r.returncode == 0, r.stderr
-        _ip("-n", a.netns, "link", "set", a.dev, "down")
+        if not half_open:
+            _ip("-n", a.netns, "link", "set", a.dev, "down")
         _lines_until(proc.stderr, "recovering", seen)
         _lines_until(proc.stderr, "attempt 2 to reach", seen)  # it retries while down
         _ip("-n", a.netns, "link", "set", a.dev, "up")
@@ -220,6 +226,7 @@ def test_postcopy_recovers_when_the_link_breaks(two_hosts, vm_root, tmp_path: Pa
     rep = json.loads(out)
     assert rep["mode"] == "postcopy" and rep["recoveries"] >= 1 and rep["recovery_s"] > 0, rep
     assert "reconnected to" in rest and "Traceback" not in rest
+    assert ("half-open stream" in "".join(seen) + rest) == half_open
     assert processes_mentioning(src_root) == []
 
     before = synced_numbers((src_root / "p" / "serial.log").read_text(errors="replace"))
