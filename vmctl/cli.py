@@ -23,7 +23,9 @@ from vfs.cli.edge import (
     json_option,
     setup_logging,
 )
+from vfs.cli.options import repo_options, store_option
 from vfs.errors import NotFound
+from vfs.redirect.repoconfig import RepoConfig
 from vfs.units import parse_size
 from vmctl.errors import VmError
 from vmctl.host import probe_host
@@ -104,17 +106,13 @@ def host(as_json: bool) -> None:
     metavar="REGEX",
     help="Return only once the guest printed a line matching REGEX on its console.",
 )
-@click.option(
-    "--repo",
-    metavar="URL",
+@repo_options(
+    required=False,
     help="Repository the vimg disks' remote clusters are fetched from on demand (an image "
     "pulled with `vimg pull --ref --lazy`).",
+    timeout_flag="--repo-timeout",
 )
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Local object store for the fetched clusters [default: the host's].",
-)
+@store_option("Local object store for the fetched clusters (the host's by default).", param="store")
 @click.option(
     "--timeout",
     default=120.0,
@@ -126,7 +124,7 @@ def host(as_json: bool) -> None:
 @handle_errors
 def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | None,
         append: str | None, memory: str, cpus: int, machine: str, wait_for: str | None,
-        repo: str | None, store: Path | None, timeout: float, root: Path | None,
+        repo: RepoConfig | None, store: Path | None, timeout: float, root: Path | None,
         as_json: bool) -> None:  # fmt: skip
     """Start guest NAME; return once it runs (QEMU stays up after vmctl exits)."""
     from vmctl.disks import open_disk
@@ -143,7 +141,8 @@ def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | 
 
     for d in spec.disks:
         if isinstance(d, VimgDisk):
-            d.repo, d.store = repo or "", str(store.absolute()) if store else ""
+            d.repo = repo.with_absolute_paths() if repo else None
+            d.store = str(store.absolute()) if store else ""
     info = trio.run(lambda: start_vm(spec, paths, marker=wait_for, timeout=timeout))
     if as_json:
         emit_json(info)
@@ -285,16 +284,14 @@ def _moves(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--memory", help="Must equal the saved guest's memory (checked, not changed).")
 @click.option("--cpus", type=int, help="Must equal the saved guest's vCPU count.")
 @click.option("--machine", help="Must equal the saved guest's machine type.")
-@click.option(
-    "--repo",
-    metavar="URL",
+@repo_options(
+    required=False,
     help="Repository the disks' remote clusters are fetched from on demand (file:///dir, "
     "http://...): an image pushed there (vimg push) and pulled here with --lazy.",
+    timeout_flag="--repo-timeout",
 )
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Local object store the fetched clusters are kept in [default: the host's].",
+@store_option(
+    "Local object store the fetched clusters are kept in (the host's by default).", param="store"
 )
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds for start and load.")
 @root_option
@@ -302,7 +299,7 @@ def _moves(values: tuple[str, ...]) -> dict[str, Path]:
 @handle_errors
 def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path | None,
             initrd: Path | None, memory: str | None, cpus: int | None, machine: str | None,
-            repo: str | None, store: Path | None, timeout: float, root: Path | None,
+            repo: RepoConfig | None, store: Path | None, timeout: float, root: Path | None,
             as_json: bool) -> None:  # fmt: skip
     """Bring back the guest hibernated into BUNDLE; return once it runs.
 

@@ -35,6 +35,7 @@ import trio
 
 from vfs.durable import write_atomic
 from vfs.errors import NotFound, UsageError, VfsError
+from vfs.redirect.repoconfig import RepoConfig
 from vmctl.disks import Disk, check_node_name
 from vmctl.errors import QemuError, VmError
 
@@ -64,7 +65,7 @@ class VimgDisk(Disk):
     backing_dirs: tuple[str, ...] = ()
     #: Where the export fetches the image's remote clusters on demand ('' none: only what the
     #: local store holds), and that local store ('' the default one).
-    repo: str = ""
+    repo: RepoConfig | None = None
     store: str = ""
 
     def __post_init__(self) -> None:
@@ -98,7 +99,8 @@ class VimgDisk(Disk):
                 "read_only": self.read_only, "socket": str(self.socket),
                 "control": str(self.control), "backing": self.backing,
                 "backing_format": self.backing_format,
-                "backing_dirs": list(self.backing_dirs), "repo": self.repo,
+                "backing_dirs": list(self.backing_dirs),
+                "repo": self.repo.to_json() if self.repo else None,
                 "store": self.store}  # fmt: skip
 
 
@@ -125,7 +127,7 @@ def _export_argv(disk: VimgDisk) -> list[str]:
             str(disk.path.resolve()), "--nbd", str(disk.socket), "--name", disk.node_name,
             *(["--readonly"] if disk.read_only else []),
             *[a for d in disk.backing_dirs for a in ("--backing-dir", d)],
-            *(["--repo", disk.repo] if disk.repo else []),
+            *(disk.repo.to_argv() if disk.repo else []),
             *(["--store", disk.store] if disk.store else [])]  # fmt: skip
 
 

@@ -35,6 +35,7 @@ import trio
 
 from vfs.durable import fsync_dir, write_atomic
 from vfs.errors import AlreadyExists, NotFound, UsageError
+from vfs.redirect.repoconfig import RepoConfig
 from vmctl import bundle as B
 from vmctl.errors import QemuError, VmError
 from vmctl.host import Accelerator, choose_accelerator, qemu_binary
@@ -249,7 +250,7 @@ def plan_restore(
     memory_mib: int | None = None,
     cpus: int | None = None,
     machine: str | None = None,
-    repo: str | None = None,
+    repo: RepoConfig | None = None,
     store: Path | None = None,
 ) -> tuple[B.Bundle, MachineSpec, VmPaths, Accelerator]:
     """Every check, and the machine to start; touches nothing (raises on the first refusal)."""
@@ -284,7 +285,8 @@ def plan_restore(
     B.check_state(bundle)
     disks = [VimgDisk(path, paths.dir / f"d{i}.nbd", node_name=d["node"],
                       read_only=bool(d.get("read_only")),
-                      backing_dirs=tuple(d.get("backing_dirs", [])), repo=repo or "",
+                      backing_dirs=tuple(d.get("backing_dirs", [])),
+                      repo=repo.with_absolute_paths() if repo else None,
                       store=str(Path(store).absolute()) if store else "")
              for i, (d, path) in enumerate(zip(bundle.disks, images, strict=True))]  # fmt: skip
     spec = MachineSpec(

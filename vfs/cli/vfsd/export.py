@@ -184,11 +184,7 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
     if control:
         raise UsageError("the daemon chooses the control socket of its exports")
     if repo is not None:  # the daemon resolves no path relative to this shell's directory
-        absolute = {k: str(Path(v).absolute()) for k in ("ca", "cert", "key")
-                    if (v := getattr(repo, k))}  # fmt: skip
-        if "://" not in repo.url:
-            absolute["url"] = str(Path(repo.url).absolute())
-        repo = repo.replace(**absolute)
+        repo = repo.with_absolute_paths()
     cfg = _config(image, nbd, tcp, fuse, readonly, export_name, bitmap, no_bitmap,
                   "/unused", store, repo, backing_dirs, description)  # fmt: skip
     spec = cfg.to_json()
