@@ -130,6 +130,25 @@ def sealing() -> Sealing | None:
     return Sealing(identity, recipients, keyring)
 
 
+def sealing_remote(remote: Any, name: str, seal: Sealing, kind: str = "template") -> Any:
+    """``remote`` wrapped for an encrypted publish of ref ``name``
+    (:class:`vfs.redirect.sealed_remote.SealingRemote`): the previous version, opened with the
+    publisher's identity, lends the keys of its unchanged objects and its counter."""
+    from vfs.redirect.sealed_refs import Keys
+    from vfs.redirect.sealed_remote import SealingRemote, previous_ref
+
+    previous, counter = previous_ref(remote, name, Keys(identity=seal.identity))
+    return SealingRemote(
+        remote,
+        signer=seal.identity,
+        recipients=seal.recipients,
+        keyring=seal.keyring,
+        kind=kind,
+        previous=previous,
+        previous_counter=counter,
+    )
+
+
 def default_pins() -> Path:
     return Path(os.environ.get("VFS_PINS", str(vfs_root() / "pins.json")))
 
@@ -137,11 +156,25 @@ def default_pins() -> Path:
 def keys(pins: str | os.PathLike[str] | None = None):
     """The client keys of the running command (:class:`vfs.redirect.sealed_refs.Keys`):
     identity, trusted publishers, pins (``--pins``, else ``pins``, else the default)."""
-    from vfs.redirect.keys import load_identity, load_public
-    from vfs.redirect.sealed_refs import Keys, PinStore
+    from vfs.redirect.sealed_refs import Keys
 
     m = _meta()
-    identity = load_identity(m["identity"]) if "identity" in m else None
-    trusted = tuple(load_public(p) for p in m.get("trust", ()))
-    path = m.get("pins") or pins or default_pins()
-    return Keys(identity=identity, trusted=trusted, pins=PinStore(path))
+    return Keys.from_files(
+        m.get("identity"), m.get("trust", ()), m.get("pins") or pins or default_pins()
+    )
+
+
+def key_files(pins: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The client key options of the running command as absolute file names (for a process
+    started elsewhere, as the exports of ``vfsd serve``): ``identity`` (or None), ``trust``
+    (keys as given, files made absolute), ``pins``."""
+
+    def absolute(p: str) -> str:
+        return os.path.abspath(p) if os.path.exists(p) else p
+
+    m = _meta()
+    return {
+        "identity": os.path.abspath(m["identity"]) if "identity" in m else None,
+        "trust": [absolute(p) for p in m.get("trust", ())],
+        "pins": os.path.abspath(m.get("pins") or pins or default_pins()),
+    }

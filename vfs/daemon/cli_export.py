@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from vfs.cli.options import default_state, state_option, store_option
+from vfs.cli_sealed import unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.errors import UsageError, VfsError
 
@@ -81,9 +82,25 @@ def _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         control=str(Path(control).absolute()) if control else None,
         store=None if store is None else str(store),
         repo=repo,
+        **_key_files(repo),
         backing_dirs=list(backing_dirs),
         description=description or "",
     )
+
+
+def _key_files(repo: str | None) -> dict[str, Any]:
+    """--identity, --trust, --pins as absolute names (an export of `vfsd serve` runs elsewhere);
+    only an encrypted image's address URL#REF uses them."""
+    from vfs.cli_sealed import key_files
+
+    f = key_files()
+    if not (repo and "#" in repo):
+        if f["identity"] or f["trust"]:
+            raise UsageError(
+                "--identity/--trust apply only with --repo URL#REF (an encrypted image)"
+            )
+        return {}
+    return f
 
 
 def _export_opts(fn: Any) -> Any:
@@ -105,7 +122,11 @@ def _export_opts(fn: Any) -> Any:
         click.option("--no-bitmap", is_flag=True, help="Keep no dirty bitmap."),
         click.option("--control", metavar="SOCKET", help="Control socket [default: SOCKET.ctl]."),
         store_option("Local object store.", param="store"),
-        click.option("--repo", help="Repository of remote clusters (file:///dir, http(s)://)."),
+        click.option(
+            "--repo",
+            help="Repository of remote clusters (file:///dir, http(s)://; URL#REF: the "
+            "encrypted image REF in it, opened with --identity).",
+        ),
         click.option(
             "--backing-dir",
             "backing_dirs",
@@ -117,7 +138,7 @@ def _export_opts(fn: Any) -> Any:
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return unsealing_options(fn)
 
 
 @export.command("run")
@@ -187,6 +208,8 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
     spec.pop("control")
     spec.update(store=cfg.store, repo=cfg.repo, backing_dirs=cfg.backing_dirs,
                 description=cfg.description)  # fmt: skip
+    if cfg.repo and "#" in cfg.repo:
+        spec.update(identity=cfg.identity, trust=cfg.trust, pins=cfg.pins)
     r = C.call(_state(state_dir), {"op": "export_add", "spec": _encode(spec)})
     if as_json:
         emit_json(r)

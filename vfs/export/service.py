@@ -53,8 +53,13 @@ class ExportConfig:
     bitmap: str | None = DEFAULT_BITMAP
     control: str | None = None
     store: str | None = None
+    #: A repository URL, or the address URL#REF of an image pushed encrypted (opened with
+    #: ``identity``, ``trust``, ``pins``: key files, docs/encryption.md).
     repo: str | None = None
     tls: dict[str, str] = field(default_factory=dict)
+    identity: str | None = None
+    trust: list[str] = field(default_factory=list)
+    pins: str | None = None
     backing_dirs: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -85,8 +90,18 @@ class ExportResolver:
     """The local store and repository of an export, opened on first need (most images have
     no remote cluster); thread-safe like the :class:`vfs.redirect.Resolver` it wraps."""
 
-    def __init__(self, store: str | None, repo: str | None, tls: dict[str, str]):
+    def __init__(
+        self, store: str | None, repo: str | None, tls: dict[str, str], keys: Any = None
+    ) -> None:
         self.store_dir, self.repo, self.tls = store, repo, tls
+        self.sealed_ref: str | None = None
+        self.keys = keys  # vfs.redirect.sealed_refs.Keys, for an address URL#REF
+        if repo:
+            from vfs.redirect.sealed_remote import split_address
+
+            url, ref = split_address(repo)
+            if url is not None:
+                self.repo, self.sealed_ref = url, ref
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
@@ -104,14 +119,21 @@ class ExportResolver:
                 self._r = Resolver(store, None)
             return self._r
 
-    def _with_remote(self) -> Any:
+    def attach_remote(self) -> Any:
         r = self.resolver()
         with self._lock:
             if r.remote is None and self.repo:
                 from vfs.redirect import open_remote
 
-                r.remote = open_remote(self.repo, **self.tls)
-                self._objs.append(r.remote)
+                remote = open_remote(self.repo, **self.tls)
+                self._objs.append(remote)
+                if self.sealed_ref is not None:
+                    # an encrypted image: its ref is opened (signature, trust, pin, key) on
+                    # the first fetch; clusters are decrypted and verified after fetch
+                    from vfs.redirect.sealed_remote import UnsealingRemote
+
+                    remote = UnsealingRemote.for_ref(remote, self.sealed_ref, self.keys)
+                r.remote = remote
         return r
 
     def has_local(self, oid: str) -> bool:
@@ -123,7 +145,7 @@ class ExportResolver:
     def ensure(self, oid: str, **kw: Any) -> None:
         r = self.resolver()
         if not r.has_local(oid):
-            r = self._with_remote()
+            r = self.attach_remote()
         r.ensure(oid, **kw)
 
     @property
@@ -144,8 +166,18 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
     """Open the image of ``cfg`` for exporting (blocking: before the loop serves anyone)."""
     from vfs.image import Image
 
-    res = ExportResolver(cfg.store, cfg.repo, cfg.tls)
+    keys = None
+    if cfg.repo and "#" in cfg.repo:  # key files are checked before anything is served
+        from vfs.paths import vfs_root
+        from vfs.redirect.sealed_refs import Keys
+
+        keys = Keys.from_files(cfg.identity, cfg.trust, cfg.pins or vfs_root() / "pins.json")
+    res = ExportResolver(cfg.store, cfg.repo, cfg.tls, keys)
     try:
+        if res.sealed_ref is not None:
+            # opened at once: a wrong key or a forged ref is refused before anyone connects
+            # (a plain repository is attached on the first fetch only)
+            res.attach_remote()
         img = Image.open(
             cfg.image,
             readonly=cfg.readonly,

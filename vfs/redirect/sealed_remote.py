@@ -369,6 +369,15 @@ class UnsealingRemote(Remote):
         self._objects: dict[str, tuple[Remote, Index, IndexEntry]] = {}
         self.opened: dict[str, OpenedRef] = {}  # by signed ref id
 
+    @classmethod
+    def for_ref(cls, remote: Remote, name: str, keys: Keys) -> UnsealingRemote:
+        """``remote`` with its ref ``name`` opened (an encrypted image or template read through
+        its address ``URL#NAME``): the ref's objects decrypted, any other id read plain. A
+        plain ref is refused only where publishers are trusted (:meth:`resolve`)."""
+        u = cls(remote, keys)
+        u.resolve(remote, name)
+        return u
+
     # -- opening refs -----------------------------------------------------------------------
 
     def resolve(self, remote: Remote, name: str) -> str:
