@@ -77,9 +77,7 @@ def sealed_image(tmp_path, nginx, nginx_repo, monkeypatch):
 
 def _grep(root: Path, needles: list[bytes]) -> list[str]:
     return [
-        str(p)
-        for p in root.rglob("*")
-        if p.is_file() and any(n in p.read_bytes() for n in needles)
+        str(p) for p in root.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)
     ]
 
 
