@@ -209,7 +209,8 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
     spec.update(store=cfg.store, repo=cfg.repo, backing_dirs=cfg.backing_dirs,
                 description=cfg.description)  # fmt: skip
     if cfg.repo and "#" in cfg.repo:
-        spec.update(identity=cfg.identity, trust=cfg.trust, pins=cfg.pins)
+        spec.update(identity=cfg.identity, trust=cfg.trust, pins=cfg.pins,
+                    passphrase_file=cfg.passphrase_file)  # fmt: skip
     r = C.call(_state(state_dir), {"op": "export_add", "spec": _encode(spec)})
     if as_json:
         emit_json(r)

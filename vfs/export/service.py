@@ -60,6 +60,7 @@ class ExportConfig:
     identity: str | None = None
     trust: list[str] = field(default_factory=list)
     pins: str | None = None
+    passphrase_file: str | None = None
     backing_dirs: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -169,9 +170,16 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
     keys = None
     if cfg.repo and "#" in cfg.repo:  # key files are checked before anything is served
         from vfs.paths import vfs_root
+        from vfs.redirect.keys import read_passphrase_file
         from vfs.redirect.sealed_refs import Keys
 
-        keys = Keys.from_files(cfg.identity, cfg.trust, cfg.pins or vfs_root() / "pins.json")
+        pw = cfg.passphrase_file
+        keys = Keys.from_files(
+            cfg.identity,
+            cfg.trust,
+            cfg.pins or vfs_root() / "pins.json",
+            passphrase=(lambda: read_passphrase_file(pw)) if pw else None,
+        )
     res = ExportResolver(cfg.store, cfg.repo, cfg.tls, keys)
     try:
         if res.sealed_ref is not None:

@@ -58,6 +58,7 @@ SPEC_FIELDS: dict[str, tuple[type, Any]] = {
     "identity": (str, None),
     "trust": (list, []),
     "pins": (str, None),
+    "passphrase_file": (str, None),
 }
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 QUICK_DEATH = 5.0
@@ -82,7 +83,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
     name = out["name"]
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise UsageError(f"invalid export name {name!r}: 1-64 of A-Z a-z 0-9 . _ -")
-    for key in ("image", "fuse", "identity", "pins"):
+    for key in ("image", "fuse", "identity", "pins", "passphrase_file"):
         if out[key] is not None and not os.path.isabs(out[key]):
             raise UsageError(f"export {key} must be an absolute path")
     if out["image"] is None or not os.path.isfile(out["image"]):
@@ -113,9 +114,9 @@ def export_argv(spec: dict[str, Any], control: Path) -> list[str]:
         argv += ["--bitmap", spec["bitmap"]]
     else:
         argv.append("--no-bitmap")
-    for key in ("store", "repo", "description", "identity", "pins"):
+    for key in ("store", "repo", "description", "identity", "pins", "passphrase_file"):
         if spec[key]:
-            argv += [f"--{key}", spec[key]]
+            argv += [f"--{key.replace('_', '-')}", spec[key]]
     for t in spec["trust"]:
         argv += ["--trust", t]
     for d in spec["backing_dirs"]:

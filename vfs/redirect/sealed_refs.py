@@ -482,13 +482,15 @@ class Keys:
         identity: str | os.PathLike[str] | None,
         trust: Iterable[str] = (),
         pins: str | os.PathLike[str] | None = None,
+        *,
+        passphrase=None,
     ) -> Keys:
         """Keys loaded (and checked) from ``--identity FILE``, ``--trust PUB`` (keys or files)
-        and ``--pins FILE``."""
+        and ``--pins FILE``; ``passphrase()`` is called if the identity is protected."""
         from vfs.redirect.keys import load_identity, load_public
 
         return cls(
-            identity=load_identity(identity) if identity is not None else None,
+            identity=load_identity(identity, passphrase) if identity is not None else None,
             trusted=tuple(load_public(p) for p in trust),
             pins=PinStore(pins) if pins is not None else None,
         )
