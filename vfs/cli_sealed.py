@@ -85,6 +85,14 @@ _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
             "are refused.",
         ),
     ),
+    "keep_encrypted": (
+        "--keep-encrypted",
+        dict(
+            is_flag=True,
+            help="Keep encrypted objects encrypted in the local store; decrypt on read "
+            "(docs/encryption.md §9.1).",
+        ),
+    ),
     "pins": (
         "--pins",
         dict(
@@ -110,6 +118,13 @@ def _options(*names: str):
 sealing_options = _options("encrypt_for", "identity", "passphrase_file", "keyring", "no_dedup")
 #: --identity, --passphrase-file, --trust, --pins (opening encrypted refs).
 unsealing_options = _options("identity", "passphrase_file", "trust", "pins")
+#: --keep-encrypted (readers that keep what they fetch: vimg, vfsd export).
+keep_encrypted_option = _options("keep_encrypted")
+
+
+def keep_encrypted() -> bool:
+    """Whether the running command was given --keep-encrypted."""
+    return bool(_meta().get("keep_encrypted"))
 
 
 def _meta() -> dict[str, Any]:
@@ -224,4 +239,5 @@ def key_files(pins: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         "passphrase_file": (
             os.path.abspath(m["passphrase_file"]) if "passphrase_file" in m else None
         ),
+        "keep_encrypted": bool(m.get("keep_encrypted")),
     }

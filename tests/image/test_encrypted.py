@@ -248,3 +248,46 @@ def test_export_of_an_encrypted_image(sealed_image, nginx, tmp_path):
         assert "Traceback" not in e.log.read_text()
     finally:
         ex.close()
+
+
+@pytest.mark.log_warnings
+def test_keep_encrypted_store_holds_only_ciphertext(sealed_image, tmp_path):
+    """--keep-encrypted: the local store keeps the repository's encrypted objects (the same
+    bytes, the same ids) and decrypts on read; a copy damaged on the local disk is fetched
+    again, never served; without the key the store's copies are of no use."""
+    s = sealed_image
+    k, data, url, tls = s["k"], s["data"], s["url"], s["tls"]
+    tmpl = tmp_path / "disk.vimg"
+    run(*VIMG, "pull", "--ref", "disk", "--repo", url, *tls, "--identity", str(k["client"]),
+        "--lazy", str(tmpl))  # fmt: skip
+    store = tmp_path / "store"
+    addr = ["--repo", f"{url}#disk", *tls, "--identity", str(k["client"]), "--store",
+            str(store), "--keep-encrypted"]  # fmt: skip
+    out = tmp_path / "copy.raw"
+    run(*VIMG, "convert", "-O", "raw", *addr, str(tmpl), str(out))
+    assert out.read_bytes() == data
+    assert _grep(store, _known(data)) == []
+    st = LocalStore(store)
+    try:
+        kept = set(st.list())
+    finally:
+        st.close()
+    in_repo = {p.name for p in (s["dir"] / "objects").rglob("*") if p.is_file()}
+    assert len(kept) > 40 and kept <= in_repo  # the ciphertext, under its stored ids
+    # reads decrypt from the store: the repository is not asked again
+    r = run(*VIMG, "io", *addr, "-c", f"read -P 0x00 {4 * MiB} {MiB}", "-c",
+            f"read 0 {2 * MiB}", str(tmpl))  # fmt: skip
+    assert "read 2097152/2097152" in r.stdout
+    # a copy damaged on the local disk: dropped and fetched again, the right bytes served
+    victim = next(iter(sorted(kept)))
+    path = store / "objects" / victim[:2] / victim
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 0x55
+    _rewrite(path, bytes(b))
+    out2 = tmp_path / "copy2.raw"
+    run(*VIMG, "convert", "-O", "raw", *addr, str(tmpl), str(out2))
+    assert out2.read_bytes() == data
+    # the flag needs an encrypted image's address
+    r = run(*VIMG, "io", "--repo", url, *tls, "--store", str(store), "--keep-encrypted",
+            "-c", "read 0 4k", str(tmpl), check=False)  # fmt: skip
+    one_line_error(r, 2, "URL#REF")

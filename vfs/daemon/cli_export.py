@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from vfs.cli.options import default_state, state_option, store_option
-from vfs.cli_sealed import unsealing_options
+from vfs.cli_sealed import keep_encrypted_option, unsealing_options
 from vfs.cli_util import emit_json, handle_errors, json_option
 from vfs.errors import UsageError, VfsError
 
@@ -95,9 +95,10 @@ def _key_files(repo: str | None) -> dict[str, Any]:
 
     f = key_files()
     if not (repo and "#" in repo):
-        if f["identity"] or f["trust"]:
+        if f["identity"] or f["trust"] or f["keep_encrypted"]:
             raise UsageError(
-                "--identity/--trust apply only with --repo URL#REF (an encrypted image)"
+                "--identity/--trust/--keep-encrypted apply only with --repo URL#REF "
+                "(an encrypted image)"
             )
         return {}
     return f
@@ -138,7 +139,7 @@ def _export_opts(fn: Any) -> Any:
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return unsealing_options(fn)
+    return keep_encrypted_option(unsealing_options(fn))
 
 
 @export.command("run")
@@ -210,7 +211,8 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
                 description=cfg.description)  # fmt: skip
     if cfg.repo and "#" in cfg.repo:
         spec.update(identity=cfg.identity, trust=cfg.trust, pins=cfg.pins,
-                    passphrase_file=cfg.passphrase_file)  # fmt: skip
+                    passphrase_file=cfg.passphrase_file,
+                    keep_encrypted=cfg.keep_encrypted)  # fmt: skip
     r = C.call(_state(state_dir), {"op": "export_add", "spec": _encode(spec)})
     if as_json:
         emit_json(r)

@@ -61,6 +61,8 @@ class ExportConfig:
     trust: list[str] = field(default_factory=list)
     pins: str | None = None
     passphrase_file: str | None = None
+    #: The store keeps an encrypted image's clusters encrypted; decrypted on read.
+    keep_encrypted: bool = False
     backing_dirs: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -92,9 +94,15 @@ class ExportResolver:
     no remote cluster); thread-safe like the :class:`vfs.redirect.Resolver` it wraps."""
 
     def __init__(
-        self, store: str | None, repo: str | None, tls: dict[str, str], keys: Any = None
+        self,
+        store: str | None,
+        repo: str | None,
+        tls: dict[str, str],
+        keys: Any = None,
+        keep_encrypted: bool = False,
     ) -> None:
         self.store_dir, self.repo, self.tls = store, repo, tls
+        self.keep_encrypted = keep_encrypted
         self.sealed_ref: str | None = None
         self.keys = keys  # vfs.redirect.sealed_refs.Keys, for an address URL#REF
         if repo:
@@ -134,6 +142,10 @@ class ExportResolver:
                     from vfs.redirect.sealed_remote import UnsealingRemote
 
                     remote = UnsealingRemote.for_ref(remote, self.sealed_ref, self.keys)
+                    if self.keep_encrypted:
+                        from vfs.redirect.sealed_store import SealedStoreResolver
+
+                        self._r = r = SealedStoreResolver(r.store, remote)
                 r.remote = remote
         return r
 
@@ -180,7 +192,9 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
             cfg.pins or vfs_root() / "pins.json",
             passphrase=(lambda: read_passphrase_file(pw)) if pw else None,
         )
-    res = ExportResolver(cfg.store, cfg.repo, cfg.tls, keys)
+    if cfg.keep_encrypted and keys is None:
+        raise UsageError("--keep-encrypted applies only with --repo URL#REF (an encrypted image)")
+    res = ExportResolver(cfg.store, cfg.repo, cfg.tls, keys, cfg.keep_encrypted)
     try:
         if res.sealed_ref is not None:
             # opened at once: a wrong key or a forged ref is refused before anyone connects

@@ -59,6 +59,7 @@ SPEC_FIELDS: dict[str, tuple[type, Any]] = {
     "trust": (list, []),
     "pins": (str, None),
     "passphrase_file": (str, None),
+    "keep_encrypted": (bool, False),
 }
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 QUICK_DEATH = 5.0
@@ -119,6 +120,8 @@ def export_argv(spec: dict[str, Any], control: Path) -> list[str]:
             argv += [f"--{key.replace('_', '-')}", spec[key]]
     for t in spec["trust"]:
         argv += ["--trust", t]
+    if spec["keep_encrypted"]:
+        argv.append("--keep-encrypted")
     for d in spec["backing_dirs"]:
         argv += ["--backing-dir", d]
     return argv

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from vfs.cli.options import repo_options, store_option
-from vfs.cli_sealed import unsealing_options
+from vfs.cli_sealed import keep_encrypted_option, unsealing_options
 from vfs.cli_util import OneLineErrorGroup, json_option, setup_logging
 from vfs.errors import UsageError
 from vfs.image.image import Image
@@ -34,20 +34,25 @@ class LazyResolver:
     come from a worker thread, which has no click context)."""
 
     def __init__(self, store: str | None, repo: RepoConfig | None) -> None:
+        from vfs.cli_sealed import keep_encrypted, keys
+
         self.store_dir, self.repo = store, repo
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
         self.sealed_ref: str | None = None
         self.keys: Any = None
+        self.keep_encrypted = keep_encrypted()
         if repo is not None:
             from vfs.redirect.sealed_remote import split_address
 
             url, ref = split_address(repo.url)
             if url is not None:
-                from vfs.cli_sealed import keys
-
                 self.repo, self.sealed_ref, self.keys = repo.replace(url=url), ref, keys()
+        if self.sealed_ref is None and self.keep_encrypted:
+            raise UsageError(
+                "--keep-encrypted applies only with --repo URL#REF (an encrypted image)"
+            )
 
     def resolver(self) -> Any:
         with self._lock:
@@ -67,6 +72,11 @@ class LazyResolver:
                 from vfs.redirect.sealed_remote import UnsealingRemote
 
                 remote = UnsealingRemote.for_ref(remote, self.sealed_ref, self.keys)
+                if self.keep_encrypted:
+                    from vfs.redirect.sealed_store import SealedStoreResolver
+
+                    self._r = SealedStoreResolver(store, remote)
+                    return self._r
             self._r = Resolver(store, remote)
         return self._r
 
@@ -113,7 +123,7 @@ def remote_opts(fn: Any) -> Any:
     RepoConfig or None), --store, --backing-dir."""
     fn = backing_opts(fn)
     fn = store_option(param="store")(fn)
-    fn = unsealing_options(fn)
+    fn = keep_encrypted_option(unsealing_options(fn))
     return repo_options(
         fn,
         required=False,
