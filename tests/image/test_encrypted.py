@@ -9,6 +9,7 @@ truncated ciphertext are each one line, with no plaintext served or stored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -291,3 +292,52 @@ def test_keep_encrypted_store_holds_only_ciphertext(sealed_image, tmp_path):
     r = run(*VIMG, "io", "--repo", url, *tls, "--store", str(store), "--keep-encrypted",
             "-c", "read 0 4k", str(tmpl), check=False)  # fmt: skip
     one_line_error(r, 2, "URL#REF")
+
+
+@pytest.mark.fuse
+def test_daemon_export_of_an_encrypted_image(sealed_image, nginx, tmp_path):
+    """`vfsd export add` hands the address, the key files and --keep-encrypted to the export
+    process it starts (and restarts): the guest reads the image's bytes; the store has none."""
+    from tests.daemon.conftest import fuse_available
+    from tests.export.test_daemon_exports import Serve
+    from vfs.export import NbdClient
+
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    s = sealed_image
+    k, data = s["k"], s["data"]
+    url = nginx.url(s["dir"].name, "http")
+    tmpl = tmp_path / "disk.vimg"
+    run(*VIMG, "pull", "--ref", "disk", "--repo", url, "--identity", str(k["client"]),
+        "--lazy", str(tmpl))  # fmt: skip
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"s3cret\n")
+    os.chmod(pw, 0o600)
+    key = tmp_path / "client-protected.key"
+    # the same client, its identity now behind a passphrase (read from the file by the export)
+    from vfs.redirect.keys import load_identity, write_secret
+
+    write_secret(key, load_identity(k["client"]).to_text(b"s3cret", 12))
+    (tmp_path / "srv").mkdir()
+    srv = Serve(tmp_path / "srv")
+    try:
+        srv.start()
+        sock = tmp_path / "e.sock"
+        store = tmp_path / "estore"
+        srv.cli("export", "add", "enc", str(tmpl), "--nbd", str(sock), "--repo", f"{url}#disk",
+                "--identity", str(key), "--passphrase-file", str(pw), "--keep-encrypted",
+                "--store", str(store), "--pins", str(tmp_path / "pins.json"),
+                "--readonly")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while srv.list()["enc"]["state"] != "running":
+            assert time.monotonic() < deadline, srv.list()
+            time.sleep(0.1)
+        with NbdClient(str(sock), "enc") as c:
+            assert c.pread(0, 3 * MiB) == data[: 3 * MiB]
+        assert _grep(store, _known(data)) == []
+    finally:
+        srv.stop()
+        for pid in srv.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)

@@ -89,8 +89,7 @@ class SealedStoreResolver(Resolver):
                 with self.store.new_object(expected_size=e.cipher_size) as pending:
                     for block in itertools.chain((first,), blocks):
                         pending.write(block)
-                        for plain in d.feed_chunks(block):
-                            h.update(plain)
+                        h.update(d.feed_block(block))
                     h.update(d.finish())
                     if pending.received != e.cipher_size:
                         raise size_mismatch(oid, pending.received, e.cipher_size, url)
