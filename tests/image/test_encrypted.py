@@ -23,8 +23,8 @@ from vfs.redirect.crypto import cipher_size
 
 pytestmark = pytest.mark.network
 
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
 MiB = 1 << 20
 CS = 64 << 10
 MARKER = b"DISK-SECRET-MARKER-41c9e2 "
@@ -201,31 +201,30 @@ def test_damaged_cluster_is_one_line_and_serves_nothing(sealed_image, tmp_path, 
     run(*VIMG, "io", *addr, "--store", str(store), "-c", "read 0 64k", str(tmpl))
 
 
-def test_export_of_an_encrypted_image(sealed_image, nginx, tmp_path):
-    """``vfsd export`` of a lazily pulled encrypted image: clusters are fetched over HTTP on
-    demand and decrypted after fetch; a tampered cluster is an NBD error, never its bytes."""
+def test_export_of_an_encrypted_image(sealed_image, tmp_path):
+    """``vfsd export`` of a lazily pulled encrypted image: clusters are fetched over mutual
+    TLS on demand and decrypted after fetch; a tampered cluster is an NBD error, never its bytes."""
     from tests.export.conftest import Exports
     from vfs.export import NbdClient, NbdError
 
     s = sealed_image
-    k, data = s["k"], s["data"]
-    url = nginx.url(s["dir"].name, "http")  # exports take no TLS options (yet)
+    k, data, url, tls = s["k"], s["data"], s["url"], s["tls"]
     tmpl = tmp_path / "disk.vimg"
-    run(*VIMG, "pull", "--ref", "disk", "--repo", url, "--identity", str(k["client"]),
+    run(*VIMG, "pull", "--ref", "disk", "--repo", url, *tls, "--identity", str(k["client"]),
         "--lazy", str(tmpl))  # fmt: skip
     pins = ["--pins", str(tmp_path / "pins.json")]
     # a wrong key is refused at start, in one line; keys without an address are a usage error
     r = run(*VFSD, "export", str(tmpl), "--nbd", str(tmp_path / "x.sock"), "--repo",
-            f"{url}#disk", "--identity", str(k["stranger"]), *pins,
+            f"{url}#disk", *tls, "--identity", str(k["stranger"]), *pins,
             "--store", str(tmp_path / "sx"), "-r", check=False)  # fmt: skip
     one_line_error(r, 12, "not sealed to identity")
     r = run(*VFSD, "export", str(tmpl), "--nbd", str(tmp_path / "x.sock"), "--repo", url,
-            "--identity", str(k["client"]), "-r", check=False)  # fmt: skip
+            *tls, "--identity", str(k["client"]), "-r", check=False)  # fmt: skip
     one_line_error(r, 2, "URL#REF")
 
     ex = Exports(tmp_path)
     try:
-        e = ex.start(tmpl, "--repo", f"{url}#disk", "--identity", str(k["client"]), *pins,
+        e = ex.start(tmpl, "--repo", f"{url}#disk", *tls, "--identity", str(k["client"]), *pins,
                      "--store", str(tmp_path / "se"), "-r")  # fmt: skip
         with NbdClient(e.sock, "disk") as c:
             assert c.pread(2 * MiB, CS) == data[2 * MiB : 2 * MiB + CS]

@@ -31,6 +31,7 @@ import trio
 from vfs.errors import UsageError
 from vfs.export.backend import ExportBackend, LocalOnlyResolver
 from vfs.export.nbd_server import NbdServer
+from vfs.redirect.repoconfig import RepoConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,9 @@ class ExportConfig:
     bitmap: str | None = DEFAULT_BITMAP
     control: str | None = None
     store: str | None = None
-    #: A repository URL, or the address URL#REF of an image pushed encrypted (opened with
-    #: ``identity``, ``trust``, ``pins``: key files, docs/encryption.md).
-    repo: str | None = None
-    tls: dict[str, str] = field(default_factory=dict)
+    #: A repository, or (its url) the address URL#REF of an image pushed encrypted (opened
+    #: with ``identity``, ``trust``, ``pins``: key files, docs/encryption.md).
+    repo: RepoConfig | None = None
     identity: str | None = None
     trust: list[str] = field(default_factory=list)
     pins: str | None = None
@@ -96,21 +96,20 @@ class ExportResolver:
     def __init__(
         self,
         store: str | None,
-        repo: str | None,
-        tls: dict[str, str],
+        repo: RepoConfig | None,
         keys: Any = None,
         keep_encrypted: bool = False,
     ) -> None:
-        self.store_dir, self.repo, self.tls = store, repo, tls
+        self.store_dir, self.repo = store, repo
         self.keep_encrypted = keep_encrypted
         self.sealed_ref: str | None = None
         self.keys = keys  # vfs.redirect.sealed_refs.Keys, for an address URL#REF
-        if repo:
+        if repo is not None:
             from vfs.redirect.sealed_remote import split_address
 
-            url, ref = split_address(repo)
+            url, ref = split_address(repo.url)
             if url is not None:
-                self.repo, self.sealed_ref = url, ref
+                self.repo, self.sealed_ref = repo.replace(url=url), ref
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
@@ -131,14 +130,12 @@ class ExportResolver:
     def attach_remote(self) -> Any:
         r = self.resolver()
         with self._lock:
-            if r.remote is None and self.repo:
-                from vfs.redirect import open_remote
-
-                remote = open_remote(self.repo, **self.tls)
+            if r.remote is None and self.repo is not None:
+                remote = self.repo.open()
                 self._objs.append(remote)
                 if self.sealed_ref is not None:
-                    # an encrypted image: its ref is opened (signature, trust, pin, key) on
-                    # the first fetch; clusters are decrypted and verified after fetch
+                    # an encrypted image: its ref is opened (signature, trust, pin, key), its
+                    # clusters decrypted and verified after fetch
                     from vfs.redirect.sealed_remote import UnsealingRemote
 
                     remote = UnsealingRemote.for_ref(remote, self.sealed_ref, self.keys)
@@ -180,7 +177,9 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
     from vfs.image import Image
 
     keys = None
-    if cfg.repo and "#" in cfg.repo:  # key files are checked before anything is served
+    if (
+        cfg.repo is not None and "#" in cfg.repo.url
+    ):  # key files are checked before anything is served
         from vfs.paths import vfs_root
         from vfs.redirect.keys import read_passphrase_file
         from vfs.redirect.sealed_refs import Keys
@@ -194,7 +193,7 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
         )
     if cfg.keep_encrypted and keys is None:
         raise UsageError("--keep-encrypted applies only with --repo URL#REF (an encrypted image)")
-    res = ExportResolver(cfg.store, cfg.repo, cfg.tls, keys, cfg.keep_encrypted)
+    res = ExportResolver(cfg.store, cfg.repo, keys, cfg.keep_encrypted)
     try:
         if res.sealed_ref is not None:
             # opened at once: a wrong key or a forged ref is refused before anyone connects

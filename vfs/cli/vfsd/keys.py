@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import repo_options
-from vfs.cli_sealed import keys as sealed_keys
-from vfs.cli_sealed import unsealing_options
-from vfs.cli_util import emit_json, handle_errors, json_option
+from vfs.cli.sealed import keys as sealed_keys
+from vfs.cli.sealed import unsealing_options
 from vfs.errors import UsageError
 from vfs.redirect.keys import SCRYPT_LOG_N, SCRYPT_LOG_N_RANGE
 
@@ -108,7 +108,7 @@ def key_gen(output, is_keyring, passphrase_file, ask, work_factor, as_json):
 @handle_errors
 def key_show(spec, passphrase_file, as_json):
     """Print the public key of SPEC (an identity file, a public key file or a public key)."""
-    from vfs.cli_sealed import passphrase
+    from vfs.cli.sealed import passphrase
     from vfs.redirect.keys import PUBLIC_PREFIX, load_identity, load_public, protected_file
 
     if not spec.startswith(PUBLIC_PREFIX) and protected_file(spec):
