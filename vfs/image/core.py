@@ -105,8 +105,9 @@ class Core:
         self.unsummed: dict[int, array] = {}
         self.sub = sub = min(SUBCLUSTER, cs)
         self.subs_per_cluster = cs // sub
-        #: Bound on stale clusters: 16 MiB of subcluster sums (8 GiB of 64 KiB clusters).
-        self.unsummed_limit = max(16, (16 << 20) // (8 * self.subs_per_cluster))
+        #: Bound on stale clusters: about 16 MiB of memory for their sums (an array of 8 bytes
+        #: per subcluster, ~160 bytes of object and dict overhead): 57,000 clusters of 64 KiB.
+        self.unsummed_limit = max(16, (16 << 20) // (160 + 8 * self.subs_per_cluster))
         self.alloc = Allocator.empty(L.refcounts_per_block(cs))
         self.rct: list[tuple[int, int]] = []
         # ---- what changed since the last commit
