@@ -33,6 +33,8 @@ from vfs.image.reader import Reader
 
 log = logging.getLogger(__name__)
 _xxh = xxhash.xxh3_64_intdigest
+_ENTRY = L.L2_ENTRY
+_ESIZE = L.L2_ENTRY_SIZE
 
 #: Called with (offset, length) of every guest range a write path changes (dirty tracking).
 Marker = Callable[[int, int], None]
@@ -58,23 +60,30 @@ class Writer:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest bytes (durable after the next commit)."""
         c = self.c
-        c.writable()
+        if c.readonly or c.closed or c.failed is not None:
+            c.writable()  # raises
         if type(data) is memoryview and (data.format != "B" or data.ndim != 1):
             data = data.cast("B")
         n = len(data)
-        c.check_range(offset, n)
+        if offset < 0 or offset + n > c.size:
+            c.check_range(offset, n)  # raises
         if self.markers:
             self.mark(offset, n)
         bits, mask, cs = c.cluster_bits, c.mask, c.cluster_size
         a = offset & mask
         if a + n <= cs and 0 < n < cs:
-            # The hot path of small guest writes: part of one cluster.
+            # The hot path of small guest writes: part of one cluster (``Core.entry_raw``
+            # and ``Allocator.can_overwrite`` inlined: a call costs as much as the check).
             ci = offset >> bits
-            e = c.entry_raw(ci)
-            if e[0] == L.LOCAL and not c.compress and c.alloc.can_overwrite(e[4] >> bits):
-                self._rewrite_fresh(ci, e, a, data)
-            else:
-                self._write_cluster(ci, a, data)
+            t = c.l2cache.get(ci // c.per_l2)
+            e = c.entry_raw(ci) if t is None else _ENTRY.unpack_from(t, (ci % c.per_l2) * _ESIZE)
+            if e[0] == L.LOCAL and not c.compress:
+                hc = e[4] >> bits
+                al = c.alloc
+                if hc in al.fresh and al.counts[hc] == 1:
+                    self._rewrite_fresh(ci, e, a, data)
+                    return
+            self._write_cluster(ci, a, data)
             return
         pos, end = offset, offset + n
         view = memoryview(data)
