@@ -180,9 +180,11 @@ def test_a_repair_that_changed_data_makes_bitmaps_stale(tmp_path):
     assert check(p, "leaks").exit_code == 0
     with Image.open(p, readonly=True) as img:
         assert not img.bitmap_list()[0].stale  # nothing was repaired
-    with open(p, "r+b") as f:  # the checksum of cluster 0's entry
+    with open(p, "r+b") as f:  # the checksum of cluster 0's entry (flipped: writing 0xff
+        f.seek(l2 + 16)  # left it as it was when the random data's checksum had 0xff there)
+        old = f.read(1)[0]
         f.seek(l2 + 16)
-        f.write(b"\xff")
+        f.write(bytes([old ^ 0xFF]))
     res = check(p, "all")
     assert res.exit_code == 0 and res.lost_clusters
     with Image.open(p, readonly=True) as img:

@@ -271,9 +271,11 @@ def test_damage_to_a_stale_cluster_survives_the_commit_as_a_checksum_error(tmp_p
         img.write(2 * BIG + 10, b"b" * 10)
         assert set(img._core.unsummed) == {1, 2}
         host = img._core.entry_raw(1)[4]
-        with open(path, "r+b") as f:
-            f.seek(host + BIG - 100)  # the last subcluster: never read back by a write
-            f.write(b"X")
+        with open(path, "r+b") as f:  # the last subcluster: never read back by a write
+            f.seek(host + BIG - 100)  # (flipped: the random byte may have been anything)
+            old = f.read(1)[0]
+            f.seek(host + BIG - 100)
+            f.write(bytes([old ^ 0x58]))
         img.flush()
         assert img.read(2 * BIG, 20)[10:] == b"b" * 10
         with pytest.raises(IntegrityError, match="guest offset 0x10000"):
@@ -290,9 +292,11 @@ def test_damage_in_a_subcluster_a_write_covers_in_part_fails_that_write(tmp_path
         img.write(0, os.urandom(BIG))
         img.write(100, b"a")  # stale now
         host = img._core.entry_raw(0)[4]
-        with open(path, "r+b") as f:
+        with open(path, "r+b") as f:  # flipped: the random byte may have been anything
             f.seek(host + 5 * 4096 + 7)
-            f.write(b"X")
+            old = f.read(1)[0]
+            f.seek(host + 5 * 4096 + 7)
+            f.write(bytes([old ^ 0x58]))
         img.write(4 * 4096, os.urandom(4096))  # whole subcluster: reads nothing, fine
         with pytest.raises(IntegrityError, match="guest offset 0x0 .*damaged"):
             img.write(5 * 4096 + 100, b"b")
