@@ -59,6 +59,7 @@ from vfs.export.supervisor import ExportSupervisor
 from vfs.redirect import LocalStore, Remote, RepoConfig, Resolver
 from vfs.redirect.sealed_refs import Keys, PinStore
 from vfs.redirect.sealed_remote import UnsealingRemote, split_address
+from vfs.redirect.sealed_store import SealedStoreResolver
 from vfs.tree import gcroots
 from vfs.tree.gcroots import StateRoot
 from vfs.tree.ovl_upper import needs_normalizing, normalize_upper
@@ -144,7 +145,9 @@ class Daemon:
         self.broken: dict[str, str] = {}
         self._hydrating: set[str] = set()
         #: the state directory's gc root in the store: what store gc and eviction must leave
-        self.root = root or StateRoot(resolver.store.roots, registry.state, _url(remote))
+        self.root = root or StateRoot(
+            resolver.store.roots, registry.state, _url(remote), stored_id=resolver.stored_id
+        )
 
     # -- templates ---------------------------------------------------------------------------
 
@@ -561,11 +564,26 @@ def _prepare_mountpoint(mount: Path) -> None:
         raise BusyError(f"{mount} is already a mount point")
 
 
-def choose_engine(engine: str, state: Path) -> tuple[str, str]:
+#: Why ``--keep-encrypted`` takes the FUSE engine (docs/encryption.md §9.1).
+KEEP_ENCRYPTED_NEEDS_FUSE = (
+    "--keep-encrypted: the kernel engine's EROFS data layers read the store's object files "
+    "as plaintext; the FUSE engine decrypts on read"
+)
+
+
+def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> tuple[str, str]:
     """(engine, why) for ``--engine``: ``auto`` takes the kernel engine where the probe says
-    the kernel can do it (EROFS, file-backed mounts, overlayfs data-only layers)."""
+    the kernel can do it (EROFS, file-backed mounts, overlayfs data-only layers), and the
+    FUSE engine when the store keeps ciphertext (``keep_encrypted``)."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
+    if keep_encrypted:
+        if engine == "kernel":
+            raise UsageError(
+                "--keep-encrypted needs the FUSE engine (the kernel engine's data layers are "
+                "the store's plaintext files): use --engine fuse or auto"
+            )
+        return "fuse", KEEP_ENCRYPTED_NEEDS_FUSE
     if engine == "fuse":
         return "fuse", "chosen with --engine fuse"
     ok, why = probe(state / "kernel" / f"probe.{os.getpid()}")
@@ -585,9 +603,12 @@ async def serve(
     keys: Keys | None = None,
     debug_fuse: bool = False,
     engine: str = "auto",
+    keep_encrypted: bool = False,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation). ``keys``: the identity and
-    trusted publishers encrypted templates are opened with (pins default to STATE/pins.json)."""
+    trusted publishers encrypted templates are opened with (pins default to STATE/pins.json).
+    ``keep_encrypted``: the store keeps the objects of encrypted templates as ciphertext and
+    the FUSE engine decrypts them on read (docs/encryption.md §9.1)."""
     state.mkdir(parents=True, exist_ok=True)
     _raise_fd_limit()
     async with contextlib.AsyncExitStack() as stack:
@@ -595,7 +616,7 @@ async def serve(
         stack.callback(os.close, lock_fd)
         _prepare_mountpoint(mount)
         mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
-        chosen, why = choose_engine(engine, state)
+        chosen, why = choose_engine(engine, state, keep_encrypted=keep_encrypted)
         log.info("engine: %s (%s)", chosen, why)
         store = LocalStore(store_dir)
         stack.callback(store.close)
@@ -608,9 +629,13 @@ async def serve(
             keys.pins = PinStore(state / "pins.json")
         # The store and the engines see plaintext objects under their plaintext ids: objects
         # of encrypted templates are decrypted (and verified) between the repository and the
-        # resolver (docs/encryption.md, "At rest").
+        # resolver (docs/encryption.md, "At rest"). With --keep-encrypted the store keeps
+        # their ciphertext instead and the resolver decrypts each read (§9.1).
         unsealing = UnsealingRemote(remote, keys)
-        resolver = Resolver(store, unsealing)
+        if keep_encrypted:
+            resolver: Resolver = SealedStoreResolver(store, unsealing)
+        else:
+            resolver = Resolver(store, unsealing)
         registry = VeeRegistry(state)
         exports = ExportSupervisor(state)
         sealed = {"unsealing": unsealing, "sources": SealedSources(state), "repo": repo}

@@ -65,6 +65,12 @@ class Resolver:
     def has_local(self, oid: str) -> bool:
         return self.store.has(oid)
 
+    def stored_id(self, oid: str) -> str:
+        """The id the local store keeps object ``oid`` under: ``oid`` itself here; a resolver
+        that keeps objects transformed (encrypted, :mod:`vfs.redirect.sealed_store`) names its
+        stored copy, which is what gc roots must protect."""
+        return oid
+
     def ensure(
         self,
         oid: str,

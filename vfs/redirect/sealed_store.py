@@ -54,9 +54,13 @@ class SealedStoreResolver(Resolver):
 
     # -- presence and fetch ----------------------------------------------------------------
 
-    def has_local(self, oid: str) -> bool:
+    def stored_id(self, oid: str) -> str:
+        """The ciphertext's id for an object an opened ref lists, else ``oid``."""
         hit = self._sealed(oid)
-        return self.store.has(oid if hit is None else hit[1].cipher_oid)
+        return oid if hit is None else hit[1].cipher_oid
+
+    def has_local(self, oid: str) -> bool:
+        return self.store.has(self.stored_id(oid))
 
     def ensure(self, oid: str, *, expected_size=None, max_size=None, size_hint=None) -> None:
         hit = self._sealed(oid)
@@ -109,11 +113,15 @@ class SealedStoreResolver(Resolver):
 
     # -- reads: decrypt the chunks that cover the range -------------------------------------
 
-    def _decrypt_range(self, index, e, offset: int, size: int, *, local_only: bool):
+    def _decrypt_range(self, index, e, offset, size, *, local_only: bool, drop_cache=False):
         cipher = e.cipher_oid
 
         def read(off: int, n: int) -> bytes:
-            return self.store.read(cipher, off, n, expected_size=e.cipher_size)
+            # drop_cache: the caller (a FUSE view) caches the plaintext; the ciphertext's
+            # pages would only double the memory
+            return self.store.read(
+                cipher, off, n, expected_size=e.cipher_size, drop_cache=drop_cache
+            )
 
         if local_only and not self.store.has(cipher):
             return None
@@ -129,7 +137,9 @@ class SealedStoreResolver(Resolver):
         if expected_size is not None and expected_size != e.size:
             raise size_mismatch(oid, e.size, expected_size, "the sealed index")
         try:
-            return self._decrypt_range(index, e, offset, size, local_only=True)
+            return self._decrypt_range(
+                index, e, offset, size, local_only=True, drop_cache=drop_cache
+            )
         except (DecryptionError, SizeMismatch):
             raise
         except ObjectNotFound:
@@ -147,7 +157,9 @@ class SealedStoreResolver(Resolver):
         for attempt in (0, 1):
             self.ensure(oid, expected_size=expected_size)
             try:
-                return self._decrypt_range(index, e, offset, size, local_only=False)
+                return self._decrypt_range(
+                    index, e, offset, size, local_only=False, drop_cache=drop_cache
+                )
             except (DecryptionError, SizeMismatch):
                 raise
             except (ObjectNotFound, IntegrityError):

@@ -10,6 +10,11 @@ content objects are cache (evicted under quota pressure, fetched again on the ne
 a template's objects join the root *before* a VEE depends on them (before the registry names the
 template) and leave it only *after* no VEE does (after the registry forgot it), and a template
 being added or upgraded to counts as used from the first step (``hold``) to the last.
+
+The roots name the ids the store keeps the objects *under*: a daemon that keeps encrypted
+templates encrypted (``vfsd serve --keep-encrypted``, docs/encryption.md §9.1) stores each
+object as its ciphertext, under the ciphertext's id, so its root names those ids
+(``stored_id``, the resolver's mapping), never plaintext ids the store does not hold.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from vfs.redirect.roots import GcRoots, ObjectSet
@@ -34,13 +39,22 @@ def content_objects(t: Template) -> set[str]:
     return {e.oid for _, e in t.walk() if e.oid is not None}
 
 
-def template_set(t: Template, *, fetchable: bool) -> ObjectSet:
+def _same(oid: str) -> str:
+    return oid
+
+
+def template_set(
+    t: Template, *, fetchable: bool, stored_id: Callable[[str], str] = _same
+) -> ObjectSet:
     """What a VEE on ``t`` needs from the store: the manifest always kept; the content kept
-    too, or only cached when a repository can give it back (``fetchable``)."""
-    content = content_objects(t)
+    too, or only cached when a repository can give it back (``fetchable``). ``stored_id``:
+    the id the store keeps an object under (the object's own id unless it is kept
+    encrypted)."""
+    manifest = {stored_id(t.digest)}
+    content = {stored_id(oid) for oid in content_objects(t)}
     if fetchable:
-        return ObjectSet(keep={t.digest}, cache=content)
-    return ObjectSet(keep={t.digest} | content)
+        return ObjectSet(keep=manifest, cache=content)
+    return ObjectSet(keep=manifest | content)
 
 
 def missing_objects(t: Template, store: Any) -> Iterator[tuple[bytes, str]]:
@@ -57,8 +71,16 @@ class StateRoot:
     """The gc root of one state directory in one store (thread-safe: the daemon calls it from
     worker threads)."""
 
-    def __init__(self, roots: GcRoots, state_dir: str | os.PathLike[str], repo: str | None):
+    def __init__(
+        self,
+        roots: GcRoots,
+        state_dir: str | os.PathLike[str],
+        repo: str | None,
+        *,
+        stored_id: Callable[[str], str] = _same,
+    ):
         self.roots = roots
+        self.stored_id = stored_id
         self.path = os.path.abspath(os.fspath(state_dir))
         self.repo = repo
         self._lock = threading.Lock()
@@ -70,10 +92,13 @@ class StateRoot:
         if t is not None:
             s = self._sets.get(digest)
             if s is None:
-                s = self._sets[digest] = template_set(t, fetchable=self.repo is not None)
+                s = self._sets[digest] = template_set(
+                    t, fetchable=self.repo is not None, stored_id=self.stored_id
+                )
             return s
-        # Not loaded (its manifest is unreachable now): whatever the root had for it stays.
-        return old.get(digest) or ObjectSet(keep={digest})
+        # Not loaded (its manifest is unreachable now, or its key is missing): whatever the
+        # root had for it stays.
+        return old.get(digest) or ObjectSet(keep={self.stored_id(digest)})
 
     def hold(self, digest: str, t: Template | None = None) -> None:
         """``digest`` is about to be used (a VEE is being added or upgraded to it): its

@@ -13,8 +13,8 @@ import trio
 
 from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import default_state, repo_options, state_option, store_option
+from vfs.cli.sealed import keep_encrypted, keep_encrypted_option, unsealing_options
 from vfs.cli.sealed import keys as sealed_keys
-from vfs.cli.sealed import unsealing_options
 from vfs.daemon import control
 from vfs.paths import default_store
 
@@ -50,6 +50,7 @@ def register(main: click.Group) -> None:
 )
 @store_option()
 @unsealing_options
+@keep_encrypted_option
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
 def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
@@ -59,11 +60,22 @@ def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
     all from one FUSE mount at MOUNT. The engine is said at start-up and by `vfsd vee list`.
 
     With --identity, VEEs start from encrypted templates sealed to it (`vfsd vee add NAME
-    --template URL#REF`); with --trust, only from refs those publishers signed."""
+    --template URL#REF`); with --trust, only from refs those publishers signed; with
+    --keep-encrypted, their objects stay encrypted in the store and are decrypted on every
+    read (FUSE engine only)."""
     from vfs.daemon.serve import serve
+    from vfs.errors import UsageError
 
     state = state_dir or default_state()
+    keep = keep_encrypted()
+    if keep and engine == "kernel":
+        raise UsageError(
+            "--keep-encrypted needs the FUSE engine (the kernel engine's data layers are the "
+            "store's plaintext files): use --engine fuse or auto"
+        )
     keys = sealed_keys(pins=state / "pins.json")  # key files are checked before mounting
+    if keep and keys.identity is None:
+        raise UsageError("--keep-encrypted needs --identity (the key that opens the templates)")
     trio.run(
         lambda: serve(
             state_dir or default_state(),
@@ -73,6 +85,7 @@ def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
             keys=keys,
             debug_fuse=debug_fuse,
             engine=engine,
+            keep_encrypted=keep,
         )
     )
 
