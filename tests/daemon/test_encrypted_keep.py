@@ -242,3 +242,46 @@ def test_keep_encrypted_flag_errors(tmp_path):
     r = vfsd(*base, "--engine", "fuse", check=False)
     assert r.returncode == 2 and "needs --identity" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_keep_encrypted_without_repo_keeps_everything(tmp_path, nginx, nginx_repo):
+    """No --repo (the template comes from its address alone): the ciphertext of every object
+    is `keep` in the root, so even `vfsd store gc --target 0` with the repository gone leaves
+    all of it, and a restarted daemon reads every file."""
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+    repo_dir, name = nginx_repo
+    k = _keys(tmp_path)
+    src = tmp_path / "src"
+    _tree(src)
+    _publish(repo_dir, src, "web", k)
+    want = _tree_bytes(src)
+    url = nginx.url(name, "http")  # TLS options go with --repo only
+    d = Daemon(tmp_path, tmp_path / "state", tmp_path / "mnt", tmp_path / "store", repo_dir)
+    d.use_remote = False
+    d.extra_args = ["--identity", str(k["client"]), "--keep-encrypted"]
+    d.mnt.mkdir()
+    d.start()
+    try:
+        d.vee("add", "enc", "--template", f"{url}#web")
+        assert {p: (d.mnt / "enc" / p).read_bytes() for p in want} == want
+    finally:
+        d.stop()
+    stored = _stored(d.store)
+    keep, _ = _rooted(d.store)
+    assert stored and stored <= keep
+    away = repo_dir.with_name(repo_dir.name + "-away")
+    repo_dir.rename(away)
+    try:
+        vfsd("store", "gc", "--store", str(d.store), "--target", "0")
+        assert _stored(d.store) == stored
+        d.start()
+        try:
+            assert {p: (d.mnt / "enc" / p).read_bytes() for p in want} == want
+        finally:
+            d.stop()
+    finally:
+        away.rename(repo_dir)
+    assert "Traceback" not in d.log_text() and not _error_lines(d), d.log_text()
+    assert _grep(d.store, MARKER) == []

@@ -367,7 +367,7 @@ class UnsealingRemote(Remote):
         self.url = default.url if default is not None else "sealed:"
         self._lock = threading.Lock()
         self._objects: dict[str, tuple[Remote, Index, IndexEntry]] = {}
-        self._by_cipher: dict[str, tuple[Index, IndexEntry]] = {}
+        self._by_cipher: dict[str, tuple[Remote, Index, IndexEntry]] = {}
         self.opened: dict[str, OpenedRef] = {}  # by signed ref id
 
     @classmethod
@@ -436,17 +436,19 @@ class UnsealingRemote(Remote):
         with self._lock:
             self.opened[opened.ref_id] = opened
             self._objects[idx.root.plain_oid] = (remote, idx, idx.root)
-            self._by_cipher[idx.root.cipher_oid] = (idx, idx.root)
+            self._by_cipher[idx.root.cipher_oid] = (remote, idx, idx.root)
             for e in idx.objects.values():
                 self._objects.setdefault(e.plain_oid, (remote, idx, e))
-                self._by_cipher.setdefault(e.cipher_oid, (idx, e))
+                self._by_cipher.setdefault(e.cipher_oid, (remote, idx, e))
 
     def entry(self, oid: str) -> tuple[Remote, Index, IndexEntry] | None:
         with self._lock:
             return self._objects.get(oid)
 
-    def by_cipher(self, cipher_oid: str) -> tuple[Index, IndexEntry] | None:
-        """The index entry whose stored (encrypted) object is ``cipher_oid``, if any."""
+    def by_cipher(self, cipher_oid: str) -> tuple[Remote, Index, IndexEntry] | None:
+        """The repository, index and entry whose stored (encrypted) object is ``cipher_oid``,
+        if any (the repository: where the ref that lists it was opened from, which need not
+        be the plain repository ``default``)."""
         with self._lock:
             hit = self._by_cipher.get(cipher_oid)
         return hit

@@ -80,13 +80,14 @@ class SealedStoreResolver(Resolver):
         hit = self.sealed.by_cipher(oid)
         if hit is None:
             return super()._fetch(oid, expected_size, bound)
-        index, e = hit
-        assert self.remote is not None
-        url = self.remote.url
+        # from the repository the ref came from: a daemon opens refs of many (URL#REF), and
+        # its plain repository (the UnsealingRemote's default) need not hold this ciphertext
+        remote, index, e = hit
+        url = remote.url
         log.info("fetching %s (encrypted %s) from %s", e.plain_oid, oid, url)
         d = crypto.Decryptor(self._ctx(index, e))
         h = hashlib.sha256()
-        blocks = self.remote.iter_object(oid, expected_size=e.cipher_size)
+        blocks = remote.iter_object(oid, expected_size=e.cipher_size)
         try:
             with contextlib.closing(blocks):
                 first = next(blocks, b"")  # headers first: a lying length stops here
