@@ -266,16 +266,31 @@ def test_keep_encrypted_without_repo_keeps_everything(tmp_path, nginx, nginx_rep
     try:
         d.vee("add", "enc", "--template", f"{url}#web")
         assert {p: (d.mnt / "enc" / p).read_bytes() for p in want} == want
+        # a copy-up decrypts the template file into the VEE's private layer (its own data)
+        with open(d.mnt / "enc" / "big", "r+b") as f:
+            f.seek(10)
+            f.write(b"CHANGED")
+        assert (d.mnt / "enc" / "big").read_bytes() == want["big"][:10] + b"CHANGED" + want["big"][
+            17:
+        ]
+        # an upgrade to a newer encrypted version: its new objects kept encrypted too
+        (src / "etc" / "motd").write_bytes(b"version two, " + MARKER + b"\n")
+        _publish(repo_dir, src, "web", k)
+        d.vee("upgrade", "enc", "--template", f"{url}#web")
+        assert (d.mnt / "enc" / "etc" / "motd").read_bytes() == b"version two, " + MARKER + b"\n"
+        want["etc/motd"] = (src / "etc" / "motd").read_bytes()
+        want["big"] = (d.mnt / "enc" / "big").read_bytes()
     finally:
         d.stop()
     stored = _stored(d.store)
-    keep, _ = _rooted(d.store)
-    assert stored and stored <= keep
+    keep, cache = _rooted(d.store)
+    assert not cache and keep and keep <= stored  # every object the VEE uses, local and kept
+    assert len(stored - keep) == 2  # the first version's manifest and motd: garbage now
     away = repo_dir.with_name(repo_dir.name + "-away")
     repo_dir.rename(away)
     try:
         vfsd("store", "gc", "--store", str(d.store), "--target", "0")
-        assert _stored(d.store) == stored
+        assert _stored(d.store) == keep
         d.start()
         try:
             assert {p: (d.mnt / "enc" / p).read_bytes() for p in want} == want
