@@ -300,3 +300,19 @@ def test_keep_encrypted_without_repo_keeps_everything(tmp_path, nginx, nginx_rep
         away.rename(repo_dir)
     assert "Traceback" not in d.log_text() and not _error_lines(d), d.log_text()
     assert _grep(d.store, MARKER) == []
+
+
+def test_choose_engine_with_keep_encrypted(tmp_path):
+    """The library's own check (serve() called without the CLI): auto takes fuse without
+    probing the kernel, kernel is refused."""
+    from vfs.daemon.serve import KEEP_ENCRYPTED_NEEDS_FUSE, choose_engine
+    from vfs.errors import UsageError
+
+    assert choose_engine("auto", tmp_path, keep_encrypted=True) == (
+        "fuse",
+        KEEP_ENCRYPTED_NEEDS_FUSE,
+    )
+    assert choose_engine("fuse", tmp_path, keep_encrypted=True)[0] == "fuse"
+    with pytest.raises(UsageError, match="needs the FUSE engine"):
+        choose_engine("kernel", tmp_path, keep_encrypted=True)
+    assert not list(tmp_path.iterdir())  # no probe ran

@@ -569,6 +569,11 @@ KEEP_ENCRYPTED_NEEDS_FUSE = (
     "--keep-encrypted: the kernel engine's EROFS data layers read the store's object files "
     "as plaintext; the FUSE engine decrypts on read"
 )
+#: The usage error of ``--engine kernel --keep-encrypted``.
+KEEP_ENCRYPTED_NOT_KERNEL = (
+    "--keep-encrypted needs the FUSE engine (the kernel engine's data layers are the store's "
+    "plaintext files): use --engine fuse or auto"
+)
 
 
 def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> tuple[str, str]:
@@ -579,10 +584,7 @@ def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> 
         raise UsageError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
     if keep_encrypted:
         if engine == "kernel":
-            raise UsageError(
-                "--keep-encrypted needs the FUSE engine (the kernel engine's data layers are "
-                "the store's plaintext files): use --engine fuse or auto"
-            )
+            raise UsageError(KEEP_ENCRYPTED_NOT_KERNEL)
         return "fuse", KEEP_ENCRYPTED_NEEDS_FUSE
     if engine == "fuse":
         return "fuse", "chosen with --engine fuse"

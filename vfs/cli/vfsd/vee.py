@@ -63,16 +63,13 @@ def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
     --template URL#REF`); with --trust, only from refs those publishers signed; with
     --keep-encrypted, their objects stay encrypted in the store and are decrypted on every
     read (FUSE engine only)."""
-    from vfs.daemon.serve import serve
+    from vfs.daemon.serve import KEEP_ENCRYPTED_NOT_KERNEL, serve
     from vfs.errors import UsageError
 
     state = state_dir or default_state()
     keep = keep_encrypted()
-    if keep and engine == "kernel":
-        raise UsageError(
-            "--keep-encrypted needs the FUSE engine (the kernel engine's data layers are the "
-            "store's plaintext files): use --engine fuse or auto"
-        )
+    if keep and engine == "kernel":  # before a passphrase is asked for
+        raise UsageError(KEEP_ENCRYPTED_NOT_KERNEL)
     keys = sealed_keys(pins=state / "pins.json")  # key files are checked before mounting
     if keep and keys.identity is None:
         raise UsageError("--keep-encrypted needs --identity (the key that opens the templates)")
