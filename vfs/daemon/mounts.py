@@ -237,14 +237,19 @@ def mounted_at(target: str | os.PathLike[str]) -> MountInfo | None:
     return found
 
 
-def detach_all_under(prefix: str | os.PathLike[str]) -> int:
-    """Lazily unmount everything mounted at or below ``prefix``, deepest first; how many."""
-    p = os.fspath(prefix).rstrip("/")
-    targets = [
-        m.mountpoint for m in mountinfo() if m.mountpoint == p or m.mountpoint.startswith(p + "/")
-    ]
+def detach_all_under(*prefixes: str | os.PathLike[str]) -> int:
+    """Lazily unmount everything mounted at or below each of ``prefixes``, deepest first
+    (stacked mounts one by one); how many. Dead FUSE mounts (ENOTCONN) go too: ``umount2``
+    never asks the file system. This is the one "unmount whatever a daemon left below its
+    state and mount directories" of the daemon, its tests and its tools."""
+    ps = [os.fspath(p).rstrip("/") for p in prefixes]
+    targets = {
+        m.mountpoint
+        for m in mountinfo()
+        if any(m.mountpoint == p or m.mountpoint.startswith(p + "/") for p in ps)
+    }
     n = 0
-    for t in sorted(set(targets), key=len, reverse=True):
+    for t in sorted(targets, key=len, reverse=True):
         with contextlib.suppress(MountError):
             while umount(t):
                 n += 1
