@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,19 @@ def _mounted_below(*dirs: Path) -> list[str]:
     )
 
 
+def _loop_devices_of(state: Path) -> list[str]:
+    """Loop devices whose backing file is below ``state`` (the template images)."""
+    out = []
+    for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            backing = f.read_text().strip()
+        except OSError:
+            continue  # cleared meanwhile
+        if backing.startswith(os.fspath(state) + "/"):
+            out.append(f.parent.parent.name)
+    return out
+
+
 def _lazy_and_local(kd: Daemon, tmp_path: Path) -> tuple[str, str]:
     make_sample_tree(tmp_path / "local")
     (tmp_path / "lazy").mkdir()
@@ -381,6 +395,8 @@ def test_sigterm_unmounts_vees_images_and_the_data_layer_even_while_held(kd, tmp
     finally:
         holder.kill()
         holder.wait()
+    # the images' loop devices (autoclear) went with the last overlay that held them
+    wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")
 
 
 def test_sigterm_during_start_up_stops_it_and_unmounts_what_it_mounted(kd, tmp_path):
@@ -393,10 +409,15 @@ def test_sigterm_during_start_up_stops_it_and_unmounts_what_it_mounted(kd, tmp_p
         _add(kd, f"v{i}", local if i % 2 else lazy)
     kd.stop()
     assert _mounted_below(kd.mnt, kd.state) == []
+    wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")
     for _ in range(3):
         kd.start_process()
         assert kd.proc is not None
-        wait_for(lambda: "engine: kernel" in kd.log_text(), what="engine chosen", proc=kd.proc)
+        # at once after the probe: before the loop runs (a tight poll; wait_for backs off)
+        deadline = time.monotonic() + 30
+        while "engine: kernel" not in kd.log_text():
+            assert kd.proc.poll() is None and time.monotonic() < deadline, kd.log_text()
+            time.sleep(0.001)
         kd.proc.send_signal(signal.SIGTERM)
         assert kd.proc.wait(timeout=30) == 0, kd.log_text()
         kd.proc = None
@@ -446,3 +467,4 @@ def test_kill9_then_a_restart_replaces_everything_left_with_either_engine(kd, tm
     assert (kd.mnt / "b" / "f").read_bytes() == (tmp_path / "lazy" / "f").read_bytes()
     kd.stop()
     assert _mounted_below(kd.mnt, kd.state) == []
+    wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")

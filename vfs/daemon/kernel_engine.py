@@ -349,9 +349,9 @@ def probe(workdir: Path) -> tuple[bool, str]:
         (workdir / "data" / oid[:2] / oid).write_bytes(data)
         (workdir / "image").write_bytes(build_image(t))
         try:
-            mounts.mount_erofs(workdir / "image", lower)
+            how = mounts.mount_erofs(workdir / "image", lower)
         except VfsError as e:
-            return False, f"no file-backed EROFS mounts (Linux 6.12+): {e}"
+            return False, f"no loop devices and no file-backed EROFS mounts (Linux 6.12+): {e}"
         try:
             mounts.mount_fs(
                 "overlay",
@@ -371,7 +371,8 @@ def probe(workdir: Path) -> tuple[bool, str]:
                 return False, "overlayfs did not follow a metacopy redirect into a data layer"
         finally:
             mounts.umount(mnt)
-        return True, "EROFS images (file-backed), overlayfs metacopy and data-only layers"
+        where = "on loop devices" if how == "loop" else "file-backed"
+        return True, f"EROFS images ({where}), overlayfs metacopy and data-only layers"
     except OSError as e:
         return False, f"kernel engine probe failed: {e}"
     finally:

@@ -541,7 +541,7 @@ def _prepare_mountpoint(mount: Path) -> None:
 
 def choose_engine(engine: str, state: Path) -> tuple[str, str]:
     """(engine, why) for ``--engine``: ``auto`` takes the kernel engine where the probe says
-    the kernel can do it (EROFS, file-backed mounts, overlayfs data-only layers)."""
+    the kernel can do it (EROFS on a loop device or file-backed, overlayfs data-only layers)."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
     if engine == "fuse":
