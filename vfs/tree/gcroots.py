@@ -46,8 +46,10 @@ def template_set(t: Template, *, fetchable: bool) -> ObjectSet:
 
 
 def object_sizes(t: Template) -> dict[str, int]:
-    """Object id -> size of every content object ``t``'s files name (the manifest's sizes)."""
-    return {e.oid: e.size for _, e in t.walk() if e.oid is not None}
+    """Object id -> size of every content object ``t``'s files name (the manifest's sizes).
+    By inode, not by path: called at every kernel-engine mount, it builds no path names."""
+    entries = (t.getattr(ino) for ino in range(1, len(t) + 1))
+    return {e.oid: e.size for e in entries if e.oid is not None}
 
 
 @dataclass(frozen=True)
