@@ -66,6 +66,8 @@ bench: setup
 	$(PY) -m tools.bench.image
 	$(PY) -m tools.bench.tree
 	$(PY) -m tools.bench.export
+	$(VENV)/bin/pip install -q urllib3 httpx  # the peers of the HTTP client bench only
+	$(PY) -m tools.bench.http_client
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,15 +16,15 @@ from pathlib import Path
 import click
 import trio
 
-from vfs.cli_util import (
+from vfs.cli.edge import (
     OneLineErrorGroup,
     emit_json,
     handle_errors,
     json_option,
-    parse_size,
     setup_logging,
 )
 from vfs.errors import NotFound
+from vfs.units import parse_size
 from vmctl.errors import VmError
 from vmctl.host import probe_host
 

@@ -116,7 +116,7 @@ def vimg_disk(path: Path, index: int, state_dir: Path) -> VimgDisk:
 
 def _export_argv(disk: VimgDisk) -> list[str]:
     # The vfsd CLI of the same installation, run by this interpreter (no PATH lookup).
-    return [sys.executable, "-c", "from vfs.daemon.cli import main; main()", "export", "run",
+    return [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", "export", "run",
             str(disk.path.resolve()), "--nbd", str(disk.socket), "--name", disk.node_name,
             *(["--readonly"] if disk.read_only else []),
             *[a for d in disk.backing_dirs for a in ("--backing-dir", d)]]  # fmt: skip

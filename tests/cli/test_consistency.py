@@ -23,10 +23,10 @@ from click.testing import CliRunner
 import vfs.errors
 import vmctl.cli
 import vmctl.errors
+from vfs.cli.edge import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from vfs.cli.options import STORE_HELP, repo_options, state_option, store_option
-from vfs.cli_util import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
-from vfs.daemon.cli import main as vfsd_main
-from vfs.image.cli import main as vimg_main
+from vfs.cli.vfsd import main as vfsd_main
+from vfs.cli.vimg import main as vimg_main
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

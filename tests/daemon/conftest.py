@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,8 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +85,11 @@ class Daemon:
     use_remote: bool = True  # False: serve from the local store alone (no --repo)
     engine: str = "fuse"  # "fuse" or "kernel" (vfsd serve --engine)
     wrapper: list[str] = field(default_factory=list)  # runs the daemon, e.g. prlimit ...
+
+    @classmethod
+    def in_dir(cls, root: Path, **kw: Any) -> Daemon:
+        """A daemon whose state, mount, store and repository are the usual names below root."""
+        return cls(root, root / "state", root / "mnt", root / "store", root / "repo", **kw)
 
     def start(self) -> None:
         self.start_process()
@@ -201,27 +209,46 @@ def engine() -> str:
     return "fuse"
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, engine: str):
-    """A running daemon with the sample template published as 'base' and VEEs a and b."""
+@contextlib.contextmanager
+def running_daemon(
+    root: Path,
+    *,
+    vees: tuple[str, ...] = ("a", "b"),
+    by_digest: bool = False,
+    src: Callable[[Path], object] = make_sample_tree,
+    clean_log: bool = False,
+    **kw: Any,
+) -> Iterator[Daemon]:
+    """A started daemon below ``root`` (``Daemon.in_dir``, ``kw`` its fields) with the tree
+    ``src`` makes published as 'base' and ``vees`` added on it (``by_digest``: named by its
+    digest, for a daemon without a repository); stopped, unmounted and killed whatever happens.
+    ``clean_log``: fail if the daemon logged a traceback or an ERROR."""
+    engine = kw.get("engine", "fuse")
     reason = fuse_available() or (kernel_engine_available() if engine == "kernel" else None)
     if reason:
         pytest.skip(reason)
-    root = tmp_path
-    d = Daemon(root, root / "state", root / "mnt", root / "store", root / "repo", engine=engine)
+    d = Daemon.in_dir(root, **kw)
     d.mnt.mkdir()
     vfsd("repo", "init", str(d.repo))
-    make_sample_tree(root / "src")
-    d.publish(root / "src", "base")
+    src(root / "src")
+    digest = d.publish(root / "src", "base")
     d.start()
     try:
-        d.vee("add", "a", "--template", "base")
-        d.vee("add", "b", "--template", "base")
+        for name in vees:
+            d.vee("add", name, "--template", digest if by_digest else "base")
         yield d
     finally:
         d.stop()
+    if clean_log:
         leftovers = [ln for ln in d.log_text().splitlines() if "Traceback" in ln or "ERROR" in ln]
         assert not leftovers, d.log_text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, engine: str):
+    """A running daemon with the sample template published as 'base' and VEEs a and b."""
+    with running_daemon(tmp_path, engine=engine, clean_log=True) as d:
+        yield d
 
 
 # -- the POSIX suite's roots (tests/daemon/test_posix*.py; see posix_support.py) -----------

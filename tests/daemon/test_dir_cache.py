@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import Daemon, fuse_available, vfsd, wait_for
-from tests.daemon.vee_helpers import make_sample_tree
+from tests.daemon.conftest import Daemon, running_daemon, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -24,24 +23,8 @@ pytestmark = pytest.mark.fuse
 @pytest.fixture
 def dd(tmp_path: Path):
     """A daemon logging every FUSE request (--debug-fuse), VEEs a and b on the sample tree."""
-    reason = fuse_available()
-    if reason:
-        pytest.skip(reason)
-    d = Daemon(
-        tmp_path, tmp_path / "state", tmp_path / "mnt", tmp_path / "store", tmp_path / "repo"
-    )
-    d.extra_args = ["--debug-fuse"]
-    d.mnt.mkdir()
-    vfsd("repo", "init", str(d.repo))
-    make_sample_tree(tmp_path / "src")
-    d.publish(tmp_path / "src", "base")
-    d.start()
-    try:
-        d.vee("add", "a", "--template", "base")
-        d.vee("add", "b", "--template", "base")
+    with running_daemon(tmp_path, extra_args=["--debug-fuse"]) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def readdirs(d: Daemon, path: Path) -> int:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import Daemon, fuse_available, vfsd
-from tests.daemon.vee_helpers import make_sample_tree
+from tests.daemon.conftest import running_daemon, vfsd
 from vfs.redirect import LocalStore
 
 pytestmark = pytest.mark.fuse
@@ -46,22 +45,10 @@ def _store_objects(store: Path) -> set[str]:
 
 @pytest.fixture
 def local_daemon(tmp_path: Path):
-    """A daemon served from the local store alone (no --repo), one VEE 'a' on the sample tree."""
-    reason = fuse_available()
-    if reason:
-        pytest.skip(reason)
-    d = Daemon(tmp_path, tmp_path / "state", tmp_path / "mnt", tmp_path / "store",
-               tmp_path / "repo", use_remote=False)  # fmt: skip
-    d.mnt.mkdir()
-    vfsd("repo", "init", str(d.repo))
-    make_sample_tree(tmp_path / "src")
-    digest = d.publish(tmp_path / "src", "base")
-    d.start()
-    try:
-        d.vee("add", "a", "--template", digest)  # a digest: no repository to resolve names
+    """A daemon served from the local store alone (no --repo), one VEE 'a' on the sample tree
+    (named by its digest: there is no repository to resolve names)."""
+    with running_daemon(tmp_path, vees=("a",), by_digest=True, use_remote=False) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def test_store_gc_and_quota_leave_a_local_vee_running_and_stopped(local_daemon, tmp_path):

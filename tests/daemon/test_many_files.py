@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import Daemon, fuse_available, vfsd
+from tests.daemon.conftest import running_daemon
 
 pytestmark = pytest.mark.fuse
 
@@ -25,33 +25,18 @@ FILES = 3000
 
 @pytest.fixture
 def small_daemon(tmp_path: Path):
-    reason = fuse_available()
-    if reason:
-        pytest.skip(reason)
     if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
         pytest.skip("needs setpriv and prlimit (util-linux)")
     # without CAP_SYS_RESOURCE the daemon cannot raise its hard limit back to fs.nr_open
     wrapper = ["prlimit", f"--nofile={LIMIT}:{LIMIT}", "--"]
     wrapper += ["setpriv", "--bounding-set", "-sys_resource", "--"]
-    d = Daemon(
-        tmp_path,
-        tmp_path / "state",
-        tmp_path / "mnt",
-        tmp_path / "store",
-        tmp_path / "repo",
-        wrapper=wrapper,
-    )
-    d.mnt.mkdir()
-    vfsd("repo", "init", str(d.repo))
-    (tmp_path / "src" / "etc").mkdir(parents=True)
-    (tmp_path / "src" / "etc" / "hostname").write_text("vee\n")
-    d.publish(tmp_path / "src", "base")
-    d.start()
-    try:
-        d.vee("add", "a", "--template", "base")
+
+    def src(path: Path) -> None:
+        (path / "etc").mkdir(parents=True)
+        (path / "etc" / "hostname").write_text("vee\n")
+
+    with running_daemon(tmp_path, vees=("a",), src=src, wrapper=wrapper) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def test_untar_of_more_files_than_the_daemon_may_open(small_daemon, tmp_path):

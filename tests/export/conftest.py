@@ -16,7 +16,7 @@ import pytest
 
 from vfs.export.client import ExportControl
 
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
 
 
 def need(*tools: str) -> None:
@@ -113,10 +113,10 @@ def exports(tmp_path: Path):
 
 
 def make_image(path: Path, size: str = "64M", *commands: str) -> Path:
-    run(sys.executable, "-c", "from vfs.image.cli import main; main()", "create", "-f", "vimg",
+    run(sys.executable, "-c", "from vfs.cli.vimg import main; main()", "create", "-f", "vimg",
         str(path), size)  # fmt: skip
     if commands:
-        io = [sys.executable, "-c", "from vfs.image.cli import main; main()", "io"]
+        io = [sys.executable, "-c", "from vfs.cli.vimg import main; main()", "io"]
         for c in commands:
             io += ["-c", c]
         run(*io, str(path))

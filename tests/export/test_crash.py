@@ -17,7 +17,7 @@ from tests.export.conftest import make_image, need, run
 from vfs.errors import VfsError
 from vfs.export import NbdClient
 
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
 
 
 @pytest.mark.slow

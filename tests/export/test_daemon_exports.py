@@ -19,8 +19,8 @@ from vfs.export import NbdClient
 
 pytestmark = pytest.mark.fuse
 
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -233,3 +233,31 @@ def test_hostile_export_specs_are_refused(serve, tmp_path):
         not (serve.state / "exports.json").exists()
         or json.loads((serve.state / "exports.json").read_text())["exports"] == []
     )
+
+
+def test_daemon_export_of_a_remote_image_over_mutual_tls(serve, nginx, tmp_path):
+    """`export add` takes the repository options of every command; the daemon keeps them in its
+    registry and hands them to the export after a restart of either."""
+    img = make_image(tmp_path / "src.vimg", "8M", "write -P 5 0 64k", "write -P 6 2M 64k")
+    name = f"dmtls-{os.getpid()}-{tmp_path.name}"[:60]
+    run(*VIMG, "push", "-q", "--repo", str(nginx.webroot / name), "--store",
+        str(tmp_path / "store-a"), "--ref", "golden", str(img))  # fmt: skip
+    tls = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
+    url = nginx.url(name, "mtls")
+    tmpl = tmp_path / "lazy.vimg"
+    run(*VIMG, "pull", "--ref", "golden", "--repo", url, *tls, "--lazy", str(tmpl))
+    sock = tmp_path / "r.sock"
+    serve.start()
+    serve.cli("export", "add", "r", str(tmpl), "--nbd", str(sock), "--repo", url, *tls,
+              "--store", str(tmp_path / "store-b"), "--grace", "30")  # fmt: skip
+    spec = json.loads((serve.state / "exports.json").read_text())["exports"][0]
+    assert spec["repo"] == {"url": url, "ca": nginx.ca, "cert": nginx.client_cert,
+                            "key": nginx.client_key, "grace": 30.0}  # fmt: skip
+    with NbdClient(sock, "r") as c:
+        assert c.pread(0, 64 << 10) == b"\x05" * (64 << 10)
+    serve.stop()
+    serve.start()
+    wait_for(lambda: serve.list()["r"]["state"] == "running", what="export back")
+    with NbdClient(sock, "r") as c:  # a cluster not fetched before the restart
+        assert c.pread(2 << 20, 64 << 10) == b"\x06" * (64 << 10)
+    serve.cli("export", "rm", "r")

@@ -137,5 +137,5 @@ def test_fio_verify_crc32c(raw_export):
     # and again after a commit and a restart: the data fio verified is in the image
     e.control.flush()
     assert e.stop() == 0
-    vimg = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+    vimg = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
     run(*vimg, "check", str(e.image))

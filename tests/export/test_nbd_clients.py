@@ -56,7 +56,7 @@ def test_qemu_io_writes_are_durable_after_flush(exports, disk):
         "-c", "aio_flush", "-c", "read -P 0x11 2M 1M", "-c", "read -P 0 0 64k",
         "-c", "read -P 0 10M 64k", e.uri)  # fmt: skip
     assert e.stop() == 0
-    io = [sys.executable, "-c", "from vfs.image.cli import main; main()", "io"]
+    io = [sys.executable, "-c", "from vfs.cli.vimg import main; main()", "io"]
     run(*io, "-c", "read -P 0x11 2M 1M", "-c", "read -P 0x22 3M 4k", "-c", "read -P 0x33 5M 8k",
         "-c", "read -P 0 10M 64k", "-c", "read -P 0 0 64k", str(disk))  # fmt: skip
 
@@ -64,7 +64,7 @@ def test_qemu_io_writes_are_durable_after_flush(exports, disk):
 def test_nbdinfo_flags_and_contexts_match_qemu_nbd(exports, disk, tmp_path):
     need("nbdinfo", "qemu-nbd")
     ref_img = tmp_path / "d.qcow2"
-    io = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+    io = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
     run(*io, "convert", "-O", "qcow2", str(disk), str(ref_img))
     qsock = tmp_path / "q.sock"
     q = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(qsock), "-t", "-e", "4",
@@ -102,7 +102,7 @@ def test_allocation_depth_over_a_backing_chain(exports, tmp_path):
     need("nbdinfo")
     make_image(tmp_path / "base.vimg", "8M", "write -P 1 0 1M")
     top = tmp_path / "top.vimg"
-    vimg = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+    vimg = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
     run(*vimg, "create", "-f", "vimg", "-b", "base.vimg", "-F", "vimg", str(top))
     run(*vimg, "io", "-c", "write -P 2 512k 64k", str(top))
     e = exports.start(top)
@@ -115,7 +115,7 @@ def test_allocation_depth_over_a_backing_chain(exports, tmp_path):
 def test_nbdcopy_multi_conn_keeps_holes(exports, disk, tmp_path):
     need("nbdcopy")
     src = tmp_path / "src.raw"
-    vimg = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+    vimg = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
     run(*vimg, "convert", "-O", "raw", str(disk), str(src))
     e = exports.start(disk)
     dst = tmp_path / "copy.raw"
@@ -203,7 +203,7 @@ def test_dirty_bitmap_over_nbd_and_cli(exports, disk, tmp_path):
     opts = e.opts + ",x-dirty-bitmap=qemu:dirty-bitmap:dirty"
     m = json.loads(run("qemu-img", "map", "--output=json", "--image-opts", opts).stdout)
     assert [(x["start"], x["length"]) for x in m if not x["data"]] == dirty  # inverted sense
-    vfsd = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+    vfsd = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
     js = json.loads(run(*vfsd, "export", "dirty", str(e.ctl), "--json").stdout)
     assert [(d["offset"], d["length"]) for d in js["dirty"]] == dirty
     taken = json.loads(run(*vfsd, "export", "take", str(e.ctl), "--json").stdout)
@@ -267,7 +267,7 @@ def test_loopback_tcp_and_refused_addresses(exports, disk, tmp_path):
     exports.start(disk, "--tcp", f"127.0.0.1:{port}")
     out = run("qemu-io", "-f", "raw", "-c", "read -P 0xab 0 64k", f"nbd://127.0.0.1:{port}/disk")
     assert "read 65536/65536" in out.stdout
-    vfsd = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+    vfsd = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
     for addr, msg in (("0.0.0.0:10809", "loopback addresses only"), ("localhost", "HOST:PORT")):
         r = run(*vfsd, "export", str(disk), "--tcp", addr, check=False)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -14,8 +14,8 @@ import pytest
 from tests.export.conftest import need, run
 from vfs.export import NbdClient
 
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
 MiB = 1 << 20
 
 
@@ -92,3 +92,32 @@ def test_restart_keeps_what_was_fetched(exports, remote_image, tmp_path):
             c.pread(3 * MiB, 4096)  # never fetched, no repository: an error, not zeros
         assert err.value.error == 5
     assert e2.control.ping()
+
+
+def test_remote_image_over_mutual_tls(exports, nginx, tmp_path):
+    """The repository options of an export are those of every command (--ca, --cert, --key,
+    deadlines): a remote image behind HTTPS with client certificates is served on demand, and
+    the same export without a client certificate serves an error, never zeros."""
+    from tests.export.conftest import make_image
+    from vfs.export import NbdError
+
+    src = make_image(tmp_path / "src.vimg", "8M", "write -P 7 0 1M", "write -P 8 4M 64k")
+    name = f"mtls-{os.getpid()}-{tmp_path.name}"[:60]
+    run(*VIMG, "push", "-q", "--repo", str(nginx.webroot / name), "--store",
+        str(tmp_path / "store-a"), "--ref", "golden", str(src))  # fmt: skip
+    tls = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
+    url = nginx.url(name, "mtls")
+    tmpl = tmp_path / "host-b.vimg"
+    run(*VIMG, "pull", "--ref", "golden", "--repo", url, *tls, "--lazy", str(tmpl))
+    e = exports.start(tmpl, "--store", str(tmp_path / "store-b"), "--repo", url, *tls,
+                      "--timeout", "5", "--retries", "1", "--min-rate", "64K")  # fmt: skip
+    with NbdClient(e.sock, "disk") as c:
+        assert c.pread(4 * MiB, 64 << 10) == b"\x08" * (64 << 10)
+    assert e.control.status()["fetched_bytes"] == 64 << 10
+    assert e.stop() == 0
+    e2 = exports.start(tmpl, "--store", str(tmp_path / "store-c"), "--repo", url,
+                       "--ca", nginx.ca, "--retries", "0", name="nocert")  # fmt: skip
+    with NbdClient(e2.sock, "nocert") as c:
+        with pytest.raises(NbdError) as err:
+            c.pread(0, 4096)
+        assert err.value.error == 5

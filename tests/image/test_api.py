@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from vfs.cli.vimg import main
 from vfs.errors import AlreadyExists, BusyError, FormatError, ReadOnlyError, UsageError
 from vfs.image import layout as L
-from vfs.image.cli import main
 from vfs.image.image import Image
 
 from .helpers import write_header

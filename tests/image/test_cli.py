@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from vfs.cli.vimg import main
 from vfs.errors import UsageError
-from vfs.image.cli import main
 from vfs.image.image import Image
 
 VIMG = str(Path(sys.executable).parent / "vimg")
@@ -473,7 +473,7 @@ def test_push_with_a_store_registers_the_image_as_a_gc_root(tmp_path):
     store, so `vfsd store gc` leaves its clusters; once the image is retired (the file removed
     and the root forgotten) they go. (The push used to open the image a second time to compute
     the root while holding its write lock: exit 9, "being written by another process".)"""
-    from vfs.daemon.cli import main as vfsd_main
+    from vfs.cli.vfsd import main as vfsd_main
 
     def vfsd(*args: str) -> str:
         r = CliRunner().invoke(vfsd_main, list(args), prog_name="vfsd")

@@ -1,6 +1,6 @@
 """Run the real `vfsd` CLI hundreds of times without paying its import hundreds of times.
 
-A zygote process imports :mod:`vfs.daemon.cli` once; for each command it forks a child that sets
+A zygote process imports :mod:`vfs.cli.vfsd` once; for each command it forks a child that sets
 ``sys.argv``, points fds 0/1/2 at /dev/null and two files, and calls ``main()`` exactly as the
 ``vfsd`` console script does, then exits with the code ``main()`` exits with (a traceback, if any
 escapes, goes to the child's stderr as it would from the script). The zygote itself starts no
@@ -32,7 +32,7 @@ def _child(argv: list[str], out: str, err: str) -> None:
         # click names the program after __main__'s package when there is one ("python -m
         # tests.redirect..."); the console script has none, so it is named after argv[0].
         sys.modules["__main__"].__package__ = None
-        from vfs.daemon.cli import main
+        from vfs.cli.vfsd import main
 
         try:
             main()
@@ -55,7 +55,7 @@ def _child(argv: list[str], out: str, err: str) -> None:
 
 
 def serve(parallel: int) -> None:
-    import vfs.daemon.cli  # noqa: F401 - the one import every child shares
+    import vfs.cli.vfsd  # noqa: F401 - the one import every child shares
 
     for line in sys.stdin:
         jobs = json.loads(line)

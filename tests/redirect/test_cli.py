@@ -15,7 +15,7 @@ def vfsd(*args: str, env_root=None) -> subprocess.CompletedProcess:
     if env_root is not None:
         env["VFS_ROOT"] = str(env_root)
     return subprocess.run(
-        [sys.executable, "-c", "from vfs.daemon.cli import main; main()", *args],
+        [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", *args],
         capture_output=True,
         text=True,
         env=env,

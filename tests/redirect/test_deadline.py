@@ -192,7 +192,7 @@ def test_connect_timeout_to_a_silent_port_is_bounded(store):
 
 def vfsd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", "from vfs.daemon.cli import main; main()", *args],
+        [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -166,12 +166,12 @@ def test_cut_transfer_is_resumed_with_range(tmp_path, store):
         srv.server_close()
 
 
-FETCH = [sys.executable, "-m", "vfs.daemon.cli", "fetch"]
+FETCH = [sys.executable, "-m", "vfs.cli.vfsd", "fetch"]
 
 
 def _vfsd(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", "from vfs.daemon.cli import main; main()", *args],
+        [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -688,7 +688,7 @@ def test_export_to_gnu_tar_and_back_is_identical_for_rsync(tmp_path, repo):
     socket (which a tar cannot hold), and publishing the extracted tree gives the same entries."""
     from click.testing import CliRunner
 
-    from vfs.daemon.cli import main
+    from vfs.cli.vfsd import main
 
     src = tmp_path / "src"
     make_rich_tree(src)

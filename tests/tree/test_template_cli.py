@@ -12,7 +12,7 @@ import tarfile
 import pytest
 from click.testing import CliRunner
 
-from vfs.daemon.cli import main
+from vfs.cli.vfsd import main
 from vfs.redirect import FileRemote
 from vfs.tree import manifest_layout as L
 

@@ -12,7 +12,7 @@ from tools.guest import make_disk, read_disk_file
 
 def vimg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
-        [sys.executable, "-c", "from vfs.image.cli import main; main()", *args],
+        [sys.executable, "-c", "from vfs.cli.vimg import main; main()", *args],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if check and r.returncode != 0:

@@ -45,8 +45,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-VFSD = [sys.executable, "-c", "from vfs.daemon.cli import main; main()"]
-VIMG = [sys.executable, "-c", "from vfs.image.cli import main; main()"]
+VFSD = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()"]
+VIMG = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
 MiB = 1 << 20
 DEPTH = 16
 PATHS = ("raw file", "qemu-nbd (qcow2)", "vfsd NBD (vimg)", "qsd FUSE (qcow2)", "vfsd FUSE (vimg)")

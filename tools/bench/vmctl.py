@@ -57,7 +57,7 @@ def vmctl(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
 def vimg_disk(work: Path, mib: int) -> Path:
     raw = make_disk(work / "disk.raw", size=f"{mib}M")
     out = work / "disk.vimg"
-    subprocess.run([sys.executable, "-c", "from vfs.image.cli import main; main()", "convert",
+    subprocess.run([sys.executable, "-c", "from vfs.cli.vimg import main; main()", "convert",
                     "-f", "raw", "-O", "vimg", str(raw), str(out)], check=True)  # fmt: skip
     raw.unlink()
     return out
@@ -178,7 +178,7 @@ def run_qemu_peer(work: Path, guest, args, mirror: bool) -> dict:
 
 
 def _size(text: str) -> int:
-    from vfs.cli_util import parse_size
+    from vfs.units import parse_size
 
     return parse_size(text)
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from vfs.cli_util import parse_size
 from vfs.errors import UsageError
 from vfs.paths import default_store, vfs_root
 from vfs.redirect.repoconfig import (
@@ -28,6 +27,7 @@ from vfs.redirect.repoconfig import (
     DEFAULT_TIMEOUT,
     RepoConfig,
 )
+from vfs.units import parse_size
 
 _REPO_PARAMS = ("repo_url", "ca", "cert", "key", "proxy", "timeout", "retries", "min_rate", "grace")
 _ALIAS = "vfs.repo_alias"

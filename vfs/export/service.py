@@ -31,6 +31,7 @@ import trio
 from vfs.errors import UsageError
 from vfs.export.backend import ExportBackend, LocalOnlyResolver
 from vfs.export.nbd_server import NbdServer
+from vfs.redirect.repoconfig import RepoConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ class ExportConfig:
     bitmap: str | None = DEFAULT_BITMAP
     control: str | None = None
     store: str | None = None
-    repo: str | None = None
-    tls: dict[str, str] = field(default_factory=dict)
+    repo: RepoConfig | None = None
     backing_dirs: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -85,8 +85,8 @@ class ExportResolver:
     """The local store and repository of an export, opened on first need (most images have
     no remote cluster); thread-safe like the :class:`vfs.redirect.Resolver` it wraps."""
 
-    def __init__(self, store: str | None, repo: str | None, tls: dict[str, str]):
-        self.store_dir, self.repo, self.tls = store, repo, tls
+    def __init__(self, store: str | None, repo: RepoConfig | None):
+        self.store_dir, self.repo = store, repo
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
@@ -107,10 +107,8 @@ class ExportResolver:
     def _with_remote(self) -> Any:
         r = self.resolver()
         with self._lock:
-            if r.remote is None and self.repo:
-                from vfs.redirect import open_remote
-
-                r.remote = open_remote(self.repo, **self.tls)
+            if r.remote is None and self.repo is not None:
+                r.remote = self.repo.open()
                 self._objs.append(r.remote)
         return r
 
@@ -144,7 +142,7 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
     """Open the image of ``cfg`` for exporting (blocking: before the loop serves anyone)."""
     from vfs.image import Image
 
-    res = ExportResolver(cfg.store, cfg.repo, cfg.tls)
+    res = ExportResolver(cfg.store, cfg.repo)
     try:
         img = Image.open(
             cfg.image,

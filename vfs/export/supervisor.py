@@ -35,6 +35,7 @@ import trio
 from vfs.durable import write_atomic
 from vfs.errors import AlreadyExists, FormatError, NotFound, UsageError
 from vfs.export.client import ExportControl
+from vfs.redirect.repoconfig import RepoConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ SPEC_FIELDS: dict[str, tuple[type, Any]] = {
     "readonly": (bool, False),
     "bitmap": (str, "dirty"),
     "store": (str, None),
-    "repo": (str, None),
+    "repo": (dict, None),  # RepoConfig.to_json (a bare URL string is read too)
     "backing_dirs": (list, []),
     "description": (str, ""),
 }
@@ -73,6 +74,8 @@ def check_spec(spec: Any) -> dict[str, Any]:
             raise UsageError(f"export spec has no field {key[:40]!r}")
     for key, (typ, default) in SPEC_FIELDS.items():
         v = spec.get(key, default)
+        if key == "repo" and v is not None:
+            v = RepoConfig.from_json(v).to_json()  # checked field by field
         if v is not None and type(v) is not typ:
             raise UsageError(f"export field {key!r} must be a {typ.__name__}")
         out[key] = v
@@ -96,7 +99,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
 
 def export_argv(spec: dict[str, Any], control: Path) -> list[str]:
     """The ``vfsd export`` command line of a spec."""
-    argv = [sys.executable, "-c", "from vfs.daemon.cli import main; main()", "-v", "export"]
+    argv = [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", "-v", "export"]
     argv += ["run", spec["image"], "--name", spec["name"], "--control", str(control)]
     for p in spec["nbd"]:
         argv += ["--nbd", p]
@@ -110,9 +113,11 @@ def export_argv(spec: dict[str, Any], control: Path) -> list[str]:
         argv += ["--bitmap", spec["bitmap"]]
     else:
         argv.append("--no-bitmap")
-    for key in ("store", "repo", "description"):
+    for key in ("store", "description"):
         if spec[key]:
             argv += [f"--{key}", spec[key]]
+    if spec["repo"]:
+        argv += RepoConfig.from_json(spec["repo"]).to_argv()
     for d in spec["backing_dirs"]:
         argv += ["--backing-dir", d]
     return argv

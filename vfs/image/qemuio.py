@@ -12,23 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vfs.cli_util import parse_size as _parse_size
 from vfs.errors import IntegrityError, UsageError
-
-
-def parse_size(text: str) -> int:
-    """A size argument of vimg ('64k', '1M', '10G', '512'): a clear UsageError for anything
-    else, including 'nan', 'inf' and numbers too large to be a size."""
-    t = text.strip().lower().lstrip("+")
-    if not t or not (t[0].isdigit() or t[0] == "."):
-        raise UsageError(f"invalid size {text!r}")
-    try:
-        n = _parse_size(text)
-    except (ValueError, OverflowError):
-        raise UsageError(f"invalid size {text!r}") from None
-    if n > 1 << 63:
-        raise UsageError(f"size {text!r} is too large")
-    return n
+from vfs.units import parse_size
 
 
 def _parse(cmd: str) -> tuple[str, dict[str, Any], list[int]]:

@@ -34,7 +34,6 @@ objects (gc roots) hooks in.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -46,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from vfs.durable import fsync_dir, tmp_name, write_atomic
+from vfs.durable import atomic_writer, fsync_dir, write_atomic
 from vfs.errors import (
     BusyError,
     FormatError,
@@ -58,18 +57,17 @@ from vfs.errors import (
 )
 from vfs.redirect import store_recovery
 from vfs.redirect.bounds import size_mismatch
-from vfs.redirect.objectid import check_object_id, new_hasher, object_id, shard
+from vfs.redirect.objectid import check_object_id, object_id, shard
 from vfs.redirect.objfile import (
     DEFAULT_CHUNK,
     ChunkSums,
     MissingSums,
     ObjectReader,
-    SumsBuilder,
     sums_for,
-    write_sparse,
 )
 from vfs.redirect.roots import GcRoots
 from vfs.redirect.store_index import StoreIndex
+from vfs.redirect.store_pending import PendingObject
 from vfs.redirect.store_recovery import VerifyReport
 
 log = logging.getLogger(__name__)
@@ -278,20 +276,8 @@ class LocalStore:
         """Install a sidecar for ``oid`` (temp file, fsync, rename)."""
         dest = self.sums_path(oid)
         dest.parent.mkdir(exist_ok=True)
-        tmp = tmp_name(self.tmp_dir)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            try:
-                data = memoryview(sums.encode())
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with atomic_writer(dest, tmp_dir=self.tmp_dir, mode=0o444) as f:
+            f.write(sums.encode())
 
     def _reader(self, oid: str) -> ObjectReader:
         with self._lock:
@@ -467,7 +453,9 @@ class LocalStore:
             )
         return PendingObject(self, expected_size, oid)
 
-    def _install(self, tmp: Path, oid: str, size: int, sums: ChunkSums) -> None:
+    def install(self, tmp: Path, oid: str, size: int, sums: ChunkSums) -> None:
+        """The last step of a new object (:class:`PendingObject`): ``tmp`` (in ``tmp_dir``,
+        fsynced) becomes object ``oid``, its sidecar first, room made under the quota."""
         dest = self.object_path(oid)
         dest.parent.mkdir(exist_ok=True)
         self.make_room(size, exclude=oid)
@@ -475,8 +463,6 @@ class LocalStore:
             self.write_sums(oid, sums)  # before the object: a visible object has its sidecar
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
-        if size > self.chunk_size:
-            fsync_dir(self.sums_path(oid).parent)
         self.index.insert(oid, size, size)
 
     # ------------------------------------------------------------------ quota, pins, eviction
@@ -623,90 +609,3 @@ class LocalStore:
         if not getattr(self, "_closed", True) and getattr(self, "_lock_fd", -1) >= 0:
             with contextlib.suppress(Exception):
                 os.close(self._lock_fd)
-
-
-class PendingObject:
-    """A new object being streamed into the store's tmp/; see :meth:`LocalStore.new_object`.
-
-    The bytes go straight into what becomes the object file (all-zero 4 KiB blocks left as
-    holes), hashed and chunk-summed on the way, so committing is fsync + rename."""
-
-    def __init__(self, store: LocalStore, expected_size: int | None, oid: str | None) -> None:
-        self._store = store
-        self._known_oid = oid
-        self._hasher = new_hasher() if oid is None else None
-        self._sums = SumsBuilder(store.chunk_size)
-        self._fd = -1
-        self._tmp: Path | None = None
-        self._buf = bytearray()
-        self.oid: str | None = None
-        self.expected_size = expected_size
-        self.received = 0
-        self._written = 0
-
-    def __enter__(self) -> PendingObject:
-        self._tmp = tmp_name(self._store.tmp_dir)
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        return self
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert self._fd >= 0
-        if self._hasher is not None:
-            self._hasher.update(data)
-        self._sums.update(data)
-        self.received += len(data)
-        self._buf += data
-        if len(self._buf) >= _COPY:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buf:
-            return
-        try:
-            write_sparse(self._fd, self._buf, self._written)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(f"no space left in store {self._store.root}") from e
-            raise
-        self._written += len(self._buf)
-        self._buf = bytearray()
-
-    def digest(self) -> str:
-        if self._hasher is None:
-            assert self._known_oid is not None
-            return self._known_oid
-        return self._hasher.hexdigest()
-
-    def commit(self, expected: str | None = None) -> str:
-        """Finish, verify against ``expected`` (if given), and publish the object."""
-        assert self._fd >= 0 and self._tmp is not None
-        oid = self.digest()
-        if expected is not None and oid != expected:
-            raise IntegrityError(
-                f"object {expected}: content does not match its id (got {oid}); discarded",
-                oid=expected,
-            )
-        try:
-            self._flush()
-            os.ftruncate(self._fd, self.received)
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            self._store._install(self._tmp, oid, self.received, self._sums.finish())
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(f"no space left in store {self._store.root}") from e
-            raise
-        self._tmp = None
-        self.oid = oid
-        return oid
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        if self._tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._tmp)
-            self._tmp = None

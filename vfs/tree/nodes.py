@@ -6,6 +6,7 @@ what every field means, is in one short place.
 
 from __future__ import annotations
 
+import os
 import secrets
 import stat
 from dataclasses import dataclass
@@ -192,3 +193,29 @@ class _Dead:
 
 
 _DEAD: Vee = _Dead()  # type: ignore[assignment]
+
+
+def stat_attr(node: Node, st: os.stat_result) -> Attr:
+    return Attr(
+        node.ino,
+        st.st_mode,
+        st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_blocks,
+        st.st_atime_ns,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        generation=node.gen,
+    )
+
+
+def private_open_flags(flags: int) -> int:
+    """Open flags for the private file: the kernel runs the page cache (writeback), so O_APPEND
+    is its business and a write-only open must be able to read (partial page writes)."""
+    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW)
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags

@@ -152,11 +152,7 @@ def normalize_upper(
         kw = root / KERNEL_WORK
         if kw.exists():
             shutil.rmtree(kw)
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(root)
     if rep.completed or rep.redirects or rep.orphans:
         log.info("private layer %s normalized: %s", root, rep)
     return rep

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from vfs.cli_util import OneLineErrorGroup, setup_logging
-from vfs.daemon import cli_export, cli_keys, cli_redirect, cli_template, cli_vee
+from vfs.cli.edge import OneLineErrorGroup, setup_logging
+from vfs.cli.vfsd import export, keys, redirect, template, vee
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,8 +19,8 @@ def main(verbose: int) -> None:
     setup_logging(verbose)
 
 
-cli_redirect.register(main)
-cli_template.register(main)
-cli_vee.register(main)
-cli_export.register(main)
-cli_keys.register(main)
+redirect.register(main)
+template.register(main)
+vee.register(main)
+export.register(main)
+keys.register(main)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import repo_options, store_option
-from vfs.cli_sealed import keys as sealed_keys
-from vfs.cli_sealed import sealing, sealing_options, unsealing_options
-from vfs.cli_util import emit_json, handle_errors, json_option
-from vfs.daemon.cli_redirect import open_store
+from vfs.cli.sealed import keys as sealed_keys
+from vfs.cli.sealed import sealing, sealing_options, unsealing_options
+from vfs.cli.vfsd.redirect import open_store
 from vfs.errors import Differs, IntegrityError, NotFound, UsageError
 from vfs.redirect import HttpRemote, Resolver, check_ref_name
 from vfs.tree.entry import Entry

@@ -1,9 +1,9 @@
 """``vimg``: the command line of the vimg image format, mirroring qemu-img's verbs and flags.
 
 This module holds the verbs that inspect and copy images (create, info, check, verify, map,
-convert, compare, measure); :mod:`vfs.image.cli_state` those that change an image's state
-(commit, rebase, snapshot, bitmap, vmstate, resize) and :mod:`vfs.image.cli_remote` I/O and
-remote clusters (bench, io, push, pull/hydrate). Shared options: :mod:`vfs.image.cli_common`.
+convert, compare, measure); :mod:`vfs.cli.vimg.state` those that change an image's state
+(commit, rebase, snapshot, bitmap, vmstate, resize) and :mod:`vfs.cli.vimg.remote` I/O and
+remote clusters (bench, io, push, pull/hydrate). Shared options: :mod:`vfs.cli.vimg.common`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,8 @@ from typing import Any
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors
-from vfs.errors import (
-    CheckCorruption,
-    CheckLeaks,
-    CorruptionError,
-    Differs,
-    IntegrityError,
-    UsageError,
-)
-from vfs.image.cli_common import (
+from vfs.cli.edge import emit_json, handle_errors
+from vfs.cli.vimg.common import (
     FMT,
     LazyResolver,
     Progress,
@@ -39,8 +31,16 @@ from vfs.image.cli_common import (
     want_json,
     warn_header,
 )
+from vfs.errors import (
+    CheckCorruption,
+    CheckLeaks,
+    CorruptionError,
+    Differs,
+    IntegrityError,
+    UsageError,
+)
 from vfs.image.image import Image
-from vfs.image.qemuio import parse_size
+from vfs.units import parse_size
 
 
 # ----------------------------------------------------------------------------------- create
@@ -413,6 +413,6 @@ def measure(fmt, out_fmt, size, cluster_size, as_json, output, file):
 
 
 # The other verbs register themselves on ``main`` when imported.
-from vfs.image import cli_remote, cli_state  # noqa: E402, F401
+from vfs.cli.vimg import remote, state  # noqa: E402, F401
 
 __all__ = ["main"]

@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 import trio
 
+from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import default_state, repo_options, state_option, store_option
-from vfs.cli_sealed import keys as sealed_keys
-from vfs.cli_sealed import unsealing_options
-from vfs.cli_util import emit_json, handle_errors, json_option
+from vfs.cli.sealed import keys as sealed_keys
+from vfs.cli.sealed import unsealing_options
 from vfs.daemon import control
 from vfs.paths import default_store
 

@@ -1,5 +1,5 @@
 """``vimg`` verbs for I/O and remote clusters: bench, io, push, pull (hydrate) (registered on
-the group of :mod:`vfs.image.cli_common`)."""
+the group of :mod:`vfs.cli.vimg.common`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import Any
 
 import click
 
+from vfs.cli.edge import handle_errors
 from vfs.cli.options import repo_options, store_option
-from vfs.cli_util import handle_errors
-from vfs.errors import UsageError
-from vfs.image.cli_common import (
+from vfs.cli.vimg.common import (
     Progress,
     backing_opts,
     check_vimg,
@@ -20,8 +19,9 @@ from vfs.image.cli_common import (
     probe,
     remote_opts,
 )
-from vfs.image.qemuio import parse_size
+from vfs.errors import UsageError
 from vfs.redirect.repoconfig import RepoConfig
+from vfs.units import parse_size
 
 
 # ----------------------------------------------------------------------------------- bench

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import repo_options
-from vfs.cli_sealed import keys as sealed_keys
-from vfs.cli_sealed import unsealing_options
-from vfs.cli_util import emit_json, handle_errors, json_option
+from vfs.cli.sealed import keys as sealed_keys
+from vfs.cli.sealed import unsealing_options
 from vfs.errors import UsageError
 
 

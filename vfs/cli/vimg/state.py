@@ -1,13 +1,12 @@
 """``vimg`` verbs that change an image's state: commit, rebase, snapshot, bitmap, vmstate,
-resize (registered on the group of :mod:`vfs.image.cli_common`)."""
+resize (registered on the group of :mod:`vfs.cli.vimg.common`)."""
 
 from __future__ import annotations
 
 import click
 
-from vfs.cli_util import emit_json, handle_errors, json_option
-from vfs.errors import UsageError
-from vfs.image.cli_common import (
+from vfs.cli.edge import emit_json, handle_errors, json_option
+from vfs.cli.vimg.common import (
     Progress,
     backing_opts,
     check_vimg,
@@ -18,7 +17,8 @@ from vfs.image.cli_common import (
     remote_opts,
     want_json,
 )
-from vfs.image.qemuio import parse_size
+from vfs.errors import UsageError
+from vfs.units import parse_size
 
 
 # ----------------------------------------------------------------------------------- commit

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import click
 
+from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import repo_options
 from vfs.cli.options import store_option as make_store_option
-from vfs.cli_util import emit_json, handle_errors, json_option, parse_duration, parse_size
 from vfs.errors import IntegrityError, NotFound, UsageError
 from vfs.paths import default_store
 from vfs.redirect import LocalStore, RepoConfig, Resolver, check_object_id
 from vfs.redirect.file_remote import FileRemote
+from vfs.units import parse_duration, parse_size
 
 store_option = make_store_option()
 

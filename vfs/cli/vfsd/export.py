@@ -20,8 +20,8 @@ from typing import Any
 
 import click
 
-from vfs.cli.options import default_state, state_option, store_option
-from vfs.cli_util import emit_json, handle_errors, json_option
+from vfs.cli.edge import emit_json, handle_errors, json_option
+from vfs.cli.options import default_state, repo_options, state_option, store_option
 from vfs.errors import UsageError, VfsError
 
 
@@ -80,7 +80,7 @@ def _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         bitmap=None if no_bitmap else bitmap,
         control=str(Path(control).absolute()) if control else None,
         store=None if store is None else str(store),
-        repo=repo,
+        repo=repo,  # a RepoConfig (vfs.cli.options.repo_options) or None
         backing_dirs=list(backing_dirs),
         description=description or "",
     )
@@ -105,7 +105,9 @@ def _export_opts(fn: Any) -> Any:
         click.option("--no-bitmap", is_flag=True, help="Keep no dirty bitmap."),
         click.option("--control", metavar="SOCKET", help="Control socket [default: SOCKET.ctl]."),
         store_option("Local object store.", param="store"),
-        click.option("--repo", help="Repository of remote clusters (file:///dir, http(s)://)."),
+        repo_options(
+            required=False, help="Repository of remote clusters (file:///DIR, http(s)://)."
+        ),
         click.option(
             "--backing-dir",
             "backing_dirs",
@@ -181,11 +183,18 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
         raise UsageError("--name and NAME differ: give the export name once")
     if control:
         raise UsageError("the daemon chooses the control socket of its exports")
+    if repo is not None:  # the daemon resolves no path relative to this shell's directory
+        absolute = {k: str(Path(v).absolute()) for k in ("ca", "cert", "key")
+                    if (v := getattr(repo, k))}  # fmt: skip
+        if "://" not in repo.url:
+            absolute["url"] = str(Path(repo.url).absolute())
+        repo = repo.replace(**absolute)
     cfg = _config(image, nbd, tcp, fuse, readonly, export_name, bitmap, no_bitmap,
                   "/unused", store, repo, backing_dirs, description)  # fmt: skip
     spec = cfg.to_json()
     spec.pop("control")
-    spec.update(store=cfg.store, repo=cfg.repo, backing_dirs=cfg.backing_dirs,
+    spec.update(store=cfg.store, repo=cfg.repo.to_json() if cfg.repo else None,
+                backing_dirs=cfg.backing_dirs,
                 description=cfg.description)  # fmt: skip
     r = C.call(_state(state_dir), {"op": "export_add", "spec": _encode(spec)})
     if as_json:
@@ -255,12 +264,29 @@ def _call(target: str, state_dir: Path | None, req: dict[str, Any], timeout: flo
 
 _target_arg = click.argument("target", metavar="TARGET")
 
+_bitmap_opt = click.option(
+    "--bitmap", "-B", default="dirty", show_default=True, help="Name of the dirty bitmap."
+)
 
-@export.command("status")
-@_state_opt
-@_target_arg
-@json_option
-@handle_errors
+
+def _target_command(name: str, *options: Any, bitmap: bool = False, json: bool = True) -> Any:
+    """A command on one export: ``vfsd export NAME [--state DIR] TARGET [--bitmap B]
+    [OPTIONS] [--json]``, its errors one line (the stack every such command shares)."""
+
+    def decorate(fn: Any) -> Any:
+        fn = handle_errors(fn)
+        if json:
+            fn = json_option(fn)
+        for o in reversed(options):
+            fn = o(fn)
+        if bitmap:
+            fn = _bitmap_opt(fn)
+        return export.command(name)(_state_opt(_target_arg(fn)))
+
+    return decorate
+
+
+@_target_command("status")
 def status_cmd(state_dir, target, as_json):
     """Counters, bitmaps and hydration progress of export TARGET."""
     r = _call(target, state_dir, {"op": "status"})
@@ -288,70 +314,45 @@ def _print_ranges(ranges: list[list[int]], as_json: bool, bitmap: str) -> None:
     click.echo(f"{sum(n for _o, n in ranges)} bytes dirty", err=True)
 
 
-_bitmap_opt = click.option(
-    "--bitmap", "-B", default="dirty", show_default=True, help="Name of the dirty bitmap."
-)
-
-
-@export.command("dirty")
-@_state_opt
-@_target_arg
-@_bitmap_opt
-@json_option
-@handle_errors
+@_target_command("dirty", bitmap=True)
 def dirty_cmd(state_dir, target, bitmap, as_json):
     """The ranges written since the last mark (offset, length; --json for scripts)."""
     _print_ranges(_call(target, state_dir, {"op": "dirty", "bitmap": bitmap}), as_json, bitmap)
 
 
-@export.command("take")
-@_state_opt
-@_target_arg
-@_bitmap_opt
-@json_option
-@handle_errors
+@_target_command("take", bitmap=True)
 def take_cmd(state_dir, target, bitmap, as_json):
     """The dirty ranges and a new mark, atomically (what a copier copies next)."""
     _print_ranges(_call(target, state_dir, {"op": "take", "bitmap": bitmap}), as_json, bitmap)
 
 
-@export.command("mark")
-@_state_opt
-@_target_arg
-@_bitmap_opt
-@click.option("--granularity", default=0, help="Bytes per bit of a new bitmap.")
-@json_option
-@handle_errors
+@_target_command(
+    "mark",
+    click.option("--granularity", default=0, help="Bytes per bit of a new bitmap."),
+    bitmap=True,
+)
 def mark_cmd(state_dir, target, bitmap, granularity, as_json):
     """A new point in time: clear the bitmap (create it when missing)."""
     r = _call(target, state_dir, {"op": "mark", "bitmap": bitmap, "granularity": granularity})
     emit_json(r) if as_json else click.echo(f"{bitmap}: marked")
 
 
-@export.command("flush")
-@_state_opt
-@_target_arg
-@handle_errors
+@_target_command("flush", json=False)
 def flush_cmd(state_dir, target):
     """Commit what was written to export TARGET."""
     _call(target, state_dir, {"op": "flush"})
 
 
-@export.command("stop")
-@_state_opt
-@_target_arg
-@handle_errors
+@_target_command("stop", json=False)
 def stop_cmd(state_dir, target):
     """Stop a foreground export (SIGTERM does the same)."""
     _call(target, state_dir, {"op": "stop"})
 
 
-@export.command("hydrate")
-@_state_opt
-@_target_arg
-@click.option("--wait", is_flag=True, help="Wait until every cluster is local, with progress.")
-@json_option
-@handle_errors
+@_target_command(
+    "hydrate",
+    click.option("--wait", is_flag=True, help="Wait until every cluster is local, with progress."),
+)
 def hydrate_cmd(state_dir, target, wait, as_json):
     """Fetch the remote clusters of export TARGET into its image, in the background."""
     r = _call(target, state_dir, {"op": "hydrate", "wait": False})

@@ -1,7 +1,7 @@
 """What the ``vimg`` command modules share: the click group, options (remote, TLS, backing
 directories, JSON), opening and closing images, progress, header warnings.
 
-Every command is wrapped by :func:`vfs.cli_util.handle_errors`: a bad input is one line on stderr
+Every command is wrapped by :func:`vfs.cli.edge.handle_errors`: a bad input is one line on stderr
 and a non-zero exit code, never a traceback. JSON output uses qemu-img's field names.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
+from vfs.cli.edge import OneLineErrorGroup, json_option, setup_logging
 from vfs.cli.options import repo_options, store_option
-from vfs.cli_util import OneLineErrorGroup, json_option, setup_logging
 from vfs.errors import UsageError
 from vfs.image.image import Image
 from vfs.redirect.repoconfig import RepoConfig

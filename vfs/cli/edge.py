@@ -15,7 +15,6 @@ import errno
 import functools
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from vfs.errors import Outcome, UsageError, VfsError, from_os_error
+from vfs.errors import Outcome, VfsError, from_os_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,44 +123,6 @@ def write_stdout(text: str) -> None:
         n = buf.write(view)
         view = view[n if n is not None else len(view) :]
     buf.flush()
-
-
-def parse_size(text: str) -> int:
-    """'64k', '1M', '10G', '512' → bytes (binary units, as qemu-img)."""
-    t = text.strip()
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-    num = t.rstrip("bBkKmMgGtTpPiI")
-    suffix = t[len(num) :].lower().replace("ib", "").replace("i", "")
-    if suffix not in units:
-        raise UsageError(f"invalid size {text!r}")
-    try:
-        value = float(num)
-    except ValueError:
-        raise UsageError(f"invalid size {text!r}") from None
-    if not math.isfinite(value):
-        raise UsageError(f"invalid size {text!r}: not a finite number")
-    if value < 0:
-        raise UsageError(f"invalid size {text!r}: negative")
-    return int(value * units[suffix])
-
-
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '2h', '7d', '1w' → seconds (a finite number >= 0)."""
-    t = text.strip().lower()
-    num = t.rstrip("smhdw")
-    unit = t[len(num) :]
-    if unit not in _DURATION_UNITS:
-        raise UsageError(f"invalid duration {text!r} (e.g. 30s, 10m, 2h, 7d)")
-    try:
-        value = float(num)
-    except ValueError:
-        raise UsageError(f"invalid duration {text!r} (e.g. 30s, 10m, 2h, 7d)") from None
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(f"invalid duration {text!r}: a finite number >= 0")
-    return value * _DURATION_UNITS[unit]
 
 
 class OneLineErrorGroup(click.Group):
