@@ -238,6 +238,11 @@ class Mounts:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()
+        from vfs.daemon.mounts import detach_all_under
+
+        # whatever a daemon left (a killed one's VEE overlays, images, data layer)
+        detach_all_under(*self.vfsd_mnt.values(), *self.vfsd_state.values())
         if self.nginx is not None:
             from tools.nginx import stop_nginx
 
