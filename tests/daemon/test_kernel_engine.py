@@ -468,3 +468,29 @@ def test_kill9_then_a_restart_replaces_everything_left_with_either_engine(kd, tm
     kd.stop()
     assert _mounted_below(kd.mnt, kd.state) == []
     wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")
+
+
+def test_the_fuse_engine_does_not_serve_a_vee_a_killed_kernel_engine_left_in_use(kd, tmp_path):
+    """Two writers on one private layer (a held overlay of the killed daemon and the FUSE
+    view) must not happen: that VEE is broken until its users leave; the others are served."""
+    local, _ = _lazy_and_local(kd, tmp_path)
+    kd.start()
+    _add(kd, "a", local)
+    _add(kd, "b", local)
+    holder = _holder(kd.mnt / "a" / "etc" / "hosts")
+    try:
+        kd.kill9()
+        kd.engine = "fuse"
+        kd.start()
+        listed = {v["name"]: v for v in json.loads(kd.vee("list", "--json").stdout)}
+        assert listed["a"]["state"] == "broken" and "in use" in listed["a"]["error"]
+        assert listed["b"]["state"] == "mounted"
+        assert (kd.mnt / "b" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    kd.stop()
+    kd.start()  # nothing holds it now: detached, and served
+    assert (kd.mnt / "a" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    kd.stop()
+    assert _mounted_below(kd.mnt, kd.state) == []
