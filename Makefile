@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # erofs-utils: fsck.erofs checks the template images the kernel engine writes (tests)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-system-x86 qemu-utils nginx-light fio openssl \
                 curl fuse-overlayfs rsync git xz-utils e2fsprogs gcc libc6-dev python3-dev \
-                debootstrap apt-utils libnbd-bin nbdkit python3-libnbd erofs-utils
+                debootstrap apt-utils libnbd-bin nbdkit python3-libnbd erofs-utils iproute2
 STAMP := $(VENV)/.installed
 # pyfuse3 3.5.0 from PyPI with the patches of tools/pyfuse3 (README there), built into the venv
 # before the project is installed, so pip never fetches the unpatched one.

@@ -12,10 +12,15 @@ The checks are of three kinds:
   one line, because QEMU itself only finds out half-way through loading the stream;
 - the disks: QEMU does not tie the state to the disks' contents, so vmctl does. Each disk was
   frozen as a vimg snapshot whose VM state is this bundle's *binding* (bundle id and state
-  digest); at restore the image must hold that snapshot, and its active disk must still be that
-  snapshot (the same L1 table: any write since moves it, copy-on-write), else the guest's memory
-  would not match its disk. The image lock (held by the export of a running guest) refuses a
-  disk in use; together these stop two guests from ever writing one disk from one bundle.
+  digest), and the manifest records the frozen disk's *content digest* (vmctl/diskdigest.py).
+  At restore the image's active disk must have that digest, wherever it lies and however its
+  clusters are stored (local, or remote objects fetched on demand after a push: such an image
+  has no snapshots, and needs none); a snapshot of the bundle's name must hold this bundle's
+  binding. A disk written since (a restored guest ran on it) has another digest and is
+  refused, else the guest's memory would not match its disk. The image lock (held by the
+  export of a running guest) refuses a disk in use; together these stop two guests from ever
+  writing one disk from one bundle. (Bundles from before content digests: the snapshot must
+  be there and still be the active root, the same L1 table.)
 """
 
 from __future__ import annotations
@@ -186,6 +191,35 @@ def check_devices(bundle: Bundle, devices: list[str]) -> None:
         raise RestoreRefused(f"devices {sorted(devices)} differ from the saved guest's {saved}")
 
 
+def check_content(node: str, path: Path, img: Any, content: dict[str, Any], *,
+                  has_snapshot: bool) -> None:  # fmt: skip
+    """The active disk of ``img`` holds what the bundle's disk held when it was frozen (its
+    content digest, vmctl/diskdigest.py), wherever and however it is stored now."""
+    from vmctl.diskdigest import ALGORITHM, disk_digest
+
+    if content.get("algorithm") != ALGORITHM:
+        raise RestoreRefused(
+            f"disk {node}: the bundle's content digest is {content.get('algorithm')!r}, which "
+            f"this vmctl does not know ({ALGORITHM})"
+        )
+    if img.cluster_size != content.get("cluster_size"):
+        raise RestoreRefused(
+            f"disk {node}: {path} has {img.cluster_size}-byte clusters, the frozen disk "
+            f"{content.get('cluster_size')}: their contents cannot be compared"
+        )
+    if disk_digest(img)["sha256"] == content.get("sha256"):
+        return
+    if has_snapshot:
+        raise RestoreRefused(
+            f"disk {node}: {path} was written after the hibernate (a restored guest ran on "
+            "it?): its contents are no longer the frozen disk's, which the saved memory knows"
+        )
+    raise RestoreRefused(
+        f"disk {node}: {path} is not the disk frozen with this bundle: it has no snapshot "
+        "of the bundle and its contents differ"
+    )
+
+
 def disk_paths(bundle: Bundle, moves: dict[str, Path]) -> list[Path]:
     """Each disk's image path at restore: as saved, or moved (``--disk NODE=PATH``)."""
     nodes = {d["node"] for d in bundle.disks}
@@ -216,20 +250,28 @@ def check_disk(bundle: Bundle, disk: dict[str, Any], path: Path) -> None:
             "runs on it)"
         ) from None
     try:
-        active = next(iter(img.roots()))[1]  # the active root comes first, unread tables after
         snaps = {s.name: s.l1_offset for s in img.snapshots}
         snap = disk["snapshot"]
-        if snap not in snaps:
-            raise RestoreRefused(f"disk {node}: {path} has no snapshot {snap} (not this disk?)")
-        bound = b"".join(img.load_vmstate(snap))
-        if bound != binding(bundle.id, bundle.manifest["state"]["sha256"], node):
+        if snap in snaps:
+            bound = b"".join(img.load_vmstate(snap))
+            if bound != binding(bundle.id, bundle.manifest["state"]["sha256"], node):
+                raise RestoreRefused(
+                    f"disk {node}: snapshot {snap} of {path} belongs to another bundle"
+                )
+        if img.size != disk["virtual_size"]:
             raise RestoreRefused(
-                f"disk {node}: snapshot {snap} of {path} belongs to another bundle"
+                f"disk {node}: {path} is {img.size} bytes, the frozen disk {disk['virtual_size']}"
             )
-        if active != snaps[snap] or img.size != disk["virtual_size"]:
-            raise RestoreRefused(
-                f"disk {node}: {path} was written after the hibernate (a restored guest ran on "
-                "it?): the saved memory no longer matches the disk"
-            )
+        content = disk.get("content")
+        if content is None:  # a bundle from before content digests: the structure decides
+            if snap not in snaps:
+                raise RestoreRefused(f"disk {node}: {path} has no snapshot {snap} (not this disk?)")
+            if next(iter(img.roots()))[1] != snaps[snap]:
+                raise RestoreRefused(
+                    f"disk {node}: {path} was written after the hibernate (a restored guest ran "
+                    "on it?): the saved memory no longer matches the disk"
+                )
+            return
+        check_content(node, path, img, content, has_snapshot=snap in snaps)
     finally:
         img.close()

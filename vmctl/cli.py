@@ -23,7 +23,9 @@ from vfs.cli.edge import (
     json_option,
     setup_logging,
 )
+from vfs.cli.options import repo_options, store_option
 from vfs.errors import NotFound
+from vfs.redirect.repoconfig import RepoConfig
 from vfs.units import parse_size
 from vmctl.errors import VmError
 from vmctl.host import probe_host
@@ -104,6 +106,13 @@ def host(as_json: bool) -> None:
     metavar="REGEX",
     help="Return only once the guest printed a line matching REGEX on its console.",
 )
+@repo_options(
+    required=False,
+    help="Repository the vimg disks' remote clusters are fetched from on demand (an image "
+    "pulled with `vimg pull --ref --lazy`).",
+    timeout_flag="--repo-timeout",
+)
+@store_option("Local object store for the fetched clusters (the host's by default).", param="store")
 @click.option(
     "--timeout",
     default=120.0,
@@ -115,7 +124,8 @@ def host(as_json: bool) -> None:
 @handle_errors
 def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | None,
         append: str | None, memory: str, cpus: int, machine: str, wait_for: str | None,
-        timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+        repo: RepoConfig | None, store: Path | None, timeout: float, root: Path | None,
+        as_json: bool) -> None:  # fmt: skip
     """Start guest NAME; return once it runs (QEMU stays up after vmctl exits)."""
     from vmctl.disks import open_disk
     from vmctl.lifecycle import start_vm
@@ -127,6 +137,12 @@ def run(name: str, disks: tuple[Path, ...], kernel: Path | None, initrd: Path | 
     spec = MachineSpec(name, memory_mib=memory_mib, cpus=cpus, machine=machine, kernel=kernel,
                        initrd=initrd, append=append,
                        disks=[open_disk(d, i, paths.dir) for i, d in enumerate(disks)])  # fmt: skip
+    from vmctl.exports import VimgDisk
+
+    for d in spec.disks:
+        if isinstance(d, VimgDisk):
+            d.repo = repo.with_absolute_paths() if repo else None
+            d.store = str(store.absolute()) if store else ""
     info = trio.run(lambda: start_vm(spec, paths, marker=wait_for, timeout=timeout))
     if as_json:
         emit_json(info)
@@ -167,6 +183,8 @@ def status(name: str, root: Path | None, as_json: bool) -> None:
     for key in ("name", "state", "pid", "accel", "accel_reason", "memory_mib", "cpus",
                 "machine", "state_dir", "serial_log"):  # fmt: skip
         click.echo(f"{key + ':':14} {info.get(key)}")
+    if info.get("netns"):
+        click.echo(f"{'netns:':14} {info['netns']}")
     for disk in info.get("disks") or []:
         click.echo(
             f"{'disk:':14} {disk.get('node')} {disk.get('format', '')} {disk.get('path', '')}"
@@ -266,13 +284,23 @@ def _moves(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--memory", help="Must equal the saved guest's memory (checked, not changed).")
 @click.option("--cpus", type=int, help="Must equal the saved guest's vCPU count.")
 @click.option("--machine", help="Must equal the saved guest's machine type.")
+@repo_options(
+    required=False,
+    help="Repository the disks' remote clusters are fetched from on demand (file:///dir, "
+    "http://...): an image pushed there (vimg push) and pulled here with --lazy.",
+    timeout_flag="--repo-timeout",
+)
+@store_option(
+    "Local object store the fetched clusters are kept in (the host's by default).", param="store"
+)
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds for start and load.")
 @root_option
 @json_option
 @handle_errors
 def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path | None,
             initrd: Path | None, memory: str | None, cpus: int | None, machine: str | None,
-            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+            repo: RepoConfig | None, store: Path | None, timeout: float, root: Path | None,
+            as_json: bool) -> None:  # fmt: skip
     """Bring back the guest hibernated into BUNDLE; return once it runs.
 
     Refuses, before touching anything, what QEMU could not load (another QEMU that is older,
@@ -282,6 +310,7 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     from vmctl.hibernate import restore as do_restore
 
     overrides = {"kernel": kernel, "initrd": initrd, "cpus": cpus, "machine": machine,
+                 "repo": repo, "store": store,
                  "memory_mib": parse_size(memory) >> 20 if memory else None}  # fmt: skip
     info = trio.run(lambda: do_restore(bundle, root=_root(root), name=name, moves=_moves(disks),
                                        timeout=timeout, **overrides))  # fmt: skip
@@ -331,6 +360,38 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
     help="Copy only each disk's own layer: the destination holds its backing file (a template).",
 )
 @click.option(
+    "--dest-address",
+    metavar="IP",
+    help="The destination host's address: the RAM stream and the disk copy go over TCP to it "
+    "(the destination QEMU listens there during the migration) [default: Unix sockets in --to, "
+    "a destination on this host].",
+)
+@click.option(
+    "--dest-netns",
+    metavar="NS",
+    help="Start the destination's QEMU and exports in network namespace NS (a destination host "
+    "on this machine, reached at --dest-address).",
+)
+@click.option(
+    "--postcopy-bandwidth",
+    metavar="SIZE",
+    help="Bytes/second of the pages post-copy pushes after the switch [default: unlimited].",
+)
+@click.option(
+    "--recover-timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to reconnect a post-copy whose link broke after the switch before giving up "
+    "(both QEMUs are then kept for --recover).",
+)
+@click.option(
+    "--recover",
+    "recover_",
+    is_flag=True,
+    help="Finish a post-copy that lost its link after the switch: reconnect, wait, stop the "
+    "source.",
+)
+@click.option(
     "--abort",
     "abort_",
     is_flag=True,
@@ -341,14 +402,37 @@ def restore(bundle: Path, name: str | None, disks: tuple[str, ...], kernel: Path
 @json_option
 @handle_errors
 def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_timeout: float,
-            postcopy: bool, ram: str | None, copy_storage_inc: bool, abort_: bool,
-            timeout: float, root: Path | None, as_json: bool) -> None:  # fmt: skip
+            postcopy: bool, ram: str | None, copy_storage_inc: bool, dest_address: str | None,
+            dest_netns: str | None, postcopy_bandwidth: str | None, recover_timeout: float,
+            recover_: bool, abort_: bool, timeout: float, root: Path | None,
+            as_json: bool) -> None:  # fmt: skip
     """Move running VM NAME to the state root --to, in two stages (disks and RAM copied while
     it runs, then a short pause for the rest); reports stage times, bytes and the downtime.
     If anything fails before the switch, the source runs on and the destination is removed."""
     from vmctl.migrate import abort as do_abort
     from vmctl.migrate import migrate as do_migrate
+    from vmctl.migrate import recover as do_recover
 
+    def progress(text: str) -> None:
+        click.echo(f"{name}: {text}", err=True)
+
+    if recover_:
+        out = trio.run(
+            lambda: do_recover(
+                _root(root),
+                name,
+                dest,
+                timeout=timeout,
+                recover_timeout=recover_timeout,
+                progress=progress,
+            )
+        )
+        if as_json:
+            emit_json(out)
+        else:
+            click.echo(f"{name}: post-copy finished at {out['to']} "
+                       f"({out['recoveries']} reconnections)")  # fmt: skip
+        return
     if abort_:
         out = trio.run(lambda: do_abort(_root(root), name, dest))
         if as_json:
@@ -358,14 +442,13 @@ def migrate(name: str, dest: Path, bandwidth: str, downtime_ms: int, precopy_tim
                        f"destination removed: {out['destination_removed']})")  # fmt: skip
         return
 
-    def progress(text: str) -> None:
-        click.echo(f"{name}: {text}", err=True)
-
+    pc_bw = parse_size(postcopy_bandwidth) if postcopy_bandwidth else None
     info = trio.run(lambda: do_migrate(
         _root(root), name, dest, bandwidth=parse_size(bandwidth), downtime_ms=downtime_ms,
         precopy_timeout=precopy_timeout, postcopy=postcopy, timeout=timeout,
-        copy_storage_inc=copy_storage_inc, ram=ram,
-        progress=progress))  # fmt: skip
+        copy_storage_inc=copy_storage_inc, ram=ram, dest_address=dest_address,
+        dest_netns=dest_netns, recover_timeout=recover_timeout, progress=progress,
+        postcopy_bandwidth=pc_bw))  # fmt: skip
     if as_json:
         emit_json(info)
     else:

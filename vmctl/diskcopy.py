@@ -33,15 +33,17 @@ class CopyStats:
 
 
 class DiskCopier:
-    """One disk: source export (socket + control) to destination export (socket)."""
+    """One disk: source export (socket + control) to a destination NBD server: its export's
+    Unix socket, or a (host, port) over TCP (the destination QEMU's server, another host)."""
 
     def __init__(self, src_socket: Path, src_control: Path, src_export: str,
-                 dst_socket: Path, dst_export: str) -> None:  # fmt: skip
+                 dst: Path | tuple[str, int], dst_export: str) -> None:  # fmt: skip
         self.ctl = ExportControl(src_control)
+        self.dst_export = dst_export
         self.src = NbdClient(str(src_socket), src_export,
                              contexts=(P.CTX_BASE_ALLOCATION, P.CTX_ALLOCATION_DEPTH))  # fmt: skip
         try:
-            self.dst = NbdClient(str(dst_socket), dst_export)
+            self.dst = NbdClient(dst if isinstance(dst, tuple) else str(dst), dst_export)
         except BaseException:
             self.src.close()
             raise
@@ -95,6 +97,13 @@ class DiskCopier:
         sent = self.copy_dirty()
         self.dst.flush()
         return sent
+
+    def close_destination(self) -> None:
+        """Disconnect from the destination (after :meth:`finish`); the source stays open."""
+        try:
+            self.dst.close()
+        except OSError:
+            pass
 
     def close(self, *, drop_bitmap: bool = True) -> None:
         for c in (self.src, self.dst):

@@ -35,6 +35,7 @@ import trio
 
 from vfs.durable import write_atomic
 from vfs.errors import NotFound, UsageError, VfsError
+from vfs.redirect.repoconfig import RepoConfig
 from vmctl.disks import Disk, check_node_name
 from vmctl.errors import QemuError, VmError
 
@@ -62,6 +63,10 @@ class VimgDisk(Disk):
     backing_format: str = ""
     #: Directories besides the image's own where its backing file may lie (vimg spec 8).
     backing_dirs: tuple[str, ...] = ()
+    #: Where the export fetches the image's remote clusters on demand ('' none: only what the
+    #: local store holds), and that local store ('' the default one).
+    repo: RepoConfig | None = None
+    store: str = ""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path).absolute()  # vm.json and bundles outlive the cwd
@@ -94,7 +99,9 @@ class VimgDisk(Disk):
                 "read_only": self.read_only, "socket": str(self.socket),
                 "control": str(self.control), "backing": self.backing,
                 "backing_format": self.backing_format,
-                "backing_dirs": list(self.backing_dirs)}  # fmt: skip
+                "backing_dirs": list(self.backing_dirs),
+                "repo": self.repo.to_json() if self.repo else None,
+                "store": self.store}  # fmt: skip
 
 
 def vimg_disk(path: Path, index: int, state_dir: Path) -> VimgDisk:
@@ -119,7 +126,9 @@ def _export_argv(disk: VimgDisk) -> list[str]:
     return [sys.executable, "-c", "from vfs.cli.vfsd import main; main()", "export", "run",
             str(disk.path.resolve()), "--nbd", str(disk.socket), "--name", disk.node_name,
             *(["--readonly"] if disk.read_only else []),
-            *[a for d in disk.backing_dirs for a in ("--backing-dir", d)]]  # fmt: skip
+            *[a for d in disk.backing_dirs for a in ("--backing-dir", d)],
+            *(disk.repo.to_argv() if disk.repo else []),
+            *(["--store", disk.store] if disk.store else [])]  # fmt: skip
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -132,15 +141,17 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return lines[-1].split("error: ", 1)[-1] if lines else ""
 
 
-async def start_export(disk: VimgDisk) -> int:
+async def start_export(disk: VimgDisk, netns: str | None = None) -> int:
     """Start the export of ``disk`` (detached: it outlives vmctl, as its QEMU does) and return
-    its pid once its control socket answers. On any failure the process is killed."""
+    its pid once its control socket answers (in network namespace ``netns`` if given). On any
+    failure the process is killed."""
+    from vmctl.netns import netns_prefix
     from vmctl.qemu import process_start_time
 
     disk.socket.parent.mkdir(parents=True, exist_ok=True)
     with open(disk.logfile, "wb") as out:
         proc = await trio.lowlevel.open_process(
-            _export_argv(disk),
+            netns_prefix(netns) + _export_argv(disk),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -188,13 +199,13 @@ def _remove(disk: VimgDisk) -> None:
             p.unlink()
 
 
-async def start_exports(disks: list[Disk]) -> list[VimgDisk]:
+async def start_exports(disks: list[Disk], netns: str | None = None) -> list[VimgDisk]:
     """Start the export of every vimg disk in ``disks``; if one fails, stop those started."""
     started: list[VimgDisk] = []
     try:
         for d in disks:
             if isinstance(d, VimgDisk):
-                await start_export(d)
+                await start_export(d, netns)
                 started.append(d)
     except BaseException:
         with trio.CancelScope(shield=True):

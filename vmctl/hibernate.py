@@ -35,6 +35,7 @@ import trio
 
 from vfs.durable import fsync_dir, write_atomic
 from vfs.errors import AlreadyExists, NotFound, UsageError
+from vfs.redirect.repoconfig import RepoConfig
 from vmctl import bundle as B
 from vmctl.errors import QemuError, VmError
 from vmctl.host import Accelerator, choose_accelerator, qemu_binary
@@ -163,11 +164,16 @@ async def hibernate(root: Path, name: str, bundle_dir: Path, *, timeout: float =
     snap = B.snapshot_name(bundle_id)
     out_disks = []
     for d in disks:
-        vsize = await trio.to_thread.run_sync(
-            _freeze_disk, Path(d["path"]), snap, B.binding(bundle_id, digest, d["node"])
+        vsize, content = await trio.to_thread.run_sync(
+            _freeze_disk,
+            Path(d["path"]),
+            snap,
+            B.binding(bundle_id, digest, d["node"]),
+            tuple(d.get("backing_dirs", [])),
         )
         out_disks.append({"node": d["node"], "path": str(Path(d["path"]).resolve()),
                           "format": "vimg", "snapshot": snap, "virtual_size": vsize,
+                          "content": content,
                           "read_only": bool(d.get("read_only")),
                           "backing_dirs": list(d.get("backing_dirs", []))})  # fmt: skip
     os.replace(partial, bundle_dir / B.STATE)
@@ -203,13 +209,17 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _freeze_disk(path: Path, snapshot: str, bound: bytes) -> int:
+def _freeze_disk(path: Path, snapshot: str, bound: bytes,
+                 backing_dirs: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:  # fmt: skip
+    """Snapshot the disk with the binding as its VM state; its size and content digest (of the
+    active disk, which is the snapshot's right after it is taken)."""
     from vfs.image import Image
+    from vmctl.diskdigest import disk_digest
 
-    img = Image.open(str(path))
+    img = Image.open(str(path), backing_dirs=backing_dirs)
     try:
         img.snapshot_create(snapshot, vm_state=bound)
-        return img.size
+        return img.size, disk_digest(img)
     finally:
         img.close()
 
@@ -240,6 +250,8 @@ def plan_restore(
     memory_mib: int | None = None,
     cpus: int | None = None,
     machine: str | None = None,
+    repo: RepoConfig | None = None,
+    store: Path | None = None,
 ) -> tuple[B.Bundle, MachineSpec, VmPaths, Accelerator]:
     """Every check, and the machine to start; touches nothing (raises on the first refusal)."""
     from vmctl.exports import VimgDisk
@@ -273,7 +285,9 @@ def plan_restore(
     B.check_state(bundle)
     disks = [VimgDisk(path, paths.dir / f"d{i}.nbd", node_name=d["node"],
                       read_only=bool(d.get("read_only")),
-                      backing_dirs=tuple(d.get("backing_dirs", [])))
+                      backing_dirs=tuple(d.get("backing_dirs", [])),
+                      repo=repo.with_absolute_paths() if repo else None,
+                      store=str(Path(store).absolute()) if store else "")
              for i, (d, path) in enumerate(zip(bundle.disks, images, strict=True))]  # fmt: skip
     spec = MachineSpec(
         name,

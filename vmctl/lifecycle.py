@@ -29,8 +29,10 @@ async def start_vm(
     incoming: str | None = None,
     on_up: Callable[[QemuVM], Awaitable[None]] | None = None,
     accel: Accelerator | None = None,
+    netns: str | None = None,
 ) -> dict[str, Any]:
-    """Start ``spec`` in ``paths`` and leave it running; returns what ``vmctl run`` reports."""
+    """Start ``spec`` in ``paths`` and leave it running; returns what ``vmctl run`` reports.
+    ``netns``: its QEMU and exports run in that network namespace (vmctl/netns.py)."""
     running = read_pidfile(paths.pidfile)
     if running is not None:
         raise BusyError(f"VM {spec.name!r} already runs (QEMU pid {running}) in {paths.dir}")
@@ -38,11 +40,11 @@ async def start_vm(
     paths.dir.mkdir(parents=True, exist_ok=True)
     await stop_vm_exports(paths.dir)  # left by a QEMU that died or powered off
     ok = False
-    await start_exports(spec.disks)
+    await start_exports(spec.disks, netns)
     try:
         async with run_qemu(spec, paths.dir, marker=marker, boot_timeout=timeout,
                             connect_timeout=timeout, incoming=incoming,
-                            accel=accel) as vm:  # fmt: skip
+                            accel=accel, netns=netns) as vm:  # fmt: skip
             if on_up is not None:
                 await on_up(vm)
             vm.detach()

@@ -15,8 +15,7 @@ Stage 1, the guest running::
     meanwhile; a guest that dirties faster than the link carries is bounded: after
     ``--precopy-timeout`` the downtime limit is lifted, which makes QEMU stop the guest and
     copy the rest (stop-and-copy), or with ``--postcopy`` QEMU switches to post-copy (the
-    destination runs at once and pulls the pages it misses; a failure after that switch
-    loses the guest's memory — QEMU's post-copy recovery is not driven — but not its disks)
+    destination runs at once and pulls the pages it misses; see "Post-copy recovery")
 
 Stage 2, the guest paused (QEMU stopped it and flushed its disks into the source exports,
 and waits in ``pre-switchover``)::
@@ -24,6 +23,27 @@ and waits in ``pre-switchover``)::
     copy the disks' last dirty ranges, flush the destination ─► ``migrate-continue``
     (the device state) ─► destination loaded ─► ``cont`` there: the switch
     ─► stop the source QEMU and its exports
+
+Transport: by default the stream and the disk copy use Unix sockets in the destination's
+directory (a destination on this host). With ``dest_address`` (another host) both go over TCP:
+the destination QEMU listens for the stream on a port the kernel picks and runs an NBD server
+on a port of ``NBD_PORTS`` exporting each disk's block node writable, which the copier writes
+through (libvirt's scheme; QEMU activates the incoming node for it). The NBD server is stopped
+once the last dirty ranges are copied and flushed, before the device state goes: the running
+guest's disk is never served on the network. Neither has TLS: a private migration link.
+``dest_netns`` starts the destination's processes in a network namespace (vmctl/netns.py).
+
+Post-copy recovery: after a post-copy switch the guest's memory is split between the two
+QEMUs, so a broken link must not fail the migration. QEMU 7.2 pauses both sides
+(``postcopy-paused``: destination vCPUs touching a missing page wait) instead; vmctl then makes
+the destination listen anew (``migrate-recover``, out of band, because the destination's main
+loop may itself be blocked on a missing page), dials it with a bounded connect time, retried
+every second until ``--recover-timeout``, hands the connected socket to the source QEMU
+(``getfd``) and resumes it (``migrate fd: resume``): post-copy goes on where it stopped. If the
+link stays down, vmctl gives up with one line and keeps both QEMUs (killing either loses the
+guest); ``vmctl migrate NAME --to ROOT --recover`` finishes later, dialling the listener the
+first attempt recorded (``migrate-recover.json``): a new QMP session to a blocked destination
+cannot even be negotiated, so it is not needed. Lost for good only if a QEMU dies.
 
 Anything failing before the switch: the source's migration is cancelled, the guest resumed
 if QEMU left it paused, the destination (QEMU, exports, images, directory) removed. The
@@ -71,6 +91,11 @@ class MigrationError(VmError):
     """The migration failed before the switch; the source runs on."""
 
 
+class PostcopyStuck(VmError):
+    """Post-copy lost its link after the switch and did not recover in time: the guest's
+    memory is split between two live QEMUs, which are both kept (``--recover`` goes on)."""
+
+
 def _say(progress, text: str) -> None:
     log.info("%s", text)
     if progress is not None:
@@ -92,6 +117,10 @@ async def migrate(
     postcopy: bool = False,
     copy_storage_inc: bool = False,
     ram: str | None = None,
+    dest_address: str | None = None,
+    dest_netns: str | None = None,
+    postcopy_bandwidth: int | None = None,
+    recover_timeout: float = 60.0,
     timeout: float = 600.0,
     progress=None,
 ) -> dict[str, Any]:
@@ -109,6 +138,12 @@ async def migrate(
         raise VmError(f"VM {name!r} is not running")
     if dst.dir.exists():
         raise AlreadyExists(f"{dst.dir} exists: the destination already has a VM {name!r}")
+    if dest_netns is not None:
+        from vmctl.netns import check_netns
+
+        check_netns(dest_netns)
+    if dest_address is not None:
+        dest_address = _check_address(dest_address)
     if postcopy and not _userfaultfd_usable():
         raise UsageError("--postcopy needs userfaultfd (root, /dev/userfaultfd or "
                          "vm.unprivileged_userfaultfd=1)")  # fmt: skip
@@ -144,7 +179,12 @@ async def migrate(
     caps = {"pause-before-switchover": True, "auto-converge": False, "postcopy-ram": postcopy}
     check_migration_capabilities(rec["accel"], caps)
     t0 = time.monotonic()
-    report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
+    report: dict[str, Any] = {
+        "name": name,
+        "from": str(src.dir),
+        "to": str(dst.dir),
+        "transport": f"tcp {dest_address}" if dest_address else "unix",
+    }
 
     async with open_qmp(src.qmp_socket, name="migrate-src", connect_timeout=10) as sq:
         platform = await _platform(sq, rec)
@@ -171,26 +211,47 @@ async def migrate(
             extra_args=list(spec_rec.get("extra_args", [])),
         )
         switched = False
+        stuck: PostcopyStuck | None = None
+        recovery = Recovery(dst.dir, dest_address, recover_timeout)
 
         async def body(dq_vm: QemuVM) -> None:
-            nonlocal switched
+            nonlocal switched, stuck
             dq = dq_vm.qmp
             assert dq is not None
-            sock = dst.dir / "migrate.sock"
             if postcopy:  # both ends must have the capability before the stream starts
                 await dq.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": "postcopy-ram", "state": True}]})  # fmt: skip
-            await dq.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            if dest_address is None:
+                uri = f"unix:{dst.dir / 'migrate.sock'}"
+                await dq.execute("migrate-incoming", {"uri": uri})
+                targets: list[Any] = [d.socket for d in disks]
+            else:
+                uri, targets = await _listen_tcp(dq, dest_address, disks)
             copiers = await trio.to_thread.run_sync(
-                lambda: _copiers(spec_rec.get("disks", []), disks)
+                lambda: _copiers(spec_rec.get("disks", []), disks, targets)
             )
             try:
-                switched = await _migrate(sq, dq, copiers, sock, report, progress, caps=caps,
+                switched = await _migrate(sq, dq, copiers, uri, dst.dir, report, progress,
+                                          caps=caps, tcp=dest_address is not None,
                                           top_only=copy_storage_inc, postcopy=postcopy,
                                           paused=ram == "paused",
                                           bandwidth=bandwidth, downtime_ms=downtime_ms,
                                           precopy_timeout=precopy_timeout,
+                                          postcopy_bandwidth=postcopy_bandwidth,
+                                          recovery=recovery,
                                           timeout=timeout, wait=wait_migration)  # fmt: skip
+            except Exception as e:
+                if report.get("mode") != "postcopy" or not report.get("switched"):
+                    if report.get("switched"):
+                        raise
+                    with trio.CancelScope(shield=True):
+                        await _rollback(sq, name)
+                    raise
+                # Post-copy, after the switch: the destination holds the running guest's
+                # devices and part of its memory, the source the rest. Keep both (the
+                # destination QEMU is detached as usual) for --recover: killing either
+                # loses the guest.
+                stuck = e if isinstance(e, PostcopyStuck) else PostcopyStuck(str(e))
             except BaseException:
                 if report.get("switched"):  # post-copy failed after the switch: no way back
                     raise
@@ -204,7 +265,7 @@ async def migrate(
 
         try:
             info = await start_vm(spec, dst, timeout=min(timeout, 120), incoming="defer",
-                                  on_up=body)  # fmt: skip
+                                  on_up=body, netns=dest_netns)  # fmt: skip
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 if not switched and not report.get("switched"):
@@ -220,6 +281,12 @@ async def migrate(
                     f"migration of {name!r} failed, the source runs on: {e}"
                 ) from e
             raise
+    if stuck is not None:
+        raise PostcopyStuck(
+            f"post-copy of {name!r} lost its link after the switch and did not recover "
+            f"({stuck}): both QEMUs are kept, the guest runs at the destination on the memory "
+            f"it has; once the link is back: vmctl migrate {name} --to {dest_root} --recover"
+        )
     # Switched: the destination runs. The source is paused after the migration: stop it.
     await stop_vm(src)
     report.update({"pid": info["pid"], "accel": info["accel"],
@@ -254,14 +321,16 @@ def _dest_disk(dest_dir: Path, index: int, d: dict[str, Any], inc: bool) -> Vimg
     )
 
 
-def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk]):
+def _copiers(src_disks: list[dict[str, Any]], dst_disks: list[VimgDisk], targets: list[Any]):
+    """One copier per disk, from the source export to ``targets`` (the destination exports'
+    Unix sockets, or the destination QEMU's NBD server over TCP)."""
     from vmctl.diskcopy import DiskCopier
 
     out = []
     try:
-        for s, d in zip(src_disks, dst_disks, strict=True):
+        for s, d, t in zip(src_disks, dst_disks, targets, strict=True):
             out.append(DiskCopier(Path(s["socket"]), Path(s["control"]), s["node"],
-                                  d.socket, d.node_name))  # fmt: skip
+                                  t, d.node_name))  # fmt: skip
     except BaseException:
         for c in out:
             c.close()
@@ -283,10 +352,11 @@ async def _disk_rounds(copiers, report, progress) -> None:
         last = sent
 
 
-async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, progress, *,
-                   caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
-                   top_only: bool = False, postcopy: bool = False,
-                   paused: bool = False) -> bool:  # fmt: skip
+async def _migrate(sq: QMPClient, dq: QMPClient, copiers, uri: str, dest_dir: Path, report,
+                   progress, *, caps, bandwidth, downtime_ms, precopy_timeout, timeout, wait,
+                   top_only: bool = False, postcopy: bool = False, paused: bool = False,
+                   tcp: bool = False, postcopy_bandwidth: int | None = None,
+                   recovery: Recovery | None = None) -> bool:  # fmt: skip
     """Stages 1 and 2; returns True once the destination runs."""
     t1 = time.monotonic()
     full = 0
@@ -299,11 +369,13 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         {"capability": k, "state": v} for k, v in caps.items()]})  # fmt: skip
     await sq.execute("migrate-set-parameters",
                      {"max-bandwidth": bandwidth, "downtime-limit": downtime_ms})  # fmt: skip
+    if postcopy and postcopy_bandwidth:
+        await sq.execute("migrate-set-parameters", {"max-postcopy-bandwidth": postcopy_bandwidth})
     with sq.listen("STOP") as stops:
         if paused:  # RAM copied with the guest paused: no dirty tracking to trust
             await sq.execute("stop")
             await sq.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
-        await sq.execute("migrate", {"uri": f"unix:{sock}"})
+        await sq.execute("migrate", {"uri": uri})
         _say(progress, "stage 1: RAM " + ("copy (guest paused)" if paused else "pre-copy")
              + " started")  # fmt: skip
         mode = await _precopy(sq, copiers, progress, precopy_timeout, timeout, postcopy)
@@ -315,6 +387,8 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         last = 0
         for c in copiers:
             last += await trio.to_thread.run_sync(c.finish)
+        if tcp:  # the disks are copied and flushed: nothing may write them over TCP now
+            await _unlisten_tcp(dq, copiers)
         await sq.execute("migrate-continue", {"state": "pre-switchover"})
         if mode == "postcopy":
             # The device state is loaded, the RAM follows on demand: run it as soon as QEMU
@@ -326,14 +400,22 @@ async def _migrate(sq: QMPClient, dq: QMPClient, copiers, sock: Path, report, pr
         state = (await dq.execute("query-status"))["status"]
         if state != "paused":
             raise MigrationError(f"the destination is {state} after the migration, not paused")
-        write_atomic(sock.parent / SWITCHED, json.dumps({"from": report["from"]}).encode())
+        write_atomic(dest_dir / SWITCHED, json.dumps({
+            "from": report["from"], "dest_address": recovery.address if recovery else None,
+        }).encode())  # fmt: skip
         with dq.listen("RESUME") as resumes:
             await dq.execute("cont")
             t_resumed = time.monotonic()
             report["switched"] = True
             resumed = await resumes.wait_for("RESUME", timeout=30)
         if mode == "postcopy":
-            final = await wait(sq, timeout)
+            report["mode"] = "postcopy"
+            _say(progress, "switched: the guest runs at the destination, its RAM follows "
+                           "(post-copy)")  # fmt: skip
+            if recovery is None:
+                final = await wait(sq, timeout)
+            else:
+                final = await finish_postcopy(sq, dq, recovery, report, progress, timeout)
             await wait(dq, timeout)
         paused = [ev for ev in stops.drain() if ev.name == "STOP"]
     # The guest-visible downtime: QEMU's own timestamps of the source's STOP and the
@@ -426,6 +508,219 @@ async def _precopy(sq: QMPClient, copiers, progress, precopy_timeout: float,
     return mode
 
 
+#: Seconds one reconnection attempt of a broken post-copy may take to connect.
+DIAL_TIMEOUT = 3.0
+#: The name the recovery's connection is given in the source QEMU (``getfd``).
+RECOVER_FD = "vmctl-recover"
+#: In the destination's directory: where its QEMU listens for a recovery (a later
+#: ``--recover`` dials it again: QEMU takes one ``migrate-recover`` per pause).
+RECOVER_STATE = "migrate-recover.json"
+
+
+class Recovery:
+    """How a broken post-copy is reconnected: the destination listens anew
+    (``migrate-recover``), vmctl dials it and hands the connected socket to the source QEMU
+    (``getfd``, ``migrate fd: resume``). vmctl dials, not QEMU, so every attempt has a bounded
+    connect time and a clear outcome: a failed one is retried until ``timeout``, and the
+    source never has two connections under way (QEMU 7.2 does not guard against that)."""
+
+    def __init__(self, dest_dir: Path, address: str | None, timeout: float) -> None:
+        self.dest_dir, self.address, self.timeout = dest_dir, address, timeout
+
+    def recorded(self) -> tuple[Any, str]:
+        """Where the destination listens since an earlier ``listen`` (by another vmctl)."""
+        try:
+            st = json.loads((self.dest_dir / RECOVER_STATE).read_text())
+            t = st["target"]
+            return (tuple(t) if isinstance(t, list) else t), st["where"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PostcopyStuck(f"no recorded recovery listener of the destination ({e})") from e
+
+    async def listen(self, dq: QMPClient, progress=None) -> tuple[Any, str]:
+        """Make the destination listen for the recovery; the dial target and its name.
+
+        Out of band only (the destination's main loop may be blocked on a missing page, so
+        no ``query-migrate`` there): ``migrate-recover`` is retried until the destination
+        has noticed the break, then once more after ``migrate-pause`` cuts a half-open
+        stream; a TCP port is taken from NBD_PORTS (no query to learn a kernel-picked one)."""
+        deadline = trio.current_time() + 10
+        paused = False
+        ports = iter(NBD_PORTS)
+        port = next(ports)
+        while True:
+            if self.address is None:
+                path = self.dest_dir / "migrate-recover.sock"
+                path.unlink(missing_ok=True)
+                uri, target, where = f"unix:{path}", str(path), str(path)
+            else:
+                where = _hostport(self.address, port)
+                uri, target = f"tcp:{where}", (self.address, port)
+            try:
+                await dq.execute("migrate-recover", {"uri": uri}, oob=True, timeout=10)
+                write_atomic(
+                    self.dest_dir / RECOVER_STATE,
+                    json.dumps({"target": target, "where": where}).encode(),
+                )
+                return target, where
+            except QMPError as e:
+                text = str(e).lower()
+                if "triggered already" in text:  # an earlier vmctl's listener, still open
+                    return self.recorded()
+                if "in use" in text and self.address is not None:
+                    port = next(ports, None)
+                    if port is None:
+                        raise PostcopyStuck(f"no free port on {self.address} to recover") from e
+                    continue
+                if "paused" not in text:  # "can only be run when postcopy is paused"
+                    raise PostcopyStuck(f"the destination refused to recover: {e}") from e
+                if trio.current_time() > deadline:
+                    if paused:
+                        raise PostcopyStuck(f"the destination does not pause: {e}") from e
+                    _say(progress, "post-copy: the destination did not see the break (a "
+                                   "half-open stream): cutting it (migrate-pause)")  # fmt: skip
+                    await dq.execute("migrate-pause", oob=True, timeout=10)
+                    paused, deadline = True, trio.current_time() + 10
+                await trio.sleep(0.1)
+
+
+def _dial(target: Any, timeout: float):
+    import socket
+
+    if isinstance(target, tuple):
+        sock = socket.create_connection(target, timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target)
+        except BaseException:
+            sock.close()
+            raise
+    sock.settimeout(None)
+    return sock
+
+
+async def _mig_status(qmp: QMPClient) -> str:
+    return (await qmp.execute("query-migrate", timeout=10)).get("status", "none")
+
+
+async def finish_postcopy(sq: QMPClient, dq: QMPClient, recovery: Recovery, report, progress,
+                          timeout: float) -> dict[str, Any]:  # fmt: skip
+    """Wait for the source's post-copy to complete, reconnecting it whenever its link broke
+    (QEMU then pauses both sides in ``postcopy-paused`` instead of failing)."""
+    deadline = trio.current_time() + timeout
+    while True:
+        st = await _src_status(sq)
+        status = st.get("status")
+        if status == "completed":
+            return st
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"post-copy {status}: {st.get('error-desc', 'no reason')}")
+        if status == "postcopy-paused":
+            await _recover(sq, dq, recovery, report, progress)
+            continue
+        if trio.current_time() > deadline:
+            raise PostcopyStuck(f"post-copy still {status} after {timeout}s")
+        await trio.sleep(_POLL)
+
+
+async def _recover(sq: QMPClient, dq: QMPClient | None, recovery: Recovery, report,
+                   progress) -> None:  # fmt: skip
+    """Reconnect a paused post-copy: the destination listens (through ``dq``; with None,
+    where an earlier vmctl made it listen), vmctl dials, the source resumes on that socket."""
+    t0 = time.monotonic()
+    n = report["recoveries"] = report.get("recoveries", 0) + 1
+    _say(progress, f"post-copy: the migration link broke: recovering (recovery {n})")
+    if dq is not None:
+        target, where = await recovery.listen(dq, progress)
+    else:
+        target, where = recovery.recorded()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            sock = await trio.to_thread.run_sync(_dial, target, DIAL_TIMEOUT)
+        except OSError as e:
+            waited = time.monotonic() - t0
+            if waited > recovery.timeout:
+                raise PostcopyStuck(f"no connection to {where} in {waited:.0f}s: {e}") from None
+            _say(progress, f"post-copy: attempt {attempt} to reach {where}: {e}; again in 1s")
+            await trio.sleep(1)
+            continue
+        with sock:  # QEMU holds its own copy once getfd returns
+            await sq.execute("getfd", {"fdname": RECOVER_FD}, fds=(sock.fileno(),))
+        await sq.execute("migrate", {"uri": f"fd:{RECOVER_FD}", "resume": True})
+        break
+    with trio.move_on_after(max(5.0, recovery.timeout)):
+        while await _mig_status(sq) == "postcopy-paused":
+            await trio.sleep(_POLL)
+    (recovery.dest_dir / RECOVER_STATE).unlink(missing_ok=True)  # that listener is used up
+    took = time.monotonic() - t0
+    report["recovery_s"] = round(report.get("recovery_s", 0) + took, 3)
+    _say(progress, f"post-copy: reconnected to {where} after {took:.2f}s ({attempt} attempts)")
+
+
+#: The TCP ports tried, in order, for the destination QEMU's NBD server (libvirt's
+#: migration range); the migration stream itself listens on a port the kernel picks.
+NBD_PORTS = range(49152, 49216)
+
+
+def _check_address(address: str) -> str:
+    """An IP address (v4 or v6) the destination can listen on: no names (a name could resolve
+    to another host than the one whose namespace the destination runs in)."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        raise UsageError(f"--dest-address wants an IP address, not {address!r}") from None
+
+
+def _hostport(address: str, port: int | str) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+async def _listen_tcp(dq: QMPClient, address: str, disks: list[VimgDisk]):
+    """The destination QEMU listens on ``address``: for the migration stream (a port the
+    kernel picks, read back from ``query-migrate``), and with an NBD server exporting each
+    disk's block node writable, which the disk copy writes through (libvirt's scheme for
+    ``--copy-storage-all``: QEMU's NBD export activates the node of an incoming guest).
+    Returns the source's migrate URI and the copy targets."""
+    await dq.execute("migrate-incoming", {"uri": f"tcp:{_hostport(address, 0)}"})
+    st = await dq.execute("query-migrate")
+    ports = [a.get("port") for a in st.get("socket-address", []) if a.get("type") == "inet"]
+    if not ports:
+        raise MigrationError(f"the destination did not say which port it listens on: {st}")
+    uri = f"tcp:{_hostport(address, ports[0])}"
+    for port in NBD_PORTS:
+        try:
+            await dq.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+                "host": address, "port": str(port)}}})  # fmt: skip
+            break
+        except QMPError as e:
+            if "in use" not in str(e).lower():
+                raise
+    else:
+        raise MigrationError(f"no free port for the disks' NBD server on {address} "
+                             f"({NBD_PORTS.start}-{NBD_PORTS.stop - 1})")  # fmt: skip
+    for d in disks:
+        await dq.execute("block-export-add", {"type": "nbd", "id": f"vmctl-{d.node_name}",
+                                              "node-name": d.node_name, "name": d.node_name,
+                                              "writable": True})  # fmt: skip
+    log.info("destination listens on %s (stream) and %s (disks)", uri, _hostport(address, port))
+    return uri, [(address, port)] * len(disks)
+
+
+async def _unlisten_tcp(dq: QMPClient, copiers) -> None:
+    """Close the copy's connections, then the destination's NBD exports and server: the
+    guest's disks are no longer reachable over the network once it runs there."""
+    for c in copiers:
+        await trio.to_thread.run_sync(c.close_destination)
+    for c in copiers:
+        await dq.execute("block-export-del", {"id": f"vmctl-{c.dst_export}", "mode": "hard"})
+    await dq.execute("nbd-server-stop")
+
+
 async def _wait_status(qmp: QMPClient, want: str, timeout: float) -> None:
     deadline = trio.current_time() + timeout
     while (await qmp.execute("query-status"))["status"] != want:
@@ -464,6 +759,78 @@ async def _rollback(sq: QMPClient, name: str) -> None:
         log.warning("migration of %s failed; the source guest runs on", name)
     except QMPError as e:
         log.warning("migration of %s failed, and the source did not answer: %s", name, e)
+
+
+async def recover(root: Path, name: str, dest_root: Path, *, recover_timeout: float = 60.0,
+                  timeout: float = 600.0, progress=None) -> dict[str, Any]:  # fmt: skip
+    """Finish a post-copy whose ``vmctl migrate`` gave up reconnecting after the switch (or
+    died): reconnect the two QEMUs, wait for the last pages, stop the source."""
+    from vmctl.hibernate import wait_migration
+    from vmctl.lifecycle import stop_vm
+    from vmctl.vms import vm_paths
+
+    src, dst = vm_paths(root, name), vm_paths(dest_root, name)
+    marker = dst.dir / SWITCHED
+    if not marker.exists():
+        raise VmError(f"no switched migration of {name!r} in {dst.dir}: nothing to recover "
+                      "(before the switch, --abort undoes a migration)")  # fmt: skip
+    try:
+        address = json.loads(marker.read_text()).get("dest_address")
+    except ValueError as e:
+        raise VmError(f"{marker} is damaged: {e}") from None
+    if read_pidfile(dst.pidfile) is None:
+        raise VmError(f"the destination QEMU of {name!r} is not running: nothing to recover")
+    report: dict[str, Any] = {"name": name, "from": str(src.dir), "to": str(dst.dir)}
+    if read_pidfile(src.pidfile) is None:
+        async with open_qmp(dst.qmp_socket, name="recover-dst", connect_timeout=10) as dq:
+            if await _mig_status(dq) != "completed":
+                raise VmError(
+                    f"the source QEMU of {name!r} is gone before post-copy completed: the "
+                    "memory it held is lost (stop the destination: vmctl stop --force)"
+                )
+        report["recoveries"] = 0
+        return report
+    # The destination's main loop may be blocked on a page the broken stream never brought:
+    # a new QMP connection to it cannot even be negotiated then. The source is fine, and the
+    # destination's recovery listener (if an earlier vmctl set it up) is recorded: dial it.
+    recovery = Recovery(dst.dir, address, recover_timeout)
+    report["recoveries"] = 0
+    async with open_qmp(src.qmp_socket, name="recover-src", connect_timeout=10) as sq:
+        first = True
+        deadline = trio.current_time() + timeout
+        while True:
+            st = await _src_status(sq)
+            status = st.get("status")
+            if status == "completed":
+                final = st
+                break
+            if status in ("failed", "cancelled", "none"):
+                raise VmError(f"the source's migration is {status}: "
+                              f"{st.get('error-desc', 'no reason')}")  # fmt: skip
+            if status == "postcopy-paused":
+                if first and (dst.dir / RECOVER_STATE).exists():
+                    await _recover(sq, None, recovery, report, progress)
+                else:
+                    try:
+                        async with open_qmp(dst.qmp_socket, name="recover-dst",
+                                            connect_timeout=10, oob=True) as dq:  # fmt: skip
+                            await _recover(sq, dq, recovery, report, progress)
+                    except QMPError as e:
+                        raise PostcopyStuck(
+                            f"the destination QEMU does not answer QMP ({e}): its main loop "
+                            "waits for a page of the broken post-copy, and no recovery "
+                            "listener of it is recorded"
+                        ) from e
+                first = False
+                continue
+            if trio.current_time() > deadline:
+                raise PostcopyStuck(f"post-copy still {status} after {timeout}s")
+            await trio.sleep(_POLL)
+    async with open_qmp(dst.qmp_socket, name="recover-dst", connect_timeout=30) as dq:
+        await wait_migration(dq, timeout)
+    await stop_vm(src)
+    report["qemu_total_ms"] = final.get("total-time")
+    return report
 
 
 #: Written in the destination's directory just before its guest is resumed: from then on the

@@ -400,10 +400,15 @@ async def run_qemu(
     connect_timeout: float = 30.0,
     binary: str | None = None,
     incoming: str | None = None,
+    netns: str | None = None,
 ) -> AsyncIterator[QemuVM]:
     """Start QEMU for ``spec`` with its state in ``state_dir``; yield once QMP is up (and, with
     ``marker``, once the guest printed a line matching it); stop it on the way out.
-    ``incoming`` (e.g. ``defer``): QEMU waits for a migration stream instead of booting."""
+    ``incoming`` (e.g. ``defer``): QEMU waits for a migration stream instead of booting.
+    ``netns``: QEMU runs in that network namespace (its TCP listeners and peers are there)."""
+    from vmctl.netns import netns_prefix
+
+    prefix = netns_prefix(netns)  # a missing namespace is refused before anything is made
     binary = binary or qemu_binary()
     if binary is None:
         raise NotFound("qemu-system-x86_64 is not installed")
@@ -419,12 +424,12 @@ async def run_qemu(
                           serial_log=paths.serial_log, incoming=incoming)  # fmt: skip
         record = {"format": VM_RECORD_FORMAT, "version": VM_RECORD_VERSION,
                   "spec": spec.describe(), "argv": argv, "accel": accel.name,
-                  "accel_reason": accel.reason}  # fmt: skip
+                  "accel_reason": accel.reason, "netns": netns}  # fmt: skip
         write_atomic(paths.spec, json.dumps(record, indent=2).encode())
         log.info("starting %s under %s (%s)", spec.name, accel.name.upper(), accel.reason)
         with open(paths.qemu_log, "wb") as qemu_log:
             process = await trio.lowlevel.open_process(
-                argv,
+                prefix + argv,
                 stdin=subprocess.DEVNULL,
                 stdout=qemu_log,
                 stderr=subprocess.STDOUT,
@@ -446,7 +451,14 @@ async def run_qemu(
             write_atomic(paths.pidfile, f"{process.pid} {start}\n".encode())
         try:
             vm.qmp = await stack.enter_async_context(
-                open_qmp(paths.qmp_socket, name=spec.name, connect_timeout=connect_timeout)
+                # An incoming guest may become a post-copy destination, whose main loop can
+                # block on a missing page: its recovery commands then go out of band.
+                open_qmp(
+                    paths.qmp_socket,
+                    name=spec.name,
+                    connect_timeout=connect_timeout,
+                    oob=incoming is not None,
+                )
             )
         except QMPConnectError as e:
             raise await vm._start_error("QEMU did not start", e) from e

@@ -75,6 +75,7 @@ async def vm_status(root: Path, name: str) -> dict[str, Any]:
         "pid": pid,
         "accel": rec.get("accel"),
         "accel_reason": rec.get("accel_reason"),
+        "netns": rec.get("netns"),  # the network namespace its processes run in (None: ours)
         **{k: rec.get("spec", {}).get(k) for k in ("memory_mib", "cpus", "machine", "disks")},
         "state_dir": str(paths.dir),
         "serial_log": str(paths.serial_log),

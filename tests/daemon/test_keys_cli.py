@@ -156,3 +156,67 @@ def test_no_dedup_publish_opens_the_same(tmp_path, keys):
     for ref in ("a", "b"):
         r = _show(repo, keys["client"], ref, tmp_path)
         assert r.returncode == 0 and "secret.conf" in r.stdout, r.stderr
+
+
+def _secret_file(path: Path, text: bytes) -> Path:
+    path.write_bytes(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_passphrase_protected_identity(tmp_path, keys):
+    """An identity sealed under an scrypt key: no secret byte in the file; every command that
+    loads it takes --passphrase-file; a missing or wrong passphrase is one line (exit 12)."""
+    import base64
+    import hashlib
+
+    pw = _secret_file(tmp_path / "pw", b"correct horse battery\n")
+    bad = _secret_file(tmp_path / "bad", b"correct horse battery staple\n")
+    key = tmp_path / "protected.key"
+    pub = vfsd("key", "gen", "-o", str(key), "--passphrase-file", str(pw),
+               "--work-factor", "12").stdout.strip()  # fmt: skip
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    text = key.read_text()
+    assert "VFS-ENCRYPTED-SECRET-KEY-1-" in text and "VFS-SECRET-KEY-1-" not in text
+    assert vfsd("key", "show", str(key), "--passphrase-file", str(pw)).stdout.strip() == pub
+    _one_line(vfsd("key", "show", str(key), check=False), 12, "passphrase-protected")
+    r = vfsd("key", "show", str(key), "--passphrase-file", str(bad), check=False)
+    _one_line(r, 12, "wrong passphrase")
+    # it publishes and opens like any identity, given its passphrase
+    repo, src = tmp_path / "repo", _src(tmp_path)
+    vfsd("repo", "init", str(repo))
+    base = ["template", "publish", str(src), "--repo", str(repo), "--name", "t",
+            "--identity", str(key), "--encrypt-for", str(keys["client.pub"])]  # fmt: skip
+    _one_line(vfsd(*base, check=False), 12, "give --passphrase-file")
+    _one_line(vfsd(*base, "--passphrase-file", str(bad), check=False), 12, "wrong passphrase")
+    assert vfsd(*base, "--passphrase-file", str(pw)).returncode == 0
+    show = ["template", "show", "--repo", str(repo), "--identity", str(key),
+            "--pins", str(tmp_path / "pins.json"), "t"]  # fmt: skip
+    assert "etc/secret.conf" in vfsd(*show, "--passphrase-file", str(pw)).stdout
+    _one_line(vfsd(*show, "--passphrase-file", str(bad), check=False), 12, "wrong passphrase")
+    # a passphrase file readable by others is refused, as a key file is
+    os.chmod(pw, 0o644)
+    _one_line(vfsd(*show, "--passphrase-file", str(pw), check=False), 2, "chmod 600")
+    # a changed byte fails the checksum; a hostile work factor is refused before scrypt runs
+    line = next(ln for ln in text.splitlines() if ln.startswith("VFS-"))
+    flipped = line[:40] + ("A" if line[40] != "A" else "B") + line[41:]
+    bad_key = _secret_file(tmp_path / "flipped.key", (flipped + "\n").encode())
+    r = vfsd("key", "show", str(bad_key), "--passphrase-file", str(bad), check=False)
+    _one_line(r, 6, "checksum")
+    prefix = "VFS-ENCRYPTED-SECRET-KEY-1-"
+    raw = base64.urlsafe_b64decode(line[len(prefix) :] + "==")[:-4]
+    raw = raw[:16] + bytes([30]) + raw[17:]  # 2^30: 1 TiB of scrypt memory
+    check = hashlib.sha256(prefix.encode() + raw).digest()[:4]
+    hostile = prefix + base64.urlsafe_b64encode(raw + check).decode().rstrip("=")
+    hk = _secret_file(tmp_path / "hostile.key", (hostile + "\n").encode())
+    r = vfsd("key", "show", str(hk), "--passphrase-file", str(bad), check=False)
+    _one_line(r, 6, "work factor")
+    # no passphrase for a keyring; an empty passphrase protects nothing
+    r = vfsd("key", "gen", "--keyring", "-o", str(tmp_path / "r"), "--passphrase-file",
+             str(bad), check=False)  # fmt: skip
+    _one_line(r, 2, "keyring")
+    empty = _secret_file(tmp_path / "empty", b"\n")
+    r = vfsd("key", "gen", "-o", str(tmp_path / "e.key"), "--passphrase-file", str(empty),
+             check=False)  # fmt: skip
+    _one_line(r, 2, "empty")
+    assert not (tmp_path / "e.key").exists()

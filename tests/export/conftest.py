@@ -121,3 +121,18 @@ def make_image(path: Path, size: str = "64M", *commands: str) -> Path:
             io += ["-c", c]
         run(*io, str(path))
     return path
+
+
+def lazy_copy_over_mtls(nginx, src: Path, tmp: Path) -> tuple[Path, str, list[str]]:
+    """``src`` pushed into a repository nginx serves with mutual TLS, and its metadata-only
+    copy on "another host" (``vimg pull --lazy``): (the copy, the repository URL, the TLS
+    options of a client that may read it)."""
+    vimg = [sys.executable, "-c", "from vfs.cli.vimg import main; main()"]
+    name = f"mtls-{os.getpid()}-{tmp.name}"[:60]
+    run(*vimg, "push", "-q", "--repo", str(nginx.webroot / name), "--store",
+        str(tmp / "store-a"), "--ref", "golden", str(src))  # fmt: skip
+    tls = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
+    url = nginx.url(name, "mtls")
+    copy = tmp / "lazy.vimg"
+    run(*vimg, "pull", "--ref", "golden", "--repo", url, *tls, "--lazy", str(copy))
+    return copy, url, tls

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.daemon.conftest import unmount, wait_for
-from tests.export.conftest import make_image, run
+from tests.export.conftest import lazy_copy_over_mtls, make_image, run
 from vfs.daemon import mounts
 from vfs.export import NbdClient
 
@@ -239,13 +239,7 @@ def test_daemon_export_of_a_remote_image_over_mutual_tls(serve, nginx, tmp_path)
     """`export add` takes the repository options of every command; the daemon keeps them in its
     registry and hands them to the export after a restart of either."""
     img = make_image(tmp_path / "src.vimg", "8M", "write -P 5 0 64k", "write -P 6 2M 64k")
-    name = f"dmtls-{os.getpid()}-{tmp_path.name}"[:60]
-    run(*VIMG, "push", "-q", "--repo", str(nginx.webroot / name), "--store",
-        str(tmp_path / "store-a"), "--ref", "golden", str(img))  # fmt: skip
-    tls = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
-    url = nginx.url(name, "mtls")
-    tmpl = tmp_path / "lazy.vimg"
-    run(*VIMG, "pull", "--ref", "golden", "--repo", url, *tls, "--lazy", str(tmpl))
+    tmpl, url, tls = lazy_copy_over_mtls(nginx, img, tmp_path)
     sock = tmp_path / "r.sock"
     serve.start()
     serve.cli("export", "add", "r", str(tmpl), "--nbd", str(sock), "--repo", url, *tls,

@@ -98,17 +98,11 @@ def test_remote_image_over_mutual_tls(exports, nginx, tmp_path):
     """The repository options of an export are those of every command (--ca, --cert, --key,
     deadlines): a remote image behind HTTPS with client certificates is served on demand, and
     the same export without a client certificate serves an error, never zeros."""
-    from tests.export.conftest import make_image
+    from tests.export.conftest import lazy_copy_over_mtls, make_image
     from vfs.export import NbdError
 
     src = make_image(tmp_path / "src.vimg", "8M", "write -P 7 0 1M", "write -P 8 4M 64k")
-    name = f"mtls-{os.getpid()}-{tmp_path.name}"[:60]
-    run(*VIMG, "push", "-q", "--repo", str(nginx.webroot / name), "--store",
-        str(tmp_path / "store-a"), "--ref", "golden", str(src))  # fmt: skip
-    tls = ["--ca", nginx.ca, "--cert", nginx.client_cert, "--key", nginx.client_key]
-    url = nginx.url(name, "mtls")
-    tmpl = tmp_path / "host-b.vimg"
-    run(*VIMG, "pull", "--ref", "golden", "--repo", url, *tls, "--lazy", str(tmpl))
+    tmpl, url, tls = lazy_copy_over_mtls(nginx, src, tmp_path)
     e = exports.start(tmpl, "--store", str(tmp_path / "store-b"), "--repo", url, *tls,
                       "--timeout", "5", "--retries", "1", "--min-rate", "64K")  # fmt: skip
     with NbdClient(e.sock, "disk") as c:

@@ -322,3 +322,28 @@ def test_fuzz_streaming_split_points(data):
         prev = c
     assert all(len(c) == crypto.CHUNK for c in out)
     assert b"".join(out) + d.finish() == plain
+
+
+@_fuzz
+@given(st.data())
+def test_fuzz_streaming_split_points_into_blocks(data):
+    """``feed_block`` (decrypt_into one buffer per feed) gives back the same plaintext as
+    ``feed_chunks`` for any split, and a tampered chunk stops it at that chunk."""
+    plain, ctx, sealed = _sealed(data.draw(st.integers(0, 3 * crypto.CHUNK + 100)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(sealed)), max_size=12)))
+    d = crypto.Decryptor(ctx)
+    out = b""
+    prev = 0
+    for c in [*cuts, len(sealed)]:
+        piece = sealed[prev:c]
+        got = d.feed_block(memoryview(piece) if data.draw(st.booleans()) else piece)
+        assert len(got) % crypto.CHUNK == 0
+        out += got
+        prev = c
+    assert out + d.finish() == plain
+    if len(sealed) > crypto.HEADER_SIZE + 2 * (crypto.CHUNK + crypto.TAG):
+        bad = bytearray(sealed)
+        bad[crypto.HEADER_SIZE + crypto.CHUNK + crypto.TAG + 5] ^= 1  # in chunk 1
+        d = crypto.Decryptor(ctx)
+        with pytest.raises(DecryptionError):
+            d.feed_block(bytes(bad))

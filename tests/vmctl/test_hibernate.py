@@ -132,7 +132,19 @@ def test_restore_refuses_what_cannot_be_carried_over(
         (tmp_path / "nothing", [], "no bundle at"),
     ]
     other = make_vimg_disk(tmp_path / "other.vimg", size="16M")
-    cases.append((bundle, ["--disk", f"disk0={other}"], "has no snapshot"))
+    cases.append((bundle, ["--disk", f"disk0={other}"], "is not the disk frozen with this"))
+    # A manifest from before content digests: the snapshot checks decide.
+    legacy = _edited(bundle, tmp_path / "legacy")
+    m = json.loads((legacy / "bundle.json").read_text())
+    del m["disks"][0]["content"]
+    (legacy / "bundle.json").write_text(json.dumps(m))
+    cases.append((legacy, ["--disk", f"disk0={other}"], "has no snapshot"))
+    # The manifest names other contents than the disk's (the snapshot is the bundle's).
+    wrong = _edited(bundle, tmp_path / "wrong-digest")
+    m = json.loads((wrong / "bundle.json").read_text())
+    m["disks"][0]["content"]["sha256"] = "0" * 64
+    (wrong / "bundle.json").write_text(json.dumps(m))
+    cases.append((wrong, [], "was written after the hibernate"))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     shutil.copy(bundle / "bundle.json", damaged)

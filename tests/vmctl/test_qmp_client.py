@@ -319,3 +319,67 @@ def test_hostile_peer_never_hangs_or_raises_anything_unnamed(lines: list[bytes],
     clock = trio.testing.MockClock(autojump_threshold=0)  # timeouts pass instantly
     trio.run(main, clock=clock)
     assert len(outcome) == 1
+
+
+async def test_oob_is_negotiated_when_asked_and_offered():
+    client_end, server_end = trio.testing.memory_stream_pair()
+    peer = Peer(server_end)
+
+    async def serve() -> None:
+        await peer.send(GREETING)
+        msg = await peer.recv()
+        assert msg["arguments"] == {"enable": ["oob"]}
+        await peer.send({"return": {}, "id": msg["id"]})
+        msg = await peer.recv()  # an out-of-band command: exec-oob, with its id
+        assert msg["exec-oob"] == "migrate-pause" and msg["id"]
+        await peer.send({"return": {}, "id": msg["id"]})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        async with open_qmp(client_end, name="t", oob=True) as qmp:
+            assert qmp.oob
+            assert await qmp.execute("migrate-pause", oob=True) == {}
+
+
+async def test_oob_refused_when_not_negotiated():
+    async with connected() as (qmp, _peer):
+        assert not qmp.oob
+        with pytest.raises(QMPStateError, match="out-of-band"):
+            await qmp.execute("migrate-pause", oob=True)
+
+
+async def test_file_descriptors_travel_with_the_command():
+    """getfd's descriptor rides on the command's bytes (SCM_RIGHTS) over a Unix socket."""
+    import array
+    import os
+    import socket
+
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer = Peer(trio.SocketStream(b))
+    r, w = os.pipe()
+    got: list[int] = []
+
+    async def serve() -> None:
+        await peer.handshake()
+        fds = array.array("i")
+        data, anc, _flags, _addr = await b.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        got.extend(fds)
+        peer.lines += peer.framer.feed(data)
+        msg = await peer.recv()
+        assert msg["execute"] == "getfd" and msg["arguments"] == {"fdname": "x"}
+        await peer.send({"return": {}, "id": msg["id"]})
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            async with open_qmp(trio.SocketStream(a), name="t") as qmp:
+                assert await qmp.execute("getfd", {"fdname": "x"}, fds=(w,)) == {}
+        assert len(got) == 1
+        os.write(got[0], b"through")  # the peer's copy is the same pipe
+        assert os.read(r, 16) == b"through"
+    finally:
+        for fd in (r, w, *got):
+            os.close(fd)

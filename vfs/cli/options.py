@@ -29,7 +29,9 @@ from vfs.redirect.repoconfig import (
 )
 from vfs.units import parse_size
 
-_REPO_PARAMS = ("repo_url", "ca", "cert", "key", "proxy", "timeout", "retries", "min_rate", "grace")
+_REPO_PARAMS = (
+    "repo_url", "ca", "cert", "key", "proxy", "repo_timeout", "retries", "min_rate", "grace",
+)  # fmt: skip
 _ALIAS = "vfs.repo_alias"
 
 
@@ -58,10 +60,12 @@ def repo_options(
     required: bool = True,
     help: str = "Repository: file:///DIR, DIR, http://HOST/PATH or https://...",
     alias_remote: bool = False,
+    timeout_flag: str = "--timeout",
 ) -> Any:
     """Decorator: the repository options; the command receives ``repo`` (a RepoConfig, or
     None when not ``required`` and not given). ``alias_remote``: also accept the old
-    ``--remote`` (hidden) for ``--repo``."""
+    ``--remote`` (hidden) for ``--repo``. ``timeout_flag``: the name of the per-operation
+    timeout option, for a command whose own ``--timeout`` means something else (vmctl)."""
 
     def decorate(f: Callable[..., Any]) -> Any:
         @functools.wraps(f)
@@ -86,7 +90,7 @@ def repo_options(
                     cert=v["cert"],
                     key=v["key"],
                     proxy=v["proxy"],
-                    timeout=v["timeout"],
+                    timeout=v["repo_timeout"],
                     retries=v["retries"],
                     min_rate=DEFAULT_MIN_RATE if v["min_rate"] is None else v["min_rate"],
                     grace=DEFAULT_GRACE if v["grace"] is None else v["grace"],
@@ -111,7 +115,8 @@ def repo_options(
                 help="HTTP forward proxy (e.g. a site cache) for http(s):// repositories.",
             ),
             click.option(
-                "--timeout",
+                timeout_flag,
+                "repo_timeout",
                 type=click.FloatRange(min=0, min_open=True),
                 default=DEFAULT_TIMEOUT,
                 show_default=True,

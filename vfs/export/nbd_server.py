@@ -116,7 +116,8 @@ class Connection:
                         if not self.backend.gate_open:
                             await self.send()
                             await self.backend.wait_open()
-                        await self.handle(req, nursery)
+                        if not self.inline(req):
+                            await self._spawn(nursery, req)
                     await self.send()
                     n = await recv_into(self.sock, mv)
                     if n == 0:
@@ -151,24 +152,26 @@ class Connection:
         self.backend.stats.errors += 1
         self.out.append(P.error_reply(self.neg, req, err, msg))
 
-    async def handle(self, req: P.Request, nursery: trio.Nursery) -> None:
+    def inline(self, req: P.Request) -> bool:
+        """Answer a request on the spot (a plain call: the common case costs no task and no
+        await); False when it needs a task of its own (a fetch, FLUSH, CACHE, FUA)."""
         err, msg = P.check_request(req, self.neg)
         if err:
             self._error(req, err, msg)
-            return
+            return True
         cmd = req.cmd
         if cmd == P.CMD_FLUSH or cmd == P.CMD_CACHE or req.flags & P.CMD_FLAG_FUA:
-            await self._spawn(nursery, req)
-            return
+            return False
         try:
             self.execute(req)
         except NeedFetch:
             if cmd == P.CMD_WRITE_ZEROES and req.flags & P.CMD_FLAG_FAST_ZERO:
                 self._error(req, P.ENOTSUP, "zeroing part of a remote cluster is not fast")
-                return
-            await self._spawn(nursery, req)
+                return True
+            return False
         except Exception as e:
             self._fail(req, e)
+        return True
 
     def _fail(self, req: P.Request, e: BaseException) -> None:
         if not isinstance(e, OSError | ValueError) and not hasattr(e, "errno"):

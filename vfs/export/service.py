@@ -54,7 +54,15 @@ class ExportConfig:
     bitmap: str | None = DEFAULT_BITMAP
     control: str | None = None
     store: str | None = None
+    #: A repository, or (its url) the address URL#REF of an image pushed encrypted (opened
+    #: with ``identity``, ``trust``, ``pins``: key files, docs/encryption.md).
     repo: RepoConfig | None = None
+    identity: str | None = None
+    trust: list[str] = field(default_factory=list)
+    pins: str | None = None
+    passphrase_file: str | None = None
+    #: The store keeps an encrypted image's clusters encrypted; decrypted on read.
+    keep_encrypted: bool = False
     backing_dirs: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -85,8 +93,23 @@ class ExportResolver:
     """The local store and repository of an export, opened on first need (most images have
     no remote cluster); thread-safe like the :class:`vfs.redirect.Resolver` it wraps."""
 
-    def __init__(self, store: str | None, repo: RepoConfig | None):
+    def __init__(
+        self,
+        store: str | None,
+        repo: RepoConfig | None,
+        keys: Any = None,
+        keep_encrypted: bool = False,
+    ) -> None:
         self.store_dir, self.repo = store, repo
+        self.keep_encrypted = keep_encrypted
+        self.sealed_ref: str | None = None
+        self.keys = keys  # vfs.redirect.sealed_refs.Keys, for an address URL#REF
+        if repo is not None:
+            from vfs.redirect.sealed_remote import split_address
+
+            url, ref = split_address(repo.url)
+            if url is not None:
+                self.repo, self.sealed_ref = repo.replace(url=url), ref
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
@@ -104,12 +127,23 @@ class ExportResolver:
                 self._r = Resolver(store, None)
             return self._r
 
-    def _with_remote(self) -> Any:
+    def attach_remote(self) -> Any:
         r = self.resolver()
         with self._lock:
             if r.remote is None and self.repo is not None:
-                r.remote = self.repo.open()
-                self._objs.append(r.remote)
+                remote = self.repo.open()
+                self._objs.append(remote)
+                if self.sealed_ref is not None:
+                    # an encrypted image: its ref is opened (signature, trust, pin, key), its
+                    # clusters decrypted and verified after fetch
+                    from vfs.redirect.sealed_remote import UnsealingRemote
+
+                    remote = UnsealingRemote.for_ref(remote, self.sealed_ref, self.keys)
+                    if self.keep_encrypted:
+                        from vfs.redirect.sealed_store import SealedStoreResolver
+
+                        self._r = r = SealedStoreResolver(r.store, remote)
+                r.remote = remote
         return r
 
     def has_local(self, oid: str) -> bool:
@@ -121,7 +155,7 @@ class ExportResolver:
     def ensure(self, oid: str, **kw: Any) -> None:
         r = self.resolver()
         if not r.has_local(oid):
-            r = self._with_remote()
+            r = self.attach_remote()
         r.ensure(oid, **kw)
 
     @property
@@ -142,8 +176,29 @@ def open_backend(cfg: ExportConfig) -> tuple[ExportBackend, ExportResolver]:
     """Open the image of ``cfg`` for exporting (blocking: before the loop serves anyone)."""
     from vfs.image import Image
 
-    res = ExportResolver(cfg.store, cfg.repo)
+    keys = None
+    if (
+        cfg.repo is not None and "#" in cfg.repo.url
+    ):  # key files are checked before anything is served
+        from vfs.paths import vfs_root
+        from vfs.redirect.keys import read_passphrase_file
+        from vfs.redirect.sealed_refs import Keys
+
+        pw = cfg.passphrase_file
+        keys = Keys.from_files(
+            cfg.identity,
+            cfg.trust,
+            cfg.pins or vfs_root() / "pins.json",
+            passphrase=(lambda: read_passphrase_file(pw)) if pw else None,
+        )
+    if cfg.keep_encrypted and keys is None:
+        raise UsageError("--keep-encrypted applies only with --repo URL#REF (an encrypted image)")
+    res = ExportResolver(cfg.store, cfg.repo, keys, cfg.keep_encrypted)
     try:
+        if res.sealed_ref is not None:
+            # opened at once: a wrong key or a forged ref is refused before anyone connects
+            # (a plain repository is attached on the first fetch only)
+            res.attach_remote()
         img = Image.open(
             cfg.image,
             readonly=cfg.readonly,

@@ -56,6 +56,11 @@ SPEC_FIELDS: dict[str, tuple[type, Any]] = {
     "repo": (dict, None),  # RepoConfig.to_json (a bare URL string is read too)
     "backing_dirs": (list, []),
     "description": (str, ""),
+    "identity": (str, None),
+    "trust": (list, []),
+    "pins": (str, None),
+    "passphrase_file": (str, None),
+    "keep_encrypted": (bool, False),
 }
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 QUICK_DEATH = 5.0
@@ -82,12 +87,12 @@ def check_spec(spec: Any) -> dict[str, Any]:
     name = out["name"]
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise UsageError(f"invalid export name {name!r}: 1-64 of A-Z a-z 0-9 . _ -")
-    for key in ("image", "fuse"):
+    for key in ("image", "fuse", "identity", "pins", "passphrase_file"):
         if out[key] is not None and not os.path.isabs(out[key]):
             raise UsageError(f"export {key} must be an absolute path")
     if out["image"] is None or not os.path.isfile(out["image"]):
         raise NotFound(f"image {out['image']} does not exist")
-    for key in ("nbd", "tcp", "backing_dirs"):
+    for key in ("nbd", "tcp", "backing_dirs", "trust"):
         if not all(isinstance(x, str) for x in out[key]):
             raise UsageError(f"export field {key!r} must be a list of strings")
     if not all(os.path.isabs(p) for p in out["nbd"]):
@@ -113,11 +118,15 @@ def export_argv(spec: dict[str, Any], control: Path) -> list[str]:
         argv += ["--bitmap", spec["bitmap"]]
     else:
         argv.append("--no-bitmap")
-    for key in ("store", "description"):
+    for key in ("store", "description", "identity", "pins", "passphrase_file"):
         if spec[key]:
-            argv += [f"--{key}", spec[key]]
+            argv += [f"--{key.replace('_', '-')}", spec[key]]
     if spec["repo"]:
         argv += RepoConfig.from_json(spec["repo"]).to_argv()
+    for t in spec["trust"]:
+        argv += ["--trust", t]
+    if spec["keep_encrypted"]:
+        argv.append("--keep-encrypted")
     for d in spec["backing_dirs"]:
         argv += ["--backing-dir", d]
     return argv

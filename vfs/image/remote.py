@@ -114,26 +114,73 @@ def publish_template(img: Image, remote: Any, name: str) -> str:
     clusters' bytes, which must not travel (and would make the template as big as the data).
     Snapshots are not part of a template; an image with a backing file cannot be one.
     """
-    import os
-    import tempfile
-
-    if img.backing_name:
-        raise UsageError("an image with a backing file cannot be published as a template")
+    _check_template_source(img)
     left = _stored(img, (L.LOCAL, L.COMPRESSED))
     if left:
         raise UsageError(f"{len(left)} clusters are still local: push them first")
+    oid = _put_template(img, remote, lambda ci, e: e.oid)
+    remote.set_ref(name, oid)
+    return oid
+
+
+def publish_sealed(
+    img: Image, sealing: Any, name: str, *, store: Any = None, progress: Progress | None = None
+) -> tuple[str, int]:
+    """Publish the active image encrypted as template ``name`` through ``sealing`` (a
+    :class:`vfs.redirect.sealed_remote.SealingRemote`): every stored cluster (local, compressed
+    or remote: a remote one is fetched and verified first unless the previous version of the
+    ref already holds it) becomes an encrypted object, then the metadata-only template, then
+    the index, the signed ref and the ref (``sealing.set_ref``). Returns (template id, clusters).
+
+    Unlike :func:`push`, the image itself is not changed: its clusters stay where they are
+    (an encrypted object cannot be named from the image without the ref's index, so turning
+    entries into remote ones would tie the file to one ref). That also makes it idempotent:
+    killed anywhere, run it again; with convergent keys the objects already sent are the
+    same ciphertext under the same ids and are not sent again (docs/encryption.md §10).
+    ``store``: also keep each cluster's plaintext in this local store.
+    """
+    _check_template_source(img)
+    todo = [(ci, e) for ci, e in img.iter_entries() if e.kind in (L.LOCAL, L.COMPRESSED, L.REMOTE)]
+    oids: dict[int, bytes] = {}
+    for done, (ci, e) in enumerate(todo, 1):
+        if e.kind == L.REMOTE and sealing.has(e.oid.hex()):
+            oids[ci] = e.oid
+        else:
+            data = img.cluster_data(ci, e)  # verified (xxh3; a remote one also by SHA-256)
+            oid = sealing.put(data)
+            if bytes.fromhex(oid) != hashlib.sha256(data).digest():
+                raise IntegrityError(f"sealing layer returned object id {oid} for other content")
+            if store is not None:
+                store.put(data)
+            oids[ci] = bytes.fromhex(oid)
+        if progress:
+            progress(done, len(todo))
+    oid = _put_template(img, sealing, lambda ci, e: oids[ci])
+    sealing.set_ref(name, oid)
+    return oid, len(todo)
+
+
+def _check_template_source(img: Image) -> None:
+    if img.backing_name:
+        raise UsageError("an image with a backing file cannot be published as a template")
+
+
+def _put_template(img: Image, remote: Any, oid_of: Callable[[int, L.Entry], bytes]) -> str:
+    """Build the metadata-only template of ``img`` (every stored cluster a remote entry named
+    ``oid_of(ci, entry)``, zeros kept) and put it into ``remote``; its object id."""
+    import os
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="vimg-template-") as d:
         path = os.path.join(d, "template.vimg")
         with Image.create(path, img.size, cluster_size=img.cluster_size) as t:
             cs = img.cluster_size
             for ci, e in img.iter_entries():
-                if e.kind == L.REMOTE:
-                    t.set_remote(ci, e.oid, e.checksum)
+                if e.kind in (L.REMOTE, L.LOCAL, L.COMPRESSED):
+                    t.set_remote(ci, oid_of(ci, e), e.checksum)
                 elif e.kind == L.ZERO:
                     t.write_zeroes(ci * cs, min(cs, img.size - ci * cs))
-        oid = remote.put_file(path)
-    remote.set_ref(name, oid)
-    return oid
+        return remote.put_file(path)
 
 
 def fetch_template(remote: Any, name: str, dest: str) -> str:
@@ -146,7 +193,9 @@ def fetch_template(remote: Any, name: str, dest: str) -> str:
 
     if os.path.exists(dest):
         raise AlreadyExists(f"{dest}: file exists")
-    oid = remote.get_ref(name)
+    # an encrypted ref is opened (verified, decrypted) by a remote that can: its root id
+    resolve = getattr(remote, "resolve_name", None)
+    oid = resolve(name) if resolve is not None else remote.get_ref(name)
     data = remote.get(oid, max_size=1 << 30)  # verified against its SHA-256
     if not any(data[o : o + 8] == L.MAGIC for o in L.HEADER_COPY_OFFSETS):
         raise FormatError(f"ref {name!r} does not name a vimg image")

@@ -22,6 +22,14 @@ across keyrings)::
 
 ``check`` is the first 4 bytes of SHA-256(prefix | payload): a mistyped or truncated key is an
 error, not a different key. The version is in the prefix; a newer one is refused by name.
+
+An identity may be protected by a passphrase (``vfsd key gen --passphrase-file F``); its key
+line is then (docs/encryption.md §3.1, as age's scrypt stanza)::
+
+    VFS-ENCRYPTED-SECRET-KEY-1-<base64url(salt 16 | log2 N 1 | nonce 12 | sealed 80 | check 4)>
+
+with ``sealed`` = AES-256-GCM(scrypt(passphrase, salt, N, r=8, p=1), nonce, the 64 secret
+bytes, AAD = prefix | salt | log2 N): a wrong passphrase or a changed byte fails the tag.
 """
 
 from __future__ import annotations
@@ -34,21 +42,38 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from vfs.durable import write_atomic
-from vfs.errors import AlreadyExists, FormatError, NotFound, UnsupportedFeature, UsageError
+from vfs.errors import (
+    AlreadyExists,
+    FormatError,
+    NoKeyError,
+    NotFound,
+    UnsupportedFeature,
+    UsageError,
+)
 
 PUBLIC_PREFIX = "vfs-pub-1-"
 SECRET_PREFIX = "VFS-SECRET-KEY-1-"
 KEYRING_PREFIX = "VFS-KEYRING-1-"
+ENCRYPTED_PREFIX = "VFS-ENCRYPTED-SECRET-KEY-1-"
+#: scrypt work factor (log2 N) of new passphrase-protected identities: age's default (~1 s,
+#: 256 MiB); readers accept 10..20 (a hostile file cannot ask for more than 1 GiB).
+SCRYPT_LOG_N = 18
+SCRYPT_LOG_N_RANGE = (10, 20)
+_ENC_SIZE = 16 + 1 + 12 + 64 + 16
 #: Key files are a few lines; anything larger is not one (read no further).
 MAX_KEY_FILE = 4096
 _CHECK = 4
@@ -182,17 +207,54 @@ class Identity:
             _RAW, _RAW_PRIV, _NOENC
         )
 
-    def to_text(self) -> str:
+    def to_text(self, passphrase: bytes | None = None, log_n: int = SCRYPT_LOG_N) -> str:
+        """The identity file; with ``passphrase``, its secret sealed under an scrypt key."""
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return (
-            f"# vfs identity, created {when}\n# public key: {self.public}\n"
-            f"{_encode(SECRET_PREFIX, self._secret())}\n"
-        )
+        if passphrase is None:
+            line = _encode(SECRET_PREFIX, self._secret())
+        else:
+            salt, nonce = os.urandom(16), os.urandom(12)
+            head = salt + bytes([log_n])
+            key = _passphrase_key(passphrase, salt, log_n)
+            sealed = AESGCM(key).encrypt(nonce, self._secret(), ENCRYPTED_PREFIX.encode() + head)
+            line = _encode(ENCRYPTED_PREFIX, head + nonce + sealed)
+        kind = "vfs identity" if passphrase is None else "vfs identity (passphrase-protected)"
+        return f"# {kind}, created {when}\n# public key: {self.public}\n{line}\n"
 
     @classmethod
-    def parse(cls, text: str, what: str = "identity") -> Identity:
-        raw = _decode(_key_line(text, what), SECRET_PREFIX, 64, what)
-        return cls(raw[:32], raw[32:])
+    def parse(
+        cls, text: str, what: str = "identity", passphrase: Callable[[], bytes | None] | None = None
+    ) -> Identity:
+        """``passphrase``: asked for (called) only when the file is passphrase-protected."""
+        line = _key_line(text, what)
+        if not line.startswith(ENCRYPTED_PREFIX):
+            raw = _decode(line, SECRET_PREFIX, 64, what)
+            return cls(raw[:32], raw[32:])
+        raw = _decode(line, ENCRYPTED_PREFIX, _ENC_SIZE, what)
+        salt, log_n, nonce, sealed = raw[:16], raw[16], raw[17:29], raw[29:]
+        lo, hi = SCRYPT_LOG_N_RANGE
+        if not lo <= log_n <= hi:
+            raise FormatError(f"{what}: scrypt work factor 2^{log_n} outside 2^{lo}..2^{hi}")
+        pw = passphrase() if passphrase is not None else None
+        if pw is None:
+            raise NoKeyError(
+                f"{what}: passphrase-protected: give --passphrase-file FILE (or run on a "
+                "terminal to be asked)"
+            )
+        key = _passphrase_key(pw, salt, log_n)
+        try:
+            secret = AESGCM(key).decrypt(nonce, sealed, ENCRYPTED_PREFIX.encode() + raw[:17])
+        except InvalidTag:
+            raise NoKeyError(f"{what}: wrong passphrase (or a damaged file)") from None
+        return cls(secret[:32], secret[32:])
+
+    @staticmethod
+    def is_protected(text: str) -> bool:
+        """Whether an identity file's key line is passphrase-protected."""
+        try:
+            return _key_line(text, "identity").startswith(ENCRYPTED_PREFIX)
+        except FormatError:
+            return False
 
     def __repr__(self) -> str:  # never the secret
         return f"Identity({self.public.fingerprint})"
@@ -227,6 +289,12 @@ class Keyring:
 
     def __repr__(self) -> str:
         return f"Keyring({self.id.hex()[:16]})"
+
+
+def _passphrase_key(passphrase: bytes, salt: bytes, log_n: int) -> bytes:
+    if not passphrase:
+        raise UsageError("an empty passphrase protects nothing; refused")
+    return Scrypt(salt=salt, length=32, n=1 << log_n, r=8, p=1).derive(passphrase)
 
 
 def _key_line(text: str, what: str) -> str:
@@ -267,8 +335,46 @@ def _read_key_file(path: str | os.PathLike[str], what: str, secret: bool) -> str
         raise FormatError(f"{what} {p}: not a key file (not ASCII text)") from None
 
 
-def load_identity(path: str | os.PathLike[str]) -> Identity:
-    return Identity.parse(_read_key_file(path, "identity", True), f"identity {path}")
+def load_identity(
+    path: str | os.PathLike[str], passphrase: Callable[[], bytes | None] | None = None
+) -> Identity:
+    """The identity in ``path``; ``passphrase`` is called if the file is protected by one."""
+    return Identity.parse(_read_key_file(path, "identity", True), f"identity {path}", passphrase)
+
+
+def protected_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a passphrase-protected identity file (False for anything else,
+    which its loader then names)."""
+    try:
+        text = _read_key_file(path, "identity", True)
+    except Exception:
+        return False
+    return Identity.is_protected(text)
+
+
+def read_passphrase_file(path: str | os.PathLike[str]) -> bytes:
+    """A passphrase file: its bytes without one trailing newline (as ``echo pw > F`` writes);
+    a secret like a key, so it must be 0600 too."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise NotFound(f"passphrase file {p}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"passphrase file {p}: cannot open: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise UsageError(
+                f"passphrase file {p}: must be a regular file of mode 0600 (chmod 600)"
+            )
+        raw = f.read(MAX_KEY_FILE + 1)
+    if len(raw) > MAX_KEY_FILE:
+        raise FormatError(f"passphrase file {p}: larger than {MAX_KEY_FILE} bytes")
+    raw = raw[:-1] if raw.endswith(b"\n") else raw
+    if not raw:
+        raise UsageError(f"passphrase file {p}: empty")
+    return raw
 
 
 def load_keyring(path: str | os.PathLike[str]) -> Keyring:
@@ -282,6 +388,10 @@ def load_public(spec: str) -> PublicKey:
         return PublicKey.parse(spec, "public key")
     text = _read_key_file(spec, "public key", False)
     line = _key_line(text, f"public key {spec}")
+    if line.startswith(ENCRYPTED_PREFIX):
+        raise UsageError(
+            f"{spec}: a passphrase-protected identity; give its public key (vfsd key show)"
+        )
     if line.startswith(SECRET_PREFIX.rsplit("-", 2)[0]):
         return load_identity(spec).public
     return PublicKey.parse(line, f"public key {spec}")

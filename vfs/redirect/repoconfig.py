@@ -81,6 +81,18 @@ class RepoConfig:
     def replace(self, **changes: object) -> RepoConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def with_absolute_paths(self) -> RepoConfig:
+        """The same config with its files (CA, certificate, key, a directory URL) made
+        absolute: for a config another process keeps or uses from another directory."""
+        import os.path
+
+        changes: dict[str, object] = {
+            k: os.path.abspath(v) for k in ("ca", "cert", "key") if (v := getattr(self, k))
+        }
+        if "://" not in self.url:
+            changes["url"] = os.path.abspath(self.url)
+        return self.replace(**changes)
+
     def to_json(self) -> dict[str, object]:
         """The fields that differ from the defaults (what a daemon keeps in its registry)."""
         out: dict[str, object] = {"url": self.url}

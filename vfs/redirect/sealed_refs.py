@@ -476,6 +476,25 @@ class Keys:
     trusted: tuple[PublicKey, ...] = ()
     pins: PinStore | None = None
 
+    @classmethod
+    def from_files(
+        cls,
+        identity: str | os.PathLike[str] | None,
+        trust: Iterable[str] = (),
+        pins: str | os.PathLike[str] | None = None,
+        *,
+        passphrase=None,
+    ) -> Keys:
+        """Keys loaded (and checked) from ``--identity FILE``, ``--trust PUB`` (keys or files)
+        and ``--pins FILE``; ``passphrase()`` is called if the identity is protected."""
+        from vfs.redirect.keys import load_identity, load_public
+
+        return cls(
+            identity=load_identity(identity, passphrase) if identity is not None else None,
+            trusted=tuple(load_public(p) for p in trust),
+            pins=PinStore(pins) if pins is not None else None,
+        )
+
     def check_signer(self, sr: SignedRef, where: str) -> None:
         if self.trusted and not any(
             hmac.compare_digest(t.ed25519, sr.signer.ed25519) for t in self.trusted

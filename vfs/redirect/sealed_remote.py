@@ -367,7 +367,17 @@ class UnsealingRemote(Remote):
         self.url = default.url if default is not None else "sealed:"
         self._lock = threading.Lock()
         self._objects: dict[str, tuple[Remote, Index, IndexEntry]] = {}
+        self._by_cipher: dict[str, tuple[Index, IndexEntry]] = {}
         self.opened: dict[str, OpenedRef] = {}  # by signed ref id
+
+    @classmethod
+    def for_ref(cls, remote: Remote, name: str, keys: Keys) -> UnsealingRemote:
+        """``remote`` with its ref ``name`` opened (an encrypted image or template read through
+        its address ``URL#NAME``): the ref's objects decrypted, any other id read plain. A
+        plain ref is refused only where publishers are trusted (:meth:`resolve`)."""
+        u = cls(remote, keys)
+        u.resolve(remote, name)
+        return u
 
     # -- opening refs -----------------------------------------------------------------------
 
@@ -426,12 +436,20 @@ class UnsealingRemote(Remote):
         with self._lock:
             self.opened[opened.ref_id] = opened
             self._objects[idx.root.plain_oid] = (remote, idx, idx.root)
+            self._by_cipher[idx.root.cipher_oid] = (idx, idx.root)
             for e in idx.objects.values():
                 self._objects.setdefault(e.plain_oid, (remote, idx, e))
+                self._by_cipher.setdefault(e.cipher_oid, (idx, e))
 
     def entry(self, oid: str) -> tuple[Remote, Index, IndexEntry] | None:
         with self._lock:
             return self._objects.get(oid)
+
+    def by_cipher(self, cipher_oid: str) -> tuple[Index, IndexEntry] | None:
+        """The index entry whose stored (encrypted) object is ``cipher_oid``, if any."""
+        with self._lock:
+            hit = self._by_cipher.get(cipher_oid)
+        return hit
 
     # -- the Remote interface ---------------------------------------------------------------
 
@@ -472,7 +490,9 @@ class UnsealingRemote(Remote):
         blocks = remote.iter_object(entry.cipher_oid, block, expected_size=entry.cipher_size)
         try:
             for b in blocks:
-                yield from d.feed_chunks(b)
+                out = d.feed_block(b)
+                if out:
+                    yield out
             tail = d.finish()
         except DecryptionError:
             raise

@@ -202,8 +202,13 @@ class QMPClient:
         *,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         max_line: int = framing.DEFAULT_MAX_LINE,
+        oob: bool = False,
     ) -> None:
         self.name = name
+        #: Ask for out-of-band execution at negotiation (when the greeting offers it).
+        self.want_oob = oob
+        #: Whether it was enabled: ``execute(..., oob=True)`` then bypasses QEMU's main loop.
+        self.oob = False
         self.command_timeout = command_timeout
         self.logger = log.getChild(name.replace(".", "_"))
         self.greeting: dict[str, Any] | None = None
@@ -263,7 +268,7 @@ class QMPClient:
             raise QMPStateError(f"connect: the QMP connection is {self._runstate}", self._runstate)
         self._set_runstate(Runstate.CONNECTING)
         self._stream = stream
-        sent = {"execute": "qmp_capabilities", "id": "negotiate"}
+        sent: dict[str, Any] = {"execute": "qmp_capabilities", "id": "negotiate"}
         try:
             with trio.fail_after(timeout):
                 greeting = await self._read_message()
@@ -271,6 +276,8 @@ class QMPClient:
                     raise QMPConnectError("the peer closed the connection before its greeting")
                 self.greeting = framing.parse_greeting(greeting)
                 self.qemu_version = framing.qemu_version(self.greeting)
+                if self.want_oob and "oob" in self.greeting.get("capabilities", []):
+                    sent["arguments"] = {"enable": ["oob"]}
                 await self._send_line(framing.encode(sent))
                 reply = await self._read_message()
                 while reply is not None and framing.is_event(reply):
@@ -293,6 +300,7 @@ class QMPClient:
         except BaseException:
             await self._abort()
             raise
+        self.oob = "arguments" in sent
         v = self.qemu_version
         self.logger.debug("connected to QEMU %s", ".".join(map(str, v)) if v else "(unknown)")
         self._set_runstate(Runstate.RUNNING)
@@ -334,12 +342,25 @@ class QMPClient:
 
     @_require_running
     async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        fds: tuple[int, ...] = (),
+        oob: bool = False,
     ) -> Any:
         """Run a command; its ``return`` value, or QMPExecuteError / QMPTimeout /
-        QMPConnectionLost (each carrying the message sent)."""
+        QMPConnectionLost (each carrying the message sent). ``fds`` are passed to QEMU with
+        the command (SCM_RIGHTS, as ``getfd`` wants them). ``oob``: out of band
+        (``exec-oob``), answered by QEMU's monitor thread even while its main loop is blocked
+        (as a post-copy destination's is, on a page that never comes); only for commands that
+        allow it, on a connection negotiated with ``oob``."""
+        if oob and not self.oob:
+            raise QMPStateError(f"{command}: out-of-band execution was not negotiated",
+                                self._runstate)  # fmt: skip
         msg_id = f"{self.name}-{next(self._ids)}"
-        sent: dict[str, Any] = {"execute": command}
+        sent: dict[str, Any] = {"exec-oob" if oob else "execute": command}
         if arguments is not None:
             sent["arguments"] = arguments
         sent["id"] = msg_id
@@ -350,7 +371,7 @@ class QMPClient:
             if command == "quit":
                 self._expect_eof = True
             try:
-                await self._send_line(framing.encode(sent))
+                await self._send_line(framing.encode(sent), fds)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self._connection_lost(QMPConnectionLost("QMP connection broken", cause=e))
             with trio.move_on_after(limit):
@@ -374,11 +395,23 @@ class QMPClient:
             raise QMPExecuteError(sent, reply)
         return reply["return"]
 
-    async def _send_line(self, data: bytes) -> None:
+    async def _send_line(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         assert self._stream is not None
         async with self._send_lock:
             self.logger.debug("-> %s", data[:500].decode(errors="replace").rstrip())
-            await self._stream.send_all(data)
+            if fds:
+                # The descriptors ride on the first bytes of the command (QEMU takes them from
+                # the message that carries them); the rest, if any, goes as usual.
+                import array
+                import socket
+
+                sock = getattr(self._stream, "socket", None)
+                if sock is None or sock.family != socket.AF_UNIX:
+                    raise QMPError("file descriptors can only be passed over a Unix socket")
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                data = data[await sock.sendmsg([data], anc) :]
+            if data:
+                await self._stream.send_all(data)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -471,10 +504,12 @@ async def open_qmp(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     max_line: int = framing.DEFAULT_MAX_LINE,
+    oob: bool = False,
 ) -> AsyncIterator[QMPClient]:
-    """Connect to a QMP unix socket (or use a connected stream), negotiate, yield the client;
-    disconnect on the way out, whatever happened."""
-    client = QMPClient(name, command_timeout=command_timeout, max_line=max_line)
+    """Connect to a QMP unix socket (or use a connected stream), negotiate (with out-of-band
+    execution if ``oob`` and QEMU offers it), yield the client; disconnect on the way out,
+    whatever happened."""
+    client = QMPClient(name, command_timeout=command_timeout, max_line=max_line, oob=oob)
     if isinstance(target, trio.abc.Stream):
         stream = target
     else:

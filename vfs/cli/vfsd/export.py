@@ -22,6 +22,7 @@ import click
 
 from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import default_state, repo_options, state_option, store_option
+from vfs.cli.sealed import keep_encrypted_option, unsealing_options
 from vfs.errors import UsageError, VfsError
 
 
@@ -81,9 +82,26 @@ def _config(image, nbd, tcp, fuse, readonly, name, bitmap, no_bitmap, control, s
         control=str(Path(control).absolute()) if control else None,
         store=None if store is None else str(store),
         repo=repo,  # a RepoConfig (vfs.cli.options.repo_options) or None
+        **_key_files(repo.url if repo is not None else None),
         backing_dirs=list(backing_dirs),
         description=description or "",
     )
+
+
+def _key_files(repo: str | None) -> dict[str, Any]:
+    """--identity, --trust, --pins as absolute names (an export of `vfsd serve` runs elsewhere);
+    only an encrypted image's address URL#REF uses them."""
+    from vfs.cli.sealed import key_files
+
+    f = key_files()
+    if not (repo and "#" in repo):
+        if f["identity"] or f["trust"] or f["keep_encrypted"]:
+            raise UsageError(
+                "--identity/--trust/--keep-encrypted apply only with --repo URL#REF "
+                "(an encrypted image)"
+            )
+        return {}
+    return f
 
 
 def _export_opts(fn: Any) -> Any:
@@ -106,7 +124,9 @@ def _export_opts(fn: Any) -> Any:
         click.option("--control", metavar="SOCKET", help="Control socket [default: SOCKET.ctl]."),
         store_option("Local object store.", param="store"),
         repo_options(
-            required=False, help="Repository of remote clusters (file:///DIR, http(s)://)."
+            required=False,
+            help="Repository of remote clusters (file:///DIR, http(s)://; URL#REF: the "
+            "encrypted image REF in it, opened with --identity).",
         ),
         click.option(
             "--backing-dir",
@@ -119,7 +139,7 @@ def _export_opts(fn: Any) -> Any:
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return keep_encrypted_option(unsealing_options(fn))
 
 
 @export.command("run")
@@ -184,11 +204,7 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
     if control:
         raise UsageError("the daemon chooses the control socket of its exports")
     if repo is not None:  # the daemon resolves no path relative to this shell's directory
-        absolute = {k: str(Path(v).absolute()) for k in ("ca", "cert", "key")
-                    if (v := getattr(repo, k))}  # fmt: skip
-        if "://" not in repo.url:
-            absolute["url"] = str(Path(repo.url).absolute())
-        repo = repo.replace(**absolute)
+        repo = repo.with_absolute_paths()
     cfg = _config(image, nbd, tcp, fuse, readonly, export_name, bitmap, no_bitmap,
                   "/unused", store, repo, backing_dirs, description)  # fmt: skip
     spec = cfg.to_json()
@@ -196,6 +212,10 @@ def add_cmd(state_dir, export_name, image, nbd, tcp, fuse, readonly, name, bitma
     spec.update(store=cfg.store, repo=cfg.repo.to_json() if cfg.repo else None,
                 backing_dirs=cfg.backing_dirs,
                 description=cfg.description)  # fmt: skip
+    if cfg.repo is not None and "#" in cfg.repo.url:
+        spec.update(identity=cfg.identity, trust=cfg.trust, pins=cfg.pins,
+                    passphrase_file=cfg.passphrase_file,
+                    keep_encrypted=cfg.keep_encrypted)  # fmt: skip
     r = C.call(_state(state_dir), {"op": "export_add", "spec": _encode(spec)})
     if as_json:
         emit_json(r)

@@ -15,6 +15,7 @@ from vfs.cli.options import repo_options
 from vfs.cli.sealed import keys as sealed_keys
 from vfs.cli.sealed import unsealing_options
 from vfs.errors import UsageError
+from vfs.redirect.keys import SCRYPT_LOG_N, SCRYPT_LOG_N_RANGE
 
 
 def register(main: click.Group) -> None:
@@ -35,12 +36,43 @@ def key() -> None:
     help="The secret key file to create (mode 0600; never overwritten).",
 )
 @click.option("--keyring", "is_keyring", is_flag=True, help="Make a keyring, not an identity.")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    help="Protect the identity with the passphrase in this file (mode 0600; scrypt).",
+)
+@click.option(
+    "--passphrase", "ask", is_flag=True, help="Protect the identity with a passphrase asked for."
+)
+@click.option(
+    "--work-factor",
+    type=click.IntRange(*SCRYPT_LOG_N_RANGE),
+    default=SCRYPT_LOG_N,
+    show_default=True,
+    hidden=True,
+    help="scrypt log2 N (tests use less).",
+)
 @json_option
 @handle_errors
-def key_gen(output, is_keyring, as_json):
-    """Make a new identity (or keyring) in OUTPUT; print its public key (or keyring id)."""
-    from vfs.redirect.keys import Identity, Keyring, write_secret
+def key_gen(output, is_keyring, passphrase_file, ask, work_factor, as_json):
+    """Make a new identity (or keyring) in OUTPUT; print its public key (or keyring id).
 
+    With --passphrase-file F (or --passphrase, asked twice on the terminal) the identity's
+    secret is sealed under a key derived from the passphrase with scrypt (docs/encryption.md
+    §3.1); every command that loads it then takes --passphrase-file or asks."""
+    from vfs.redirect.keys import Identity, Keyring, read_passphrase_file, write_secret
+
+    pw = None
+    if passphrase_file and ask:
+        raise UsageError("--passphrase-file and --passphrase exclude each other")
+    if (passphrase_file or ask) and is_keyring:
+        raise UsageError("a keyring file cannot have a passphrase (yet); keep it 0600")
+    if passphrase_file:
+        pw = read_passphrase_file(passphrase_file)
+    elif ask:
+        pw = click.prompt(
+            "passphrase", hide_input=True, confirmation_prompt=True, err=True
+        ).encode()
     if is_keyring:
         ring = Keyring.generate()
         write_secret(output, ring.to_text())
@@ -51,7 +83,7 @@ def key_gen(output, is_keyring, as_json):
             click.echo(f"keyring {ring.id.hex()[:16]} in {output}")
         return
     ident = Identity.generate()
-    write_secret(output, ident.to_text())
+    write_secret(output, ident.to_text(pw, work_factor))
     out = {
         "file": str(output),
         "public": str(ident.public),
@@ -66,13 +98,26 @@ def key_gen(output, is_keyring, as_json):
 
 @key.command("show")
 @click.argument("spec")
+@click.option(
+    "--passphrase-file",
+    "passphrase_file",
+    type=click.Path(dir_okay=False),
+    help="Passphrase of a protected identity SPEC [default: asked on the terminal].",
+)
 @json_option
 @handle_errors
-def key_show(spec, as_json):
+def key_show(spec, passphrase_file, as_json):
     """Print the public key of SPEC (an identity file, a public key file or a public key)."""
-    from vfs.redirect.keys import load_public
+    from vfs.cli.sealed import passphrase
+    from vfs.redirect.keys import PUBLIC_PREFIX, load_identity, load_public, protected_file
 
-    pub = load_public(spec)
+    if not spec.startswith(PUBLIC_PREFIX) and protected_file(spec):
+        opts = {"identity": spec} | (
+            {"passphrase_file": passphrase_file} if passphrase_file else {}
+        )
+        pub = load_identity(spec, passphrase(opts)).public
+    else:
+        pub = load_public(spec)
     if as_json:
         emit_json({"public": str(pub), "fingerprint": pub.fingerprint})
     else:

@@ -20,7 +20,7 @@ import click
 from vfs.cli.edge import emit_json, handle_errors, json_option
 from vfs.cli.options import repo_options, store_option
 from vfs.cli.sealed import keys as sealed_keys
-from vfs.cli.sealed import sealing, sealing_options, unsealing_options
+from vfs.cli.sealed import sealing, sealing_options, sealing_remote, unsealing_options
 from vfs.cli.vfsd.redirect import open_store
 from vfs.errors import Differs, IntegrityError, NotFound, UsageError
 from vfs.redirect import HttpRemote, Resolver, check_ref_name
@@ -115,7 +115,7 @@ def publish(repo, store_dir, name, exclude, as_json, src):
             store = stack.enter_context(open_store(store_dir)) if store_dir else None
             t0 = time.perf_counter()
             source = sys.stdin.buffer if str(src) == "-" else src
-            target = r if seal is None else _sealing_remote(r, name, seal)
+            target = r if seal is None else sealing_remote(r, name, seal)
             res = publish_template(
                 source, target, name=name, store=store, progress=progress, exclude=exclude
             )
@@ -132,21 +132,6 @@ def publish(repo, store_dir, name, exclude, as_json, src):
         f"{res.objects_skipped} already present; manifest {res.manifest_bytes} bytes; "
         f"{dt:.2f} s" + (f"; name {name!r} -> {res.digest[:16]}…" if name else ""),
         err=True,
-    )
-
-
-def _sealing_remote(r, name, seal):
-    from vfs.redirect.sealed_refs import Keys
-    from vfs.redirect.sealed_remote import SealingRemote, previous_ref
-
-    previous, counter = previous_ref(r, name, Keys(identity=seal.identity))
-    return SealingRemote(
-        r,
-        signer=seal.identity,
-        recipients=seal.recipients,
-        keyring=seal.keyring,
-        previous=previous,
-        previous_counter=counter,
     )
 
 

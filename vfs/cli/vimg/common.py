@@ -16,6 +16,7 @@ import click
 
 from vfs.cli.edge import OneLineErrorGroup, json_option, setup_logging
 from vfs.cli.options import repo_options, store_option
+from vfs.cli.sealed import keep_encrypted_option, unsealing_options
 from vfs.errors import UsageError
 from vfs.image.image import Image
 from vfs.redirect.repoconfig import RepoConfig
@@ -24,13 +25,34 @@ FMT = click.Choice(["raw", "qcow2", "vimg"])
 
 
 class LazyResolver:
-    """Opens the local store (and the repository) only when a remote cluster is read."""
+    """Opens the local store (and the repository) only when a remote cluster is read.
+
+    A repository given as the address ``URL#REF`` holds an image pushed encrypted (``vimg push
+    --encrypt-for``): REF is opened with the command's ``--identity`` (and ``--trust``,
+    ``--pins``) when the first remote cluster is read, and its clusters are decrypted and
+    verified after fetch. The key files are loaded here, in the command's thread (a read may
+    come from a worker thread, which has no click context)."""
 
     def __init__(self, store: str | None, repo: RepoConfig | None) -> None:
+        from vfs.cli.sealed import keep_encrypted, keys
+
         self.store_dir, self.repo = store, repo
         self._r: Any = None
         self._objs: list[Any] = []
         self._lock = threading.Lock()
+        self.sealed_ref: str | None = None
+        self.keys: Any = None
+        self.keep_encrypted = keep_encrypted()
+        if repo is not None:
+            from vfs.redirect.sealed_remote import split_address
+
+            url, ref = split_address(repo.url)
+            if url is not None:
+                self.repo, self.sealed_ref, self.keys = repo.replace(url=url), ref, keys()
+        if self.sealed_ref is None and self.keep_encrypted:
+            raise UsageError(
+                "--keep-encrypted applies only with --repo URL#REF (an encrypted image)"
+            )
 
     def resolver(self) -> Any:
         with self._lock:
@@ -45,7 +67,16 @@ class LazyResolver:
             self._objs.append(store)
             remote = self.repo.open() if self.repo is not None else None
             if remote is not None:
-                self._objs.append(remote)
+                self._objs.append(remote)  # closed by close(), also when opening REF fails
+            if remote is not None and self.sealed_ref is not None:
+                from vfs.redirect.sealed_remote import UnsealingRemote
+
+                remote = UnsealingRemote.for_ref(remote, self.sealed_ref, self.keys)
+                if self.keep_encrypted:
+                    from vfs.redirect.sealed_store import SealedStoreResolver
+
+                    self._r = SealedStoreResolver(store, remote)
+                    return self._r
             self._r = Resolver(store, remote)
         return self._r
 
@@ -92,10 +123,12 @@ def remote_opts(fn: Any) -> Any:
     RepoConfig or None), --store, --backing-dir."""
     fn = backing_opts(fn)
     fn = store_option(param="store")(fn)
+    fn = keep_encrypted_option(unsealing_options(fn))
     return repo_options(
         fn,
         required=False,
-        help="Repository of remote clusters (file:///dir, /dir, http(s)://...).",
+        help="Repository of remote clusters (file:///dir, /dir, http(s)://...; URL#REF: the "
+        "encrypted image REF in it, opened with --identity).",
     )
 
 

@@ -9,6 +9,8 @@ import click
 
 from vfs.cli.edge import handle_errors
 from vfs.cli.options import repo_options, store_option
+from vfs.cli.sealed import keys as sealed_keys
+from vfs.cli.sealed import sealing, sealing_options, sealing_remote
 from vfs.cli.vimg.common import (
     Progress,
     backing_opts,
@@ -130,6 +132,7 @@ def io(commands, fmt, store, repo, file):
 @store_option("Also keep a copy of each cluster in this local object store.", param="store")
 @click.option("-q", "quiet", is_flag=True, help="No progress.")
 @click.option("--ref", "ref", help="Also publish the image as a template under this name.")
+@sealing_options
 @click.argument("file", type=click.Path(dir_okay=False))
 @backing_opts
 @handle_errors
@@ -139,11 +142,23 @@ def push(repo, store, quiet, ref, file):
     Resumable: progress is committed every 256 clusters; run it again after an interruption.
     With --ref NAME the image itself (metadata only, a few KiB) is published as a template that
     `vimg pull --ref NAME --repo URL NEW.vimg` fetches on another host.
+
+    With --encrypt-for PUB (and --identity, --ref), every cluster and the template are
+    encrypted and NAME is a signed ref sealed to each PUB and to --identity
+    (docs/encryption.md); FILE itself is left as it is (its clusters stay local). Readers
+    give --identity, and the address URL#NAME as --repo once the template is fetched.
     """
     from vfs.image.remote import publish_template
     from vfs.image.remote import push as do_push
 
     check_vimg(file, None)
+    seal = sealing()
+    if "#" in repo.url:
+        raise UsageError(f"{repo.url}: push to the repository URL; name the ref with --ref")
+    if seal is not None:
+        if not ref:
+            raise UsageError("--encrypt-for needs --ref: an encrypted image is a signed ref")
+        return _push_sealed(repo, store, quiet, ref, file, seal)
     # A directory repository is created on first push; http(s) ones are read-only (the remote
     # says so in one line: publish by copying the directory to a web root).
     remote = repo.open(create=not repo.is_http)
@@ -172,6 +187,43 @@ def push(repo, store, quiet, ref, file):
     click.echo(f"pushed {n} clusters to {repo.url}")
 
 
+def _push_sealed(repo: RepoConfig, store: str | None, quiet: bool, ref: str, file: str,
+                 seal: Any) -> None:  # fmt: skip
+    """``push --encrypt-for``: FILE is read (not changed) and published encrypted as ``ref``."""
+    from vfs.image.remote import publish_sealed
+    from vfs.redirect.repometa import check_ref_name
+
+    check_ref_name(ref)  # before the work, not after it
+    remote = repo.open(create=not repo.is_http)
+    st = None
+    try:
+        if repo.is_http:
+            raise UsageError(
+                f"{repo.url}: HTTP repositories are read-only: push to the repository "
+                "directory, then copy it to the web root (objects first, refs last)"
+            )
+        sealer = sealing_remote(remote, ref, seal, kind="image")
+        if store:
+            from vfs.redirect import LocalStore
+
+            st = LocalStore(store)
+        img = open_image(file, readonly=True, store=store, repo=repo)
+        try:
+            oid, n = publish_sealed(img, sealer, ref, store=st,
+                                    progress=Progress("push", not quiet))  # fmt: skip
+        finally:
+            close_image(img)
+    finally:
+        remote.close()
+        if st is not None:
+            st.close()
+    click.echo(f"published encrypted template {ref} = {oid} (signed ref {sealer.ref_id})")
+    click.echo(
+        f"sealed {n} clusters to {repo.url} ({sealer.reused} kept from the previous version) "
+        f"for {len(sealer.recipients)} recipients"
+    )
+
+
 def _pull(
     repo: RepoConfig | None, store: str | None, quiet: bool, file: str, ref: str | None, lazy: bool
 ) -> None:
@@ -181,9 +233,19 @@ def _pull(
     if ref:
         if repo is None:
             raise UsageError("--ref needs --repo")
-        with repo.open() as remote:
+        if "#" in repo.url:
+            raise UsageError(f"{repo.url}: give the repository URL and the ref with --ref")
+        from vfs.redirect.sealed_remote import UnsealingRemote
+
+        with repo.open() as plain:
+            remote = UnsealingRemote(plain, sealed_keys())
             oid = fetch_template(remote, ref, file)
-        click.echo(f"fetched template {ref} = {oid}")
+            sealed = bool(remote.opened)
+        click.echo(f"fetched {'encrypted ' if sealed else ''}template {ref} = {oid}")
+        if sealed:  # its clusters are read through the address URL#REF
+            repo = repo.replace(url=f"{repo.url}#{ref}")
+            if lazy:
+                click.echo(f"read it with --repo {repo.url} and --identity", err=True)
         if lazy:
             return
     elif lazy:
