@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from vfs.daemon import mounts
+
 BIN = Path(sys.executable).parent
 
 
@@ -138,11 +140,5 @@ def run_demo(work: Path, nginx, run, banner) -> None:
             proc.kill()
             proc.wait()
         # whatever a daemon of either engine left (VEE overlays, its data layer, the FUSE mount)
-        prefixes = (os.fspath(mnt) + "/", os.fspath(state) + "/")
-        with open("/proc/self/mountinfo") as f:
-            left = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
-        for target in sorted(set(left), key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], check=False)
-        if os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mounts.detach_all_under(mnt, state)
         log.close()

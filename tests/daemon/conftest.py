@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.daemon.vee_helpers import make_sample_tree
+from vfs.daemon import mounts
 
 VFSD = [str(Path(sys.executable).with_name("vfsd"))]
 
@@ -91,6 +92,11 @@ class Daemon:
         return cls(root, root / "state", root / "mnt", root / "store", root / "repo", **kw)
 
     def start(self) -> None:
+        self.start_process()
+        wait_for(self._ready, what="control socket", proc=self.proc)
+
+    def start_process(self) -> None:
+        """Start ``vfsd serve`` without waiting for it (start() waits for its socket)."""
         self.log = self.root / f"vfsd-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(
@@ -113,7 +119,6 @@ class Daemon:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(self._ready, what="control socket", proc=self.proc)
 
     def _ready(self) -> bool:
         from vfs.daemon import control
@@ -147,12 +152,7 @@ class Daemon:
     def unmount_all(self) -> None:
         """Whatever a daemon of either engine left mounted: VEE overlays, image and data layer
         mounts (the kernel engine's outlive a killed daemon), the FUSE mount."""
-        unmount(self.mnt)
-        prefixes = (os.fspath(self.mnt) + "/", os.fspath(self.state) + "/")
-        with open("/proc/self/mountinfo") as f:
-            targets = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
-        for t in sorted(set(targets), key=len, reverse=True):
-            subprocess.run(["umount", "-l", t], check=False, capture_output=True)
+        mounts.detach_all_under(self.mnt, self.state)
 
     def kill9(self) -> None:
         """kill -9, and leave the dead mount behind as a real crash does: the next start

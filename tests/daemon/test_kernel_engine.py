@@ -8,9 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from tests.daemon.conftest import (
 from tests.daemon.test_page_cache import cached_bytes
 from tests.daemon.vee_helpers import make_sample_tree
 from tools.lying_http import LyingServer
-from vfs.daemon import control
+from vfs.daemon import control, mounts
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
 
@@ -340,3 +342,155 @@ def test_rm_unmounts_and_a_dead_vee_mountpoint_does_not_linger(kd, tmp_path):
     assert (kd.mnt / "b" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
     wait_for(lambda: "rebuilding" in kd.log_text(), what="image rebuilt")
     assert img.exists() and not stale.exists()
+
+
+# -- what the daemon mounted goes with it, on every exit path --------------------------------
+
+
+def _mounted_below(*dirs: Path) -> list[str]:
+    ps = [os.fspath(d) for d in dirs]
+    return sorted(
+        m.mountpoint
+        for m in mounts.mountinfo()
+        if any(m.mountpoint == p or m.mountpoint.startswith(p + "/") for p in ps)
+    )
+
+
+def _loop_devices_of(state: Path) -> list[str]:
+    """Loop devices whose backing file is below ``state`` (the template images)."""
+    out = []
+    for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            backing = f.read_text().strip()
+        except OSError:
+            continue  # cleared meanwhile
+        if backing.startswith(os.fspath(state) + "/"):
+            out.append(f.parent.parent.name)
+    return out
+
+
+def _lazy_and_local(kd: Daemon, tmp_path: Path) -> tuple[str, str]:
+    make_sample_tree(tmp_path / "local")
+    (tmp_path / "lazy").mkdir()
+    (tmp_path / "lazy" / "f").write_bytes(os.urandom(50_000))
+    return kd.publish(tmp_path / "local", "local"), kd.publish(
+        tmp_path / "lazy", "lazy", to_store=False
+    )
+
+
+def test_sigterm_unmounts_vees_images_and_the_data_layer_even_while_held(kd, tmp_path):
+    local, lazy = _lazy_and_local(kd, tmp_path)
+    kd.start()
+    _add(kd, "a", local)
+    _add(kd, "b", lazy)
+    assert (kd.mnt / "b" / "f").read_bytes() == (tmp_path / "lazy" / "f").read_bytes()
+    assert len(_mounted_below(kd.mnt, kd.state)) == 5  # 2 VEEs, 2 images, the data layer
+    holder = _holder(kd.mnt / "a" / "etc" / "hosts")
+    try:
+        assert kd.proc is not None
+        kd.proc.send_signal(signal.SIGTERM)
+        assert kd.proc.wait(timeout=30) == 0
+        kd.proc = None
+        assert _mounted_below(kd.mnt, kd.state) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # the images' loop devices (autoclear) went with the last overlay that held them
+    wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")
+
+
+def test_sigterm_during_start_up_stops_it_and_unmounts_what_it_mounted(kd, tmp_path):
+    """A signal queued while the daemon probes, takes inventory and mounts its VEEs is not
+    the default (fatal) SIGTERM: start-up stops after the VEE it is mounting, and everything
+    mounted so far is unmounted."""
+    local, lazy = _lazy_and_local(kd, tmp_path)
+    kd.start()
+    for i in range(6):
+        _add(kd, f"v{i}", local if i % 2 else lazy)
+    kd.stop()
+    assert _mounted_below(kd.mnt, kd.state) == []
+    wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")
+    for _ in range(3):
+        kd.start_process()
+        assert kd.proc is not None
+        # at once after the probe: before the loop runs (a tight poll; wait_for backs off)
+        deadline = time.monotonic() + 30
+        while "engine: kernel" not in kd.log_text():
+            assert kd.proc.poll() is None and time.monotonic() < deadline, kd.log_text()
+            time.sleep(0.001)
+        kd.proc.send_signal(signal.SIGTERM)
+        assert kd.proc.wait(timeout=30) == 0, kd.log_text()
+        kd.proc = None
+        assert _mounted_below(kd.mnt, kd.state) == [], kd.log_text()
+
+
+def test_an_error_during_start_up_unmounts_what_it_mounted(kd, tmp_path):
+    local, lazy = _lazy_and_local(kd, tmp_path)
+    kd.start()
+    _add(kd, "a", local)
+    _add(kd, "b", lazy)
+    kd.stop()
+    # the control socket cannot be bound: start-up fails after the VEEs are mounted
+    sock = control.socket_path(kd.state)
+    sock.mkdir()
+    (sock / "x").write_bytes(b"")
+    kd.start_process()
+    assert kd.proc is not None
+    assert kd.proc.wait(timeout=60) != 0
+    kd.proc = None
+    log_text = kd.log_text()
+    assert _mounted_below(kd.mnt, kd.state) == [], log_text
+    assert "Traceback" not in log_text and os.fspath(sock) in log_text, log_text
+    (sock / "x").unlink()
+    sock.rmdir()
+    kd.start()
+    assert (kd.mnt / "a" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+
+
+def test_kill9_then_a_restart_replaces_everything_left_with_either_engine(kd, tmp_path):
+    local, lazy = _lazy_and_local(kd, tmp_path)
+    kd.start()
+    _add(kd, "a", local)
+    _add(kd, "b", lazy)
+    before = _mounted_below(kd.mnt, kd.state)
+    assert len(before) == 5
+    kd.kill9()
+    assert _mounted_below(kd.mnt, kd.state) == before  # the kernel's, not the daemon's
+    kd.start()  # the kernel engine again: one of each, all fresh (nothing holds them)
+    assert _mounted_below(kd.mnt, kd.state) == before
+    assert (kd.mnt / "b" / "f").read_bytes() == (tmp_path / "lazy" / "f").read_bytes()
+    kd.kill9()
+    kd.engine = "fuse"  # the FUSE engine detaches the kernel engine's leftovers first
+    kd.start()
+    assert _mounted_below(kd.mnt, kd.state) == [os.fspath(kd.mnt)]
+    assert (kd.mnt / "a" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    assert (kd.mnt / "b" / "f").read_bytes() == (tmp_path / "lazy" / "f").read_bytes()
+    kd.stop()
+    assert _mounted_below(kd.mnt, kd.state) == []
+    wait_for(lambda: _loop_devices_of(kd.state) == [], what="loop devices cleared")
+
+
+def test_the_fuse_engine_does_not_serve_a_vee_a_killed_kernel_engine_left_in_use(kd, tmp_path):
+    """Two writers on one private layer (a held overlay of the killed daemon and the FUSE
+    view) must not happen: that VEE is broken until its users leave; the others are served."""
+    local, _ = _lazy_and_local(kd, tmp_path)
+    kd.start()
+    _add(kd, "a", local)
+    _add(kd, "b", local)
+    holder = _holder(kd.mnt / "a" / "etc" / "hosts")
+    try:
+        kd.kill9()
+        kd.engine = "fuse"
+        kd.start()
+        listed = {v["name"]: v for v in json.loads(kd.vee("list", "--json").stdout)}
+        assert listed["a"]["state"] == "broken" and "in use" in listed["a"]["error"]
+        assert listed["b"]["state"] == "mounted"
+        assert (kd.mnt / "b" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    kd.stop()
+    kd.start()  # nothing holds it now: detached, and served
+    assert (kd.mnt / "a" / "etc" / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    kd.stop()
+    assert _mounted_below(kd.mnt, kd.state) == []

@@ -14,6 +14,7 @@ import pytest
 
 from tests.daemon.conftest import unmount, wait_for
 from tests.export.conftest import lazy_copy_over_mtls, make_image, run
+from vfs.daemon import mounts
 from vfs.export import NbdClient
 
 pytestmark = pytest.mark.fuse
@@ -48,12 +49,7 @@ class Serve:
 
     def unmount_all(self) -> None:
         """The FUSE mount, and whatever else a daemon left below the state or the mount."""
-        unmount(self.mnt)
-        prefixes = (os.fspath(self.mnt) + "/", os.fspath(self.state) + "/")
-        with open("/proc/self/mountinfo") as f:
-            targets = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
-        for t in sorted(set(targets), key=len, reverse=True):
-            subprocess.run(["umount", "-l", t], check=False, capture_output=True)
+        mounts.detach_all_under(self.mnt, self.state)
 
     def start(self) -> None:
         with open(self.tmp / f"vfsd-{time.monotonic_ns()}.log", "wb") as log:

@@ -18,7 +18,8 @@ per VEE over the template's EROFS image, docs/kernel-engine.md):
   127.0.0.1 (each daemon's repository served over HTTP, ``--remote``): fetch, verify, store,
   serve (the kernel engine through its FUSE data layer), one fresh object per run.
 
-Cold = ``echo 3 > /proc/sys/vm/drop_caches`` before the run. Needs root. Usage::
+Cold = ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each run (every peer the same way),
+warm = after one untimed run; both the median of ``--repeat`` runs. Needs root. Usage::
 
     python -m tools.bench.tree [--full] [--repeat N] [--dir DIR] [--json OUT]
                                [--only seq,find,cat,untar,pc,debian] [--peers overlay,vfsd]
@@ -237,6 +238,11 @@ class Mounts:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+                    p.wait()
+        from vfs.daemon.mounts import detach_all_under
+
+        # whatever a daemon left (a killed one's VEE overlays, images, data layer)
+        detach_all_under(*self.vfsd_mnt.values(), *self.vfsd_state.values())
         if self.nginx is not None:
             from tools.nginx import stop_nginx
 
@@ -397,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             row = results.setdefault(name, {"unit": unit})  # type: ignore[dict-item]
             for peer in peers:
                 vals = []
-                for _ in range(1 if cold else args.repeat):
+                for _ in range(args.repeat):
                     if cold:
                         drop_caches()
                     else:
@@ -572,7 +578,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="1 GiB big file (default: --big-mib)")
     ap.add_argument("--big-mib", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each warm measure (median)")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each measure (cold and warm), median"
+    )
     ap.add_argument("--dir", default="/var/tmp/vfs-bench-tree")
     ap.add_argument("--json", default="bench-results/tree.json")
     ap.add_argument("--only", default=",".join(WORKLOADS), help="workloads: " + ",".join(WORKLOADS))

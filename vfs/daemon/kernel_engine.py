@@ -126,27 +126,10 @@ class KernelEngine:
         """Find what a previous daemon left mounted: VEE overlays (kept for :meth:`attach` to
         reuse or replace), template image mounts (detached: a new one is mounted on demand;
         overlays hold private clones of their layers, so detaching never affects a VEE)."""
-        mnt_prefix = os.fspath(self.mnt) + "/"
-        for m in mounts.mountinfo():
-            if m.fstype == "overlay" and m.mountpoint.startswith(mnt_prefix):
-                name = m.mountpoint[len(mnt_prefix) :]
-                if "/" in name:
-                    continue
-                upper = m.option("upperdir")
-                want = os.fspath(self.state / "vees" / name / "upper")
-                if upper != [want]:
-                    log.warning("%s: an overlay that is not this daemon's: left alone",
-                                m.mountpoint)  # fmt: skip
-                    continue
-                lowers = m.option("lowerdir+") or m.option("lowerdir")
-                digest = None
-                if lowers:
-                    first = lowers[0].split(":")[0]
-                    if first.startswith(os.fspath(self.lower_dir) + "/"):
-                        digest = os.path.basename(first)
-                self.leftovers[name] = Leftover(m, digest)
-                log.info("VEE %s: still mounted by a previous daemon (template %s)", name,
-                         (digest or "?")[:16])  # fmt: skip
+        self.leftovers = leftover_overlays(self.state, self.mnt, self.lower_dir)
+        for name, left in self.leftovers.items():
+            log.info("VEE %s: still mounted by a previous daemon (template %s)", name,
+                     (left.digest or "?")[:16])  # fmt: skip
         n = mounts.detach_all_under(self.lower_dir)
         if n:
             log.info("detached %d template image mounts of a previous daemon", n)
@@ -281,6 +264,58 @@ def busy_message(name: str, held: list[Holder]) -> str:
     return f"VEE {name!r} is in use: {shown}{more} (stop them, or use --force)"
 
 
+def leftover_overlays(state: Path, mnt: Path, lower_dir: Path) -> dict[str, Leftover]:
+    """The VEE overlays a previous kernel-engine daemon of ``state`` left at ``mnt/<name>``,
+    by name: identified by their ``upperdir`` (``state/vees/<name>/upper``); an overlay there
+    whose upper directory is another's is left alone (logged)."""
+    out: dict[str, Leftover] = {}
+    mnt_prefix = os.fspath(mnt) + "/"
+    for m in mounts.mountinfo():
+        if m.fstype != "overlay" or not m.mountpoint.startswith(mnt_prefix):
+            continue
+        name = m.mountpoint[len(mnt_prefix) :]
+        if "/" in name:
+            continue
+        if m.option("upperdir") != [os.fspath(state / "vees" / name / "upper")]:
+            log.warning("%s: an overlay that is not this daemon's: left alone", m.mountpoint)
+            continue
+        lowers = m.option("lowerdir+") or m.option("lowerdir")
+        digest = None
+        if lowers:
+            first = lowers[0].split(":")[0]
+            if first.startswith(os.fspath(lower_dir) + "/"):
+                digest = os.path.basename(first)
+        out[name] = Leftover(m, digest)
+    return out
+
+
+def clear_for_fuse_engine(state: Path, mnt: Path) -> dict[str, str]:
+    """Before the FUSE engine mounts at ``mnt``: what a kernel-engine daemon of ``state`` left
+    (it was killed, or the host rebooted into this engine without a clean stop) must go, or
+    the FUSE mount would hide VEE overlays still writing to the private layers it serves.
+    Unheld VEE overlays, the template image mounts and the dead data layer are detached.
+    Returns name -> why for the VEEs whose old overlay processes still hold: those are not
+    served (two writers on one private layer), until their users leave and vfsd restarts."""
+    kdir = state / "kernel"
+    refused: dict[str, str] = {}
+    for name, left in leftover_overlays(state, mnt, kdir / "lower").items():
+        info = left.info
+        held = holders(info.dev, info.mount_id, info.mountpoint)
+        if held:
+            refused[name] = (
+                f"VEE {name} is still mounted by a previous kernel-engine daemon and in use "
+                f"({held[0]}): stop its users and restart vfsd"
+            )
+            log.error("%s", refused[name])
+            continue
+        log.warning("VEE %s: detaching a previous kernel-engine daemon's mount", name)
+        mounts.detach_all_under(info.mountpoint)
+    n = mounts.detach_all_under(kdir)  # an overlay holds private clones of its layers
+    if n:
+        log.info("detached %d image and data layer mounts of a kernel-engine daemon", n)
+    return refused
+
+
 # -- is the kernel engine possible here? --------------------------------------------------------
 
 
@@ -314,9 +349,9 @@ def probe(workdir: Path) -> tuple[bool, str]:
         (workdir / "data" / oid[:2] / oid).write_bytes(data)
         (workdir / "image").write_bytes(build_image(t))
         try:
-            mounts.mount_erofs(workdir / "image", lower)
+            how = mounts.mount_erofs(workdir / "image", lower)
         except VfsError as e:
-            return False, f"no file-backed EROFS mounts (Linux 6.12+): {e}"
+            return False, f"no loop devices and no file-backed EROFS mounts (Linux 6.12+): {e}"
         try:
             mounts.mount_fs(
                 "overlay",
@@ -336,7 +371,8 @@ def probe(workdir: Path) -> tuple[bool, str]:
                 return False, "overlayfs did not follow a metacopy redirect into a data layer"
         finally:
             mounts.umount(mnt)
-        return True, "EROFS images (file-backed), overlayfs metacopy and data-only layers"
+        where = "on loop devices" if how == "loop" else "file-backed"
+        return True, f"EROFS images ({where}), overlayfs metacopy and data-only layers"
     except OSError as e:
         return False, f"kernel engine probe failed: {e}"
     finally:

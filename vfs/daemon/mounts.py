@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -122,16 +124,74 @@ def mount_fs(
         os.close(mfd)
 
 
-def mount_erofs(image: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """A file-backed EROFS mount of ``image`` at ``target`` (Linux 6.12+), read-only, nodev,
-    nosuid: it is only ever an overlay's lower layer (the overlay mount decides what its
-    files may do)."""
-    mount_fs(
-        "erofs",
-        target,
-        strings=[("source", os.fspath(image))],
-        attrs=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID,
-    )
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+
+
+def _loop_config(backing_fd: int, name: bytes) -> bytes:
+    """``struct loop_config`` (linux/loop.h): fd, block size (0: 512), ``loop_info64``
+    (device, inode, rdevice, offset, sizelimit, number, encrypt type and key size, flags,
+    file name[64], crypt name[64], key[32], init[2]), reserved[8]."""
+    flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR
+    return struct.pack(
+        "<II5Q4I64s64s32s2Q8Q", backing_fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags,
+        name[-63:], b"", b"", 0, 0, *([0] * 8),
+    )  # fmt: skip
+
+
+def _mount_erofs_loop(image: str, target: str, attrs: int) -> None:
+    """Attach ``image`` to a free loop device (read-only, autoclear) and mount it. Autoclear:
+    the device detaches itself when its last user goes — our fd, closed right after the
+    mount, and then the EROFS superblock, which lives as long as a mount or an overlay's
+    private clone of it does — so neither a failed mount nor a killed daemon leaks one."""
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    backing = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for _ in range(8):  # another process may take the free device between the two calls
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            dev = f"/dev/loop{n}"
+            lfd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                try:
+                    fcntl.ioctl(lfd, LOOP_CONFIGURE, _loop_config(backing, os.fsencode(image)))
+                except OSError as e:
+                    if e.errno == errno.EBUSY:
+                        continue
+                    raise
+                mount_fs("erofs", target, strings=[("source", dev)], flags=["ro"], attrs=attrs)
+                return
+            finally:
+                os.close(lfd)
+        raise MountError(f"no free loop device for {image}", errno=errno.EBUSY)
+    finally:
+        os.close(backing)
+        os.close(ctl)
+
+
+def mount_erofs(image: str | os.PathLike[str], target: str | os.PathLike[str]) -> str:
+    """Mount the EROFS ``image`` at ``target``, read-only, nodev, nosuid (it is only ever an
+    overlay's lower layer: the overlay mount decides what its files may do). Returns how:
+    ``"loop"`` or ``"file"``.
+
+    On a loop device where the host has them, else file-backed (Linux 6.12+). Why a loop
+    device first: file-backed EROFS reads its metadata one block at a time from the image's
+    page cache, with no read-ahead (``read_mapping_folio``), so a cold walk of a template
+    waits for one disk read per 4 KiB of inodes; through a loop device the same reads are
+    buffered reads of the image file, which get the page cache's read-ahead (cold
+    ``find``+stat of 20k files measured 2.4x faster, docs/kernel-engine.md §5). The cost is
+    a second cache of the blocks EROFS asked for (metadata only: ~200 bytes per file)."""
+    image, target = os.fspath(image), os.fspath(target)
+    attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
+    if os.path.exists("/dev/loop-control"):
+        try:
+            _mount_erofs_loop(image, target, attrs)
+            return "loop"
+        except (OSError, VfsError) as e:
+            log.debug("EROFS %s on a loop device failed (%s): file-backed", image, e)
+    mount_fs("erofs", target, strings=[("source", image)], attrs=attrs)
+    return "file"
 
 
 def umount(target: str | os.PathLike[str], *, detach: bool = True) -> bool:
@@ -237,14 +297,19 @@ def mounted_at(target: str | os.PathLike[str]) -> MountInfo | None:
     return found
 
 
-def detach_all_under(prefix: str | os.PathLike[str]) -> int:
-    """Lazily unmount everything mounted at or below ``prefix``, deepest first; how many."""
-    p = os.fspath(prefix).rstrip("/")
-    targets = [
-        m.mountpoint for m in mountinfo() if m.mountpoint == p or m.mountpoint.startswith(p + "/")
-    ]
+def detach_all_under(*prefixes: str | os.PathLike[str]) -> int:
+    """Lazily unmount everything mounted at or below each of ``prefixes``, deepest first
+    (stacked mounts one by one); how many. Dead FUSE mounts (ENOTCONN) go too: ``umount2``
+    never asks the file system. This is the one "unmount whatever a daemon left below its
+    state and mount directories" of the daemon, its tests and its tools."""
+    ps = [os.fspath(p).rstrip("/") for p in prefixes]
+    targets = {
+        m.mountpoint
+        for m in mountinfo()
+        if any(m.mountpoint == p or m.mountpoint.startswith(p + "/") for p in ps)
+    }
     n = 0
-    for t in sorted(set(targets), key=len, reverse=True):
+    for t in sorted(targets, key=len, reverse=True):
         with contextlib.suppress(MountError):
             while umount(t):
                 n += 1

@@ -31,6 +31,7 @@ import fcntl
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import threading
@@ -45,13 +46,12 @@ from vfs.daemon.confine import Confinement
 from vfs.daemon.datalayer import MOUNT_OPTIONS as DATA_MOUNT_OPTIONS
 from vfs.daemon.datalayer import DataLayerOperations
 from vfs.daemon.fuse_ops import VeeOperations, invalidate_attr, invalidate_entry, set_read_ahead
-from vfs.daemon.kernel_engine import KernelEngine, busy_message, probe
+from vfs.daemon.kernel_engine import KernelEngine, busy_message, clear_for_fuse_engine, probe
 from vfs.daemon.sealed_sources import SealedSources
 from vfs.errors import (
     AlreadyExists,
     BusyError,
     NotFound,
-    SizeMismatch,
     UsageError,
     VfsError,
 )
@@ -74,37 +74,6 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_TASKS = 1024
 MOUNT_OPTIONS = {"fsname=vfsd", "subtype=vfsd", "default_permissions", "allow_other", "dev", "suid"}
 ENGINES = ("auto", "kernel", "fuse")
-
-
-def template_objects(t: Template) -> dict[str, int]:
-    """Object id -> size of every non-empty regular file of ``t``."""
-    out: dict[str, int] = {}
-    for ino in range(1, len(t) + 1):
-        e = t.getattr(ino)
-        if e.oid is not None:
-            out[e.oid] = e.size
-    return out
-
-
-def missing_objects(store: LocalStore, objects: dict[str, int]) -> dict[str, int]:
-    """The objects the store lacks. A local object of another size than its manifest says is
-    :class:`SizeMismatch` (the kernel would serve it as it is, so it is refused here)."""
-    out = {}
-    for oid, size in objects.items():
-        try:
-            actual = os.stat(store.object_path(oid)).st_size
-        except FileNotFoundError:
-            out[oid] = size
-            continue
-        if actual != size:
-            raise SizeMismatch(
-                f"object {oid}: the manifest says {size} bytes, the store's copy has {actual} "
-                "(the manifest lies); refusing the template",
-                oid=oid,
-                actual=actual,
-                expected=size,
-            )
-    return out
 
 
 class Daemon:
@@ -144,6 +113,8 @@ class Daemon:
         self.templates: dict[str, Template] = {}
         self.broken: dict[str, str] = {}
         self._hydrating: set[str] = set()
+        #: set on SIGTERM/SIGINT: a start-up still mounting VEEs stops after the current one
+        self.stopping = threading.Event()
         #: the state directory's gc root in the store: what store gc and eviction must leave
         self.root = root or StateRoot(
             resolver.store.roots, registry.state, _url(remote), stored_id=resolver.stored_id
@@ -245,16 +216,19 @@ class Daemon:
             return
         if self.unsealing is not None and self.unsealing.entry(digest) is not None:
             return  # an encrypted template: its objects are fetched from where it came from
-        missing = list(gcroots.missing_objects(t, self.resolver.store))
-        if missing:
+        try:  # a refusal (objects not here, a size the manifest lies about) drops the hold
+            missing = gcroots.missing_objects(t, self.resolver.store)
+            if missing:
+                path = missing[0].path.decode("utf-8", "backslashreplace")
+                raise NotFound(
+                    f"template {digest[:16]}…: {len(missing)} content object(s) are not in the "
+                    f"local store (first: /{path}) and the daemon has no --repo to fetch them: "
+                    "publish it with --store, or serve with --repo"
+                )
+        except BaseException:
             self.root.release(digest)
             self.root.sync(self.in_use())
-            path = missing[0][0].decode("utf-8", "backslashreplace")
-            raise NotFound(
-                f"template {digest[:16]}…: {len(missing)} content object(s) are not in the "
-                f"local store (first: /{path}) and the daemon has no --repo to fetch them: "
-                "publish it with --store, or serve with --repo"
-            )
+            raise
 
     # -- the engines' blocking steps (worker threads) ---------------------------------------
 
@@ -267,9 +241,8 @@ class Daemon:
     def _kernel_attach(self, name: str, t: Template) -> None:
         """Mount VEE ``name`` with the kernel engine (blocking)."""
         assert self.kernel is not None and self.data_layer is not None
-        objects = template_objects(t)
-        missing = missing_objects(self.resolver.store, objects)
-        self.data_layer.register(objects, f"template {t.digest[:16]}…")
+        missing = {m.oid: m.size for m in gcroots.missing_objects(t, self.resolver.store)}
+        self.data_layer.register(gcroots.object_sizes(t), f"template {t.digest[:16]}…")
         reused = self.kernel.attach(name, t, self.registry.layer_dir(name), local=not missing)
         if reused and missing:
             self._hydrate(name, missing)
@@ -307,6 +280,11 @@ class Daemon:
             self.root.hold(digest)
             self.root.release(digest)
         for name, rec in sorted(self.registry.vees.items()):
+            if self.stopping.is_set():
+                log.info("stopping: VEE %s and the rest not mounted", name)
+                break
+            if name in self.broken:  # refused before start-up (clear_for_fuse_engine)
+                continue
             try:
                 t = self.load_template(rec.template)
                 if self.kernel is not None:
@@ -493,7 +471,7 @@ class Daemon:
         file must keep its bytes), save the registry, mount on the new template. A failure
         before the registry is saved mounts the old template again."""
         assert self.kernel is not None
-        self.data_layer.register(template_objects(new), f"template {new.digest[:16]}…")  # type: ignore[union-attr]
+        self.data_layer.register(gcroots.object_sizes(new), f"template {new.digest[:16]}…")  # type: ignore[union-attr]
         if name in self.kernel.vees:
             self.kernel.detach(name, force=force)
         root = self.registry.layer_dir(name)
@@ -578,8 +556,8 @@ KEEP_ENCRYPTED_NOT_KERNEL = (
 
 def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> tuple[str, str]:
     """(engine, why) for ``--engine``: ``auto`` takes the kernel engine where the probe says
-    the kernel can do it (EROFS, file-backed mounts, overlayfs data-only layers), and the
-    FUSE engine when the store keeps ciphertext (``keep_encrypted``)."""
+    the kernel can do it (EROFS on a loop device or file-backed, overlayfs data-only layers),
+    and the FUSE engine when the store keeps ciphertext (``keep_encrypted``)."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
     if keep_encrypted:
@@ -588,6 +566,9 @@ def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> 
         return "fuse", KEEP_ENCRYPTED_NEEDS_FUSE
     if engine == "fuse":
         return "fuse", "chosen with --engine fuse"
+    for old in (state / "kernel").glob("probe.*"):  # a probe of a daemon killed meanwhile
+        mounts.detach_all_under(old)
+        shutil.rmtree(old, ignore_errors=True)
     ok, why = probe(state / "kernel" / f"probe.{os.getpid()}")
     if ok:
         return "kernel", why
@@ -613,6 +594,32 @@ async def serve(
     the FUSE engine decrypts them on read (docs/encryption.md §9.1)."""
     state.mkdir(parents=True, exist_ok=True)
     _raise_fd_limit()
+    # From here a SIGTERM/SIGINT is queued, never fatal: even during start-up (the probe, the
+    # inventory, mounting VEEs) it ends in the unwinding of the exit stack, which unmounts
+    # everything this daemon mounted (the default SIGTERM action would leave it all behind).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        try:
+            await _serve(
+                sigs, state, mount, store_dir, repo, keys, debug_fuse, engine, keep_encrypted
+            )
+        except BaseExceptionGroup as eg:
+            # a nursery wraps what failed in it: the CLI's one-line error wants the failure
+            leaves = [e for e in _leaves(eg) if not isinstance(e, trio.Cancelled)]
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
+async def _serve(
+    sigs, state, mount, store_dir, repo, keys, debug_fuse, engine, keep_encrypted
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
         lock_fd = _lock_state(state)
         stack.callback(os.close, lock_fd)
@@ -642,16 +649,16 @@ async def serve(
         exports = ExportSupervisor(state)
         sealed = {"unsealing": unsealing, "sources": SealedSources(state), "repo": repo}
         if chosen == "kernel":
-            await _serve_kernel(stack, state, mount, store, resolver, registry, remote, why,
-                                debug_fuse, exports, sealed)  # fmt: skip
+            await _serve_kernel(stack, sigs, state, mount, store, resolver, registry, remote,
+                                why, debug_fuse, exports, sealed)  # fmt: skip
         else:
-            await _serve_fuse(stack, state, mount, resolver, registry, remote, why, debug_fuse,
-                              exports, sealed)  # fmt: skip
+            await _serve_fuse(stack, sigs, state, mount, resolver, registry, remote, why,
+                              debug_fuse, exports, sealed)  # fmt: skip
         log.info("vfsd at %s stopping", mount)
 
 
 async def _serve_fuse(
-    stack, state, mount, resolver, registry, remote, why, debug_fuse, exports, sealed
+    stack, sigs, state, mount, resolver, registry, remote, why, debug_fuse, exports, sealed
 ) -> None:
     views = Views(resolver)
     stack.callback(views.close)
@@ -659,6 +666,9 @@ async def _serve_fuse(
         registry, resolver, remote, views=views, engine_reason=why, exports=exports, **sealed
     )
     stack.callback(daemon.close_remotes)
+    # a kernel-engine daemon of this state killed before: its mounts go first (held VEEs of
+    # it are not served: two writers on one private layer)
+    daemon.broken.update(clear_for_fuse_engine(state, mount))
     daemon.start_all()
     options = set(MOUNT_OPTIONS)
     if debug_fuse:
@@ -671,7 +681,9 @@ async def _serve_fuse(
         # the exports (processes of their own, docs/export.md) come and go with the daemon
         await nursery.start(exports.run)
         await nursery.start(control.serve_control, state, daemon.handle)
-        nursery.start_soon(_signals, nursery.cancel_scope)
+        started = trio.Event()
+        started.set()  # start_all is over
+        nursery.start_soon(_signals, sigs, daemon, started)
         nursery.start_soon(_kernel_ready, mount, views, ops)
         # Worker tasks are cheap: enough that requests waiting on a stalled fetch (each
         # bounded by the fetch deadline) never leave none to answer the other VEEs.
@@ -680,7 +692,7 @@ async def _serve_fuse(
 
 
 async def _serve_kernel(
-    stack, state, mount, store, resolver, registry, remote, why, debug_fuse, exports, sealed
+    stack, sigs, state, mount, store, resolver, registry, remote, why, debug_fuse, exports, sealed
 ) -> None:
     """Kernel engine: the FUSE mount is the data layer; VEE overlays are mounted from a worker
     thread once it answers (mounting an overlay looks the data layer's root up, which this very
@@ -706,13 +718,17 @@ async def _serve_kernel(
     stack.callback(pyfuse3.close, unmount=True)
     stack.callback(kernel.close)  # runs first: the overlays go before their data layer
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, nursery.cancel_scope)
+        started = trio.Event()
+        nursery.start_soon(_signals, sigs, daemon, started)
         await nursery.start(exports.run)
 
         async def start() -> None:
-            await trio.to_thread.run_sync(os.stat, data_mnt)  # INIT answered
-            set_read_ahead(os.fspath(data_mnt))
-            await trio.to_thread.run_sync(daemon.start_all)
+            try:
+                await trio.to_thread.run_sync(os.stat, data_mnt)  # INIT answered
+                set_read_ahead(os.fspath(data_mnt))
+                await trio.to_thread.run_sync(daemon.start_all)
+            finally:
+                started.set()
             log.info("serving %d VEE(s) at %s (kernel engine)", len(kernel.vees), mount)
             await nursery.start(control.serve_control, state, daemon.handle)
 
@@ -732,9 +748,14 @@ async def _kernel_ready(mount: Path, views: Views, ops: VeeOperations) -> None:
     ops.confinement = Confinement(st.st_dev, views)
 
 
-async def _signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-        async for _ in sigs:
-            log.info("signal received: unmounting")
-            pyfuse3.terminate()
-            return
+async def _signals(sigs: Any, daemon: Daemon, started: trio.Event) -> None:
+    """The first SIGTERM/SIGINT (also one queued during start-up) ends the FUSE loop, and so
+    the daemon. A start-up still mounting VEEs is told to stop and waited for first: mounting
+    an overlay asks the FUSE data layer (statfs of each layer), which only this loop answers,
+    so ending the loop under it would hang the mount and leave what it mounted behind."""
+    async for _ in sigs:
+        log.info("signal received: unmounting")
+        daemon.stopping.set()
+        await started.wait()
+        pyfuse3.terminate()
+        return

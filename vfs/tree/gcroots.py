@@ -23,9 +23,11 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from vfs.errors import SizeMismatch
 from vfs.redirect.roots import GcRoots, ObjectSet
 from vfs.tree.template import Template
 
@@ -57,14 +59,48 @@ def template_set(
     return ObjectSet(keep=manifest | content)
 
 
-def missing_objects(t: Template, store: Any) -> Iterator[tuple[bytes, str]]:
-    """(path, object id) of every file of ``t`` whose content is not in ``store``."""
+def object_sizes(t: Template) -> dict[str, int]:
+    """Object id -> size of every content object ``t``'s files name (the manifest's sizes).
+    By inode, not by path: called at every kernel-engine mount, it builds no path names."""
+    entries = (t.getattr(ino) for ino in range(1, len(t) + 1))
+    return {e.oid: e.size for e in entries if e.oid is not None}
+
+
+@dataclass(frozen=True)
+class MissingObject:
+    """A content object of a template that the store lacks."""
+
+    oid: str
+    size: int  # the manifest's
+    path: bytes  # the first path (walk order) that names it, for messages
+
+
+def missing_objects(t: Template, store: Any) -> list[MissingObject]:
+    """Every content object of ``t`` that ``store`` (a :class:`LocalStore`) lacks, once each,
+    in walk order. One ``stat`` per object: a local object of another size than the manifest
+    says is :class:`SizeMismatch` (the manifest lies, or the object is not this one: the
+    kernel engine would serve its bytes as they are, and the FUSE engine would fail every
+    read of it), so the template is refused here, before a VEE uses it."""
+    out: list[MissingObject] = []
     seen: set[str] = set()
     for path, e in t.walk():
-        if e.oid is not None and e.oid not in seen:
-            seen.add(e.oid)
-            if not store.has(e.oid):
-                yield path, e.oid
+        if e.oid is None or e.oid in seen:
+            continue
+        seen.add(e.oid)
+        try:
+            actual = os.stat(store.object_path(e.oid)).st_size
+        except FileNotFoundError:
+            out.append(MissingObject(e.oid, e.size, path))
+            continue
+        if actual != e.size:
+            raise SizeMismatch(
+                f"object {e.oid}: the manifest says {e.size} bytes, the store's copy has "
+                f"{actual} (the manifest lies); refusing the template",
+                oid=e.oid,
+                actual=actual,
+                expected=e.size,
+            )
+    return out
 
 
 class StateRoot:
