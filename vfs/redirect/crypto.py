@@ -264,24 +264,32 @@ class Decryptor:
         out = self.feed_chunks(data)
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def feed_chunks(self, data: bytes | memoryview) -> list[bytes]:
-        """:meth:`feed`, each chunk's plaintext apart: no joined copy (on this project's
-        paravirtual machines a fresh large buffer costs a page fault per 4 KiB)."""
+    def _past_header(self, data: bytes | memoryview) -> memoryview | None:
+        """Count ``data`` in and start on the stream header once it is whole: the bytes after
+        it (None while the header is still incomplete, buffered)."""
         self.received += len(data)
         if self.received > self.ctx.cipher_size:
             raise self._fail("more ciphertext than the object has")
         mv = memoryview(data)
-        if self._shift is None:
-            if not self._buf and len(mv) >= HEADER_SIZE:
-                self._start(bytes(mv[:HEADER_SIZE]))
-                mv = mv[HEADER_SIZE:]
-            else:
-                self._buf += mv
-                if len(self._buf) < HEADER_SIZE:
-                    return []
-                self._start(bytes(self._buf[:HEADER_SIZE]))
-                mv = memoryview(bytes(self._buf[HEADER_SIZE:]))
-                self._buf = bytearray()
+        if self._shift is not None:
+            return mv
+        if not self._buf and len(mv) >= HEADER_SIZE:
+            self._start(bytes(mv[:HEADER_SIZE]))
+            return mv[HEADER_SIZE:]
+        self._buf += mv
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        self._start(bytes(self._buf[:HEADER_SIZE]))
+        rest = memoryview(bytes(self._buf[HEADER_SIZE:]))
+        self._buf = bytearray()
+        return rest
+
+    def feed_chunks(self, data: bytes | memoryview) -> list[bytes]:
+        """:meth:`feed`, each chunk's plaintext apart: no joined copy (on this project's
+        paravirtual machines a fresh large buffer costs a page fault per 4 KiB)."""
+        mv = self._past_header(data)
+        if mv is None:
+            return []
         # Every chunk but the last is full: open each as soon as it is complete, straight from
         # the caller's buffer (only a chunk split across two feeds is copied).
         out = []
@@ -309,21 +317,9 @@ class Decryptor:
         write and one hash update downstream per block instead of one per 64 KiB chunk)."""
         if not _HAS_INTO:
             return self.feed(data)
-        self.received += len(data)
-        if self.received > self.ctx.cipher_size:
-            raise self._fail("more ciphertext than the object has")
-        mv = memoryview(data)
-        if self._shift is None:
-            if not self._buf and len(mv) >= HEADER_SIZE:
-                self._start(bytes(mv[:HEADER_SIZE]))
-                mv = mv[HEADER_SIZE:]
-            else:
-                self._buf += mv
-                if len(self._buf) < HEADER_SIZE:
-                    return b""
-                self._start(bytes(self._buf[:HEADER_SIZE]))
-                mv = memoryview(bytes(self._buf[HEADER_SIZE:]))
-                self._buf = bytearray()
+        mv = self._past_header(data)
+        if mv is None:
+            return b""
         step, plain = self._step, self._step - TAG
         full = self._n - 1 - self._i  # chunks before the last one still to open
         have = len(self._buf) + len(mv)
