@@ -65,6 +65,22 @@ def _publish(repo: Path, src: Path, name: str, k: dict[str, Path], *extra: str) 
     return json.loads(r.stdout)
 
 
+def publish_plain_and_sealed(tmp: Path, repo_dir: Path, k: dict) -> tuple[Path, dict, dict]:
+    """The sample tree (``tmp/src``) published plain into a repository of its own and sealed
+    as 'web' into ``repo_dir``: (the tree, the plain publish, the sealed one). The encrypted
+    template is the same template: both have one digest."""
+    src = tmp / "src"
+    _tree(src)
+    plain_repo = tmp / "plain-repo"
+    vfsd("repo", "init", str(plain_repo))
+    plain = json.loads(
+        vfsd("template", "publish", str(src), "--repo", str(plain_repo), "--json").stdout
+    )
+    res = _publish(repo_dir, src, "web", k)
+    assert res["digest"] == plain["digest"]
+    return src, plain, res
+
+
 def _grep(root: Path, needle: bytes) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
@@ -75,16 +91,7 @@ def test_vee_from_an_encrypted_template_over_mutual_tls(tmp_path, nginx, nginx_r
         pytest.skip(reason)
     repo_dir, name = nginx_repo
     k = _keys(tmp_path)
-    src = tmp_path / "src"
-    _tree(src)
-    # the same tree published plain elsewhere: the encrypted template is the same template
-    plain_repo = tmp_path / "plain-repo"
-    vfsd("repo", "init", str(plain_repo))
-    plain = json.loads(
-        vfsd("template", "publish", str(src), "--repo", str(plain_repo), "--json").stdout
-    )
-    res = _publish(repo_dir, src, "web", k)
-    assert res["digest"] == plain["digest"]
+    src, plain, res = publish_plain_and_sealed(tmp_path, repo_dir, k)
 
     # The server's directory: no plaintext byte, no file name, no manifest in the clear.
     assert _grep(repo_dir, MARKER) == []

@@ -29,6 +29,7 @@ from tests.daemon.test_encrypted import (
     _rewrite,
     _tree,
     _tree_bytes,
+    publish_plain_and_sealed,
 )
 from vfs.redirect import LocalStore
 from vfs.redirect.crypto import cipher_size
@@ -73,14 +74,7 @@ def test_keep_encrypted_vee(tmp_path, nginx, nginx_repo):
         pytest.skip(reason)
     repo_dir, name = nginx_repo
     k = _keys(tmp_path)
-    src = tmp_path / "src"
-    _tree(src)
-    plain_repo = tmp_path / "plain-repo"
-    vfsd("repo", "init", str(plain_repo))
-    plain = json.loads(
-        vfsd("template", "publish", str(src), "--repo", str(plain_repo), "--json").stdout
-    )
-    assert _publish(repo_dir, src, "web", k)["digest"] == plain["digest"]
+    src, plain, _ = publish_plain_and_sealed(tmp_path, repo_dir, k)
     want = _tree_bytes(src)
 
     url = nginx.url(name, "mtls")
