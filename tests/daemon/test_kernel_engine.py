@@ -344,6 +344,46 @@ def test_rm_unmounts_and_a_dead_vee_mountpoint_does_not_linger(kd, tmp_path):
     assert img.exists() and not stale.exists()
 
 
+def _vm_locked(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return int(out.split()[0])
+
+
+def test_template_metadata_stays_in_memory_through_drop_caches(kd, tmp_path):
+    """The image's blocks are locked in memory while a VEE uses it (vfs/daemon/pin.py): after
+    drop_caches every page of the image is still resident, so a cold walk reads no metadata
+    from the disk; the last VEE's rm unlocks them."""
+    make_sample_tree(tmp_path / "src")
+    for i in range(300):
+        (tmp_path / "src" / "etc" / f"conf{i}").write_text(f"{i}\n")
+    digest = kd.publish(tmp_path / "src", "base")
+    kd.start()
+    _add(kd, "a", digest)
+    assert kd.proc is not None
+    image = kd.state / "kernel" / "images" / f"{digest}.erofs"
+    size = image.stat().st_size
+    assert "kept in memory" in kd.vee("list").stdout.splitlines()[0]
+    assert _vm_locked(kd.proc.pid) >= size
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    assert _resident(image) >= size
+    names = subprocess.run(["find", str(kd.mnt / "a"), "-printf", "%s %m %p\n"],
+                           check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert f"{kd.mnt}/a/etc/conf299" in names
+    kd.vee("rm", "a")
+    assert _vm_locked(kd.proc.pid) == 0
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    assert _resident(image) < size
+
+
 # -- what the daemon mounted goes with it, on every exit path --------------------------------
 
 

@@ -15,10 +15,12 @@ The client is ``qemu-img bench`` at queue depth 16 (``-d 16``, issue 11) for eve
 - vfsd FUSE (vimg): the raw file of the same ``vfsd export`` process (``--fuse``), ``-t none``.
 
 Workloads (medians of ``--reps``; the peers alternate inside each repetition so that the noise
-of a shared machine spreads over all of them): 4 KiB "random" read and write IOPS (a large odd
-step, as in ``tools.bench.image``: qemu-img bench has no random mode), 1 MiB sequential read
-and write MB/s, on fully allocated images of random data held in the page cache (read in
-before every repetition).
+of a shared machine spreads over all of them): 4 KiB "random" read and write IOPS (qemu-img
+bench has no random mode: a far-apart stride of an odd number of 4 KiB blocks, so requests are
+4 KiB-aligned as fio's randread/randwrite issue them), 4 KiB writes at the odd byte stride of
+``tools.bench.image`` (each straddles two 4 KiB blocks: the worst case of vimg's subcluster
+sums), 1 MiB sequential read and write MB/s, on fully allocated images of random data held in
+the page cache (read in before every repetition).
 Writes end with the bench's flush: every server commits what it acknowledged.
 
 Remote image: the same data with every other MiB a hole, pushed to a ``file://`` repository,
@@ -191,11 +193,16 @@ def run(work: Path, size: int, reps: int, only: set[str]) -> dict:
     sh(*VIMG, "convert", "-f", "raw", "-O", "vimg", str(raw), str(vimg))
     n4k = 20000
     n1m = max(256, size // MiB)
-    step = str(size // 3 + 4096 * 7)  # far-apart walk, wraps around the image
+    # Far-apart walks that wrap around the image: 4 KiB-aligned, as fio's randread/randwrite
+    # (an odd number of 4 KiB blocks: every block of the image is visited in turn), and the
+    # odd byte stride of tools.bench.image (every request straddles two 4 KiB blocks).
+    step = str((size // 3 // 4096 | 1) * 4096)
+    odd = str(size // 3 + 4096 * 7)
     cases = {
         "4k read IOPS": (n4k, "4k", step, False),
         "1M seq read MB/s": (n1m, "1M", "1M", False),
         "4k write IOPS": (n4k, "4k", step, True),
+        "4k write IOPS, unaligned": (n4k, "4k", odd, True),
         "1M seq write MB/s": (n1m, "1M", "1M", True),
     }
     res: dict = {"size": size, "reps": reps, "depth": DEPTH, "bench": {}, "samples": {}}

@@ -51,6 +51,7 @@ from typing import Any
 
 from vfs.daemon import mounts
 from vfs.daemon.holders import Holder, holders
+from vfs.daemon.pin import Pin, pin
 from vfs.errors import BusyError, NotFound, VfsError
 from vfs.tree.erofs_image import ImageCache
 from vfs.tree.ovl_upper import KERNEL_WORK
@@ -111,6 +112,7 @@ class KernelEngine:
         self.vees: dict[str, VeeMount] = {}
         self.leftovers: dict[str, Leftover] = {}
         self._lowers: dict[str, int] = {}  # digest -> VEEs mounted on it
+        self._pins: dict[str, Pin] = {}  # digest -> its image's blocks, locked in memory
         self._lock = threading.RLock()
         for d in (self.kdir, self.lower_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -150,7 +152,13 @@ class KernelEngine:
                 self._lowers[digest] += 1
                 return target
             target.mkdir(mode=0o700, exist_ok=True)
-            mounts.mount_erofs(image, target)
+            old = self._pins.pop(digest, None)
+            if old is not None:  # of a mount that went away behind our back
+                old.close()
+            how, p = mount_image(image, target)
+            if p is not None:
+                self._pins[digest] = p
+                log.debug("template %s (%s): %d bytes kept in memory", digest[:16], how, p.length)
             self._lowers[digest] = 1
             return target
 
@@ -164,6 +172,9 @@ class KernelEngine:
             target = self.lower_dir / digest
             with contextlib.suppress(VfsError):
                 mounts.umount(target)
+            p = self._pins.pop(digest, None)
+            if p is not None:
+                p.close()  # after the umount: the autoclear loop device detaches now
             with contextlib.suppress(OSError):
                 target.rmdir()
 
@@ -256,6 +267,28 @@ class KernelEngine:
                 mounts.umount(left.info.mountpoint)
         mounts.detach_all_under(self.lower_dir)
         self._lowers.clear()
+        for p in self._pins.values():
+            p.close()
+        self._pins.clear()
+
+
+def mount_image(image: Path, target: Path) -> tuple[str, Pin | None]:
+    """Mount a template image at ``target`` with its blocks kept in memory where the kernel
+    lets us (vfs/daemon/pin.py): file-backed over the pinned image file; on a loop device,
+    the device's blocks pinned (what EROFS reads as metadata; its directory blocks then go
+    through the image file). Returns how it is mounted and the pin (None: not pinned)."""
+    p = pin(os.fspath(image))
+    try:
+        how = mounts.mount_erofs(image, target, file_first=p is not None)
+    except BaseException:
+        if p is not None:
+            p.close()
+        raise
+    if how == "loop" and p is not None:
+        p.close()
+        info = mounts.mounted_at(target)
+        p = pin(info.source) if info is not None and info.source.startswith("/dev/") else None
+    return how, p
 
 
 def busy_message(name: str, held: list[Holder]) -> str:
@@ -349,9 +382,11 @@ def probe(workdir: Path) -> tuple[bool, str]:
         (workdir / "data" / oid[:2] / oid).write_bytes(data)
         (workdir / "image").write_bytes(build_image(t))
         try:
-            how = mounts.mount_erofs(workdir / "image", lower)
+            how, held = mount_image(workdir / "image", lower)
         except VfsError as e:
             return False, f"no loop devices and no file-backed EROFS mounts (Linux 6.12+): {e}"
+        if held is not None:
+            held.close()
         try:
             mounts.mount_fs(
                 "overlay",
@@ -372,6 +407,7 @@ def probe(workdir: Path) -> tuple[bool, str]:
         finally:
             mounts.umount(mnt)
         where = "on loop devices" if how == "loop" else "file-backed"
+        where += ", kept in memory" if held is not None else ""
         return True, f"EROFS images ({where}), overlayfs metacopy and data-only layers"
     except OSError as e:
         return False, f"kernel engine probe failed: {e}"

@@ -170,25 +170,38 @@ def _mount_erofs_loop(image: str, target: str, attrs: int) -> None:
         os.close(ctl)
 
 
-def mount_erofs(image: str | os.PathLike[str], target: str | os.PathLike[str]) -> str:
+def mount_erofs(
+    image: str | os.PathLike[str], target: str | os.PathLike[str], *, file_first: bool = False
+) -> str:
     """Mount the EROFS ``image`` at ``target``, read-only, nodev, nosuid (it is only ever an
     overlay's lower layer: the overlay mount decides what its files may do). Returns how:
     ``"loop"`` or ``"file"``.
 
-    On a loop device where the host has them, else file-backed (Linux 6.12+). Why a loop
-    device first: file-backed EROFS reads its metadata one block at a time from the image's
-    page cache, with no read-ahead (``read_mapping_folio``), so a cold walk of a template
-    waits for one disk read per 4 KiB of inodes; through a loop device the same reads are
-    buffered reads of the image file, which get the page cache's read-ahead (cold
-    ``find``+stat of 20k files measured 2.4x faster, docs/kernel-engine.md §5). The cost is
-    a second cache of the blocks EROFS asked for (metadata only: ~200 bytes per file)."""
+    ``file_first``: file-backed (Linux 6.12+), else on a loop device; the caller keeps the
+    image file's pages in memory (vfs/daemon/pin.py), and file-backed EROFS reads its metadata
+    and directory blocks from exactly those pages. Otherwise on a loop device where the host
+    has them, else file-backed. Why a loop device first when nothing is pinned: file-backed
+    EROFS reads its metadata one block at a time from the image's page cache, with no
+    read-ahead (``read_mapping_folio``), so a cold walk of a template waits for one disk read
+    per 4 KiB of inodes; through a loop device the same reads are buffered reads of the image
+    file, which get the page cache's read-ahead (cold ``find``+stat of 20k files measured 2.4x
+    faster, docs/kernel-engine.md §5). The cost is a second cache of the blocks EROFS asked
+    for (metadata only: ~200 bytes per file)."""
     image, target = os.fspath(image), os.fspath(target)
     attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
+    if file_first:
+        try:
+            mount_fs("erofs", target, strings=[("source", image)], attrs=attrs)
+            return "file"
+        except VfsError as e:
+            log.debug("file-backed EROFS %s failed (%s): on a loop device", image, e)
     if os.path.exists("/dev/loop-control"):
         try:
             _mount_erofs_loop(image, target, attrs)
             return "loop"
         except (OSError, VfsError) as e:
+            if file_first:
+                raise
             log.debug("EROFS %s on a loop device failed (%s): file-backed", image, e)
     mount_fs("erofs", target, strings=[("source", image)], attrs=attrs)
     return "file"
