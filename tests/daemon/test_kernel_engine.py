@@ -382,6 +382,14 @@ def test_template_metadata_stays_in_memory_through_drop_caches(kd, tmp_path):
     assert _vm_locked(kd.proc.pid) == 0
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
     assert _resident(image) < size
+    # --no-pin-images: the same VEE, nothing locked, said so
+    kd.stop()
+    kd.extra_args = ["--no-pin-images"]
+    kd.start()
+    _add(kd, "b", digest)
+    assert "kept in memory" not in kd.vee("list").stdout.splitlines()[0]
+    assert _vm_locked(kd.proc.pid) == 0
+    assert (kd.mnt / "b" / "etc" / "conf299").read_text() == "299\n"
 
 
 # -- what the daemon mounted goes with it, on every exit path --------------------------------

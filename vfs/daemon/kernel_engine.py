@@ -100,6 +100,7 @@ class KernelEngine:
         *,
         data_layer: Path | None,
         reason: str = "",
+        pin_images: bool = True,
     ) -> None:
         self.state = state
         self.mnt = mnt
@@ -108,6 +109,7 @@ class KernelEngine:
         self.lower_dir = self.kdir / "lower"
         self.data_layer = data_layer
         self.reason = reason
+        self.pin_images = pin_images
         self.images = ImageCache(self.kdir / "images")
         self.vees: dict[str, VeeMount] = {}
         self.leftovers: dict[str, Leftover] = {}
@@ -155,7 +157,7 @@ class KernelEngine:
             old = self._pins.pop(digest, None)
             if old is not None:  # of a mount that went away behind our back
                 old.close()
-            how, p = mount_image(image, target)
+            how, p = mount_image(image, target, pin_images=self.pin_images)
             if p is not None:
                 self._pins[digest] = p
                 log.debug("template %s (%s): %d bytes kept in memory", digest[:16], how, p.length)
@@ -272,12 +274,14 @@ class KernelEngine:
         self._pins.clear()
 
 
-def mount_image(image: Path, target: Path) -> tuple[str, Pin | None]:
+def mount_image(image: Path, target: Path, *, pin_images: bool = True) -> tuple[str, Pin | None]:
     """Mount a template image at ``target`` with its blocks kept in memory where the kernel
     lets us (vfs/daemon/pin.py): file-backed over the pinned image file; on a loop device,
     the device's blocks pinned (what EROFS reads as metadata; its directory blocks then go
-    through the image file). Returns how it is mounted and the pin (None: not pinned)."""
-    p = pin(os.fspath(image))
+    through the image file). Returns how it is mounted and the pin (None: not pinned).
+    ``pin_images=False`` (``vfsd serve --no-pin-images``): as the kernel mounts it best
+    unpinned (a loop device, else file-backed)."""
+    p = pin(os.fspath(image)) if pin_images else None
     try:
         how = mounts.mount_erofs(image, target, file_first=p is not None)
     except BaseException:
@@ -352,7 +356,7 @@ def clear_for_fuse_engine(state: Path, mnt: Path) -> dict[str, str]:
 # -- is the kernel engine possible here? --------------------------------------------------------
 
 
-def probe(workdir: Path) -> tuple[bool, str]:
+def probe(workdir: Path, *, pin_images: bool = True) -> tuple[bool, str]:
     """Try the whole kernel path once in ``workdir`` (removed after): a file-backed EROFS
     mount of an image this vfs writes, and an overlay with a data-only layer that serves a
     metacopy stub's bytes. Returns (supported, why) — the reason names what is missing."""
@@ -382,7 +386,7 @@ def probe(workdir: Path) -> tuple[bool, str]:
         (workdir / "data" / oid[:2] / oid).write_bytes(data)
         (workdir / "image").write_bytes(build_image(t))
         try:
-            how, held = mount_image(workdir / "image", lower)
+            how, held = mount_image(workdir / "image", lower, pin_images=pin_images)
         except VfsError as e:
             return False, f"no loop devices and no file-backed EROFS mounts (Linux 6.12+): {e}"
         if held is not None:

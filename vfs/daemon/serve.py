@@ -554,7 +554,9 @@ KEEP_ENCRYPTED_NOT_KERNEL = (
 )
 
 
-def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> tuple[str, str]:
+def choose_engine(
+    engine: str, state: Path, *, keep_encrypted: bool = False, pin_images: bool = True
+) -> tuple[str, str]:
     """(engine, why) for ``--engine``: ``auto`` takes the kernel engine where the probe says
     the kernel can do it (EROFS on a loop device or file-backed, overlayfs data-only layers),
     and the FUSE engine when the store keeps ciphertext (``keep_encrypted``)."""
@@ -569,7 +571,7 @@ def choose_engine(engine: str, state: Path, *, keep_encrypted: bool = False) -> 
     for old in (state / "kernel").glob("probe.*"):  # a probe of a daemon killed meanwhile
         mounts.detach_all_under(old)
         shutil.rmtree(old, ignore_errors=True)
-    ok, why = probe(state / "kernel" / f"probe.{os.getpid()}")
+    ok, why = probe(state / "kernel" / f"probe.{os.getpid()}", pin_images=pin_images)
     if ok:
         return "kernel", why
     if engine == "kernel":
@@ -587,11 +589,13 @@ async def serve(
     debug_fuse: bool = False,
     engine: str = "auto",
     keep_encrypted: bool = False,
+    pin_images: bool = True,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation). ``keys``: the identity and
     trusted publishers encrypted templates are opened with (pins default to STATE/pins.json).
     ``keep_encrypted``: the store keeps the objects of encrypted templates as ciphertext and
-    the FUSE engine decrypts them on read (docs/encryption.md §9.1)."""
+    the FUSE engine decrypts them on read (docs/encryption.md §9.1). ``pin_images``: the kernel
+    engine keeps its template images locked in memory (vfs/daemon/pin.py)."""
     state.mkdir(parents=True, exist_ok=True)
     _raise_fd_limit()
     # From here a SIGTERM/SIGINT is queued, never fatal: even during start-up (the probe, the
@@ -600,8 +604,9 @@ async def serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
         try:
             await _serve(
-                sigs, state, mount, store_dir, repo, keys, debug_fuse, engine, keep_encrypted
-            )
+                sigs, state, mount, store_dir, repo, keys, debug_fuse, engine, keep_encrypted,
+                pin_images=pin_images,
+            )  # fmt: skip
         except BaseExceptionGroup as eg:
             # a nursery wraps what failed in it: the CLI's one-line error wants the failure
             leaves = [e for e in _leaves(eg) if not isinstance(e, trio.Cancelled)]
@@ -618,14 +623,16 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
 
 
 async def _serve(
-    sigs, state, mount, store_dir, repo, keys, debug_fuse, engine, keep_encrypted
+    sigs, state, mount, store_dir, repo, keys, debug_fuse, engine, keep_encrypted, *, pin_images
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         lock_fd = _lock_state(state)
         stack.callback(os.close, lock_fd)
         _prepare_mountpoint(mount)
         mount = mount.resolve()  # now, before it is a FUSE mount this loop must answer
-        chosen, why = choose_engine(engine, state, keep_encrypted=keep_encrypted)
+        chosen, why = choose_engine(
+            engine, state, keep_encrypted=keep_encrypted, pin_images=pin_images
+        )
         log.info("engine: %s (%s)", chosen, why)
         store = LocalStore(store_dir)
         stack.callback(store.close)
@@ -650,7 +657,7 @@ async def _serve(
         sealed = {"unsealing": unsealing, "sources": SealedSources(state), "repo": repo}
         if chosen == "kernel":
             await _serve_kernel(stack, sigs, state, mount, store, resolver, registry, remote,
-                                why, debug_fuse, exports, sealed)  # fmt: skip
+                                why, debug_fuse, exports, sealed, pin_images)  # fmt: skip
         else:
             await _serve_fuse(stack, sigs, state, mount, resolver, registry, remote, why,
                               debug_fuse, exports, sealed)  # fmt: skip
@@ -692,7 +699,19 @@ async def _serve_fuse(
 
 
 async def _serve_kernel(
-    stack, sigs, state, mount, store, resolver, registry, remote, why, debug_fuse, exports, sealed
+    stack,
+    sigs,
+    state,
+    mount,
+    store,
+    resolver,
+    registry,
+    remote,
+    why,
+    debug_fuse,
+    exports,
+    sealed,
+    pin_images,
 ) -> None:
     """Kernel engine: the FUSE mount is the data layer; VEE overlays are mounted from a worker
     thread once it answers (mounting an overlay looks the data layer's root up, which this very
@@ -703,7 +722,8 @@ async def _serve_kernel(
     _detach_dead_fuse(data_mnt)
     if os.path.ismount(data_mnt):
         mounts.umount(data_mnt)
-    kernel = KernelEngine(state, mount, store.objects_dir, data_layer=data_mnt, reason=why)
+    kernel = KernelEngine(state, mount, store.objects_dir, data_layer=data_mnt, reason=why,
+                          pin_images=pin_images)  # fmt: skip
     kernel.inventory()
     ops = DataLayerOperations(resolver)
     daemon = Daemon(

@@ -48,12 +48,19 @@ def register(main: click.Group) -> None:
     help="kernel: each VEE an overlayfs mount over an EROFS image of its template (needs "
     "Linux 6.12+); fuse: one FUSE mount for all VEEs; auto: kernel where the host can.",
 )
+@click.option(
+    "--pin-images/--no-pin-images",
+    default=True,
+    show_default=True,
+    help="Kernel engine: keep each used template's EROFS image (metadata only, ~200 bytes per "
+    "entry) locked in memory, so cold VEEs read only their data from the disk.",
+)
 @store_option()
 @unsealing_options
 @keep_encrypted_option
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 @handle_errors
-def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
+def serve_cmd(state_dir, mount, repo, engine, pin_images, store_dir, debug_fuse):
     """Serve every VEE of STATE at MOUNT/<name> (until SIGTERM).
 
     The kernel engine mounts each VEE root as its own overlayfs; the FUSE engine serves them
@@ -83,6 +90,7 @@ def serve_cmd(state_dir, mount, repo, engine, store_dir, debug_fuse):
             debug_fuse=debug_fuse,
             engine=engine,
             keep_encrypted=keep,
+            pin_images=pin_images,
         )
     )
 
