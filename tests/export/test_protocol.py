@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfs.export import protocol as P
+from vfs.export.handshake import ServerHandshake
 
 EXPORT = P.ExportInfo(
     "disk",
@@ -50,8 +51,8 @@ def go_data(name: str, infos: tuple[int, ...] = ()) -> bytes:
     )
 
 
-def started(exports: dict | None = None) -> P.ServerHandshake:
-    hs = P.ServerHandshake(exports or {"disk": EXPORT})
+def started(exports: dict | None = None) -> ServerHandshake:
+    hs = ServerHandshake(exports or {"disk": EXPORT})
     greeting = hs.outgoing()
     assert greeting[:16] == b"NBDMAGICIHAVEOPT"
     assert struct.unpack(">H", greeting[16:18])[0] == P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
@@ -127,7 +128,7 @@ def test_unknown_export_options_and_errors():
 
 
 def test_export_name_old_style_end_of_options():
-    hs = P.ServerHandshake({"disk": EXPORT})
+    hs = ServerHandshake({"disk": EXPORT})
     hs.outgoing()
     hs.feed(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE))  # no NO_ZEROES
     hs.feed(opt(P.OPT_EXPORT_NAME, b""))
@@ -140,11 +141,11 @@ def test_export_name_old_style_end_of_options():
 
 
 def test_handshake_violations_disconnect():
-    hs = P.ServerHandshake({"disk": EXPORT})
+    hs = ServerHandshake({"disk": EXPORT})
     with pytest.raises(P.ProtocolError, match="client flags"):
         hs.feed(struct.pack(">I", 0x80))
     with pytest.raises(P.ProtocolError, match="fixed newstyle"):
-        P.ServerHandshake({"disk": EXPORT}).feed(b"\0\0\0\0")
+        ServerHandshake({"disk": EXPORT}).feed(b"\0\0\0\0")
     with pytest.raises(P.ProtocolError, match="magic"):
         started().feed(struct.pack(">QII", 0x1234, 1, 0))
 

@@ -28,6 +28,7 @@ import trio
 from vfs.errors import UsageError
 from vfs.export import protocol as P
 from vfs.export.backend import ExportBackend, NeedFetch, errno_of
+from vfs.export.handshake import ServerHandshake
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +270,9 @@ class NbdServer:
         self.connections = 0
         self._listeners: list[socket.socket] = []
 
-    def handshake(self) -> P.ServerHandshake:
+    def handshake(self) -> ServerHandshake:
         infos = {name: b.info(name) for name, b in self.exports.items()}
-        return P.ServerHandshake(infos, self.default)
+        return ServerHandshake(infos, self.default)
 
     # ------------------------------------------------------------------ listening
     @staticmethod
