@@ -10,8 +10,8 @@ pressure or ``drop_caches``: a cold VEE pays only for its data. The cost is the 
 in locked memory, per mounted template, charged to the daemon (docs/kernel-engine.md §5).
 
 What is pinned is the page cache EROFS itself reads: the loop device's (``/dev/loopN``, a
-shared read-only mapping of the block device) or, file-backed, the image file's. A pin holds
-an fd of the device, so an autoclear loop device detaches only when both the mount and the
+shared read-only mapping of the block device) or, file-backed, the image file's. The mapping
+holds the device open, so an autoclear loop device detaches only when both the mount and the
 pin are gone; :meth:`Pin.close` (or the daemon's death) drops it.
 
 Where ``mlock`` is refused (no CAP_IPC_LOCK and a small RLIMIT_MEMLOCK) the image is not
@@ -44,15 +44,13 @@ _refused_logged = False
 class Pin:
     """``length`` bytes of ``path`` mapped and locked in memory until :meth:`close`."""
 
-    def __init__(self, path: str, fd: int, addr: int, length: int) -> None:
-        self.path, self._fd, self._addr, self.length = path, fd, addr, length
+    def __init__(self, path: str, addr: int, length: int) -> None:
+        self.path, self._addr, self.length = path, addr, length
 
     def close(self) -> None:
-        if self._fd < 0:
-            return
-        _libc.munmap(ctypes.c_void_p(self._addr), self.length)  # unlocks too
-        os.close(self._fd)
-        self._fd = -1
+        if self._addr:
+            _libc.munmap(ctypes.c_void_p(self._addr), self.length)  # unlocks too
+            self._addr = 0
 
     def __repr__(self) -> str:
         return f"Pin({self.path!r}, {self.length} bytes)"
@@ -70,7 +68,6 @@ def pin(path: str) -> Pin | None:
     try:
         length = os.lseek(fd, 0, os.SEEK_END)
         if length <= 0:
-            os.close(fd)
             return None
         addr = _libc.mmap(None, length, PROT_READ, MAP_SHARED, fd, 0)
         if addr is None or addr == MAP_FAILED:
@@ -81,10 +78,11 @@ def pin(path: str) -> Pin | None:
             _libc.munmap(ctypes.c_void_p(addr), length)
             raise OSError(err, os.strerror(err))
     except OSError as e:
-        os.close(fd)
         if not _refused_logged:
             _refused_logged = True
             log.warning("template images are not kept in memory (mlock of %s: %s): cold "
                         "metadata reads go to the disk", path, e.strerror)  # fmt: skip
         return None
-    return Pin(path, fd, addr, length)
+    finally:
+        os.close(fd)  # the mapping keeps the file (and a loop device) open
+    return Pin(path, addr, length)

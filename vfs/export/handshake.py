@@ -214,9 +214,8 @@ class ServerHandshake:
             self._error(opt, REP_ERR_INVALID, "malformed INFO/GO request")
             return
         name, requests = parsed
-        exp = self._find(name)
+        exp = self._named(opt, name)
         if exp is None:
-            self._error(opt, REP_ERR_UNKNOWN, f"no export named {name[:256]!r}")
             return
         flags = exp.transmission_flags(self.structured)
         self._reply(opt, REP_INFO, _U16.pack(INFO_EXPORT) + _U64.pack(exp.size) + _U16.pack(flags))
@@ -235,6 +234,13 @@ class ServerHandshake:
         if opt == OPT_GO:
             self._finish(exp)
 
+    def _named(self, opt: int, name: str) -> ExportInfo | None:
+        """The export ``name`` selects, or None after telling the client there is none."""
+        exp = self._find(name)
+        if exp is None:
+            self._error(opt, REP_ERR_UNKNOWN, f"no export named {name[:256]!r}")
+        return exp
+
     def _finish(self, exp: ExportInfo) -> None:
         contexts = dict(self._meta) if self._meta_export == exp.name else {}
         self.result = Negotiated(
@@ -251,9 +257,8 @@ class ServerHandshake:
             self._error(opt, REP_ERR_INVALID, "malformed meta context request")
             return
         name, queries = parsed
-        exp = self._find(name)
+        exp = self._named(opt, name)
         if exp is None:
-            self._error(opt, REP_ERR_UNKNOWN, f"no export named {name[:256]!r}")
             return
         listing = opt == OPT_LIST_META_CONTEXT
         chosen: list[int] = []
