@@ -78,10 +78,17 @@ def _errno(fn: F) -> F:
 
 
 def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
+    """The kernel's answer for a name. A name of a *shared* template file with several links
+    is never cached (entry timeout 0): when one VEE links, unlinks or writes such a file, its
+    other names must show the VEE's own inode at once (vfs/tree/view.py, the ESTALE rule),
+    and the invalidations of those names are queued (a handler cannot wait for them: the
+    kernel holds the directory's lock until the reply), so a name cached until they land
+    would still show the shared inode and its old link count. Revalidating costs one lookup
+    per walk through such a name (hard-linked template files are few: 4 in Debian minbase)."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
     e.generation = a.generation
-    e.entry_timeout = CACHE_TIMEOUT
+    e.entry_timeout = 0 if a.shared and a.nlink > 1 else CACHE_TIMEOUT
     e.attr_timeout = CACHE_TIMEOUT
     e.st_mode = a.mode
     e.st_nlink = a.nlink
