@@ -260,12 +260,21 @@ def test_kill9_with_a_local_and_a_lazy_template(kd, tmp_path):
         kd.start()
         listed = {v["name"]: v for v in json.loads(kd.vee("list", "--json").stdout)}
         assert listed["loc"]["state"] == "mounted" and listed["loc"].get("reused_mount")
+        # the kept overlay's image is kept in memory again (the dead daemon's pin died with
+        # it), besides the lazy template's, mounted afresh
+        images = kd.state / "kernel" / "images"
+        sizes = {d: (images / f"{d}.erofs").stat().st_size for d in (local, lazy)}
+        assert kd.proc is not None and _vm_locked(kd.proc.pid) >= sum(sizes.values())
         for vee in ("lz", "lz2"):
             assert listed[vee]["state"] == "mounted" and not listed[vee].get("reused_mount")
             for i in range(4):
                 assert (kd.mnt / vee / f"f{i}").read_bytes() == want[i]
         assert (kd.mnt / "loc" / "during").read_bytes() == b"while the daemon was dead\n"
         assert (kd.mnt / "loc" / "written").read_bytes() == b"before the crash\n"
+        kd.vee("rm", "lz")
+        kd.vee("rm", "lz2")
+        locked = _vm_locked(kd.proc.pid)
+        assert sizes[local] <= locked < sizes[local] + sizes[lazy]
     finally:
         holder.kill()
         holder.wait()

@@ -115,6 +115,10 @@ class KernelEngine:
         self.leftovers: dict[str, Leftover] = {}
         self._lowers: dict[str, int] = {}  # digest -> VEEs mounted on it
         self._pins: dict[str, Pin] = {}  # digest -> its image's blocks, locked in memory
+        #: digest -> the image a previous daemon's mount of it read (its ``source``), and the
+        #: pin of that image while VEE overlays it left are kept (:meth:`attach`), with how many
+        self._left_images: dict[str, str] = {}
+        self._kept_pins: dict[str, tuple[Pin, int]] = {}
         self._lock = threading.RLock()
         for d in (self.kdir, self.lower_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -134,6 +138,12 @@ class KernelEngine:
         for name, left in self.leftovers.items():
             log.info("VEE %s: still mounted by a previous daemon (template %s)", name,
                      (left.digest or "?")[:16])  # fmt: skip
+        prefix = os.fspath(self.lower_dir) + "/"
+        self._left_images = {
+            m.mountpoint[len(prefix) :]: m.source
+            for m in mounts.mountinfo()
+            if m.fstype == "erofs" and m.mountpoint.startswith(prefix)
+        }
         n = mounts.detach_all_under(self.lower_dir)
         if n:
             log.info("detached %d template image mounts of a previous daemon", n)
@@ -216,6 +226,7 @@ class KernelEngine:
                             "; ".join(map(str, held[:3])))  # fmt: skip
                 with self._lock:
                     self.vees[name] = vm  # its layers are the overlay's private clones
+                    self._pin_kept(template.digest)
                 return True
             if held:
                 raise BusyError(
@@ -254,7 +265,9 @@ class KernelEngine:
         mounts.umount(vm.path, detach=True)
         with self._lock:
             self.vees.pop(name, None)
-        if not vm.reused:
+        if vm.reused:
+            self._unpin_kept(vm.digest)
+        else:
             self._release_lower(vm.digest)
         with contextlib.suppress(OSError):
             vm.path.rmdir()
@@ -272,6 +285,43 @@ class KernelEngine:
         for p in self._pins.values():
             p.close()
         self._pins.clear()
+        for p, _ in self._kept_pins.values():
+            p.close()
+        self._kept_pins.clear()
+
+    def _pin_kept(self, digest: str) -> None:
+        """Keep in memory the image a kept overlay of ``digest`` still reads (with the lock).
+
+        Its image mount was detached at start-up (the overlay holds a private clone of it), so
+        the pin of the dead daemon is gone with it; the image the clone reads is the
+        ``source`` its mount had: the image file (file-backed) or the loop device. Should
+        the cache have rebuilt that file since, the path names the new file and its pages
+        are pinned for nothing until the VEE is replaced (memory, never a wrong byte)."""
+        if not self.pin_images:
+            return
+        if digest in self._kept_pins:
+            p, n = self._kept_pins[digest]
+            self._kept_pins[digest] = (p, n + 1)
+            return
+        source = self._left_images.get(digest)
+        if source is None or not os.path.exists(source):
+            return
+        p = pin(source)
+        if p is not None:
+            self._kept_pins[digest] = (p, 1)
+            log.debug("template %s of a kept VEE: %d bytes kept in memory", digest[:16],
+                      p.length)  # fmt: skip
+
+    def _unpin_kept(self, digest: str) -> None:
+        with self._lock:
+            if digest not in self._kept_pins:
+                return
+            p, n = self._kept_pins[digest]
+            if n > 1:
+                self._kept_pins[digest] = (p, n - 1)
+                return
+            del self._kept_pins[digest]
+        p.close()
 
 
 def mount_image(image: Path, target: Path, *, pin_images: bool = True) -> tuple[str, Pin | None]:
