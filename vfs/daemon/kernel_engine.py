@@ -116,9 +116,9 @@ class KernelEngine:
         self._lowers: dict[str, int] = {}  # digest -> VEEs mounted on it
         self._pins: dict[str, Pin] = {}  # digest -> its image's blocks, locked in memory
         #: digest -> the image a previous daemon's mount of it read (its ``source``), and the
-        #: pin of that image while VEE overlays it left are kept (:meth:`attach`), with how many
+        #: pin of that image while VEE overlays it left are kept (:meth:`attach`)
         self._left_images: dict[str, str] = {}
-        self._kept_pins: dict[str, tuple[Pin, int]] = {}
+        self._kept_pins: dict[str, Pin] = {}
         self._lock = threading.RLock()
         for d in (self.kdir, self.lower_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ class KernelEngine:
         for p in self._pins.values():
             p.close()
         self._pins.clear()
-        for p, _ in self._kept_pins.values():
+        for p in self._kept_pins.values():
             p.close()
         self._kept_pins.clear()
 
@@ -297,31 +297,22 @@ class KernelEngine:
         ``source`` its mount had: the image file (file-backed) or the loop device. Should
         the cache have rebuilt that file since, the path names the new file and its pages
         are pinned for nothing until the VEE is replaced (memory, never a wrong byte)."""
-        if not self.pin_images:
-            return
-        if digest in self._kept_pins:
-            p, n = self._kept_pins[digest]
-            self._kept_pins[digest] = (p, n + 1)
-            return
         source = self._left_images.get(digest)
-        if source is None or not os.path.exists(source):
+        if not self.pin_images or digest in self._kept_pins or source is None:
             return
-        p = pin(source)
-        if p is not None:
-            self._kept_pins[digest] = (p, 1)
+        if os.path.exists(source) and (p := pin(source)) is not None:
+            self._kept_pins[digest] = p
             log.debug("template %s of a kept VEE: %d bytes kept in memory", digest[:16],
                       p.length)  # fmt: skip
 
     def _unpin_kept(self, digest: str) -> None:
+        """After a kept VEE of ``digest`` went: its image's pin goes with the last of them."""
         with self._lock:
-            if digest not in self._kept_pins:
+            if any(vm.reused and vm.digest == digest for vm in self.vees.values()):
                 return
-            p, n = self._kept_pins[digest]
-            if n > 1:
-                self._kept_pins[digest] = (p, n - 1)
-                return
-            del self._kept_pins[digest]
-        p.close()
+            p = self._kept_pins.pop(digest, None)
+        if p is not None:
+            p.close()
 
 
 def mount_image(image: Path, target: Path, *, pin_images: bool = True) -> tuple[str, Pin | None]:
